@@ -1,0 +1,701 @@
+//! The plugin and filter contract, mirroring nbdkit's callbacks.
+//!
+//! A [`Plugin`] is configured once from `key=value` parameters and opens
+//! one [`Handle`] per client connection. A [`Filter`] opens its own
+//! handle around the handle of the next layer (`next`); every [`Handle`]
+//! method has a default that passes the call to `next` when there is one,
+//! so a filter overrides only what it changes, and a plugin (which has no
+//! `next`) gets conservative defaults: read-only, no flush, no trim, no
+//! extents. The server puts [`Emulated`] over the plugin's handle, which
+//! fills the gaps nbdkit's server fills: zero by writing zeroes, FUA by
+//! flushing, cache by reading, extents as "all data".
+
+use std::fmt;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+use crate::protocol::{alloc, errno};
+
+/// An error from a plugin or filter: an NBD errno for the client and a
+/// message for the log.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{msg}")]
+pub struct Error {
+    /// The error sent to the client (`protocol::errno`).
+    pub errno: u32,
+    /// What went wrong, for the server's log or a tool's stderr.
+    pub msg: String,
+}
+
+impl Error {
+    /// An error with a given wire errno.
+    pub fn new(errno: u32, msg: impl Into<String>) -> Self {
+        Error {
+            errno,
+            msg: msg.into(),
+        }
+    }
+    /// EIO.
+    pub fn eio(msg: impl Into<String>) -> Self {
+        Self::new(errno::EIO, msg)
+    }
+    /// EINVAL.
+    pub fn einval(msg: impl Into<String>) -> Self {
+        Self::new(errno::EINVAL, msg)
+    }
+    /// EPERM.
+    pub fn eperm(msg: impl Into<String>) -> Self {
+        Self::new(errno::EPERM, msg)
+    }
+    /// ENOTSUP.
+    pub fn enotsup(msg: impl Into<String>) -> Self {
+        Self::new(errno::ENOTSUP, msg)
+    }
+    /// ENOSPC.
+    pub fn enospc(msg: impl Into<String>) -> Self {
+        Self::new(errno::ENOSPC, msg)
+    }
+    /// ENOMEM.
+    pub fn enomem(msg: impl Into<String>) -> Self {
+        Self::new(errno::ENOMEM, msg)
+    }
+    /// An I/O error with its context.
+    pub fn io(context: impl fmt::Display, e: std::io::Error) -> Self {
+        let code = e.raw_os_error().map(errno::from_host).unwrap_or(errno::EIO);
+        Self::new(code, format!("{context}: {e}"))
+    }
+}
+
+impl From<std::io::Error> for Error {
+    fn from(e: std::io::Error) -> Self {
+        let code = e.raw_os_error().map(errno::from_host).unwrap_or(errno::EIO);
+        Error::new(code, e.to_string())
+    }
+}
+
+/// Result of a plugin or filter call.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Flags on a data call, as nbdkit's `NBDKIT_FLAG_*`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Flags(pub u32);
+
+impl Flags {
+    /// No flags.
+    pub const NONE: Flags = Flags(0);
+    /// Zero: the range may be trimmed (the client did not say NO_HOLE).
+    pub const MAY_TRIM: Flags = Flags(1 << 0);
+    /// Write, zero, trim: force unit access.
+    pub const FUA: Flags = Flags(1 << 1);
+    /// Extents: only the first extent is wanted.
+    pub const REQ_ONE: Flags = Flags(1 << 2);
+    /// Zero: fail at once with ENOTSUP unless the zero is fast.
+    pub const FAST_ZERO: Flags = Flags(1 << 3);
+
+    /// Are all of `other`'s bits set?
+    pub fn contains(self, other: Flags) -> bool {
+        self.0 & other.0 == other.0
+    }
+    /// These flags without `other`'s bits.
+    pub fn without(self, other: Flags) -> Flags {
+        Flags(self.0 & !other.0)
+    }
+}
+
+impl std::ops::BitOr for Flags {
+    type Output = Flags;
+    fn bitor(self, o: Flags) -> Flags {
+        Flags(self.0 | o.0)
+    }
+}
+
+/// How a layer supports FUA.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fua {
+    /// Not at all.
+    None,
+    /// By a flush after the write (the server or a lower layer does it).
+    Emulate,
+    /// The layer honours `Flags::FUA` itself.
+    Native,
+}
+
+/// How a layer supports the cache (prefetch) request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cache {
+    /// Not advertised.
+    None,
+    /// By reading and discarding.
+    Emulate,
+    /// The layer implements `cache` itself.
+    Native,
+}
+
+/// Block size constraints (`NBD_INFO_BLOCK_SIZE`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockSize {
+    /// Smallest I/O, a power of 2 between 1 and 64K.
+    pub minimum: u32,
+    /// Preferred I/O, a power of 2 at least `minimum`.
+    pub preferred: u32,
+    /// Largest I/O, a multiple of `minimum`.
+    pub maximum: u32,
+}
+
+/// How a plugin may be called concurrently (reported by `--dump-plugin`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ThreadModel {
+    /// One connection at a time.
+    SerializeConnections,
+    /// One request at a time over all connections.
+    SerializeAllRequests,
+    /// One request at a time per connection.
+    SerializeRequests,
+    /// Anything in parallel.
+    Parallel,
+}
+
+impl ThreadModel {
+    /// The name nbdkit prints.
+    pub fn name(self) -> &'static str {
+        match self {
+            ThreadModel::SerializeConnections => "serialize_connections",
+            ThreadModel::SerializeAllRequests => "serialize_all_requests",
+            ThreadModel::SerializeRequests => "serialize_requests",
+            ThreadModel::Parallel => "parallel",
+        }
+    }
+}
+
+/// One extent: a range and its `base:allocation` flags.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    /// Start in bytes.
+    pub offset: u64,
+    /// Length in bytes (never 0).
+    pub length: u64,
+    /// `alloc::HOLE` and/or `alloc::ZERO`.
+    pub flags: u32,
+}
+
+/// The extents answer being built for one request, over the range
+/// `[start, end)`. Layers `add` extents in increasing order; pieces
+/// outside the range are clipped, adjacent pieces with equal flags merged.
+#[derive(Debug, Clone)]
+pub struct Extents {
+    start: u64,
+    end: u64,
+    /// Where the next extent must begin.
+    next: u64,
+    list: Vec<Extent>,
+}
+
+impl Extents {
+    /// An empty answer for `[start, end)`.
+    pub fn new(start: u64, end: u64) -> Self {
+        Extents {
+            start,
+            end,
+            next: start,
+            list: Vec::new(),
+        }
+    }
+    /// Start of the range asked for.
+    pub fn start(&self) -> u64 {
+        self.start
+    }
+    /// End of the range asked for.
+    pub fn end(&self) -> u64 {
+        self.end
+    }
+    /// Where the next added extent must begin (the end of the last one).
+    pub fn next_offset(&self) -> u64 {
+        self.next
+    }
+    /// Is the whole range covered?
+    pub fn is_full(&self) -> bool {
+        self.next >= self.end
+    }
+    /// Add an extent. It must begin at or before `next_offset()` (the part
+    /// already covered is dropped) and is clipped to the range.
+    pub fn add(&mut self, offset: u64, length: u64, flags: u32) -> Result<()> {
+        let end = offset.saturating_add(length);
+        if length == 0 || end <= self.next || self.next >= self.end {
+            return Ok(());
+        }
+        if offset > self.next {
+            return Err(Error::eio(format!(
+                "extents: gap before offset {offset} (expected {})",
+                self.next
+            )));
+        }
+        let end = end.min(self.end);
+        let offset = self.next;
+        match self.list.last_mut() {
+            Some(last) if last.flags == flags => last.length += end - offset,
+            _ => self.list.push(Extent {
+                offset,
+                length: end - offset,
+                flags,
+            }),
+        }
+        self.next = end;
+        Ok(())
+    }
+    /// The extents so far.
+    pub fn list(&self) -> &[Extent] {
+        &self.list
+    }
+    /// Consume into the list.
+    pub fn into_list(self) -> Vec<Extent> {
+        self.list
+    }
+}
+
+/// Who a connection is, as a layer sees it when opening.
+#[derive(Debug, Clone, Default)]
+pub struct OpenContext {
+    /// The client asked for (or the server forces) read-only.
+    pub readonly: bool,
+    /// The export name the client chose.
+    pub export_name: String,
+    /// The client's address (`ip:port`, or empty for Unix sockets).
+    pub peer: Option<std::net::SocketAddr>,
+    /// Is the connection using TLS?
+    pub tls: bool,
+    /// Connection number, from 1, for logs.
+    pub id: u64,
+}
+
+/// An export in a listing (`NBD_OPT_LIST`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportEntry {
+    /// The export name.
+    pub name: String,
+    /// Optional description.
+    pub description: Option<String>,
+}
+
+/// A per-connection handle of a plugin or filter. Every method has a
+/// default: pass to [`Handle::next`] when there is one (filters), else a
+/// conservative answer (plugins).
+#[async_trait]
+pub trait Handle: Send + Sync {
+    /// The next layer, for filters; `None` for plugins.
+    fn next(&self) -> Option<&dyn Handle> {
+        None
+    }
+    /// Export size in bytes.
+    fn size(&self) -> Result<u64> {
+        match self.next() {
+            Some(n) => n.size(),
+            None => Err(Error::eio("size not implemented")),
+        }
+    }
+    /// Block size constraints, if any.
+    fn block_size(&self) -> Result<Option<BlockSize>> {
+        self.next().map_or(Ok(None), |n| n.block_size())
+    }
+    /// A description of the export for `NBD_INFO_DESCRIPTION`.
+    fn export_description(&self) -> Option<String> {
+        self.next().and_then(|n| n.export_description())
+    }
+    /// Can the client write?
+    fn can_write(&self) -> Result<bool> {
+        self.next().map_or(Ok(false), |n| n.can_write())
+    }
+    /// Does flush do anything?
+    fn can_flush(&self) -> Result<bool> {
+        self.next().map_or(Ok(false), |n| n.can_flush())
+    }
+    /// Is the storage rotational?
+    fn is_rotational(&self) -> Result<bool> {
+        self.next().map_or(Ok(false), |n| n.is_rotational())
+    }
+    /// Can trim?
+    fn can_trim(&self) -> Result<bool> {
+        self.next().map_or(Ok(false), |n| n.can_trim())
+    }
+    /// Is `zero` implemented (for a plugin: natively, else it is emulated)?
+    fn can_zero(&self) -> Result<bool> {
+        self.next().map_or(Ok(false), |n| n.can_zero())
+    }
+    /// Can a zero request with `FAST_ZERO` succeed quickly?
+    fn can_fast_zero(&self) -> Result<bool> {
+        self.next().map_or(Ok(false), |n| n.can_fast_zero())
+    }
+    /// Are extents meaningful?
+    fn can_extents(&self) -> Result<bool> {
+        self.next().map_or(Ok(false), |n| n.can_extents())
+    }
+    /// FUA support.
+    fn can_fua(&self) -> Result<Fua> {
+        self.next().map_or(Ok(Fua::None), |n| n.can_fua())
+    }
+    /// Is it safe to have several connections to this export?
+    fn can_multi_conn(&self) -> Result<bool> {
+        self.next().map_or(Ok(false), |n| n.can_multi_conn())
+    }
+    /// Cache support.
+    fn can_cache(&self) -> Result<Cache> {
+        self.next().map_or(Ok(Cache::None), |n| n.can_cache())
+    }
+
+    /// Read `buf.len()` bytes at `offset`.
+    async fn pread(&self, buf: &mut [u8], offset: u64, flags: Flags) -> Result<()> {
+        match self.next() {
+            Some(n) => n.pread(buf, offset, flags).await,
+            None => Err(Error::eio("pread not implemented")),
+        }
+    }
+    /// Write `buf` at `offset`.
+    async fn pwrite(&self, buf: &[u8], offset: u64, flags: Flags) -> Result<()> {
+        match self.next() {
+            Some(n) => n.pwrite(buf, offset, flags).await,
+            None => Err(Error::eperm("the export is read-only")),
+        }
+    }
+    /// Flush to stable storage.
+    async fn flush(&self, flags: Flags) -> Result<()> {
+        match self.next() {
+            Some(n) => n.flush(flags).await,
+            None => Ok(()),
+        }
+    }
+    /// Discard a range (reads afterwards may return anything).
+    async fn trim(&self, count: u64, offset: u64, flags: Flags) -> Result<()> {
+        match self.next() {
+            Some(n) => n.trim(count, offset, flags).await,
+            None => Err(Error::enotsup("trim not supported")),
+        }
+    }
+    /// Make a range read as zeroes.
+    async fn zero(&self, count: u64, offset: u64, flags: Flags) -> Result<()> {
+        match self.next() {
+            Some(n) => n.zero(count, offset, flags).await,
+            None => Err(Error::enotsup("zero not supported")),
+        }
+    }
+    /// Report allocation of `[ext.start(), ext.end())` into `ext`.
+    async fn extents(&self, count: u64, offset: u64, flags: Flags, ext: &mut Extents) -> Result<()> {
+        match self.next() {
+            Some(n) => n.extents(count, offset, flags, ext).await,
+            None => ext.add(offset, count, 0),
+        }
+    }
+    /// Prefetch a range.
+    async fn cache(&self, count: u64, offset: u64, flags: Flags) -> Result<()> {
+        match self.next() {
+            Some(n) => n.cache(count, offset, flags).await,
+            None => Ok(()),
+        }
+    }
+}
+
+#[async_trait]
+impl Handle for Box<dyn Handle> {
+    fn next(&self) -> Option<&dyn Handle> {
+        Some(&**self)
+    }
+}
+
+/// A configured plugin: opens per-connection handles.
+#[async_trait]
+pub trait Plugin: Send + Sync + 'static {
+    /// Open a handle for a new connection.
+    async fn open(&self, ctx: &OpenContext) -> Result<Box<dyn Handle>>;
+    /// The exports for `NBD_OPT_LIST`.
+    async fn list_exports(&self, _readonly: bool) -> Result<Vec<ExportEntry>> {
+        Ok(vec![ExportEntry {
+            name: self.default_export(),
+            description: None,
+        }])
+    }
+    /// The name the empty export name stands for.
+    fn default_export(&self) -> String {
+        String::new()
+    }
+    /// How the plugin may be called concurrently.
+    fn thread_model(&self) -> ThreadModel {
+        ThreadModel::Parallel
+    }
+    /// Extra `key=value` lines for `--dump-plugin`.
+    fn dump(&self) -> Vec<(String, String)> {
+        Vec::new()
+    }
+}
+
+/// A configured filter: wraps the next layer's handle per connection.
+#[async_trait]
+pub trait Filter: Send + Sync + 'static {
+    /// Open this filter's handle; `next.open(...)` opens the layers below,
+    /// and a filter may change what they are asked (read-only, export).
+    async fn open(&self, next: Next<'_>, ctx: &OpenContext) -> Result<Box<dyn Handle>>;
+    /// The exports for `NBD_OPT_LIST`.
+    async fn list_exports(&self, next: Next<'_>, readonly: bool) -> Result<Vec<ExportEntry>> {
+        next.list_exports(readonly).await
+    }
+    /// The name the empty export name stands for.
+    fn default_export(&self, next: Next<'_>) -> String {
+        next.default_export()
+    }
+}
+
+/// A plugin with its filters, outermost filter first: what the server
+/// serves.
+#[derive(Clone)]
+pub struct Stack {
+    /// Filters from the client side in.
+    pub filters: Vec<Arc<dyn Filter>>,
+    /// The plugin at the bottom.
+    pub plugin: Arc<dyn Plugin>,
+}
+
+/// The layers below a filter.
+#[derive(Clone, Copy)]
+pub struct Next<'a> {
+    stack: &'a Stack,
+    level: usize,
+}
+
+impl<'a> Next<'a> {
+    /// Open the layers below with the given context.
+    pub async fn open(self, ctx: &OpenContext) -> Result<Box<dyn Handle>> {
+        match self.stack.filters.get(self.level) {
+            Some(f) => {
+                let below = Next {
+                    stack: self.stack,
+                    level: self.level + 1,
+                };
+                f.open(below, ctx).await
+            }
+            None => {
+                let h = self.stack.plugin.open(ctx).await?;
+                Ok(Box::new(Emulated::new(h)?))
+            }
+        }
+    }
+    /// List the exports of the layers below.
+    pub async fn list_exports(self, readonly: bool) -> Result<Vec<ExportEntry>> {
+        match self.stack.filters.get(self.level) {
+            Some(f) => {
+                let below = Next {
+                    stack: self.stack,
+                    level: self.level + 1,
+                };
+                f.list_exports(below, readonly).await
+            }
+            None => self.stack.plugin.list_exports(readonly).await,
+        }
+    }
+    /// The default export name of the layers below.
+    pub fn default_export(self) -> String {
+        match self.stack.filters.get(self.level) {
+            Some(f) => f.default_export(Next {
+                stack: self.stack,
+                level: self.level + 1,
+            }),
+            None => self.stack.plugin.default_export(),
+        }
+    }
+}
+
+impl Stack {
+    /// The whole stack, from the outermost layer.
+    pub fn top(&self) -> Next<'_> {
+        Next {
+            stack: self,
+            level: 0,
+        }
+    }
+    /// Open a connection's handle through every layer.
+    pub async fn open(&self, ctx: &OpenContext) -> Result<Box<dyn Handle>> {
+        self.top().open(ctx).await
+    }
+}
+
+/// Size of the zero buffer used to emulate `zero` by writes.
+const ZERO_CHUNK: usize = 1 << 20;
+
+/// What the server adds over a plugin's handle, as nbdkit's server does:
+/// zero emulated by writes, FUA by flush, cache by reads, extents as all
+/// data, and bounds checks. Capabilities are asked once, at open.
+pub struct Emulated {
+    inner: Box<dyn Handle>,
+    size: u64,
+    write: bool,
+    native_zero: bool,
+    fua: Fua,
+    cache: Cache,
+    extents: bool,
+}
+
+impl Emulated {
+    /// Wrap a plugin's freshly opened handle.
+    pub fn new(inner: Box<dyn Handle>) -> Result<Self> {
+        let write = inner.can_write()?;
+        let flush = inner.can_flush()?;
+        let fua = match inner.can_fua()? {
+            Fua::Native => Fua::Native,
+            _ if flush && write => Fua::Emulate,
+            _ => Fua::None,
+        };
+        Ok(Emulated {
+            size: inner.size()?,
+            write,
+            native_zero: inner.can_zero()?,
+            fua,
+            cache: inner.can_cache()?,
+            extents: inner.can_extents()?,
+            inner,
+        })
+    }
+
+    async fn after_write(&self, flags: Flags) -> Result<()> {
+        if flags.contains(Flags::FUA) && self.fua == Fua::Emulate {
+            self.inner.flush(Flags::NONE).await?;
+        }
+        Ok(())
+    }
+
+    fn pass_flags(&self, flags: Flags) -> Flags {
+        if self.fua == Fua::Native {
+            flags
+        } else {
+            flags.without(Flags::FUA)
+        }
+    }
+}
+
+#[async_trait]
+impl Handle for Emulated {
+    fn next(&self) -> Option<&dyn Handle> {
+        Some(&*self.inner)
+    }
+    fn size(&self) -> Result<u64> {
+        Ok(self.size)
+    }
+    fn can_write(&self) -> Result<bool> {
+        Ok(self.write)
+    }
+    fn can_zero(&self) -> Result<bool> {
+        Ok(self.write)
+    }
+    fn can_fast_zero(&self) -> Result<bool> {
+        // Emulated zeroes are slow, but answering fast requests with an
+        // immediate ENOTSUP is itself "fast", as nbdkit does.
+        Ok(self.write && (!self.native_zero || self.inner.can_fast_zero()?))
+    }
+    fn can_extents(&self) -> Result<bool> {
+        Ok(true)
+    }
+    fn can_fua(&self) -> Result<Fua> {
+        Ok(self.fua)
+    }
+    fn can_cache(&self) -> Result<Cache> {
+        Ok(self.cache)
+    }
+
+    async fn pwrite(&self, buf: &[u8], offset: u64, flags: Flags) -> Result<()> {
+        self.inner.pwrite(buf, offset, self.pass_flags(flags)).await?;
+        self.after_write(flags).await
+    }
+    async fn trim(&self, count: u64, offset: u64, flags: Flags) -> Result<()> {
+        self.inner.trim(count, offset, self.pass_flags(flags)).await?;
+        self.after_write(flags).await
+    }
+    async fn zero(&self, count: u64, offset: u64, flags: Flags) -> Result<()> {
+        if self.native_zero {
+            let fast_ok = self.inner.can_fast_zero()?;
+            if flags.contains(Flags::FAST_ZERO) && !fast_ok {
+                return Err(Error::enotsup("fast zero not supported"));
+            }
+            match self.inner.zero(count, offset, self.pass_flags(flags)).await {
+                Err(e) if e.errno == errno::ENOTSUP && !flags.contains(Flags::FAST_ZERO) => {}
+                r => {
+                    r?;
+                    return self.after_write(flags).await;
+                }
+            }
+        }
+        if flags.contains(Flags::FAST_ZERO) {
+            return Err(Error::enotsup("fast zero not supported"));
+        }
+        let zeroes = vec![0u8; (count as usize).min(ZERO_CHUNK)];
+        let mut done = 0u64;
+        while done < count {
+            let n = ((count - done) as usize).min(ZERO_CHUNK);
+            self.inner
+                .pwrite(&zeroes[..n], offset + done, Flags::NONE)
+                .await?;
+            done += n as u64;
+        }
+        self.after_write(flags).await
+    }
+    async fn extents(&self, count: u64, offset: u64, flags: Flags, ext: &mut Extents) -> Result<()> {
+        if self.extents {
+            self.inner.extents(count, offset, flags, ext).await?;
+        }
+        if ext.next_offset() == offset {
+            // Nothing reported (or no extents support): all data.
+            ext.add(offset, count, 0)?;
+        }
+        Ok(())
+    }
+    async fn cache(&self, count: u64, offset: u64, flags: Flags) -> Result<()> {
+        match self.cache {
+            Cache::Native => self.inner.cache(count, offset, flags).await,
+            _ => {
+                let mut buf = vec![0u8; (count as usize).min(ZERO_CHUNK)];
+                let mut done = 0u64;
+                while done < count {
+                    let n = ((count - done) as usize).min(ZERO_CHUNK);
+                    self.inner
+                        .pread(&mut buf[..n], offset + done, Flags::NONE)
+                        .await?;
+                    done += n as u64;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Which `base:allocation` flags an all-zero hole has.
+pub const HOLE_ZERO: u32 = alloc::HOLE | alloc::ZERO;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn extents_merge_and_clip() {
+        let mut e = Extents::new(100, 1000);
+        e.add(0, 200, 0).unwrap();
+        e.add(200, 100, 0).unwrap();
+        e.add(300, 5000, HOLE_ZERO).unwrap();
+        assert_eq!(
+            e.list(),
+            &[
+                Extent {
+                    offset: 100,
+                    length: 200,
+                    flags: 0
+                },
+                Extent {
+                    offset: 300,
+                    length: 700,
+                    flags: HOLE_ZERO
+                }
+            ]
+        );
+        assert!(e.is_full());
+    }
+
+    #[test]
+    fn extents_reject_gaps() {
+        let mut e = Extents::new(0, 100);
+        assert!(e.add(10, 10, 0).is_err());
+    }
+}

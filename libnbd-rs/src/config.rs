@@ -1,0 +1,259 @@
+//! Configuration of plugins and filters: `key=value` parameters, the
+//! size and boolean syntaxes of nbdkit, and the registry entries that
+//! name each plugin and filter with its help text.
+
+use std::sync::Arc;
+
+use crate::backend::{Filter, Plugin};
+
+/// A configuration error, reported on stderr and as exit status 1.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+impl ConfigError {
+    /// A configuration error with a message.
+    pub fn new(msg: impl Into<String>) -> Self {
+        ConfigError(msg.into())
+    }
+}
+
+/// Result of configuration.
+pub type ConfigResult<T> = Result<T, ConfigError>;
+
+/// The `key=value` parameters of the command line, in order. Filters
+/// take their keys first (outermost first), the plugin gets the rest and
+/// any key nobody took is an error.
+#[derive(Debug, Clone, Default)]
+pub struct Params {
+    items: Vec<(String, String)>,
+}
+
+impl Params {
+    /// Parameters from `key=value` pairs.
+    pub fn new(items: Vec<(String, String)>) -> Self {
+        Params { items }
+    }
+    /// Parse `key=value` words; the first word may lack `=` and then
+    /// becomes `magic=word` (nbdkit's magic config key), if the plugin has
+    /// one.
+    pub fn parse<S: AsRef<str>>(words: &[S], magic: Option<&str>) -> ConfigResult<Self> {
+        let mut items = Vec::new();
+        for (i, w) in words.iter().enumerate() {
+            let w = w.as_ref();
+            match w.split_once('=') {
+                // A key never contains '/', so "./a=b" is a magic value.
+                Some((k, v)) if !k.is_empty() && !k.contains('/') => {
+                    items.push((k.to_string(), v.to_string()))
+                }
+                _ => match magic {
+                    Some(m) if i == 0 => items.push((m.to_string(), w.to_string())),
+                    Some(_) => {
+                        return Err(ConfigError::new(format!(
+                            "parameter '{w}' must be key=value (only the first parameter may omit the key)"
+                        )))
+                    }
+                    None => {
+                        return Err(ConfigError::new(format!(
+                            "parameter '{w}' must be key=value (this plugin has no magic parameter)"
+                        )))
+                    }
+                },
+            }
+        }
+        Ok(Params { items })
+    }
+    /// Remove and return every value of `key`, in order.
+    pub fn take_all(&mut self, key: &str) -> Vec<String> {
+        let mut out = Vec::new();
+        self.items.retain(|(k, v)| {
+            if k == key {
+                out.push(v.clone());
+                false
+            } else {
+                true
+            }
+        });
+        out
+    }
+    /// Remove `key` and return its last value.
+    pub fn take(&mut self, key: &str) -> Option<String> {
+        self.take_all(key).pop()
+    }
+    /// Remove `key` and parse it as a size.
+    pub fn take_size(&mut self, key: &str) -> ConfigResult<Option<u64>> {
+        self.take(key)
+            .map(|v| parse_size(&v).map_err(|e| ConfigError::new(format!("{key}: {e}"))))
+            .transpose()
+    }
+    /// Remove `key` and parse it as a boolean.
+    pub fn take_bool(&mut self, key: &str) -> ConfigResult<Option<bool>> {
+        self.take(key)
+            .map(|v| parse_bool(&v).map_err(|e| ConfigError::new(format!("{key}: {e}"))))
+            .transpose()
+    }
+    /// Remove `key` and parse it with `FromStr`.
+    pub fn take_parsed<T: std::str::FromStr>(&mut self, key: &str) -> ConfigResult<Option<T>>
+    where
+        T::Err: std::fmt::Display,
+    {
+        self.take(key)
+            .map(|v| {
+                v.trim()
+                    .parse::<T>()
+                    .map_err(|e| ConfigError::new(format!("{key}: could not parse '{v}': {e}")))
+            })
+            .transpose()
+    }
+    /// Is `key` present?
+    pub fn has(&self, key: &str) -> bool {
+        self.items.iter().any(|(k, _)| k == key)
+    }
+    /// Error if any parameter is left, naming `who` would not take it.
+    pub fn finish(&self, who: &str) -> ConfigResult<()> {
+        match self.items.first() {
+            None => Ok(()),
+            Some((k, _)) => Err(ConfigError::new(format!(
+                "{who}: unknown parameter '{k}' (see '--help' for the parameters it takes)"
+            ))),
+        }
+    }
+    /// Every parameter left.
+    pub fn items(&self) -> &[(String, String)] {
+        &self.items
+    }
+}
+
+/// Parse a size the way nbdkit does: a decimal number with an optional
+/// suffix `b` (bytes), `s` (512-byte sectors), `K`, `M`, `G`, `T`, `P`,
+/// `E` (powers of 1024, either case, optionally followed by `B` or `iB`).
+/// At most 2^63-1.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let digits_end = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, suffix) = t.split_at(digits_end);
+    if num.is_empty() {
+        return Err(format!("could not parse size string '{s}'"));
+    }
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("size '{s}' is too large"))?;
+    let suffix = suffix
+        .strip_suffix("iB")
+        .or_else(|| {
+            if suffix.len() == 2 {
+                suffix.strip_suffix('B')
+            } else {
+                None
+            }
+        })
+        .unwrap_or(suffix);
+    let mult: u64 = match suffix {
+        "" | "b" | "B" => 1,
+        "s" | "S" => 512,
+        "k" | "K" => 1 << 10,
+        "m" | "M" => 1 << 20,
+        "g" | "G" => 1 << 30,
+        "t" | "T" => 1 << 40,
+        "p" | "P" => 1 << 50,
+        "e" | "E" => 1 << 60,
+        _ => return Err(format!("could not parse size string '{s}': bad suffix")),
+    };
+    let v = n
+        .checked_mul(mult)
+        .filter(|v| *v <= i64::MAX as u64)
+        .ok_or_else(|| format!("size '{s}' exceeds maximum value (2^63-1)"))?;
+    Ok(v)
+}
+
+/// Parse a boolean as nbdkit does: 1/true/yes/on or 0/false/no/off.
+pub fn parse_bool(s: &str) -> Result<bool, String> {
+    match s.trim().to_ascii_lowercase().as_str() {
+        "1" | "true" | "t" | "yes" | "y" | "on" => Ok(true),
+        "0" | "false" | "f" | "no" | "n" | "off" | "" => Ok(false),
+        _ => Err(format!("could not decipher boolean '{s}'")),
+    }
+}
+
+/// Format a size the way nbdinfo's `export-size-str` does: the largest
+/// binary unit that divides it exactly, else bytes (e.g. `1G`, `1536K`).
+pub fn human_size(n: u64) -> String {
+    const UNITS: [(u64, &str); 6] = [
+        (1 << 60, "E"),
+        (1 << 50, "P"),
+        (1 << 40, "T"),
+        (1 << 30, "G"),
+        (1 << 20, "M"),
+        (1 << 10, "K"),
+    ];
+    for (m, u) in UNITS {
+        if n >= m && n % m == 0 {
+            return format!("{}{}", n / m, u);
+        }
+    }
+    n.to_string()
+}
+
+/// A plugin in the registry.
+pub struct PluginEntry {
+    /// The name on the command line (`nbdkit NAME`).
+    pub name: &'static str,
+    /// Its manual: what it does, an example, its parameters (for `--help`).
+    pub help: &'static str,
+    /// The key a bare first parameter stands for (`file` for `nbdkit file
+    /// disk.img`, `size` for `nbdkit memory 1G`).
+    pub magic: Option<&'static str>,
+    /// Build the plugin from its parameters (it must take them all).
+    pub create: fn(&mut Params) -> ConfigResult<Arc<dyn Plugin>>,
+}
+
+/// A filter in the registry.
+pub struct FilterEntry {
+    /// The name in `--filter=NAME`.
+    pub name: &'static str,
+    /// Its manual (for `--help`).
+    pub help: &'static str,
+    /// Build the filter, taking only the parameters it knows.
+    pub create: fn(&mut Params) -> ConfigResult<Arc<dyn Filter>>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("512"), Ok(512));
+        assert_eq!(parse_size("1G"), Ok(1 << 30));
+        assert_eq!(parse_size("1M"), Ok(1 << 20));
+        assert_eq!(parse_size("4T"), Ok(4 << 40));
+        assert_eq!(parse_size("2s"), Ok(1024));
+        assert_eq!(parse_size("1GiB"), Ok(1 << 30));
+        assert_eq!(parse_size("7E"), Ok(7 << 60));
+        assert!(parse_size("8E").is_err());
+        assert!(parse_size("-1").is_err());
+        assert!(parse_size("1X").is_err());
+        assert!(parse_size("").is_err());
+        assert!(parse_size("99999999999999999999999").is_err());
+    }
+
+    #[test]
+    fn human() {
+        assert_eq!(human_size(1 << 30), "1G");
+        assert_eq!(human_size(1536 << 10), "1536K");
+        assert_eq!(human_size(1000), "1000");
+    }
+
+    #[test]
+    fn params_magic_and_take() {
+        let mut p = Params::parse(&["1G", "a=1", "a=2"], Some("size")).unwrap();
+        assert_eq!(p.take_size("size"), Ok(Some(1 << 30)));
+        assert_eq!(p.take_all("a"), vec!["1", "2"]);
+        assert!(p.finish("memory").is_ok());
+        assert!(Params::parse(&["x", "y"], Some("size")).is_err());
+        let p = Params::parse(&["b=1"], None).unwrap();
+        assert!(p.finish("null").is_err());
+        let mut p = Params::parse(&["./x=y"], Some("file")).unwrap();
+        assert_eq!(p.take("file").as_deref(), Some("./x=y"));
+    }
+}

@@ -1,0 +1,20 @@
+//! libnbd-rs: a pure-Rust Network Block Device library.
+//!
+//! - [`protocol`]: wire constants and encoding, no I/O;
+//! - [`backend`]: the plugin and filter contract and the filter stack;
+//! - [`config`]: `key=value` parameters, sizes, the registry entries;
+//! - [`server`]: handshake and concurrent transmission for one client;
+//! - [`listen`]: listening sockets (TCP, Unix, socket activation).
+#![warn(missing_docs)]
+
+pub mod backend;
+pub mod config;
+pub mod listen;
+pub mod protocol;
+pub mod server;
+
+pub use backend::{
+    BlockSize, Cache, Error, ExportEntry, Extent, Extents, Filter, Flags, Fua, Handle, Next,
+    OpenContext, Plugin, Result, Stack, ThreadModel,
+};
+pub use config::{parse_bool, parse_size, ConfigError, ConfigResult, FilterEntry, Params, PluginEntry};
