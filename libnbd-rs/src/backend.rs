@@ -424,6 +424,14 @@ pub trait Plugin: Send + Sync + 'static {
     fn dump(&self) -> Vec<(String, String)> {
         Vec::new()
     }
+    /// Called once the server has forked into the background (or decided
+    /// not to), inside the async runtime: start background tasks and
+    /// threads here, never in `create`.
+    fn after_fork(&self) -> Result<()> {
+        Ok(())
+    }
+    /// Called once when the server exits cleanly.
+    fn unload(&self) {}
 }
 
 /// A configured filter: wraps the next layer's handle per connection.
@@ -440,6 +448,12 @@ pub trait Filter: Send + Sync + 'static {
     fn default_export(&self, next: Next<'_>) -> String {
         next.default_export()
     }
+    /// Called once the server has forked (see [`Plugin::after_fork`]).
+    fn after_fork(&self) -> Result<()> {
+        Ok(())
+    }
+    /// Called once when the server exits cleanly.
+    fn unload(&self) {}
 }
 
 /// A plugin with its filters, outermost filter first: what the server
@@ -512,6 +526,21 @@ impl Stack {
     /// Open a connection's handle through every layer.
     pub async fn open(&self, ctx: &OpenContext) -> Result<Box<dyn Handle>> {
         self.top().open(ctx).await
+    }
+    /// Run every layer's `after_fork`, plugin first.
+    pub fn after_fork(&self) -> Result<()> {
+        self.plugin.after_fork()?;
+        for f in self.filters.iter().rev() {
+            f.after_fork()?;
+        }
+        Ok(())
+    }
+    /// Run every layer's `unload`, outermost filter first.
+    pub fn unload(&self) {
+        for f in &self.filters {
+            f.unload();
+        }
+        self.plugin.unload();
     }
 }
 

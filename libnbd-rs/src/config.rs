@@ -42,10 +42,9 @@ impl Params {
         for (i, w) in words.iter().enumerate() {
             let w = w.as_ref();
             match w.split_once('=') {
-                // A key never contains '/', so "./a=b" is a magic value.
-                Some((k, v)) if !k.is_empty() && !k.contains('/') => {
-                    items.push((k.to_string(), v.to_string()))
-                }
+                // Only a word starting with a key name is key=value, so
+                // "./a=b" or "\"a=b\"" is a magic value.
+                Some((k, v)) if is_key(k) => items.push((k.to_string(), v.to_string())),
                 _ => match magic {
                     Some(m) if i == 0 => items.push((m.to_string(), w.to_string())),
                     Some(_) => {
@@ -114,7 +113,7 @@ impl Params {
         match self.items.first() {
             None => Ok(()),
             Some((k, _)) => Err(ConfigError::new(format!(
-                "{who}: unknown parameter '{k}' (see '--help' for the parameters it takes)"
+                "unknown parameter '{k}' (see 'nbdkit {who} --help')"
             ))),
         }
     }
@@ -122,6 +121,13 @@ impl Params {
     pub fn items(&self) -> &[(String, String)] {
         &self.items
     }
+}
+
+/// Is this a parameter key (`[A-Za-z][A-Za-z0-9._-]*`, as nbdkit)?
+fn is_key(k: &str) -> bool {
+    let mut c = k.chars();
+    c.next().is_some_and(|f| f.is_ascii_alphabetic())
+        && c.all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
 }
 
 /// Parse a size the way nbdkit does: a decimal number with an optional
@@ -255,5 +261,9 @@ mod tests {
         assert!(p.finish("null").is_err());
         let mut p = Params::parse(&["./x=y"], Some("file")).unwrap();
         assert_eq!(p.take("file").as_deref(), Some("./x=y"));
+        let mut p = Params::parse(&["\"a=b\"", "size=1"], Some("data")).unwrap();
+        assert_eq!(p.take("data").as_deref(), Some("\"a=b\""));
+        let mut p = Params::parse(&["1a=b"], Some("file")).unwrap();
+        assert_eq!(p.take("file").as_deref(), Some("1a=b"));
     }
 }

@@ -4,14 +4,20 @@
 //! - [`backend`]: the plugin and filter contract and the filter stack;
 //! - [`config`]: `key=value` parameters, sizes, the registry entries;
 //! - [`server`]: handshake and concurrent transmission for one client;
-//! - [`listen`]: listening sockets (TCP, Unix, socket activation).
+//! - [`listen`]: listening sockets (TCP, Unix, socket activation);
+//! - [`client`]: the async client (negotiation, pipelined transmission);
+//! - [`uri`]: NBD URIs;
+//! - [`captive`]: servers run as subprocesses (`[ cmd args ]`).
 #![warn(missing_docs)]
 
 pub mod backend;
+pub mod captive;
+pub mod client;
 pub mod config;
 pub mod listen;
 pub mod protocol;
 pub mod server;
+pub mod uri;
 
 pub use backend::{
     BlockSize, Cache, Error, ExportEntry, Extent, Extents, Filter, Flags, Fua, Handle, Next,

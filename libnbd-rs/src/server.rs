@@ -85,7 +85,11 @@ pub fn request_shutdown() {
 /// Resolves when [`request_shutdown`] has been called.
 pub async fn shutdown_requested() {
     loop {
+        // Register interest before checking the flag, or a shutdown
+        // between the check and the await would be missed.
         let n = SHUTDOWN.notified();
+        tokio::pin!(n);
+        n.as_mut().enable();
         if SHUTTING_DOWN.load(Ordering::SeqCst) {
             return;
         }
@@ -515,15 +519,15 @@ struct BufPool {
 impl BufPool {
     fn get(&self, len: usize) -> Vec<u8> {
         let mut b = self.free.lock().unwrap().pop().unwrap_or_default();
-        // Only the first `len` bytes are handed out; they are overwritten
-        // by the plugin, but must be initialised for safety.
+        // The bytes are overwritten by the plugin but must be initialised;
+        // a recycled buffer keeps its old contents, so only growth is
+        // zeroed.
         b.resize(len, 0);
         b
     }
-    fn put(&self, mut b: Vec<u8>) {
+    fn put(&self, b: Vec<u8>) {
         let mut free = self.free.lock().unwrap();
         if free.len() < 16 && b.capacity() <= 8 * 1024 * 1024 {
-            b.clear();
             free.push(b);
         }
     }

@@ -1,0 +1,1161 @@
+//! The transmission phase: [`Connection`], many requests in flight on
+//! one socket.
+//!
+//! A request registers itself (cookie, what it asked for, a oneshot
+//! sender) in the pending table, then writes its header and payload under
+//! the writer lock. One reader task per connection reads replies, checks
+//! each against the request its cookie names, writes read data straight
+//! into the request's buffer, and completes the request when its reply is
+//! done. Anything malformed from the server fails the whole connection:
+//! every pending and later request gets the same error.
+
+use std::any::Any;
+use std::collections::HashMap;
+use std::io;
+use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use futures::future::try_join_all;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
+use tokio::sync::{oneshot, Notify};
+use tokio::task::JoinHandle;
+
+use crate::protocol::{
+    be32, be64, cmd, cmdflag, errno, reply, Request, MAX_REQUEST_SIZE, SIMPLE_REPLY_MAGIC,
+    STRUCTURED_REPLY_MAGIC,
+};
+use crate::uri::Uri;
+
+use super::error::{command_name, Error, Result};
+use super::negotiate::KeepAlive;
+use super::reply::{
+    check_extents, parse_block_status, parse_error, ChunkError, ChunkHeader, Coverage,
+    MAX_ERROR_CHUNK, MAX_STATUS_CHUNK,
+};
+use super::stream::{shutdown_socket, BoxRead, BoxWrite, Stream, Transport};
+use super::types::{
+    BlockSizes, BlockStatus, ConnectOptions, ContextStatus, ExportInfo, MetaContext, Stats,
+    StatusExtent, TransmissionFlags,
+};
+use super::Negotiation;
+
+/// Largest read or write sent when the server advertised no maximum
+/// (the spec's interoperable default).
+pub const DEFAULT_MAX_PAYLOAD: u32 = 32 * 1024 * 1024;
+/// Largest effect length of one trim, zero or cache request; larger
+/// requests are split.
+pub const MAX_EFFECT_LENGTH: u64 = 1 << 30;
+/// Largest length asked for in one block status request; larger
+/// requests are clamped (the reply may cover less anyway).
+pub const MAX_STATUS_LENGTH: u64 = 1 << 31;
+const WRITE_BUFFER: usize = 64 * 1024;
+
+/// What a finished request produced.
+enum Outcome {
+    Done,
+    Data(Vec<u8>),
+    Status(Vec<(u32, Vec<StatusExtent>)>),
+}
+
+/// A request waiting for (the rest of) its reply.
+struct Pending {
+    typ: u16,
+    flags: u16,
+    offset: u64,
+    count: u32,
+    /// Read buffer, `count` bytes (taken by the reader while it fills
+    /// part of it).
+    buf: Option<Vec<u8>>,
+    coverage: Coverage,
+    statuses: Vec<(u32, Vec<StatusExtent>)>,
+    error: Option<ChunkError>,
+    chunks: u32,
+    tx: oneshot::Sender<Result<Outcome>>,
+}
+
+#[derive(Default)]
+struct State {
+    pending: HashMap<u64, Pending>,
+    /// Set once the connection has failed or closed.
+    dead: Option<Error>,
+    /// No new requests (disconnecting, or the server is shutting down).
+    closing: bool,
+    /// The server said ESHUTDOWN: disconnect once idle.
+    server_shutdown: bool,
+    disc_sent: bool,
+}
+
+#[derive(Default)]
+struct Counters {
+    requests: AtomicU64,
+    bytes_sent: AtomicU64,
+    bytes_received: AtomicU64,
+    simple_replies: AtomicU64,
+    chunks: AtomicU64,
+    hole_chunks: AtomicU64,
+}
+
+struct Shared {
+    writer: tokio::sync::Mutex<BufWriter<BoxWrite>>,
+    state: Mutex<State>,
+    /// Signalled when the pending table becomes empty or the connection
+    /// dies.
+    idle: Notify,
+    /// Stops the reader task.
+    kill: Notify,
+    next_cookie: AtomicU64,
+    structured: bool,
+    contexts: Vec<MetaContext>,
+    counters: Counters,
+    /// A duplicate of the socket, to hang up at once on failure.
+    socket: Option<OwnedFd>,
+}
+
+impl Shared {
+    fn state(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock leaves consistent data; carry on.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn dead(&self) -> Option<Error> {
+        self.state().dead.clone()
+    }
+
+    /// Fail the connection: every pending request and every later one
+    /// gets `e` (or the first error, if it had already failed).
+    fn fail(&self, e: Error) {
+        let (pending, err, first) = {
+            let mut st = self.state();
+            let first = st.dead.is_none();
+            if first {
+                st.dead = Some(e);
+            }
+            let err = st.dead.clone().unwrap_or(Error::Closed);
+            (std::mem::take(&mut st.pending), err, first)
+        };
+        if first {
+            // A hard disconnect: the server sees it at once, even while
+            // the reader task still holds the socket.
+            if let Some(s) = &self.socket {
+                shutdown_socket(s);
+            }
+        }
+        for (_, p) in pending {
+            let _ = p.tx.send(Err(err.clone()));
+        }
+        self.idle.notify_waiters();
+        self.kill.notify_one();
+    }
+
+    fn complete(&self, cookie: u64) -> Option<Pending> {
+        let mut st = self.state();
+        let p = st.pending.remove(&cookie);
+        if st.pending.is_empty() {
+            self.idle.notify_waiters();
+        }
+        p
+    }
+
+    fn add(&self, c: &AtomicU64, n: u64) {
+        c.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Send `NBD_CMD_DISC` once.
+    async fn send_disc(&self) -> io::Result<()> {
+        let mut w = self.writer.lock().await;
+        {
+            let mut st = self.state();
+            if st.disc_sent || st.dead.is_some() {
+                return Ok(());
+            }
+            st.disc_sent = true;
+        }
+        let hdr = Request {
+            flags: 0,
+            typ: cmd::DISC,
+            cookie: self.next_cookie.fetch_add(1, Ordering::Relaxed),
+            offset: 0,
+            count: 0,
+        }
+        .encode();
+        w.write_all(&hdr).await?;
+        w.flush().await?;
+        w.shutdown().await
+    }
+}
+
+/// What happens to a request whose future is dropped.
+enum Phase {
+    /// Registered, not sent: forget it.
+    Registered,
+    /// Partly sent: the stream is corrupt, fail the connection.
+    Writing,
+    /// Sent: the reader will consume and discard the reply.
+    Sent,
+}
+
+struct SubmitGuard<'a> {
+    shared: &'a Shared,
+    cookie: u64,
+    phase: Phase,
+}
+
+impl Drop for SubmitGuard<'_> {
+    fn drop(&mut self) {
+        match self.phase {
+            Phase::Registered => {
+                self.shared.complete(self.cookie);
+            }
+            Phase::Writing => self.shared.fail(Error::io(
+                "send request",
+                io::Error::new(
+                    io::ErrorKind::Interrupted,
+                    "request cancelled while it was being sent; connection closed",
+                ),
+            )),
+            Phase::Sent => {}
+        }
+    }
+}
+
+/// One connection in the transmission phase.
+///
+/// Every I/O method takes `&self`, so many requests can be in flight at
+/// once: run them with `futures::future::join_all`, or share the
+/// connection between tasks with an `Arc`.
+///
+/// Flags are bitwise-or of [`crate::protocol::cmdflag`] values.
+/// Requests are checked before they are sent: flags the command does not
+/// take or the server did not advertise, commands the server did not
+/// advertise, and offsets or counts not aligned to the server's minimum
+/// block size are refused. Bounds and writes to a read-only export are
+/// left to the server, which answers `EINVAL` and `EPERM`. Reads and
+/// writes larger than the server's maximum payload (32M when it states
+/// none, never more than 64M) are split and sent concurrently.
+///
+/// Dropping the connection closes the socket (without `NBD_CMD_DISC`:
+/// call [`disconnect`](Self::disconnect) for a clean close).
+pub struct Connection {
+    shared: Arc<Shared>,
+    reader: Mutex<Option<JoinHandle<()>>>,
+    info: ExportInfo,
+    protocol: &'static str,
+    transport: Option<Transport>,
+    min_block: u32,
+    max_payload: u32,
+    // Dropped last: a captive server outlives the socket.
+    _keepalive: KeepAlive,
+}
+
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connection")
+            .field("protocol", &self.protocol)
+            .field("transport", &self.transport)
+            .field("info", &self.info)
+            .finish()
+    }
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        if let Some(h) = self.reader.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            h.abort();
+        }
+        // This also shuts the socket down, so the server sees the close
+        // before a captive server is told to stop (the aborted reader
+        // task holds the socket until the runtime drops it).
+        self.shared.fail(Error::Closed);
+    }
+}
+
+macro_rules! delegate_flags {
+    ($($(#[$m:meta])* $name:ident),* $(,)?) => {
+        $(
+            $(#[$m])*
+            pub fn $name(&self) -> bool {
+                self.info.$name()
+            }
+        )*
+    };
+}
+
+impl Connection {
+    /// Connect to a server and open the export named in `opts`.
+    pub async fn connect(transport: &Transport, opts: &ConnectOptions) -> Result<Connection> {
+        Negotiation::connect(transport, opts).await?.go().await
+    }
+
+    /// Connect to an NBD URI (`nbd://host/export`,
+    /// `nbd+unix:///export?socket=PATH`, ...). The URI's export name
+    /// replaces the one in `opts`.
+    pub async fn connect_uri(uri: &str, opts: &ConnectOptions) -> Result<Connection> {
+        Uri::parse(uri)?.connect(opts).await
+    }
+
+    /// Negotiate on an open stream and open the export named in `opts`.
+    pub async fn handshake(stream: Stream, opts: &ConnectOptions) -> Result<Connection> {
+        Negotiation::start(stream, opts).await?.go().await
+    }
+
+    /// Start transmission on a negotiated socket.
+    pub(crate) fn start(
+        reader: BufReader<BoxRead>,
+        writer: BoxWrite,
+        info: ExportInfo,
+        protocol: &'static str,
+        transport: Option<Transport>,
+        socket: Option<OwnedFd>,
+        keepalive: KeepAlive,
+    ) -> Connection {
+        let (min_block, max_payload) = limits(info.block_size);
+        let shared = Arc::new(Shared {
+            writer: tokio::sync::Mutex::new(BufWriter::with_capacity(WRITE_BUFFER, writer)),
+            state: Mutex::new(State::default()),
+            idle: Notify::new(),
+            kill: Notify::new(),
+            next_cookie: AtomicU64::new(1),
+            structured: info.structured_replies,
+            contexts: info.meta_contexts.clone(),
+            counters: Counters::default(),
+            socket,
+        });
+        let handle = tokio::spawn(reader_task(shared.clone(), reader));
+        Connection {
+            shared,
+            reader: Mutex::new(Some(handle)),
+            info,
+            protocol,
+            transport,
+            min_block,
+            max_payload,
+            _keepalive: keepalive,
+        }
+    }
+
+    /// Keep `obj` alive as long as this connection.
+    pub fn keep_alive(&mut self, obj: Arc<dyn Any + Send + Sync>) {
+        self._keepalive.push(obj);
+    }
+
+    /// Everything the server said about the export.
+    pub fn info(&self) -> &ExportInfo {
+        &self.info
+    }
+
+    /// Export size in bytes.
+    pub fn size(&self) -> u64 {
+        self.info.size
+    }
+
+    /// Transmission flags.
+    pub fn flags(&self) -> TransmissionFlags {
+        self.info.flags
+    }
+
+    /// The export name we asked for.
+    pub fn export_name(&self) -> &str {
+        &self.info.export_name
+    }
+
+    /// The server's canonical name of the export, if it sent one.
+    pub fn canonical_name(&self) -> Option<&str> {
+        self.info.canonical_name.as_deref()
+    }
+
+    /// The export's description, if the server sent one.
+    pub fn description(&self) -> Option<&str> {
+        self.info.description.as_deref()
+    }
+
+    /// Block size constraints, if the server advertised them.
+    pub fn block_size(&self) -> Option<BlockSizes> {
+        self.info.block_size
+    }
+
+    /// The largest read or write sent in one request (larger ones are
+    /// split).
+    pub fn max_payload(&self) -> u32 {
+        self.max_payload
+    }
+
+    /// `newstyle-fixed`, `newstyle` or `oldstyle`.
+    pub fn protocol(&self) -> &'static str {
+        self.protocol
+    }
+
+    /// Were structured replies negotiated?
+    pub fn structured_replies(&self) -> bool {
+        self.info.structured_replies
+    }
+
+    /// Is the connection using TLS? (Always false for now.)
+    pub fn tls(&self) -> bool {
+        false
+    }
+
+    /// The negotiated meta contexts.
+    pub fn meta_contexts(&self) -> &[MetaContext] {
+        &self.info.meta_contexts
+    }
+
+    /// Was meta context `name` negotiated?
+    pub fn can_meta_context(&self, name: &str) -> bool {
+        self.info.can_meta_context(name)
+    }
+
+    delegate_flags! {
+        /// The export is read-only.
+        is_read_only,
+        /// The export is on rotational media.
+        is_rotational,
+        /// The server understands flush.
+        can_flush,
+        /// The server understands FUA.
+        can_fua,
+        /// The server understands trim.
+        can_trim,
+        /// The server understands write zeroes.
+        can_zero,
+        /// The server understands fast zero.
+        can_fast_zero,
+        /// The server understands "don't fragment" reads.
+        can_df,
+        /// Several connections see a consistent view.
+        can_multi_conn,
+        /// The server understands cache.
+        can_cache,
+    }
+
+    /// Where we connected, if known.
+    pub fn transport(&self) -> Option<&Transport> {
+        self.transport.as_ref()
+    }
+
+    /// A URI to connect back to this export, like libnbd's
+    /// `nbd_get_uri`: `nbd://localhost:10809/` or
+    /// `nbd+unix:///?socket=/tmp/sock`. `None` when the connection was
+    /// made on a stream, an fd, or to a captive server.
+    pub fn uri(&self) -> Option<String> {
+        self.transport
+            .as_ref()
+            .map(|t| Uri::new(t.clone(), &self.info.export_name).to_string())
+    }
+
+    /// Requests sent and not yet answered.
+    pub fn in_flight(&self) -> usize {
+        self.shared.state().pending.len()
+    }
+
+    /// Has the connection failed or been closed?
+    pub fn is_closed(&self) -> bool {
+        let st = self.shared.state();
+        st.dead.is_some() || st.closing
+    }
+
+    /// Traffic counters.
+    pub fn stats(&self) -> Stats {
+        let c = &self.shared.counters;
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        Stats {
+            requests: g(&c.requests),
+            bytes_sent: g(&c.bytes_sent),
+            bytes_received: g(&c.bytes_received),
+            simple_replies: g(&c.simple_replies),
+            chunks: g(&c.chunks),
+            hole_chunks: g(&c.hole_chunks),
+        }
+    }
+
+    // ---- checks --------------------------------------------------------
+
+    fn check_flags(&self, name: &str, flags: u16, allowed: u16) -> Result<()> {
+        let bad = flags & !allowed;
+        if bad != 0 {
+            return Err(Error::InvalidArgument(format!(
+                "{name}: flags {bad:#x} are not valid for this command"
+            )));
+        }
+        let unsupported = |f: &str| {
+            Err(Error::Unsupported(format!(
+                "{name}: the server does not support the {f} flag"
+            )))
+        };
+        if flags & cmdflag::FUA != 0 && !self.can_fua() {
+            return unsupported("FUA");
+        }
+        if flags & cmdflag::DF != 0 && !self.can_df() {
+            return unsupported("DF");
+        }
+        if flags & cmdflag::FAST_ZERO != 0 && !self.can_fast_zero() {
+            return unsupported("FAST_ZERO");
+        }
+        Ok(())
+    }
+
+    fn check_range(&self, name: &str, offset: u64, count: u64) -> Result<()> {
+        if !matches!(offset.checked_add(count), Some(end) if end <= i64::MAX as u64) {
+            return Err(Error::InvalidArgument(format!(
+                "{name}: offset {offset} + count {count} overflows"
+            )));
+        }
+        let min = u64::from(self.min_block);
+        // The minimum block size is a power of 2.
+        if (offset | count) & (min - 1) != 0 {
+            return Err(Error::InvalidArgument(format!(
+                "{name}: offset {offset} and count {count} must be multiples of \
+                 the server's minimum block size {min}"
+            )));
+        }
+        Ok(())
+    }
+
+    fn check_command(&self, name: &str, supported: bool) -> Result<()> {
+        if supported {
+            Ok(())
+        } else {
+            Err(Error::Unsupported(format!(
+                "{name}: the server does not support this command"
+            )))
+        }
+    }
+
+    // ---- requests ------------------------------------------------------
+
+    /// Send one request and wait for its reply.
+    async fn submit(
+        &self,
+        typ: u16,
+        flags: u16,
+        offset: u64,
+        count: u32,
+        payload: Option<&[u8]>,
+        buf: Option<Vec<u8>>,
+    ) -> Result<Outcome> {
+        let shared = &*self.shared;
+        let cookie = shared.next_cookie.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut st = shared.state();
+            if st.closing {
+                return Err(Error::Closed);
+            }
+            if let Some(e) = &st.dead {
+                return Err(e.clone());
+            }
+            st.pending.insert(
+                cookie,
+                Pending {
+                    typ,
+                    flags,
+                    offset,
+                    count,
+                    buf,
+                    coverage: Coverage::default(),
+                    statuses: Vec::new(),
+                    error: None,
+                    chunks: 0,
+                    tx,
+                },
+            );
+        }
+        let mut guard = SubmitGuard {
+            shared,
+            cookie,
+            phase: Phase::Registered,
+        };
+        let hdr = Request {
+            flags,
+            typ,
+            cookie,
+            offset,
+            count,
+        }
+        .encode();
+        {
+            let mut w = shared.writer.lock().await;
+            if let Some(e) = shared.dead() {
+                return Err(e);
+            }
+            guard.phase = Phase::Writing;
+            let sent = async {
+                w.write_all(&hdr).await?;
+                if let Some(p) = payload {
+                    w.write_all(p).await?;
+                }
+                w.flush().await
+            }
+            .await;
+            guard.phase = Phase::Sent;
+            if let Err(e) = sent {
+                let e = Error::io("send request", e);
+                shared.fail(e.clone());
+                return Err(shared.dead().unwrap_or(e));
+            }
+        }
+        shared.add(&shared.counters.requests, 1);
+        if let Some(p) = payload {
+            shared.add(&shared.counters.bytes_sent, p.len() as u64);
+        }
+        match rx.await {
+            Ok(r) => r,
+            Err(_) => Err(shared.dead().unwrap_or(Error::Closed)),
+        }
+    }
+
+    async fn read_one(&self, buf: Vec<u8>, offset: u64, flags: u16) -> Result<Vec<u8>> {
+        let count = buf.len() as u32;
+        match self
+            .submit(cmd::READ, flags, offset, count, None, Some(buf))
+            .await?
+        {
+            Outcome::Data(d) => Ok(d),
+            _ => Err(Error::Protocol("internal: read without data".into())),
+        }
+    }
+
+    /// Read into an owned buffer (all of it, from `offset`) and give it
+    /// back: the reader task fills it straight from the socket, with no
+    /// copy. Flags: `DF`.
+    pub async fn pread_owned(&self, buf: Vec<u8>, offset: u64, flags: u16) -> Result<Vec<u8>> {
+        self.check_flags("pread", flags, cmdflag::DF)?;
+        let count = buf.len() as u64;
+        self.check_range("pread", offset, count)?;
+        if count == 0 {
+            return Ok(buf);
+        }
+        let max = u64::from(self.max_payload);
+        if count <= max {
+            return self.read_one(buf, offset, flags).await;
+        }
+        let pieces = (0..count).step_by(max as usize).map(|start| {
+            let len = max.min(count - start) as usize;
+            self.read_one(vec![0u8; len], offset + start, flags)
+        });
+        let pieces = try_join_all(pieces).await?;
+        let mut buf = buf;
+        let mut at = 0;
+        for p in pieces {
+            buf[at..at + p.len()].copy_from_slice(&p);
+            at += p.len();
+        }
+        Ok(buf)
+    }
+
+    /// Read `count` bytes at `offset` into a new buffer. Flags: `DF`.
+    pub async fn pread_vec(&self, count: usize, offset: u64, flags: u16) -> Result<Vec<u8>> {
+        self.pread_owned(vec![0u8; count], offset, flags).await
+    }
+
+    /// Read `buf.len()` bytes at `offset` into `buf`. Flags: `DF`.
+    pub async fn pread(&self, buf: &mut [u8], offset: u64, flags: u16) -> Result<()> {
+        let data = self.pread_vec(buf.len(), offset, flags).await?;
+        buf.copy_from_slice(&data);
+        Ok(())
+    }
+
+    /// Write `data` at `offset`. Flags: `FUA`.
+    pub async fn pwrite(&self, data: &[u8], offset: u64, flags: u16) -> Result<()> {
+        self.check_flags("pwrite", flags, cmdflag::FUA)?;
+        let count = data.len() as u64;
+        self.check_range("pwrite", offset, count)?;
+        if count == 0 {
+            return Ok(());
+        }
+        let max = self.max_payload as usize;
+        let pieces = data.chunks(max).enumerate().map(|(i, d)| async move {
+            let off = offset + (i * max) as u64;
+            self.submit(cmd::WRITE, flags, off, d.len() as u32, Some(d), None)
+                .await
+                .map(|_| ())
+        });
+        try_join_all(pieces).await.map(|_| ())
+    }
+
+    /// Flush the server's caches to permanent storage.
+    pub async fn flush(&self) -> Result<()> {
+        self.check_command("flush", self.can_flush())?;
+        self.submit(cmd::FLUSH, 0, 0, 0, None, None)
+            .await
+            .map(|_| ())
+    }
+
+    async fn effect(
+        &self,
+        typ: u16,
+        name: &str,
+        count: u64,
+        offset: u64,
+        flags: u16,
+    ) -> Result<()> {
+        self.check_range(name, offset, count)?;
+        if count == 0 {
+            return Ok(());
+        }
+        let step = MAX_EFFECT_LENGTH;
+        let pieces = (0..count).step_by(step as usize).map(|start| {
+            let len = step.min(count - start) as u32;
+            self.submit(typ, flags, offset + start, len, None, None)
+        });
+        try_join_all(pieces).await.map(|_| ())
+    }
+
+    /// Discard `count` bytes at `offset`. Flags: `FUA`.
+    pub async fn trim(&self, count: u64, offset: u64, flags: u16) -> Result<()> {
+        self.check_command("trim", self.can_trim())?;
+        self.check_flags("trim", flags, cmdflag::FUA)?;
+        self.effect(cmd::TRIM, "trim", count, offset, flags).await
+    }
+
+    /// Write zeroes over `count` bytes at `offset`. Flags: `FUA`,
+    /// `NO_HOLE`, `FAST_ZERO`.
+    pub async fn zero(&self, count: u64, offset: u64, flags: u16) -> Result<()> {
+        self.check_command("zero", self.can_zero())?;
+        self.check_flags(
+            "zero",
+            flags,
+            cmdflag::FUA | cmdflag::NO_HOLE | cmdflag::FAST_ZERO,
+        )?;
+        self.effect(cmd::WRITE_ZEROES, "zero", count, offset, flags)
+            .await
+    }
+
+    /// Ask the server to prefetch `count` bytes at `offset`.
+    pub async fn cache(&self, count: u64, offset: u64, flags: u16) -> Result<()> {
+        self.check_command("cache", self.can_cache())?;
+        self.check_flags("cache", flags, 0)?;
+        self.effect(cmd::CACHE, "cache", count, offset, flags).await
+    }
+
+    /// Block status of `count` bytes at `offset`, for every negotiated
+    /// meta context. The server may describe less than asked (or, for
+    /// the last extent, more); a `count` over 2G is clamped. Flags:
+    /// `REQ_ONE`.
+    pub async fn block_status(&self, count: u64, offset: u64, flags: u16) -> Result<BlockStatus> {
+        if self.info.meta_contexts.is_empty() {
+            return Err(Error::Unsupported(
+                "block_status: no meta context was negotiated".into(),
+            ));
+        }
+        self.check_flags("block_status", flags, cmdflag::REQ_ONE)?;
+        if count == 0 {
+            return Err(Error::InvalidArgument(
+                "block_status: count cannot be 0".into(),
+            ));
+        }
+        let count = count.min(MAX_STATUS_LENGTH);
+        self.check_range("block_status", offset, count)?;
+        let statuses = match self
+            .submit(cmd::BLOCK_STATUS, flags, offset, count as u32, None, None)
+            .await?
+        {
+            Outcome::Status(s) => s,
+            _ => {
+                return Err(Error::Protocol(
+                    "internal: block status without status".into(),
+                ))
+            }
+        };
+        let mut out = BlockStatus::default();
+        for c in &self.info.meta_contexts {
+            if let Some((_, ex)) = statuses.iter().find(|(id, _)| *id == c.id) {
+                out.contexts.push(ContextStatus {
+                    name: c.name.clone(),
+                    extents: ex.clone(),
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Close cleanly: refuse new requests, wait for those in flight,
+    /// send `NBD_CMD_DISC`, and wait (a few seconds at most) for the
+    /// server to close.
+    pub async fn disconnect(&self) -> Result<()> {
+        let shared = &*self.shared;
+        {
+            let mut st = shared.state();
+            if st.dead.is_some() {
+                return Ok(());
+            }
+            st.closing = true;
+        }
+        loop {
+            let idle = shared.idle.notified();
+            tokio::pin!(idle);
+            idle.as_mut().enable();
+            {
+                let st = shared.state();
+                if st.pending.is_empty() || st.dead.is_some() {
+                    break;
+                }
+            }
+            idle.await;
+        }
+        let _ = shared.send_disc().await;
+        let handle = self.reader.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(mut h) = handle {
+            tokio::select! {
+                _ = &mut h => {}
+                _ = tokio::time::sleep(Duration::from_secs(5)) => h.abort(),
+            }
+        }
+        shared.fail(Error::Closed);
+        Ok(())
+    }
+}
+
+/// The minimum block size and the largest read/write payload to use.
+fn limits(bs: Option<BlockSizes>) -> (u32, u32) {
+    match bs {
+        Some(b) => {
+            let min = b.minimum.max(1);
+            let max = b.maximum.min(MAX_REQUEST_SIZE);
+            let max = (max - max % min).max(min);
+            (min, max)
+        }
+        None => (1, DEFAULT_MAX_PAYLOAD),
+    }
+}
+
+// ---- the reader task ---------------------------------------------------
+
+async fn reader_task(shared: Arc<Shared>, mut r: BufReader<BoxRead>) {
+    let result = tokio::select! {
+        r = read_loop(&shared, &mut r) => r,
+        _ = shared.kill.notified() => Err(Error::Closed),
+    };
+    shared.fail(result.err().unwrap_or(Error::Closed));
+}
+
+fn eof_error(e: io::Error) -> Error {
+    if e.kind() == io::ErrorKind::UnexpectedEof {
+        Error::io(
+            "read reply",
+            io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "server closed the connection in the middle of a reply",
+            ),
+        )
+    } else {
+        Error::io("read reply", e)
+    }
+}
+
+async fn rd(r: &mut BufReader<BoxRead>, buf: &mut [u8]) -> Result<()> {
+    r.read_exact(buf).await.map(|_| ()).map_err(eof_error)
+}
+
+async fn read_loop(shared: &Shared, r: &mut BufReader<BoxRead>) -> Result<()> {
+    loop {
+        let mut magic = [0u8; 4];
+        let n = r
+            .read(&mut magic)
+            .await
+            .map_err(|e| Error::io("read reply", e))?;
+        if n == 0 {
+            let st = shared.state();
+            if st.closing && st.pending.is_empty() {
+                return Ok(());
+            }
+            return Err(Error::io(
+                "read reply",
+                io::Error::new(io::ErrorKind::UnexpectedEof, "server closed the connection"),
+            ));
+        }
+        rd(r, &mut magic[n..]).await?;
+        match be32(&magic) {
+            SIMPLE_REPLY_MAGIC => simple_reply(shared, r).await?,
+            STRUCTURED_REPLY_MAGIC => chunk(shared, r).await?,
+            m => return Err(Error::Protocol(format!("bad reply magic {m:#010x}"))),
+        }
+        let shutdown = {
+            let st = shared.state();
+            st.server_shutdown && !st.disc_sent && st.pending.is_empty()
+        };
+        if shutdown {
+            let _ = shared.send_disc().await;
+        }
+    }
+}
+
+fn unknown_cookie(cookie: u64) -> Error {
+    Error::Protocol(format!("reply for unknown cookie {cookie:#x}"))
+}
+
+async fn simple_reply(shared: &Shared, r: &mut BufReader<BoxRead>) -> Result<()> {
+    let mut b = [0u8; 12];
+    rd(r, &mut b).await?;
+    let error = be32(&b[0..4]);
+    let cookie = be64(&b[4..12]);
+    shared.add(&shared.counters.simple_replies, 1);
+    let mut p = shared
+        .complete(cookie)
+        .ok_or_else(|| unknown_cookie(cookie))?;
+    if p.chunks > 0 {
+        return Err(Error::Protocol(format!(
+            "simple reply after structured chunks for cookie {cookie:#x}"
+        )));
+    }
+    let result = if error != 0 {
+        Err(server_error(&p, error, String::new(), None))
+    } else {
+        match p.typ {
+            cmd::READ => {
+                if shared.structured {
+                    return Err(Error::Protocol(
+                        "simple reply to a read although structured replies were negotiated".into(),
+                    ));
+                }
+                let mut buf = p.buf.take().unwrap_or_default();
+                rd(r, &mut buf).await?;
+                shared.add(&shared.counters.bytes_received, buf.len() as u64);
+                Ok(Outcome::Data(buf))
+            }
+            cmd::BLOCK_STATUS => Err(Error::Protocol(
+                "block status answered by a simple reply without status".into(),
+            )),
+            _ => Ok(Outcome::Done),
+        }
+    };
+    finish(shared, p, result);
+    Ok(())
+}
+
+fn server_error(p: &Pending, errno: u32, message: String, error_offset: Option<u64>) -> Error {
+    Error::Server {
+        command: command_name(p.typ),
+        offset: p.offset,
+        count: u64::from(p.count),
+        errno,
+        message,
+        error_offset,
+    }
+}
+
+/// Deliver a request's result, noting a server shutting down.
+fn finish(shared: &Shared, p: Pending, result: Result<Outcome>) {
+    if let Err(Error::Server { errno: e, .. }) = &result {
+        if *e == errno::ESHUTDOWN {
+            let mut st = shared.state();
+            st.closing = true;
+            st.server_shutdown = true;
+        }
+    }
+    let _ = p.tx.send(result);
+}
+
+/// Look up a pending request and run `f` on it.
+fn with_pending<T>(
+    shared: &Shared,
+    cookie: u64,
+    f: impl FnOnce(&mut Pending) -> Result<T>,
+) -> Result<T> {
+    let mut st = shared.state();
+    let p = st
+        .pending
+        .get_mut(&cookie)
+        .ok_or_else(|| unknown_cookie(cookie))?;
+    f(p)
+}
+
+async fn chunk(shared: &Shared, r: &mut BufReader<BoxRead>) -> Result<()> {
+    let mut b = [0u8; 16];
+    rd(r, &mut b).await?;
+    let h = ChunkHeader::decode(&b);
+    shared.add(&shared.counters.chunks, 1);
+    if !shared.structured {
+        return Err(Error::Protocol(
+            "structured reply chunk although structured replies were not negotiated".into(),
+        ));
+    }
+    let (typ, flags, offset, count) = with_pending(shared, h.cookie, |p| {
+        p.chunks += 1;
+        Ok((p.typ, p.flags, p.offset, p.count))
+    })?;
+    let wrong = |what: &str| {
+        Err(Error::Protocol(format!(
+            "{what} chunk in reply to {}",
+            cmd::name(typ)
+        )))
+    };
+    match h.typ {
+        reply::TYPE_NONE => {
+            if h.length != 0 {
+                return Err(Error::Protocol(format!(
+                    "NONE chunk with a {} byte payload",
+                    h.length
+                )));
+            }
+            if !h.done() {
+                return Err(Error::Protocol("NONE chunk without the DONE flag".into()));
+            }
+        }
+        reply::TYPE_OFFSET_DATA => {
+            if typ != cmd::READ {
+                return wrong("data");
+            }
+            if h.length < 9 {
+                return Err(Error::Protocol(format!(
+                    "data chunk of {} bytes is too short",
+                    h.length
+                )));
+            }
+            let mut ob = [0u8; 8];
+            rd(r, &mut ob).await?;
+            let off = be64(&ob);
+            let len = u64::from(h.length - 8);
+            let (start, buf) = with_pending(shared, h.cookie, |p| {
+                let start = p
+                    .coverage
+                    .add(offset, count, off, len)
+                    .map_err(Error::Protocol)?;
+                Ok((start, p.buf.take()))
+            })?;
+            let mut buf =
+                buf.ok_or_else(|| Error::Protocol("internal: read buffer missing".into()))?;
+            rd(r, &mut buf[start..start + len as usize]).await?;
+            shared.add(&shared.counters.bytes_received, len);
+            let mut st = shared.state();
+            if let Some(p) = st.pending.get_mut(&h.cookie) {
+                p.buf = Some(buf);
+            }
+        }
+        reply::TYPE_OFFSET_HOLE => {
+            if typ != cmd::READ {
+                return wrong("hole");
+            }
+            if h.length != 12 {
+                return Err(Error::Protocol(format!(
+                    "hole chunk of {} bytes, expected 12",
+                    h.length
+                )));
+            }
+            let mut pb = [0u8; 12];
+            rd(r, &mut pb).await?;
+            let off = be64(&pb[0..8]);
+            let len = u64::from(be32(&pb[8..12]));
+            with_pending(shared, h.cookie, |p| {
+                let start = p
+                    .coverage
+                    .add(offset, count, off, len)
+                    .map_err(Error::Protocol)?;
+                if let Some(buf) = &mut p.buf {
+                    buf[start..start + len as usize].fill(0);
+                }
+                Ok(())
+            })?;
+            shared.add(&shared.counters.hole_chunks, 1);
+        }
+        reply::TYPE_BLOCK_STATUS => {
+            if typ != cmd::BLOCK_STATUS {
+                return wrong("block status");
+            }
+            if h.length > MAX_STATUS_CHUNK {
+                return Err(Error::Protocol(format!(
+                    "block status chunk of {} bytes is too large",
+                    h.length
+                )));
+            }
+            let mut pb = vec![0u8; h.length as usize];
+            rd(r, &mut pb).await?;
+            let (id, extents) = parse_block_status(&pb).map_err(Error::Protocol)?;
+            if !shared.contexts.iter().any(|c| c.id == id) {
+                return Err(Error::Protocol(format!(
+                    "block status for meta context id {id}, which was not negotiated"
+                )));
+            }
+            check_extents(&extents, flags & cmdflag::REQ_ONE != 0, count)
+                .map_err(Error::Protocol)?;
+            with_pending(shared, h.cookie, |p| {
+                if p.statuses.iter().any(|(i, _)| *i == id) {
+                    return Err(Error::Protocol(format!(
+                        "two block status chunks for meta context id {id}"
+                    )));
+                }
+                p.statuses.push((id, extents));
+                Ok(())
+            })?;
+        }
+        t if reply::is_error(t) => {
+            if h.length > MAX_ERROR_CHUNK {
+                return Err(Error::Protocol(format!(
+                    "error chunk of {} bytes is too large",
+                    h.length
+                )));
+            }
+            let mut pb = vec![0u8; h.length as usize];
+            rd(r, &mut pb).await?;
+            let e = parse_error(t, &pb).map_err(Error::Protocol)?;
+            if let Some(eo) = e.offset {
+                let offset_ok = matches!(
+                    typ,
+                    cmd::READ
+                        | cmd::WRITE
+                        | cmd::TRIM
+                        | cmd::CACHE
+                        | cmd::WRITE_ZEROES
+                        | cmd::BLOCK_STATUS
+                );
+                if !offset_ok {
+                    return wrong("error offset");
+                }
+                if !Coverage::in_request(offset, count, eo) {
+                    return Err(Error::Protocol(format!(
+                        "error at offset {eo}, outside the request \
+                         (offset {offset} count {count})"
+                    )));
+                }
+            }
+            with_pending(shared, h.cookie, |p| {
+                if p.error.is_none() {
+                    p.error = Some(e);
+                }
+                Ok(())
+            })?;
+        }
+        t => {
+            return Err(Error::Protocol(format!(
+                "unknown structured reply type {t}"
+            )))
+        }
+    }
+    if h.done() {
+        let mut p = shared
+            .complete(h.cookie)
+            .ok_or_else(|| unknown_cookie(h.cookie))?;
+        let result = if let Some(e) = p.error.take() {
+            Err(server_error(&p, e.errno, e.message, e.offset))
+        } else {
+            match p.typ {
+                cmd::READ => {
+                    if p.coverage.total() != u64::from(p.count) {
+                        Err(Error::Protocol(format!(
+                            "read reply covered {} of {} bytes",
+                            p.coverage.total(),
+                            p.count
+                        )))
+                    } else {
+                        Ok(Outcome::Data(p.buf.take().unwrap_or_default()))
+                    }
+                }
+                cmd::BLOCK_STATUS => {
+                    if p.statuses.len() != shared.contexts.len() {
+                        Err(Error::Protocol(format!(
+                            "block status reply for {} of {} meta contexts",
+                            p.statuses.len(),
+                            shared.contexts.len()
+                        )))
+                    } else {
+                        Ok(Outcome::Status(std::mem::take(&mut p.statuses)))
+                    }
+                }
+                _ => Ok(Outcome::Done),
+            }
+        };
+        finish(shared, p, result);
+    }
+    Ok(())
+}
