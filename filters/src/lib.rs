@@ -1,1 +1,54 @@
-//! placeholder
+//! The filters of our nbdkit, one module per filter (named as in
+//! `--filter=NAME`), found by name in [`registry`].
+#![warn(missing_docs)]
+
+use libnbd::FilterEntry;
+
+pub mod rate;
+pub mod readahead;
+pub mod cow;
+pub mod cache;
+pub mod delay;
+pub mod stats;
+pub mod blocksize;
+pub mod offset;
+pub mod partition;
+pub mod truncate;
+pub mod log;
+pub mod error;
+pub mod retry;
+pub mod ip;
+pub mod limit;
+pub mod nozero;
+pub mod noextents;
+pub mod fua;
+pub mod exitlast;
+pub mod exitwhen;
+pub mod xz;
+
+/// Every filter, by its `--filter=NAME`.
+pub fn registry() -> Vec<FilterEntry> {
+    vec![
+        rate::ENTRY,
+        readahead::ENTRY,
+        cow::ENTRY,
+        cache::ENTRY,
+        delay::ENTRY,
+        stats::ENTRY,
+        blocksize::ENTRY,
+        offset::ENTRY,
+        partition::ENTRY,
+        truncate::ENTRY,
+        log::ENTRY,
+        error::ENTRY,
+        retry::ENTRY,
+        ip::ENTRY,
+        limit::ENTRY,
+        nozero::ENTRY,
+        noextents::ENTRY,
+        fua::ENTRY,
+        exitlast::ENTRY,
+        exitwhen::ENTRY,
+        xz::ENTRY,
+    ]
+}

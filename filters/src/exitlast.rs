@@ -1,0 +1,179 @@
+//! The exitlast filter: exit when the last client disconnects.
+//!
+//! nbdkit keeps running until it has served at least one client and then
+//! has none left, whereupon it exits (it never exits before the first
+//! client). Useful with a superserver, to free resources when nbdkit is
+//! not in use, or to make sure nbdkit goes away after its client (see
+//! also `--run` and the exitwhen filter).
+//!
+//! ```text
+//! nbdkit --filter=exitlast file disk.img
+//! ```
+//!
+//! There are no parameters.
+//!
+//! nbdkit 1.32 exits as soon as its last open export closes, even when
+//! the client is about to open another on the same connection (as
+//! `nbdinfo` does with `NBD_OPT_INFO` then `NBD_OPT_GO`). This filter
+//! waits until no client is connected to the server at all, so such
+//! clients work.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use libnbd::{ConfigResult, Filter, FilterEntry, Handle, Next, OpenContext, Params, Result};
+
+/// Registry entry.
+pub const ENTRY: FilterEntry = FilterEntry {
+    name: "exitlast",
+    help: "",
+    create,
+};
+
+/// How a filter sees and stops the server (replaceable in tests, so they
+/// do not stop the test process's "server").
+#[derive(Clone, Copy)]
+pub(crate) struct Hooks {
+    /// Ask the server to exit.
+    pub shutdown: fn(),
+    /// Clients connected to the server now.
+    pub connections: fn() -> usize,
+}
+
+impl Hooks {
+    /// The real server.
+    pub const SERVER: Hooks = Hooks {
+        shutdown: libnbd::server::request_shutdown,
+        connections: || libnbd::server::CONNECTIONS.load(Ordering::SeqCst),
+    };
+}
+
+/// How often we look at the server's connection count while waiting for
+/// the last client to go.
+const WATCH: Duration = Duration::from_millis(10);
+
+fn create(_: &mut Params) -> ConfigResult<Arc<dyn Filter>> {
+    Ok(Arc::new(ExitLast {
+        shared: Arc::new(Shared {
+            handles: AtomicUsize::new(0),
+            hooks: Hooks::SERVER,
+        }),
+    }))
+}
+
+struct Shared {
+    /// Exports open now.
+    handles: AtomicUsize,
+    hooks: Hooks,
+}
+
+/// After the last export closed: exit once no client is connected,
+/// unless an export is opened again first.
+fn exit_when_idle(s: Arc<Shared>) {
+    let watch = move || loop {
+        if s.handles.load(Ordering::SeqCst) > 0 {
+            return;
+        }
+        // The closing connection still counts until its handle is gone
+        // and the server has finished with it.
+        if (s.hooks.connections)() == 0 {
+            libnbd::debug!("exitlast: last client disconnected, exiting");
+            (s.hooks.shutdown)();
+            return;
+        }
+        std::thread::sleep(WATCH);
+    };
+    if let Err(e) = std::thread::Builder::new()
+        .name("exitlast".into())
+        .spawn(watch)
+    {
+        eprintln!("nbdkit: exitlast: cannot start a thread: {e}");
+    }
+}
+
+struct ExitLast {
+    shared: Arc<Shared>,
+}
+
+#[async_trait]
+impl Filter for ExitLast {
+    async fn open(&self, next: Next<'_>, ctx: &OpenContext) -> Result<Box<dyn Handle>> {
+        let next = next.open(ctx).await?;
+        self.shared.handles.fetch_add(1, Ordering::SeqCst);
+        Ok(Box::new(ExitLastHandle {
+            next,
+            shared: self.shared.clone(),
+        }))
+    }
+}
+
+struct ExitLastHandle {
+    next: Box<dyn Handle>,
+    shared: Arc<Shared>,
+}
+
+impl Drop for ExitLastHandle {
+    fn drop(&mut self) {
+        if self.shared.handles.fetch_sub(1, Ordering::SeqCst) == 1 {
+            exit_when_idle(self.shared.clone());
+        }
+    }
+}
+
+#[async_trait]
+impl Handle for ExitLastHandle {
+    fn next(&self) -> Option<&dyn Handle> {
+        Some(&*self.next)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::offset::testing::*;
+
+    static CONNECTED: AtomicUsize = AtomicUsize::new(0);
+    static SHUTDOWNS: AtomicUsize = AtomicUsize::new(0);
+
+    fn filter() -> Arc<dyn Filter> {
+        Arc::new(ExitLast {
+            shared: Arc::new(Shared {
+                handles: AtomicUsize::new(0),
+                hooks: Hooks {
+                    shutdown: || {
+                        SHUTDOWNS.fetch_add(1, Ordering::SeqCst);
+                    },
+                    connections: || CONNECTED.load(Ordering::SeqCst),
+                },
+            }),
+        })
+    }
+
+    async fn settle() {
+        tokio::time::sleep(WATCH * 5).await;
+    }
+
+    #[tokio::test]
+    async fn exitlast_exits_after_last_client() {
+        let s = stack(vec![filter()], &Mem::new(512));
+        CONNECTED.store(2, Ordering::SeqCst);
+        let a = s.open(&ctx(1)).await.unwrap();
+        let b = s.open(&ctx(2)).await.unwrap();
+        drop(a);
+        CONNECTED.store(1, Ordering::SeqCst);
+        settle().await;
+        assert_eq!(SHUTDOWNS.load(Ordering::SeqCst), 0);
+        // Like NBD_OPT_INFO then NBD_OPT_GO on one connection.
+        drop(b);
+        settle().await;
+        assert_eq!(SHUTDOWNS.load(Ordering::SeqCst), 0);
+        let c = s.open(&ctx(2)).await.unwrap();
+        settle().await;
+        drop(c);
+        CONNECTED.store(0, Ordering::SeqCst);
+        settle().await;
+        assert_eq!(SHUTDOWNS.load(Ordering::SeqCst), 1);
+    }
+}

@@ -1,0 +1,459 @@
+//! # xz: serve the uncompressed content of an xz file
+//!
+//! The layer below holds an `.xz` file; clients see the data it
+//! compresses, read-only. Like nbdkit's xz filter, random access goes
+//! through the xz index: only the block holding the requested bytes is
+//! decoded, and recently decoded blocks are kept in an LRU cache.
+//!
+//! ```text
+//! nbdkit --filter=xz file disk.img.xz
+//! nbdkit --filter=xz curl https://example.com/disk.raw.xz --run 'nbdinfo $uri'
+//! nbdkit --filter=xz curl https://example.com/disk.raw.xz \
+//!     --run 'nbdcopy -p -- $uri [ qemu-nbd -f qcow2 out.qcow2 ]'
+//! ```
+//!
+//! ## Parameters
+//!
+//! - `xz-max-depth=N` (default 8): how many decoded blocks the LRU cache
+//!   keeps. The cache is shared by every connection to the same export,
+//!   and so are the blocks decoded ahead (below): memory use is at most
+//!   about N × the largest cached block (see `xz-max-block`), plus one
+//!   compressed block per core in flight.
+//! - `xz-max-block=SIZE` (default 512M): the largest block decoded whole
+//!   into memory; blocks larger than this, or than 64M, are decoded
+//!   progressively into the spill instead (upstream refuses files with
+//!   blocks larger than `xz-max-block`; we serve them).
+//! - `xz-spill-max=SIZE` (default 8G, at least 128M): the most decoded
+//!   data the spill file keeps (all-zero parts cost nothing).
+//!
+//! ## Beyond upstream
+//!
+//! - **Parallel decoding ahead of sequential readers.** When a reader
+//!   moves from one block to the next (a copy, a boot), the following
+//!   blocks are fetched and decoded in the background, as many at once as
+//!   there are cores, ahead of the reader, within the cache (`xz-max-depth`
+//!   blocks): a full copy runs at the speed of a multi-threaded `xz -d`.
+//!   Nothing is started until the first read.
+//! - **Single-block files stay usable.** Plain `xz` writes one block, so
+//!   upstream decodes from the start of the file for every read outside
+//!   its cache. Here such a block (and any block above the in-memory
+//!   limit) is decoded progressively, once: what was decoded is kept in a
+//!   sparse, unnamed temporary file (the spill, in `$TMPDIR`, default
+//!   `/var/tmp`, gone when the server exits), random reads of decoded
+//!   parts are reads of that file, and a read further on moves the decoder
+//!   on from where it is. Past `xz-spill-max` the least recently used
+//!   parts are dropped, and only reading one of those again decodes the
+//!   block from its start again.
+//!
+//! ## Behaviour
+//!
+//! The export is read-only (the layer below is opened read-only), its size
+//! is the uncompressed size; multi-stream files and stream padding are
+//! handled; extents report all data. Corruption gives EIO with a message
+//! naming the block, never wrong data: a block decoded whole is checked
+//! (CRC32, CRC64 or SHA-256 as the file says) before any of it is served.
+//! A spilled block's check can only be verified when its decoder reaches
+//! its end; if it fails there, every later read of the block fails.
+
+mod decode;
+mod index;
+mod spill;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use async_trait::async_trait;
+use libnbd::{
+    BlockSize, Cache, ConfigError, ConfigResult, Error, Extents, Filter, FilterEntry, Flags, Fua,
+    Handle, Next, OpenContext, Params, Result,
+};
+use tokio::sync::{OnceCell, Semaphore};
+
+use index::XzIndex;
+use spill::{Spill, SpillBlock, AHEAD, CHUNK};
+
+/// Registry entry.
+pub const ENTRY: FilterEntry = FilterEntry {
+    name: "xz",
+    help: "\
+xz-max-block=<SIZE> (optional) Largest block decoded whole in memory (default: 512M).
+xz-max-depth=<N>    (optional) Maximum blocks in cache (default: 8).
+xz-spill-max=<SIZE> (optional) Most data kept decoded on disk (default: 8G).",
+    create,
+};
+
+/// Blocks above this are always spilled, whatever `xz-max-block` says.
+const MEMORY_BLOCK_LIMIT: u64 = 64 << 20;
+
+#[derive(Debug, Clone, Copy)]
+struct Config {
+    max_block: u64,
+    depth: usize,
+    spill_max: u64,
+}
+
+fn create(p: &mut Params) -> ConfigResult<Arc<dyn Filter>> {
+    let max_block = p.take_size("xz-max-block")?.unwrap_or(512 << 20);
+    if max_block == 0 {
+        return Err(ConfigError::new("xz-max-block must be greater than 0"));
+    }
+    let depth = p.take_parsed::<usize>("xz-max-depth")?.unwrap_or(8);
+    if depth == 0 {
+        return Err(ConfigError::new("xz-max-depth must be at least 1"));
+    }
+    let spill_max = p.take_size("xz-spill-max")?.unwrap_or(8 << 30);
+    if spill_max < spill::MIN_MAX {
+        return Err(ConfigError::new(format!(
+            "xz-spill-max must be at least {}M",
+            spill::MIN_MAX >> 20
+        )));
+    }
+    Ok(Arc::new(XzFilter {
+        cfg: Config {
+            max_block,
+            depth,
+            spill_max,
+        },
+        files: Mutex::new(HashMap::new()),
+    }))
+}
+
+struct XzFilter {
+    cfg: Config,
+    /// The state of each export, shared by its connections.
+    files: Mutex<HashMap<String, Arc<XzFile>>>,
+}
+
+#[async_trait]
+impl Filter for XzFilter {
+    async fn open(&self, next: Next<'_>, ctx: &OpenContext) -> Result<Box<dyn Handle>> {
+        let below = OpenContext {
+            readonly: true,
+            ..ctx.clone()
+        };
+        let next: Arc<dyn Handle> = Arc::from(next.open(&below).await?);
+        let size = next.size()?;
+        let index = index::parse(&*next, size).await.inspect_err(|e| {
+            // As nbdkit_error does: the reason goes to the server's log.
+            eprintln!("nbdkit: xz[{}]: error: {}", ctx.id, e.msg);
+        })?;
+        let file = {
+            let mut files = self.files.lock().unwrap();
+            match files.get(&ctx.export_name) {
+                Some(f) if f.index == index => f.clone(),
+                _ => {
+                    let f = Arc::new(XzFile::new(index, self.cfg));
+                    files.insert(ctx.export_name.clone(), f.clone());
+                    f
+                }
+            }
+        };
+        Ok(Box::new(XzHandle { next, file }))
+    }
+}
+
+/// How a block is decoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// Whole, into the LRU cache.
+    Memory,
+    /// Progressively, into the spill.
+    Spill,
+}
+
+type Cell = Arc<OnceCell<Arc<Vec<u8>>>>;
+
+struct Lru {
+    map: HashMap<usize, (Cell, u64)>,
+    tick: u64,
+}
+
+/// One xz file: its index, caches and decoders.
+struct XzFile {
+    index: XzIndex,
+    kinds: Vec<Kind>,
+    depth: usize,
+    /// Blocks decoded ahead of a sequential reader.
+    ahead: usize,
+    lru: Mutex<Lru>,
+    /// One decoding job per core at a time.
+    slots: Arc<Semaphore>,
+    spill_max: u64,
+    /// How far the spill decoder runs ahead of a sequential reader.
+    spill_ahead: u64,
+    spill: OnceLock<std::result::Result<Arc<Spill>, String>>,
+    spill_blocks: HashMap<usize, Arc<SpillBlock>>,
+}
+
+impl XzFile {
+    fn new(index: XzIndex, cfg: Config) -> Self {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let limit = cfg.max_block.min(MEMORY_BLOCK_LIMIT);
+        let single = index.blocks.len() == 1;
+        let kinds: Vec<Kind> = index
+            .blocks
+            .iter()
+            .map(|b| {
+                if b.usize > limit || (single && b.usize > CHUNK) {
+                    Kind::Spill
+                } else {
+                    Kind::Memory
+                }
+            })
+            .collect();
+        let spill_blocks = kinds
+            .iter()
+            .enumerate()
+            .filter(|(_, k)| **k == Kind::Spill)
+            .map(|(i, _)| (i, Arc::new(SpillBlock::new(i, index.blocks[i]))))
+            .collect();
+        XzFile {
+            kinds,
+            depth: cfg.depth,
+            ahead: (cores + 1).min(cfg.depth.saturating_sub(2)),
+            lru: Mutex::new(Lru {
+                map: HashMap::new(),
+                tick: 0,
+            }),
+            slots: Arc::new(Semaphore::new(cores)),
+            spill_max: cfg.spill_max,
+            spill_ahead: AHEAD.min(cfg.spill_max / 4),
+            spill: OnceLock::new(),
+            spill_blocks,
+            index,
+        }
+    }
+
+    fn spill(&self) -> Result<Arc<Spill>> {
+        self.spill
+            .get_or_init(|| {
+                Spill::new(self.spill_max)
+                    .map(Arc::new)
+                    .map_err(|e| e.to_string())
+            })
+            .clone()
+            .map_err(|e| Error::eio(format!("xz: cannot create the spill file: {e}")))
+    }
+
+    /// The cache cell of memory block `i`, inserted if needed (evicting the
+    /// least recently used cells nobody is decoding or waiting for).
+    fn cell(&self, i: usize) -> Cell {
+        let mut lru = self.lru.lock().unwrap();
+        lru.tick += 1;
+        let tick = lru.tick;
+        if let Some((c, t)) = lru.map.get_mut(&i) {
+            *t = tick;
+            return c.clone();
+        }
+        let c: Cell = Arc::new(OnceCell::new());
+        lru.map.insert(i, (c.clone(), tick));
+        while lru.map.len() > self.depth {
+            let victim = lru
+                .map
+                .iter()
+                .filter(|(k, (c, _))| **k != i && (c.initialized() || Arc::strong_count(c) == 1))
+                .min_by_key(|(_, (_, t))| *t)
+                .map(|(k, _)| *k);
+            match victim {
+                Some(k) => {
+                    lru.map.remove(&k);
+                }
+                None => break,
+            }
+        }
+        c
+    }
+
+    fn cached(&self, i: usize) -> bool {
+        self.lru.lock().unwrap().map.contains_key(&i)
+    }
+
+    /// Fetch and decode memory block `i`.
+    async fn load(&self, i: usize, next: &dyn Handle) -> Result<Arc<Vec<u8>>> {
+        let b = self.index.blocks[i];
+        let err = |m: &dyn std::fmt::Display| {
+            Error::eio(format!(
+                "xz: block {i} (compressed offset {}, {} bytes uncompressed): {m}",
+                b.coffset, b.usize
+            ))
+        };
+        let mut input = vec![0u8; (index::HEADER_SIZE + b.total()) as usize];
+        next.pread(
+            &mut input[index::HEADER_SIZE as usize..],
+            b.coffset,
+            Flags::NONE,
+        )
+        .await
+        .map_err(|e| err(&format!("reading compressed data: {}", e.msg)))?;
+        let _permit = self.slots.acquire().await;
+        let data = tokio::task::spawn_blocking(move || decode::decode_block(&b, input))
+            .await
+            .map_err(|e| err(&e))?
+            .map_err(|m| err(&m))?;
+        Ok(Arc::new(data))
+    }
+
+    async fn block(&self, i: usize, next: &dyn Handle) -> Result<Arc<Vec<u8>>> {
+        let cell = self.cell(i);
+        cell.get_or_try_init(|| self.load(i, next)).await.cloned()
+    }
+
+    /// Start decoding block `i` in the background, if it is not cached.
+    fn prefetch(self: &Arc<Self>, i: usize, next: &Arc<dyn Handle>, upto: u64) {
+        match self.kinds[i] {
+            Kind::Memory => {
+                if self.cached(i) {
+                    return;
+                }
+                let cell = self.cell(i);
+                let (me, next) = (self.clone(), next.clone());
+                tokio::spawn(async move {
+                    let _ = cell.get_or_try_init(|| me.load(i, &*next)).await;
+                });
+            }
+            Kind::Spill => {
+                if let Ok(s) = self.spill() {
+                    self.spill_blocks[&i].readahead(&s, &self.slots, next, upto);
+                }
+            }
+        }
+    }
+
+    /// Read `buf.len()` bytes of uncompressed data at `offset`.
+    async fn read(
+        self: &Arc<Self>,
+        buf: &mut [u8],
+        offset: u64,
+        next: &Arc<dyn Handle>,
+    ) -> Result<()> {
+        let end = offset
+            .checked_add(buf.len() as u64)
+            .filter(|e| *e <= self.index.size)
+            .ok_or_else(|| Error::einval("xz: read beyond the end of the export"))?;
+        let mut pos = offset;
+        while pos < end {
+            let i = self.index.find(pos);
+            let b = self.index.blocks[i];
+            let rel = pos - b.uoffset;
+            let n = (end - pos).min(b.usize - rel);
+            let dst = &mut buf[(pos - offset) as usize..][..n as usize];
+            match self.kinds[i] {
+                Kind::Memory => {
+                    // A reader coming from the previous block reads on:
+                    // decode the next blocks meanwhile.
+                    if i == 0 || self.cached(i - 1) {
+                        for j in i + 1..(i + 1 + self.ahead).min(self.kinds.len()) {
+                            self.prefetch(j, next, self.spill_ahead);
+                        }
+                    }
+                    let data = self.block(i, &**next).await?;
+                    dst.copy_from_slice(&data[rel as usize..(rel + n) as usize]);
+                }
+                Kind::Spill => {
+                    let spill = self.spill()?;
+                    let sb = &self.spill_blocks[&i];
+                    sb.read(&spill, &self.slots, next, dst, rel).await?;
+                    let stop = rel + n;
+                    let ahead = self.spill_ahead;
+                    if stop + ahead >= sb.frontier() {
+                        sb.readahead(&spill, &self.slots, next, stop + ahead);
+                        if stop + ahead > b.usize && i + 1 < self.kinds.len() {
+                            self.prefetch(i + 1, next, stop + ahead - b.usize);
+                        }
+                    }
+                }
+            }
+            pos += n;
+        }
+        Ok(())
+    }
+}
+
+/// A connection: the layer below (shared with background decoding) and
+/// the file's shared state.
+struct XzHandle {
+    next: Arc<dyn Handle>,
+    file: Arc<XzFile>,
+}
+
+#[async_trait]
+impl Handle for XzHandle {
+    fn next(&self) -> Option<&dyn Handle> {
+        Some(&*self.next)
+    }
+    fn size(&self) -> Result<u64> {
+        Ok(self.file.index.size)
+    }
+    fn block_size(&self) -> Result<Option<BlockSize>> {
+        Ok(None)
+    }
+    fn can_write(&self) -> Result<bool> {
+        Ok(false)
+    }
+    fn can_flush(&self) -> Result<bool> {
+        Ok(false)
+    }
+    fn can_trim(&self) -> Result<bool> {
+        Ok(false)
+    }
+    fn can_zero(&self) -> Result<bool> {
+        Ok(false)
+    }
+    fn can_fast_zero(&self) -> Result<bool> {
+        Ok(false)
+    }
+    fn can_extents(&self) -> Result<bool> {
+        Ok(false)
+    }
+    fn can_fua(&self) -> Result<Fua> {
+        Ok(Fua::None)
+    }
+    fn can_multi_conn(&self) -> Result<bool> {
+        // Read-only: every connection sees the same data.
+        Ok(true)
+    }
+    fn can_cache(&self) -> Result<Cache> {
+        Ok(Cache::Emulate)
+    }
+
+    async fn pread(&self, buf: &mut [u8], offset: u64, _flags: Flags) -> Result<()> {
+        self.file.read(buf, offset, &self.next).await
+    }
+    async fn pwrite(&self, _buf: &[u8], _offset: u64, _flags: Flags) -> Result<()> {
+        Err(Error::eperm("xz: the export is read-only"))
+    }
+    async fn flush(&self, _flags: Flags) -> Result<()> {
+        Ok(())
+    }
+    async fn trim(&self, _count: u64, _offset: u64, _flags: Flags) -> Result<()> {
+        Err(Error::eperm("xz: the export is read-only"))
+    }
+    async fn zero(&self, _count: u64, _offset: u64, _flags: Flags) -> Result<()> {
+        Err(Error::eperm("xz: the export is read-only"))
+    }
+    async fn extents(
+        &self,
+        count: u64,
+        offset: u64,
+        _flags: Flags,
+        ext: &mut Extents,
+    ) -> Result<()> {
+        ext.add(offset, count, 0)
+    }
+    async fn cache(&self, count: u64, offset: u64, _flags: Flags) -> Result<()> {
+        // Decode the range (and keep it) without copying it anywhere.
+        let end = offset.saturating_add(count).min(self.file.index.size);
+        let mut pos = offset;
+        let mut buf = Vec::new();
+        while pos < end {
+            let n = (end - pos).min(4 << 20);
+            buf.resize(n as usize, 0);
+            self.file.read(&mut buf, pos, &self.next).await?;
+            pos += n;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,343 @@
+//! Unit tests of the xz filter over an in-memory plugin: files built here
+//! with liblzma's encoder and assembled into multi-block and multi-stream
+//! files by our own index writer.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use liblzma::stream::Check;
+use libnbd::{Plugin, Stack};
+
+use super::decode::tests::xz_one;
+use super::index::{parse_footer, parse_index, round4, stream_footer, stream_header, write_vli};
+use super::*;
+
+/// A plugin serving bytes from memory, counting reads.
+struct Mem {
+    data: Arc<Vec<u8>>,
+    reads: Arc<AtomicUsize>,
+}
+
+struct MemHandle {
+    data: Arc<Vec<u8>>,
+    reads: Arc<AtomicUsize>,
+}
+
+#[async_trait]
+impl Plugin for Mem {
+    async fn open(&self, _ctx: &OpenContext) -> Result<Box<dyn Handle>> {
+        Ok(Box::new(MemHandle {
+            data: self.data.clone(),
+            reads: self.reads.clone(),
+        }))
+    }
+}
+
+#[async_trait]
+impl Handle for MemHandle {
+    fn size(&self) -> Result<u64> {
+        Ok(self.data.len() as u64)
+    }
+    async fn pread(&self, buf: &mut [u8], offset: u64, _flags: Flags) -> Result<()> {
+        self.reads.fetch_add(1, Ordering::Relaxed);
+        let o = offset as usize;
+        match self.data.get(o..o + buf.len()) {
+            Some(d) => {
+                buf.copy_from_slice(d);
+                Ok(())
+            }
+            None => Err(Error::eio("read beyond the end")),
+        }
+    }
+}
+
+/// Disk-like data: runs of pseudo-random bytes, text and zeroes.
+fn disk_like(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut rnd = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let mut v = Vec::with_capacity(len);
+    while v.len() < len {
+        let run = (rnd() % 200_000) as usize + 1;
+        match rnd() % 3 {
+            0 => v.extend((0..run).map(|_| rnd() as u8)),
+            1 => v.extend(
+                b"the quick brown fox jumps over the lazy dog 0123456789\n"
+                    .iter()
+                    .cycle()
+                    .take(run),
+            ),
+            _ => v.resize(v.len() + run, 0),
+        }
+    }
+    v.truncate(len);
+    v
+}
+
+/// One stream whose blocks hold `parts` (as `xz --block-size` writes).
+fn xz_stream(parts: &[&[u8]], check: Check) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut recs = Vec::new();
+    let mut flags = [0, 0];
+    for p in parts.iter().filter(|p| !p.is_empty()) {
+        let s = xz_one(p, check);
+        let (f, ilen) = parse_footer(&s[s.len() - 12..]).unwrap();
+        flags = f;
+        let r = parse_index(&s[s.len() - 12 - ilen as usize..s.len() - 12]).unwrap();
+        out.extend_from_slice(&s[12..12 + round4(r[0].0) as usize]);
+        recs.push(r[0]);
+    }
+    if parts.iter().all(|p| p.is_empty()) {
+        return xz_one(&[], check);
+    }
+    let mut ix = vec![0u8];
+    write_vli(&mut ix, recs.len() as u64);
+    for (u, s) in &recs {
+        write_vli(&mut ix, *u);
+        write_vli(&mut ix, *s);
+    }
+    while ix.len() % 4 != 0 {
+        ix.push(0);
+    }
+    let c = index::crc32(&ix);
+    ix.extend_from_slice(&c.to_le_bytes());
+    let mut file = stream_header(flags).to_vec();
+    file.extend_from_slice(&out);
+    file.extend_from_slice(&ix);
+    file.extend_from_slice(&stream_footer(flags, ix.len()));
+    file
+}
+
+fn blocks_of(data: &[u8], size: usize) -> Vec<&[u8]> {
+    data.chunks(size).collect()
+}
+
+fn filter(depth: usize, max_block: u64, spill_max: u64) -> Arc<dyn Filter> {
+    Arc::new(XzFilter {
+        cfg: Config {
+            max_block,
+            depth,
+            spill_max,
+        },
+        files: Mutex::new(HashMap::new()),
+    })
+}
+
+async fn open_with(xz: Vec<u8>, f: Arc<dyn Filter>) -> (Result<Box<dyn Handle>>, Arc<AtomicUsize>) {
+    let reads = Arc::new(AtomicUsize::new(0));
+    let stack = Stack {
+        filters: vec![f],
+        plugin: Arc::new(Mem {
+            data: Arc::new(xz),
+            reads: reads.clone(),
+        }),
+    };
+    (stack.open(&OpenContext::default()).await, reads)
+}
+
+async fn open(xz: Vec<u8>) -> Box<dyn Handle> {
+    open_with(xz, filter(8, 512 << 20, 8 << 30))
+        .await
+        .0
+        .unwrap()
+}
+
+async fn read(h: &dyn Handle, off: u64, len: usize) -> Result<Vec<u8>> {
+    let mut b = vec![0u8; len];
+    h.pread(&mut b, off, Flags::NONE).await?;
+    Ok(b)
+}
+
+/// Random reads (and reads across block edges) compared with `data`.
+async fn check_random(h: &dyn Handle, data: &[u8], n: usize, seed: u64) {
+    let mut x = seed | 1;
+    for k in 0..n {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let len = (x % 300_000) as usize + 1;
+        let len = len.min(data.len());
+        let off = ((x >> 20) as usize) % (data.len() - len + 1);
+        let got = read(h, off as u64, len).await.unwrap();
+        assert!(
+            got == data[off..off + len],
+            "read {k} at {off} len {len} differs"
+        );
+    }
+}
+
+async fn check_sequential(h: &dyn Handle, data: &[u8], step: usize) {
+    let mut off = 0;
+    while off < data.len() {
+        let n = step.min(data.len() - off);
+        let got = read(h, off as u64, n).await.unwrap();
+        assert!(
+            got == data[off..off + n],
+            "sequential read at {off} differs"
+        );
+        off += n;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multi_block_random_and_sequential() {
+    let data = disk_like(5 << 20, 1);
+    let xz = xz_stream(&blocks_of(&data, 256 << 10), Check::Crc64);
+    let h = open(xz).await;
+    assert_eq!(h.size().unwrap(), data.len() as u64);
+    assert!(!h.can_write().unwrap());
+    check_random(&*h, &data, 200, 7).await;
+    check_sequential(&*h, &data, 65536).await;
+    // Reads spanning several blocks, and the last byte.
+    assert_eq!(
+        read(&*h, 200 << 10, 1 << 20).await.unwrap(),
+        data[200 << 10..][..1 << 20]
+    );
+    let last = data.len() as u64 - 1;
+    assert_eq!(read(&*h, last, 1).await.unwrap(), [data[last as usize]]);
+    assert!(read(&*h, last, 2).await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multi_stream_with_padding_and_checks() {
+    let a = disk_like(700_000, 2);
+    let b = disk_like(900_000, 3);
+    let c = disk_like(100_000, 4);
+    let mut xz = xz_stream(&blocks_of(&a, 200_000), Check::Crc32);
+    xz.extend_from_slice(&[0u8; 8]);
+    xz.extend_from_slice(&xz_stream(&[], Check::None));
+    xz.extend_from_slice(&xz_stream(&blocks_of(&b, 300_000), Check::Sha256));
+    xz.extend_from_slice(&[0u8; 4]);
+    xz.extend_from_slice(&xz_stream(&[&c], Check::None));
+    xz.extend_from_slice(&[0u8; 4096 + 12]);
+    let all: Vec<u8> = [a, b, c].concat();
+    let h = open(xz).await;
+    assert_eq!(h.size().unwrap(), all.len() as u64);
+    check_random(&*h, &all, 100, 9).await;
+    check_sequential(&*h, &all, 100_000).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn single_block_is_spilled_and_decoded_once() {
+    let data = disk_like(6 << 20, 5);
+    let xz = xz_one(&data, Check::Crc64);
+    let f = filter(8, 512 << 20, 8 << 30);
+    let (h, reads) = open_with(xz.clone(), f).await;
+    let h = h.unwrap();
+    assert_eq!(h.size().unwrap(), data.len() as u64);
+    // A read near the end, then random reads: the block is decoded once.
+    let end = data.len() as u64 - 10;
+    assert_eq!(read(&*h, end, 10).await.unwrap(), data[end as usize..]);
+    check_random(&*h, &data, 200, 11).await;
+    check_sequential(&*h, &data, 1 << 20).await;
+    // Compressed bytes read: the index probes plus one pass over the data.
+    let n = reads.load(Ordering::Relaxed);
+    assert!(n < 16 + xz.len() / (2 << 20) * 2, "{n} reads");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spill_eviction_redecodes_correctly() {
+    // Data with no zero runs, so every chunk is stored; a 3 MiB spill.
+    let data: Vec<u8> = disk_like(8 << 20, 6).iter().map(|b| b | 1).collect();
+    let xz = xz_one(&data, Check::Crc32);
+    let (h, _) = open_with(xz, filter(8, 512 << 20, 3 << 20)).await;
+    let h = h.unwrap();
+    for off in [7u64 << 20, 0, 6 << 20, 1 << 20, 5 << 20, 0] {
+        assert_eq!(
+            read(&*h, off, 300_000).await.unwrap(),
+            data[off as usize..][..300_000]
+        );
+    }
+    check_random(&*h, &data, 30, 13).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn big_blocks_spill_beside_memory_blocks() {
+    // xz-max-block=1M: the 3 MiB blocks spill, the small last one does not.
+    let data = disk_like((9 << 20) + 5000, 8);
+    let xz = xz_stream(&blocks_of(&data, 3 << 20), Check::Crc64);
+    let (h, _) = open_with(xz, filter(4, 1 << 20, 8 << 30)).await;
+    let h = h.unwrap();
+    check_random(&*h, &data, 100, 17).await;
+    check_sequential(&*h, &data, 256 << 10).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corruption_is_an_error_never_wrong_data() {
+    let data = disk_like(2 << 20, 10);
+    let good = xz_stream(&blocks_of(&data, 512 << 10), Check::Crc64);
+    // Flip a byte inside the second block's compressed data.
+    let h = open(good.clone()).await;
+    let b1 = h.size().unwrap(); // sanity
+    assert_eq!(b1, data.len() as u64);
+    drop(h);
+    let mut bad = good.clone();
+    let ix = {
+        let (h, _) = open_with(good.clone(), filter(8, 512 << 20, 8 << 30)).await;
+        drop(h);
+        // Find block 1 by parsing the index ourselves.
+        let (_, ilen) = parse_footer(&good[good.len() - 12..]).unwrap();
+        parse_index(&good[good.len() - 12 - ilen as usize..good.len() - 12]).unwrap()
+    };
+    let b1_start = 12 + round4(ix[0].0) as usize;
+    bad[b1_start + ix[1].0 as usize / 2] ^= 0x55;
+    let h = open(bad).await;
+    assert_eq!(read(&*h, 0, 1000).await.unwrap(), data[..1000]);
+    let e = read(&*h, (512 << 10) + 10, 1000).await.unwrap_err();
+    assert_eq!(e.errno, libnbd::protocol::errno::EIO);
+    assert!(e.msg.contains("xz: block 1"), "{}", e.msg);
+    // The other blocks are still served.
+    assert_eq!(
+        read(&*h, 3 << 19, 1000).await.unwrap(),
+        data[3 << 19..][..1000]
+    );
+
+    // A corrupt single (spilled) block never completes successfully.
+    let mut bad = xz_one(&data, Check::Crc64);
+    let mid = bad.len() / 2;
+    bad[mid] ^= 0x55;
+    let h = open(bad).await;
+    let mut buf = vec![0u8; data.len()];
+    assert!(
+        h.pread(&mut buf, 0, Flags::NONE).await.is_err() || buf != data || {
+            // The data matched: the damage must then be caught by the check.
+            read(&*h, 0, data.len()).await.is_err()
+        }
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn not_xz_or_truncated_fails_at_open() {
+    let f = || filter(8, 512 << 20, 8 << 30);
+    let e = open_with(vec![7u8; 4096], f()).await.0.err().unwrap();
+    assert!(e.msg.contains("xz"), "{}", e.msg);
+    let xz = xz_one(&disk_like(100_000, 1), Check::Crc64);
+    let e = open_with(xz[..xz.len() - 4].to_vec(), f())
+        .await
+        .0
+        .err()
+        .unwrap();
+    assert!(e.msg.contains("xz"), "{}", e.msg);
+    let e = open_with(xz[4..].to_vec(), f()).await.0.err().unwrap();
+    assert!(e.msg.contains("xz"), "{}", e.msg);
+    assert!(open_with(vec![], f()).await.0.is_err());
+}
+
+#[test]
+fn params() {
+    let mut p = Params::parse(&["xz-max-depth=3", "xz-max-block=1M", "other=1"], None).unwrap();
+    assert!(create(&mut p).is_ok());
+    assert_eq!(p.items(), &[("other".to_string(), "1".to_string())]);
+    for bad in [
+        "xz-max-depth=0",
+        "xz-max-depth=x",
+        "xz-max-block=0",
+        "xz-spill-max=1M",
+    ] {
+        let mut p = Params::parse(&[bad], None).unwrap();
+        assert!(create(&mut p).is_err(), "{bad}");
+    }
+}
