@@ -1,0 +1,759 @@
+//! `nbdkit`: serve a plugin, stacked under filters, over NBD.
+//!
+//! Command-line compatible with nbdkit 1.32:
+//!
+//! ```text
+//! nbdkit [options] PLUGIN [[KEY=]VALUE ...]
+//! nbdkit -U - memory 1G --run 'nbdinfo $uri'
+//! nbdkit --filter=cow file disk.img
+//! ```
+//!
+//! Listening: `-U SOCKET` (or `-U -` for a private socket in a temporary
+//! directory), `-p PORT` and `-i ADDR` for TCP, `-s` for one client on
+//! stdin/stdout, or sockets inherited by systemd socket activation
+//! (`LISTEN_PID`/`LISTEN_FDS`). Without `-f` the server detaches into the
+//! background once it is listening; `--run CMD` keeps it captive and
+//! exits with the command's status.
+
+use std::ffi::OsString;
+use std::io::Write;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use clap::{ArgAction, Parser};
+use libnbd::config::{ConfigError, FilterEntry, Params, PluginEntry};
+use libnbd::listen::{self, Listener};
+use libnbd::server::{self, ServerConfig};
+use libnbd::{Stack, ThreadModel};
+
+/// The nbdkit version we are compatible with, printed by `--version`.
+pub const COMPAT_VERSION: &str = "1.32.5";
+
+const USAGE: &str = "\
+nbdkit [-4|--ipv4-only] [-6|--ipv6-only]
+       [-D|--debug PLUGIN|FILTER|nbdkit.FLAG=N]
+       [--exit-with-parent] [-e|--exportname EXPORTNAME]
+       [--filter=FILTER ...] [-f|--foreground]
+       [-i|--ipaddr IPADDR]
+       [--log=stderr|syslog|null]
+       [-n|--newstyle] [--no-mc] [--no-sr]
+       [-P|--pidfile PIDFILE] [-p|--port PORT]
+       [-r|--readonly] [--run 'COMMAND ARGS ...']
+       [-s|--single] [-t|--threads THREADS] [--tls=off]
+       [-U|--unix SOCKET|-] [-v|--verbose]
+       PLUGIN [[KEY=]VALUE [KEY=VALUE [...]]]
+
+nbdkit --dump-config
+
+nbdkit PLUGIN --dump-plugin
+
+nbdkit --help
+
+nbdkit [-V|--version]
+
+Please read the nbdkit(1) manual page for full usage.
+";
+
+/// The command line.
+#[derive(Parser, Debug)]
+#[command(name = "nbdkit", disable_help_flag = true, disable_version_flag = true)]
+struct Cli {
+    /// Listen on IPv4 addresses only.
+    #[arg(short = '4', long = "ipv4-only")]
+    ipv4_only: bool,
+    /// Listen on IPv6 addresses only.
+    #[arg(short = '6', long = "ipv6-only")]
+    ipv6_only: bool,
+    /// Debug flags (`PLUGIN.FLAG=N`); this server has none to set.
+    #[arg(short = 'D', long = "debug", action = ArgAction::Append)]
+    debug: Vec<String>,
+    /// Print the build configuration and exit.
+    #[arg(long = "dump-config")]
+    dump_config: bool,
+    /// Print the plugin's details and exit.
+    #[arg(long = "dump-plugin")]
+    dump_plugin: bool,
+    /// Exit when the parent process exits (implies `-f`).
+    #[arg(long = "exit-with-parent")]
+    exit_with_parent: bool,
+    /// The export name used in `$uri` and `$exportname`.
+    #[arg(short = 'e', long = "exportname", alias = "export-name")]
+    exportname: Option<String>,
+    /// Filters, outermost (nearest the client) first.
+    #[arg(long = "filter", action = ArgAction::Append)]
+    filters: Vec<String>,
+    /// Do not fork into the background.
+    #[arg(short = 'f', long = "foreground", alias = "no-fork")]
+    foreground: bool,
+    /// Print usage (and the plugin's parameters when a plugin is named).
+    #[arg(long = "help", short = 'h')]
+    help: bool,
+    /// Address to listen on.
+    #[arg(short = 'i', long = "ipaddr")]
+    ipaddr: Option<String>,
+    /// Where messages go: stderr, syslog (we write to stderr), or null.
+    #[arg(long = "log")]
+    log: Option<String>,
+    /// Use the fixed newstyle protocol (the default and only one).
+    #[arg(short = 'n', long = "newstyle")]
+    newstyle: bool,
+    /// Do not offer meta contexts.
+    #[arg(long = "no-mc", alias = "no-meta-contexts")]
+    no_mc: bool,
+    /// Do not offer structured replies.
+    #[arg(long = "no-sr", alias = "no-structured-replies")]
+    no_sr: bool,
+    /// Write the server's pid to this file once it is listening.
+    #[arg(short = 'P', long = "pidfile", alias = "pid-file")]
+    pidfile: Option<PathBuf>,
+    /// TCP port to listen on (default 10809).
+    #[arg(short = 'p', long = "port")]
+    port: Option<String>,
+    /// Serve every export read-only.
+    #[arg(short = 'r', long = "readonly", alias = "read-only")]
+    readonly: bool,
+    /// Run a command against the server, then exit with its status.
+    #[arg(long = "run")]
+    run: Option<String>,
+    /// Serve one client on stdin/stdout.
+    #[arg(short = 's', long = "single", alias = "stdin")]
+    single: bool,
+    /// Requests handled at once per connection.
+    #[arg(short = 't', long = "threads")]
+    threads: Option<usize>,
+    /// TLS mode: only `off` is available in this build.
+    #[arg(long = "tls")]
+    tls: Option<String>,
+    /// Listen on a Unix domain socket (`-` for a private one).
+    #[arg(short = 'U', long = "unix", allow_hyphen_values = true)]
+    unix: Option<PathBuf>,
+    /// Print debug messages.
+    #[arg(short = 'v', long = "verbose")]
+    verbose: bool,
+    /// Print the version and exit.
+    #[arg(short = 'V', long = "version")]
+    version: bool,
+    /// PLUGIN followed by its `[KEY=]VALUE` parameters.
+    #[arg(allow_hyphen_values = false)]
+    words: Vec<OsString>,
+}
+
+/// An error that ends nbdkit with a message and exit status 1.
+#[derive(Debug)]
+struct Fatal(String);
+
+impl<E: std::fmt::Display> From<E> for Fatal {
+    fn from(e: E) -> Self {
+        Fatal(e.to_string())
+    }
+}
+
+fn fatal<T>(msg: impl Into<String>) -> Result<T, Fatal> {
+    Err(Fatal(msg.into()))
+}
+
+/// Where the server listens, decided before forking.
+enum Listen {
+    /// Sockets bound by us or inherited, plus what `$uri` should say.
+    Sockets {
+        fds: Vec<OwnedFd>,
+        uri: Option<UriInfo>,
+        /// A private socket directory to remove at exit (`-U -`).
+        tmpdir: Option<tempfile::TempDir>,
+        /// A socket path to unlink at exit (`-U PATH`).
+        unlink: Option<PathBuf>,
+    },
+    /// One client on stdin/stdout.
+    Single,
+}
+
+/// What `--run` exports to the command.
+struct UriInfo {
+    port: Option<u16>,
+    unixsocket: Option<PathBuf>,
+}
+
+/// Run nbdkit with these arguments (without argv\[0\]); returns the exit
+/// status.
+pub fn main(args: Vec<OsString>) -> i32 {
+    match run(args) {
+        Ok(code) => code,
+        Err(Fatal(msg)) => {
+            eprintln!("nbdkit: error: {msg}");
+            1
+        }
+    }
+}
+
+fn plugin_by_name(name: &str) -> Result<PluginEntry, Fatal> {
+    let name = name.strip_prefix("nbdkit-").unwrap_or(name);
+    let name = name.strip_suffix("-plugin").unwrap_or(name);
+    nbdkit_plugins::registry()
+        .into_iter()
+        .find(|p| p.name == name)
+        .ok_or_else(|| {
+            Fatal(format!(
+                "cannot open plugin '{name}': no such plugin (plugins: {})\n\
+                 Use 'nbdkit --help' or read the nbdkit(1) manual page for documentation.",
+                nbdkit_plugins::registry()
+                    .iter()
+                    .map(|p| p.name)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))
+        })
+}
+
+fn filter_by_name(name: &str) -> Result<FilterEntry, Fatal> {
+    let name = name.strip_prefix("nbdkit-").unwrap_or(name);
+    let name = name.strip_suffix("-filter").unwrap_or(name);
+    nbdkit_filters::registry()
+        .into_iter()
+        .find(|f| f.name == name)
+        .ok_or_else(|| {
+            Fatal(format!(
+                "cannot open filter '{name}': no such filter (filters: {})",
+                nbdkit_filters::registry()
+                    .iter()
+                    .map(|f| f.name)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))
+        })
+}
+
+fn dump_config() {
+    let exe = std::env::current_exe()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| "nbdkit".into());
+    println!("binary={exe}");
+    println!("exit_with_parent=yes");
+    println!("host_cpu={}", std::env::consts::ARCH);
+    println!("host_os=linux-gnu");
+    println!("name=nbdkit");
+    println!("tls=no");
+    println!("version={COMPAT_VERSION}");
+    let mut parts = COMPAT_VERSION.split('.');
+    println!("version_major={}", parts.next().unwrap_or("1"));
+    println!("version_minor={}", parts.next().unwrap_or("32"));
+    println!("zstd=no");
+}
+
+fn run(args: Vec<OsString>) -> Result<i32, Fatal> {
+    let cli = match Cli::try_parse_from(std::iter::once(OsString::from("nbdkit")).chain(args)) {
+        Ok(c) => c,
+        Err(e) => {
+            let msg = e.to_string();
+            let first = msg.lines().next().unwrap_or("bad arguments");
+            eprintln!("nbdkit: {}", first.trim_start_matches("error: "));
+            eprint!("{USAGE}");
+            return Ok(1);
+        }
+    };
+    if cli.version {
+        println!("nbdkit {COMPAT_VERSION} (nbdkit-rs {})", env!("CARGO_PKG_VERSION"));
+        return Ok(0);
+    }
+    if cli.dump_config {
+        dump_config();
+        return Ok(0);
+    }
+    let words: Vec<String> = cli
+        .words
+        .iter()
+        .map(|w| {
+            w.to_str()
+                .map(str::to_string)
+                .ok_or_else(|| Fatal(format!("parameter {w:?} is not valid UTF-8")))
+        })
+        .collect::<Result<_, _>>()?;
+    let Some((plugin_name, params)) = words.split_first() else {
+        if cli.help {
+            print!("{USAGE}");
+            return Ok(0);
+        }
+        eprint!("nbdkit: no plugins given on the command line.\n\n{USAGE}");
+        return Ok(1);
+    };
+    let plugin = plugin_by_name(plugin_name)?;
+    let filters = cli
+        .filters
+        .iter()
+        .map(|f| filter_by_name(f))
+        .collect::<Result<Vec<_>, _>>()?;
+    if cli.help {
+        print!("{USAGE}");
+        for f in &filters {
+            println!("\nfilter: {}\n{}", f.name, f.help.trim_end());
+        }
+        println!("\nplugin: {}\n{}", plugin.name, plugin.help.trim_end());
+        return Ok(0);
+    }
+    if let Some(t) = cli.tls.as_deref() {
+        if t != "off" {
+            return fatal(format!(
+                "--tls={t}: TLS is not available in this build of nbdkit (only --tls=off)"
+            ));
+        }
+    }
+    if let Some(l) = cli.log.as_deref() {
+        if !matches!(l, "stderr" | "syslog" | "null") {
+            return fatal(format!("--log must be stderr, syslog or null, not '{l}'"));
+        }
+    }
+    for d in &cli.debug {
+        if !d.contains('=') {
+            return fatal(format!("-D {d}: must be PLUGIN.FLAG=N"));
+        }
+    }
+    server::set_verbose(cli.verbose);
+
+    // Configure: filters take their keys first (outermost first), then the
+    // plugin takes the rest and rejects what it does not know.
+    let mut params = Params::parse(params, plugin.magic).map_err(|e| Fatal(e.0))?;
+    if cli.dump_plugin {
+        // Like upstream, this works without the plugin's required
+        // parameters; the plugin's own lines need a configured plugin.
+        println!("name={}", plugin.name);
+        println!("version={COMPAT_VERSION}");
+        println!("api_version=2");
+        let built = (plugin.create)(&mut params).ok();
+        let model = built.as_ref().map_or(ThreadModel::Parallel, |p| p.thread_model());
+        println!("max_thread_model=parallel");
+        println!("thread_model={}", model.name());
+        if let Some(m) = plugin.magic {
+            println!("magic_config_key={m}");
+        }
+        for (k, v) in built.map(|p| p.dump()).unwrap_or_default() {
+            println!("{k}={v}");
+        }
+        return Ok(0);
+    }
+    let mut built_filters = Vec::new();
+    for f in &filters {
+        built_filters.push((f.create)(&mut params).map_err(|e: ConfigError| Fatal(e.0))?);
+    }
+    let built_plugin = (plugin.create)(&mut params).map_err(|e| Fatal(e.0))?;
+    let stack = Stack {
+        filters: built_filters,
+        plugin: built_plugin,
+    };
+    let mut cfg = ServerConfig::new(stack);
+    cfg.readonly = cli.readonly;
+    cfg.structured_replies = !cli.no_sr;
+    cfg.meta_contexts = !cli.no_mc;
+    if let Some(t) = cli.threads {
+        cfg.threads = if t == 0 { 16 } else { t };
+    }
+
+    let listen = bind(&cli)?;
+    // Socket activation and -s imply the foreground (the caller owns us).
+    let foreground = cli.foreground
+        || cli.exit_with_parent
+        || cli.run.is_some()
+        || matches!(listen, Listen::Single | Listen::Sockets { uri: None, .. });
+    if cli.exit_with_parent {
+        set_exit_with_parent()?;
+    }
+    if !foreground {
+        daemonize(cli.pidfile.as_deref())?;
+    } else if let Some(p) = &cli.pidfile {
+        write_pidfile(p)?;
+    }
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let cfg = Arc::new(cfg);
+    {
+        let _guard = rt.enter();
+        cfg.stack.after_fork().map_err(|e| Fatal(e.msg))?;
+    }
+    let code = rt.block_on(serve(cfg.clone(), listen, &cli));
+    cfg.stack.unload();
+    if let Some(p) = &cli.pidfile {
+        let _ = std::fs::remove_file(p);
+    }
+    // Don't wait for blocking tasks (e.g. a stdin reader) to finish.
+    rt.shutdown_timeout(std::time::Duration::from_millis(100));
+    code
+}
+
+/// Bind the listening sockets (before forking, so the server is reachable
+/// as soon as the parent returns).
+fn bind(cli: &Cli) -> Result<Listen, Fatal> {
+    if cli.single {
+        return Ok(Listen::Single);
+    }
+    if let Some(fds) = listen::activation_fds() {
+        // Safety: socket activation hands these fds to us to own.
+        let fds = fds
+            .into_iter()
+            .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) })
+            .collect();
+        return Ok(Listen::Sockets {
+            fds,
+            uri: None,
+            tmpdir: None,
+            unlink: None,
+        });
+    }
+    if let Some(path) = &cli.unix {
+        let (path, tmpdir, unlink) = if path.as_os_str() == "-" {
+            let dir = tempfile::Builder::new().prefix("nbdkit").tempdir()?;
+            (dir.path().join("socket"), Some(dir), None)
+        } else {
+            // A stale socket from an earlier run would make bind fail.
+            if let Ok(m) = std::fs::symlink_metadata(path) {
+                use std::os::unix::fs::FileTypeExt;
+                if m.file_type().is_socket() {
+                    let _ = std::fs::remove_file(path);
+                }
+            }
+            (path.clone(), None, Some(path.clone()))
+        };
+        let l = std::os::unix::net::UnixListener::bind(&path)
+            .map_err(|e| Fatal(format!("bind: {}: {e}", path.display())))?;
+        return Ok(Listen::Sockets {
+            fds: vec![l.into()],
+            uri: Some(UriInfo {
+                port: None,
+                unixsocket: Some(path),
+            }),
+            tmpdir,
+            unlink,
+        });
+    }
+    let port: u16 = match &cli.port {
+        None => 10809,
+        Some(p) => p
+            .parse()
+            .map_err(|_| Fatal(format!("-p {p}: port must be a number from 0 to 65535")))?,
+    };
+    let addrs: Vec<IpAddr> = match &cli.ipaddr {
+        Some(a) => {
+            let a = a.trim_start_matches('[').trim_end_matches(']');
+            match a.parse::<IpAddr>() {
+                Ok(ip) => vec![ip],
+                Err(_) => {
+                    use std::net::ToSocketAddrs;
+                    (a, port)
+                        .to_socket_addrs()
+                        .map_err(|e| Fatal(format!("-i {a}: {e}")))?
+                        .map(|s| s.ip())
+                        .collect()
+                }
+            }
+        }
+        None => vec![
+            IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+            IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        ],
+    };
+    let addrs: Vec<IpAddr> = addrs
+        .into_iter()
+        .filter(|a| !(cli.ipv4_only && a.is_ipv6() || cli.ipv6_only && a.is_ipv4()))
+        .collect();
+    let mut fds = Vec::new();
+    let mut errors = Vec::new();
+    for ip in addrs {
+        match bind_tcp(SocketAddr::new(ip, port)) {
+            Ok(fd) => fds.push(fd),
+            Err(e) => errors.push(format!("{ip}: {e}")),
+        }
+    }
+    if fds.is_empty() {
+        return fatal(format!(
+            "unable to bind to any sockets on port {port}: {}",
+            errors.join("; ")
+        ));
+    }
+    Ok(Listen::Sockets {
+        fds,
+        uri: Some(UriInfo {
+            port: Some(port),
+            unixsocket: None,
+        }),
+        tmpdir: None,
+        unlink: None,
+    })
+}
+
+fn bind_tcp(addr: SocketAddr) -> std::io::Result<OwnedFd> {
+    use nix::sys::socket::{
+        bind, listen, setsockopt, socket, sockopt, AddressFamily, Backlog, SockFlag, SockType,
+        SockaddrStorage,
+    };
+    let family = if addr.is_ipv6() {
+        AddressFamily::Inet6
+    } else {
+        AddressFamily::Inet
+    };
+    let fd = socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
+    setsockopt(&fd, sockopt::ReuseAddr, &true)?;
+    if addr.is_ipv6() {
+        // Keep IPv4 on its own socket, as nbdkit does.
+        setsockopt(&fd, sockopt::Ipv6V6Only, &true)?;
+    }
+    bind(fd.as_raw_fd(), &SockaddrStorage::from(addr))?;
+    listen(&fd, Backlog::new(128).unwrap_or(Backlog::MAXCONN))?;
+    Ok(fd)
+}
+
+fn set_exit_with_parent() -> Result<(), Fatal> {
+    nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM)
+        .map_err(|e| Fatal(format!("--exit-with-parent: prctl: {e}")))?;
+    if nix::unistd::getppid() == nix::unistd::Pid::from_raw(1) {
+        return fatal("--exit-with-parent: the parent has already exited");
+    }
+    Ok(())
+}
+
+fn write_pidfile(p: &std::path::Path) -> Result<(), Fatal> {
+    let tmp = p.with_extension("tmp-nbdkit");
+    let mut f = std::fs::File::create(&tmp)
+        .map_err(|e| Fatal(format!("{}: {e}", p.display())))?;
+    writeln!(f, "{}", std::process::id())?;
+    drop(f);
+    std::fs::rename(&tmp, p).map_err(|e| Fatal(format!("{}: {e}", p.display())))?;
+    Ok(())
+}
+
+/// Fork into the background. The parent exits 0 only once the child has
+/// written its pidfile, so a caller can rely on it at once.
+fn daemonize(pidfile: Option<&std::path::Path>) -> Result<(), Fatal> {
+    let (rd, wr) = nix::unistd::pipe()?;
+    // Safety: no threads exist yet (the runtime starts after this).
+    match unsafe { nix::unistd::fork() }? {
+        nix::unistd::ForkResult::Parent { .. } => {
+            drop(wr);
+            let mut b = [0u8; 1];
+            let n = nix::unistd::read(rd.as_raw_fd(), &mut b).unwrap_or(0);
+            std::process::exit(if n == 1 && b[0] == 0 { 0 } else { 1 });
+        }
+        nix::unistd::ForkResult::Child => {
+            drop(rd);
+            let _ = nix::unistd::setsid();
+            let ok = match pidfile.map(write_pidfile) {
+                Some(Err(Fatal(m))) => {
+                    eprintln!("nbdkit: error: {m}");
+                    false
+                }
+                _ => true,
+            };
+            let _ = nix::unistd::write(&wr, &[if ok { 0 } else { 1 }]);
+            if !ok {
+                std::process::exit(1);
+            }
+            if let Ok(null) = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open("/dev/null")
+            {
+                let _ = nix::unistd::dup2(null.as_raw_fd(), 0);
+                let _ = nix::unistd::dup2(null.as_raw_fd(), 1);
+            }
+            Ok(())
+        }
+    }
+}
+
+fn make_uri(info: &UriInfo, export: &str) -> String {
+    let enc = percent_encode(export);
+    match (&info.unixsocket, info.port) {
+        (Some(s), _) => {
+            let sock = percent_encode_query(&s.to_string_lossy());
+            if export.is_empty() {
+                format!("nbd+unix://?socket={sock}")
+            } else {
+                format!("nbd+unix:///{enc}?socket={sock}")
+            }
+        }
+        (None, Some(p)) => {
+            if export.is_empty() {
+                format!("nbd://localhost:{p}")
+            } else {
+                format!("nbd://localhost:{p}/{enc}")
+            }
+        }
+        (None, None) => String::new(),
+    }
+}
+
+fn percent_encode(s: &str) -> String {
+    let mut out = String::new();
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~/".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+fn percent_encode_query(s: &str) -> String {
+    let mut out = String::new();
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~/:".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+async fn serve(cfg: Arc<ServerConfig>, listen: Listen, cli: &Cli) -> Result<i32, Fatal> {
+    tokio::spawn(async {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut int = signal(SignalKind::interrupt()).expect("signal");
+        let mut term = signal(SignalKind::terminate()).expect("signal");
+        let mut quit = signal(SignalKind::quit()).expect("signal");
+        let mut hup = signal(SignalKind::hangup()).expect("signal");
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+            _ = quit.recv() => {}
+            _ = hup.recv() => {}
+        }
+        server::request_shutdown();
+    });
+    match listen {
+        Listen::Single => {
+            serve_stdio(cfg).await;
+            Ok(0)
+        }
+        Listen::Sockets {
+            fds,
+            uri,
+            tmpdir,
+            unlink,
+        } => {
+            let mut servers = Vec::new();
+            for fd in fds {
+                let raw: RawFd = std::os::fd::IntoRawFd::into_raw_fd(fd);
+                let l = Listener::from_fd(raw)?;
+                servers.push(tokio::spawn(l.run(cfg.clone())));
+            }
+            let code = match (&cli.run, &uri) {
+                (Some(cmd), Some(info)) => {
+                    let code = run_command(cmd, info, cli.exportname.as_deref().unwrap_or(""))
+                        .await?;
+                    server::request_shutdown();
+                    code
+                }
+                (Some(_), None) => {
+                    return fatal("--run cannot be used with socket activation");
+                }
+                (None, _) => {
+                    server::shutdown_requested().await;
+                    0
+                }
+            };
+            for s in servers {
+                let _ = s.await;
+            }
+            if let Some(p) = unlink {
+                let _ = std::fs::remove_file(p);
+            }
+            drop(tmpdir);
+            Ok(code)
+        }
+    }
+}
+
+/// Serve one client on stdin/stdout (`-s`). When stdin is a socket (as
+/// with `nbdsh`'s connect-command) it is used directly for speed.
+async fn serve_stdio(cfg: Arc<ServerConfig>) {
+    let is_socket = nix::sys::stat::fstat(0)
+        .map(|s| s.st_mode & libc::S_IFMT == libc::S_IFSOCK)
+        .unwrap_or(false);
+    if is_socket {
+        // Safety: fd 0 is ours; dup it so the std stdin handle stays valid.
+        if let Ok(fd) = nix::unistd::dup(0) {
+            let s = unsafe { std::os::unix::net::UnixStream::from_raw_fd(fd) };
+            if s.set_nonblocking(true).is_ok() {
+                if let Ok(s) = tokio::net::UnixStream::from_std(s) {
+                    let (r, w) = s.into_split();
+                    server::serve(cfg, r, w, None).await;
+                    return;
+                }
+            }
+        }
+    }
+    server::serve(cfg, tokio::io::stdin(), tokio::io::stdout(), None).await;
+}
+
+/// Run `--run CMD` under `sh -c` with the URI variables set; returns the
+/// exit status nbdkit should exit with.
+async fn run_command(cmd: &str, info: &UriInfo, export: &str) -> Result<i32, Fatal> {
+    let uri = make_uri(info, export);
+    let mut c = tokio::process::Command::new("/bin/sh");
+    c.arg("-c").arg(cmd);
+    c.env("uri", &uri).env("nbd", &uri).env("exportname", export);
+    match info.port {
+        Some(p) => c.env("port", p.to_string()),
+        None => c.env("port", ""),
+    };
+    match &info.unixsocket {
+        Some(s) => c.env("unixsocket", s),
+        None => c.env("unixsocket", ""),
+    };
+    c.env("tls", "");
+    let mut child = c
+        .spawn()
+        .map_err(|e| Fatal(format!("--run: /bin/sh: {e}")))?;
+    let status = tokio::select! {
+        s = child.wait() => s?,
+        _ = server::shutdown_requested() => {
+            // We were told to stop (a signal): let the command go too.
+            let _ = child.start_kill();
+            child.wait().await?
+        }
+    };
+    use std::os::unix::process::ExitStatusExt;
+    Ok(match (status.code(), status.signal()) {
+        (Some(c), _) => c,
+        (None, Some(sig)) => {
+            eprintln!("nbdkit: external command was killed by signal {sig}");
+            128 + sig
+        }
+        _ => 1,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uri_forms() {
+        let unix = UriInfo {
+            port: None,
+            unixsocket: Some("/tmp/x/socket".into()),
+        };
+        assert_eq!(make_uri(&unix, ""), "nbd+unix://?socket=/tmp/x/socket");
+        assert_eq!(make_uri(&unix, "a b"), "nbd+unix:///a%20b?socket=/tmp/x/socket");
+        let tcp = UriInfo {
+            port: Some(10809),
+            unixsocket: None,
+        };
+        assert_eq!(make_uri(&tcp, "foo"), "nbd://localhost:10809/foo");
+        assert_eq!(make_uri(&tcp, ""), "nbd://localhost:10809");
+    }
+
+    #[test]
+    fn cli_interleaves_options_and_params() {
+        let cli = Cli::try_parse_from([
+            "nbdkit", "-U", "-", "memory", "1G", "--run", "nbdinfo $uri", "--filter=log",
+        ])
+        .unwrap();
+        assert_eq!(cli.unix.as_deref(), Some(std::path::Path::new("-")));
+        assert_eq!(cli.words, vec![OsString::from("memory"), OsString::from("1G")]);
+        assert_eq!(cli.run.as_deref(), Some("nbdinfo $uri"));
+        assert_eq!(cli.filters, vec!["log"]);
+    }
+}
