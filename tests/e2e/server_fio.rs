@@ -22,6 +22,7 @@ fn fio_verify(uri: &str, size: &str) {
             "--verify_fatal=1",
             "--do_verify=1",
             "--group_reporting",
+            "--verify_state_save=0",
         ]));
     let text = format!(
         "{}{}",
