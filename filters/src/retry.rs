@@ -36,7 +36,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use libnbd::{
     BlockSize, Cache, ConfigError, ConfigResult, Error, Extents, Filter, FilterEntry, Flags, Fua,
-    Handle, Next, OpenContext, Params, Result,
+    Handle, Next, OpenContext, OwnedNext, Params, Result,
 };
 
 /// Registry entry.
@@ -87,12 +87,7 @@ impl Filter for RetryFilter {
     async fn open(&self, next: Next<'_>, ctx: &OpenContext) -> Result<Box<dyn Handle>> {
         let h: Arc<dyn Handle> = Arc::from(next.open(ctx).await?);
         let size = h.size()?;
-        // Safety: the server keeps its `Stack` (inside the `ServerConfig`
-        // every connection holds an `Arc` of) alive until every connection,
-        // and so every handle, is gone; `Next` only borrows that stack. The
-        // contract has no owned form of `Next` yet (see the report), and a
-        // handle must reopen the layers below long after `open` returned.
-        let next: Next<'static> = unsafe { std::mem::transmute::<Next<'_>, Next<'static>>(next) };
+        let next = next.to_owned();
         Ok(Box::new(RetryHandle {
             next,
             ctx: ctx.clone(),
@@ -120,7 +115,8 @@ struct State {
 }
 
 struct RetryHandle {
-    next: Next<'static>,
+    /// The layers below, to reopen them after a failure.
+    next: OwnedNext,
     ctx: OpenContext,
     cfg: Config,
     /// The size the client was told.
@@ -206,7 +202,7 @@ impl RetryHandle {
         }
         let n = self.reopens.fetch_add(1, Ordering::Relaxed) + 1;
         libnbd::debug!("retry: reopening the layers below (reopen {n})");
-        let opened = self.next.open(&ctx).await;
+        let opened = self.next.get().open(&ctx).await;
         let mut s = self.state.write().unwrap_or_else(|e| e.into_inner());
         s.generation += 1;
         match opened {

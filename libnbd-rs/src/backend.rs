@@ -515,6 +515,35 @@ impl<'a> Next<'a> {
     }
 }
 
+/// The layers below a filter, owned, for a handle that must reopen them
+/// after `open` returned (the retry filter). Cloning a [`Stack`] only
+/// clones its `Arc`s.
+#[derive(Clone)]
+pub struct OwnedNext {
+    stack: Stack,
+    level: usize,
+}
+
+impl OwnedNext {
+    /// Borrow as a [`Next`].
+    pub fn get(&self) -> Next<'_> {
+        Next {
+            stack: &self.stack,
+            level: self.level,
+        }
+    }
+}
+
+impl Next<'_> {
+    /// An owned handle on the same layers.
+    pub fn to_owned(self) -> OwnedNext {
+        OwnedNext {
+            stack: self.stack.clone(),
+            level: self.level,
+        }
+    }
+}
+
 impl Stack {
     /// The whole stack, from the outermost layer.
     pub fn top(&self) -> Next<'_> {

@@ -21,6 +21,6 @@ pub mod uri;
 
 pub use backend::{
     BlockSize, Cache, Error, ExportEntry, Extent, Extents, Filter, Flags, Fua, Handle, Next,
-    OpenContext, Plugin, Result, Stack, ThreadModel,
+    OpenContext, OwnedNext, Plugin, Result, Stack, ThreadModel,
 };
 pub use config::{parse_bool, parse_size, ConfigError, ConfigResult, FilterEntry, Params, PluginEntry};

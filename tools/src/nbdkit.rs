@@ -373,9 +373,6 @@ fn run(args: Vec<OsString>) -> Result<i32, Fatal> {
     }
     let code = rt.block_on(serve(cfg.clone(), listen, &cli));
     cfg.stack.unload();
-    if let Some(p) = &cli.pidfile {
-        let _ = std::fs::remove_file(p);
-    }
     // Don't wait for blocking tasks (e.g. a stdin reader) to finish.
     rt.shutdown_timeout(std::time::Duration::from_millis(100));
     code
