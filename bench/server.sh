@@ -8,8 +8,12 @@
 # Usage: bench/server.sh   (builds the release binaries first)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo build --release --bin nbdkit >&2
-OURS=$PWD/target/release/nbdkit
+# NBDKIT=path uses an existing binary of ours instead of building one.
+if [ -z "${NBDKIT:-}" ]; then
+  cargo build --release --bin nbdkit >&2
+  NBDKIT=$PWD/target/release/nbdkit
+fi
+OURS=$NBDKIT
 RUNS=${RUNS:-5}
 SIZE=${SIZE:-4G}
 out=$(mktemp -d)
@@ -32,31 +36,36 @@ fio_iops() {
     fio --name=fill --ioengine=nbd --uri=\"\$uri\" --rw=write --bs=1M --size=1G --iodepth=8 >/dev/null &&
     fio --name=rr --ioengine=nbd --uri=\"\$uri\" --rw=randread --bs=4k --iodepth=32 --size=1G \
         --runtime=${FIO_TIME:-10} --time_based --output-format=json" |
-    python3 -c 'import json,sys; print(json.load(sys.stdin)["jobs"][0]["read"]["iops"])'
+    python3 -c 'import json,sys; s=sys.stdin.read(); print(json.loads(s[s.index("{"):])["jobs"][0]["read"]["iops"])'
 }
 for round in 1 2; do
   up=$(fio_iops nbdkit); ours=$(fio_iops "$OURS")
   python3 -c "print(f'fio randread round $round: upstream {float($up):.0f} IOPS ours {float($ours):.0f} IOPS ratio {float($ours)/float($up):.2f}x')"
 done
 
-echo "== memory under a flood of 32 MiB writes"
+echo "== memory under a flood of 32 MiB writes (64 in flight, 4 rounds)"
 flood='
 import nbd, sys
 h = nbd.NBD(); h.connect_uri(sys.argv[1])
 buf = nbd.Buffer.from_bytearray(bytearray(b"\x01" * (32 << 20)))
 for rnd in range(4):
-    cookies = [h.aio_pwrite(buf, (i % 32) << 25) for i in range(64)]
+    for i in range(64):
+        h.aio_pwrite(buf, (i % 32) << 25)
     while h.aio_in_flight() > 0:
         h.poll(-1)
 '
 for srv in nbdkit "$OURS"; do
-  "$srv" -U - memory 1G --run "
-    pid=\$(pgrep -n -f 'memory 1G' || true)
-    /usr/bin/python3 -c '$flood' \"\$uri\" &
-    py=\$!; peak=0
-    while kill -0 \$py 2>/dev/null; do
-      rss=\$(ps -o rss= -p \$PPID 2>/dev/null || echo 0); [ \"\${rss:-0}\" -gt \$peak ] && peak=\$rss; sleep 0.1
-    done
-    wait \$py
-    echo \"$srv: peak RSS \$((peak/1024)) MiB (1 GiB of data written)\""
+  "$srv" -f -U "$out/sock" -P "$out/pid" memory 1G &
+  while [ ! -S "$out/sock" ]; do sleep 0.1; done
+  pid=$(cat "$out/pid")
+  /usr/bin/python3 -c "$flood" "nbd+unix:///?socket=$out/sock" &
+  py=$!; peak=0
+  while kill -0 $py 2>/dev/null; do
+    rss=$(ps -o rss= -p "$pid" | tr -d ' '); [ "${rss:-0}" -gt "$peak" ] && peak=$rss
+    sleep 0.1
+  done
+  wait $py
+  kill "$pid"; wait "$pid" 2>/dev/null || true
+  rm -f "$out/sock"
+  echo "$srv: peak RSS $((peak / 1024)) MiB while 8 GiB of 32 MiB writes went to a 1 GiB disk"
 done

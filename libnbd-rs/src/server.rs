@@ -798,8 +798,7 @@ async fn write_reply<W: AsyncWrite + Unpin>(
         match res {
             Reply::Error(e) => w.write_all(&p::simple_reply(c, e.errno)).await?,
             Reply::Data(buf) => {
-                w.write_all(&p::simple_reply(c, 0)).await?;
-                w.write_all(&buf).await?;
+                write_two(&mut *w, &p::simple_reply(c, 0), &buf).await?;
                 pool.put(buf);
             }
             Reply::Ok | Reply::Extents(_) => w.write_all(&p::simple_reply(c, 0)).await?,
@@ -814,10 +813,15 @@ async fn write_reply<W: AsyncWrite + Unpin>(
         }
         Reply::Data(buf) => {
             let len = 8 + buf.len() as u32;
-            w.write_all(&p::structured_reply(c, r::FLAG_DONE, r::TYPE_OFFSET_DATA, len))
-                .await?;
-            w.write_all(&req.offset.to_be_bytes()).await?;
-            w.write_all(&buf).await?;
+            let mut hdr = [0u8; p::STRUCTURED_REPLY_LEN + 8];
+            hdr[..p::STRUCTURED_REPLY_LEN].copy_from_slice(&p::structured_reply(
+                c,
+                r::FLAG_DONE,
+                r::TYPE_OFFSET_DATA,
+                len,
+            ));
+            hdr[p::STRUCTURED_REPLY_LEN..].copy_from_slice(&req.offset.to_be_bytes());
+            write_two(&mut *w, &hdr, &buf).await?;
             pool.put(buf);
         }
         Reply::Extents(list) => {
@@ -855,4 +859,24 @@ async fn write_reply<W: AsyncWrite + Unpin>(
         }
     }
     w.flush().await
+}
+
+/// Write a reply header and its data, in one `writev` when the socket
+/// takes it all (large data bypasses the `BufWriter`'s buffer).
+async fn write_two<W: AsyncWrite + Unpin>(w: &mut W, a: &[u8], b: &[u8]) -> std::io::Result<()> {
+    let total = a.len() + b.len();
+    let mut done = 0;
+    while done < total {
+        let n = if done < a.len() {
+            w.write_vectored(&[std::io::IoSlice::new(&a[done..]), std::io::IoSlice::new(b)])
+                .await?
+        } else {
+            w.write(&b[done - a.len()..]).await?
+        };
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        done += n;
+    }
+    Ok(())
 }

@@ -1,4 +1,5 @@
 //! End-to-end tests: our binaries against peers nobody here wrote
+//! (libnbd's nbdinfo/nbdsh, qemu-img, fio, upstream nbdkit).
 
 mod common;
 
@@ -22,6 +23,8 @@ mod filter_readahead;
 mod filter_retry;
 mod filter_stats;
 mod filter_truncate;
+mod nbddump;
+mod nbdinfo;
 mod nbdkit_cli;
 mod server_bad_input;
 mod server_captive;

@@ -1,3 +1,5 @@
 //! The tools of the toolkit as library code; `src/bin/*` are thin mains.
 
+pub mod nbddump;
+pub mod nbdinfo;
 pub mod nbdkit;

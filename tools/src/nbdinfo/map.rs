@@ -1,0 +1,257 @@
+//! `nbdinfo --map [--totals] [CONTEXT]`: the extents of one meta
+//! context over the whole export, as a list or as totals per type.
+//!
+//! ```text
+//! $ nbdinfo --map nbd://localhost
+//!          0     1048576    0  data
+//!    1048576     1048576    3  hole,zero
+//! $ nbdinfo --map --totals nbd://localhost
+//!    1048576  50.0%   0 data
+//!    1048576  50.0%   3 hole,zero
+//! ```
+//!
+//! The fields are offset, length, type and a description of the type
+//! for the contexts we know (`base:allocation`,
+//! `qemu:dirty-bitmap:NAME`, `qemu:allocation-depth`). Consecutive
+//! extents of the same type are merged. `--json` gives the same as a
+//! JSON array, formatted like libnbd's nbdinfo.
+
+use std::collections::BTreeMap;
+use std::io::{self, Write};
+
+use anyhow::{bail, Result};
+use libnbd::client::Connection;
+
+use super::fmt::{fmt_g, json_string};
+
+/// One run of the map: `length` bytes of type `kind`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Run {
+    /// Offset of the run.
+    pub offset: u64,
+    /// Length in bytes.
+    pub length: u64,
+    /// The context's flags for it.
+    pub kind: u32,
+}
+
+/// Ask the server for the extents of `context` from 0 to the end of the
+/// export, merging neighbours of the same type.
+pub async fn collect(conn: &Connection, context: &str) -> Result<Vec<Run>> {
+    let size = conn.size();
+    let mut runs: Vec<Run> = Vec::new();
+    let mut offset = 0u64;
+    while offset < size {
+        let status = conn.block_status(size - offset, offset, 0).await?;
+        let extents = match status.get(context) {
+            Some(e) if !e.is_empty() => e,
+            _ => bail!("--map: server did not return any extents"),
+        };
+        for e in extents {
+            let length = u64::from(e.length);
+            match runs.last_mut() {
+                Some(last) if last.kind == e.flags => last.length += length,
+                _ => runs.push(Run {
+                    offset,
+                    length,
+                    kind: e.flags,
+                }),
+            }
+            offset += length;
+        }
+    }
+    Ok(runs)
+}
+
+/// What a type means in a context, when we know.
+pub fn description(context: &str, kind: u32) -> Option<String> {
+    if context == "base:allocation" {
+        return match kind {
+            0 => Some("data".into()),
+            1 => Some("hole".into()),
+            2 => Some("zero".into()),
+            3 => Some("hole,zero".into()),
+            _ => None,
+        };
+    }
+    if context.starts_with("qemu:dirty-bitmap:") {
+        return match kind {
+            0 => Some("clean".into()),
+            1 => Some("dirty".into()),
+            _ => None,
+        };
+    }
+    if context == "qemu:allocation-depth" {
+        return Some(match kind {
+            0 => "absent".into(),
+            1 => "local".into(),
+            n => format!("backing depth {n}"),
+        });
+    }
+    None
+}
+
+/// Print the runs, one per line or as a JSON array.
+pub fn write_map(w: &mut dyn Write, json: bool, context: &str, runs: &[Run]) -> io::Result<()> {
+    if json {
+        writeln!(w, "[")?;
+    }
+    for (i, r) in runs.iter().enumerate() {
+        let desc = description(context, r.kind);
+        if json {
+            write!(
+                w,
+                "{{ \"offset\": {}, \"length\": {}, \"type\": {}",
+                r.offset, r.length, r.kind
+            )?;
+            if let Some(d) = &desc {
+                write!(w, ", \"description\": {}", json_string(d))?;
+            }
+            write!(w, "}}")?;
+            if i + 1 < runs.len() {
+                writeln!(w, ",")?;
+            }
+        } else {
+            write!(w, "{:10}  {:10}  {:3}", r.offset, r.length, r.kind)?;
+            if let Some(d) = &desc {
+                write!(w, "  {d}")?;
+            }
+            writeln!(w)?;
+        }
+    }
+    if json {
+        write!(w, "\n]\n")?;
+    }
+    Ok(())
+}
+
+/// Print the total size of each type, in increasing order of type, with
+/// its share of the export size.
+pub fn write_totals(
+    w: &mut dyn Write,
+    json: bool,
+    context: &str,
+    runs: &[Run],
+    size: u64,
+) -> io::Result<()> {
+    let mut totals: BTreeMap<u32, u64> = BTreeMap::new();
+    for r in runs {
+        *totals.entry(r.kind).or_default() += r.length;
+    }
+    if json {
+        write!(w, "[")?;
+    }
+    for (i, (&kind, &total)) in totals.iter().enumerate() {
+        let percent = 100.0 * total as f64 / size as f64;
+        let desc = description(context, kind);
+        if json {
+            write!(
+                w,
+                "{}{{ \"size\": {total}, \"percent\": {}, \"type\": {kind}",
+                if i == 0 { "\n" } else { ",\n" },
+                fmt_g(percent)
+            )?;
+            if let Some(d) = &desc {
+                write!(w, ", \"description\": {}", json_string(d))?;
+            }
+            write!(w, " }}")?;
+        } else {
+            write!(w, "{total:10} {percent:5.1}% {kind:3}")?;
+            if let Some(d) = &desc {
+                write!(w, " {d}")?;
+            }
+            writeln!(w)?;
+        }
+    }
+    if json {
+        if !totals.is_empty() {
+            writeln!(w)?;
+        }
+        writeln!(w, "]")?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn runs() -> Vec<Run> {
+        vec![
+            Run {
+                offset: 0,
+                length: 8192,
+                kind: 0,
+            },
+            Run {
+                offset: 8192,
+                length: 8192,
+                kind: 1,
+            },
+            Run {
+                offset: 16384,
+                length: 1032192,
+                kind: 0,
+            },
+        ]
+    }
+
+    fn text(f: impl Fn(&mut Vec<u8>) -> io::Result<()>) -> String {
+        let mut v = Vec::new();
+        f(&mut v).unwrap();
+        String::from_utf8(v).unwrap()
+    }
+
+    #[test]
+    fn map_formats() {
+        let r = runs();
+        assert_eq!(
+            text(|w| write_map(w, false, "base:allocation", &r)),
+            "         0        8192    0  data\n      8192        8192    1  hole\n     16384     1032192    0  data\n"
+        );
+        assert_eq!(
+            text(|w| write_map(w, true, "base:allocation", &r[..2])),
+            "[\n{ \"offset\": 0, \"length\": 8192, \"type\": 0, \"description\": \"data\"},\n\
+             { \"offset\": 8192, \"length\": 8192, \"type\": 1, \"description\": \"hole\"}\n]\n"
+        );
+        assert_eq!(text(|w| write_map(w, true, "x", &[])), "[\n\n]\n");
+        assert_eq!(
+            text(|w| write_map(w, true, "x:y", &r[..1])),
+            "[\n{ \"offset\": 0, \"length\": 8192, \"type\": 0}\n]\n"
+        );
+    }
+
+    #[test]
+    fn totals_formats() {
+        let r = runs();
+        assert_eq!(
+            text(|w| write_totals(w, false, "base:allocation", &r, 1 << 20)),
+            "   1040384  99.2%   0 data\n      8192   0.8%   1 hole\n"
+        );
+        assert_eq!(
+            text(|w| write_totals(w, true, "qemu:dirty-bitmap:b", &r, 1 << 20)),
+            "[\n{ \"size\": 1040384, \"percent\": 99.2188, \"type\": 0, \"description\": \"clean\" },\n\
+             { \"size\": 8192, \"percent\": 0.78125, \"type\": 1, \"description\": \"dirty\" }\n]\n"
+        );
+        assert_eq!(text(|w| write_totals(w, true, "x", &[], 0)), "[]\n");
+        assert_eq!(text(|w| write_totals(w, false, "x", &[], 0)), "");
+    }
+
+    #[test]
+    fn descriptions() {
+        assert_eq!(
+            description("base:allocation", 3).as_deref(),
+            Some("hole,zero")
+        );
+        assert_eq!(description("base:allocation", 4), None);
+        assert_eq!(
+            description("qemu:allocation-depth", 2).as_deref(),
+            Some("backing depth 2")
+        );
+        assert_eq!(
+            description("qemu:dirty-bitmap:b", 1).as_deref(),
+            Some("dirty")
+        );
+        assert_eq!(description("other", 0), None);
+    }
+}

@@ -1,0 +1,554 @@
+//! `nbdinfo`: display information and metadata about NBD servers and
+//! exports, compatible with libnbd 1.14's nbdinfo (same options, same
+//! text and `--json` output, same exit codes).
+//!
+//! ```text
+//! nbdinfo [--json] NBD                      report on the export
+//! nbdinfo --size [--json] NBD               its size in bytes
+//! nbdinfo --is read-only|rotational|tls NBD exit status 0 (true) or 2 (false)
+//! nbdinfo --can connect|read|write|trim|zero|fast-zero|df|fua|flush|
+//!               multi-conn|cache|structured-reply NBD
+//! nbdinfo --map[=CONTEXT] [--totals] [--json] NBD
+//! nbdinfo -L|--list [--json] NBD            every export of the server
+//! ```
+//!
+//! `NBD` is an NBD URI (`nbd://host:port/export`,
+//! `nbd+unix:///export?socket=PATH`, ...) or a server to run for the
+//! occasion, `[ qemu-nbd -f qcow2 disk.qcow2 ]`, which is stopped
+//! before nbdinfo exits (put `--` before the `[` if in doubt).
+//!
+//! Other options: `--content`/`--no-content` (describe the first
+//! sectors of each export, the default except with `--list`; see
+//! [`content`]), `--color`/`--no-color` (ANSI colours, by default when
+//! stdout is a terminal), `--json`, `--help`, `-V`/`--version`.
+//!
+//! Errors print one line, `nbdinfo: ...`, on stderr and exit 1. A flag
+//! test (`--can`, `--is`) exits 0 if true and 2 if false.
+//!
+//! Examples:
+//!
+//! ```text
+//! $ nbdinfo nbd://localhost
+//! $ nbdinfo --json -- [ nbdkit memory 1G ] | jq .exports[0].\"export-size\"
+//! $ nbdinfo --map=qemu:dirty-bitmap:bm0 -- [ qemu-nbd -f qcow2 -B bm0 disk.qcow2 ]
+//! $ nbdinfo --can trim nbd+unix:///?socket=/tmp/sock && echo trim works
+//! ```
+
+pub mod content;
+mod fmt;
+pub mod map;
+mod show;
+
+use std::ffi::OsString;
+use std::io::{self, IsTerminal, Write};
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Arg, ArgAction, ArgMatches, Command};
+use libnbd::captive::{self, Target};
+use libnbd::client::{ConnectOptions, Connection};
+
+use show::{ExportReport, Header, Style};
+
+/// The libnbd version whose nbdinfo we are compatible with.
+pub const COMPAT_VERSION: &str = "1.14.2";
+
+const USAGE: &str = "\
+Show information and metadata about an NBD server and its exports.
+
+Usage:
+    nbdinfo [--json] NBD
+    nbdinfo --size [--json] NBD
+    nbdinfo --is read-only|rotational|tls NBD
+    nbdinfo --can connect|read|write|trim|zero|fast-zero|df|fua|flush|
+                  multi-conn|cache|structured-reply NBD
+    nbdinfo --map[=CONTEXT] [--totals] [--json] NBD
+    nbdinfo -L|--list [--json] NBD
+
+NBD is an NBD URI (nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH)
+or a server to run: [ CMD ARGS ... ] (put -- before the [).
+
+Options:
+    --content, --no-content   describe the first sectors of each export
+    --color, --no-color       ANSI colours (default: if stdout is a terminal)
+    --json                    JSON output
+    --help                    this help
+    -V, --version             the version
+
+Examples:
+    nbdinfo nbd://localhost
+    nbdinfo \"nbd+unix:///?socket=/tmp/unixsock\"
+    nbdinfo --size nbd://example.com
+    nbdinfo --can trim nbd://example.com
+    nbdinfo --map -- [ qemu-nbd -r -f qcow2 file.qcow2 ]
+    nbdinfo --list --json nbd://example.com
+";
+
+/// What to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Mode {
+    /// The full report on the export.
+    Show,
+    /// The report on every export.
+    List,
+    /// The size.
+    Size,
+    /// A flag test.
+    Can(Flag),
+    /// The map of a meta context.
+    Map { context: String, totals: bool },
+}
+
+/// The flags `--can` and `--is` test.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Flag {
+    Connect,
+    Tls,
+    Structured,
+    ReadOnly,
+    Write,
+    Rotational,
+    Cache,
+    Df,
+    FastZero,
+    Flush,
+    Fua,
+    MultiConn,
+    Trim,
+    Zero,
+}
+
+impl Flag {
+    fn parse(s: &str) -> Option<Flag> {
+        let s = s.to_ascii_lowercase();
+        Some(match s.as_str() {
+            "connect" | "read" => Flag::Connect,
+            "tls" => Flag::Tls,
+            "sr" | "structured" | "structured-reply" | "structured-replies"
+            | "structured_reply" | "structured_replies" | "structured-read" | "structured_read" => {
+                Flag::Structured
+            }
+            "readonly" | "read-only" | "read_only" => Flag::ReadOnly,
+            "write" => Flag::Write,
+            "rotational" => Flag::Rotational,
+            "cache" => Flag::Cache,
+            "df" => Flag::Df,
+            "fastzero" | "fast-zero" | "fast_zero" => Flag::FastZero,
+            "flush" => Flag::Flush,
+            "fua" => Flag::Fua,
+            "multiconn" | "multi-conn" | "multi_conn" => Flag::MultiConn,
+            "trim" => Flag::Trim,
+            "zero" => Flag::Zero,
+            _ => return None,
+        })
+    }
+
+    fn test(self, c: &Connection) -> bool {
+        match self {
+            Flag::Connect => true,
+            Flag::Tls => c.tls(),
+            Flag::Structured => c.structured_replies(),
+            Flag::ReadOnly => c.is_read_only(),
+            Flag::Write => !c.is_read_only(),
+            Flag::Rotational => c.is_rotational(),
+            Flag::Cache => c.can_cache(),
+            Flag::Df => c.can_df(),
+            Flag::FastZero => c.can_fast_zero(),
+            Flag::Flush => c.can_flush(),
+            Flag::Fua => c.can_fua(),
+            Flag::MultiConn => c.can_multi_conn(),
+            Flag::Trim => c.can_trim(),
+            Flag::Zero => c.can_zero(),
+        }
+    }
+}
+
+/// The parsed command line.
+#[derive(Debug)]
+struct Cli {
+    mode: Mode,
+    style: Style,
+    content: bool,
+    target: Target,
+}
+
+/// What the command line asks for.
+enum Parsed {
+    Run(Box<Cli>),
+    Help,
+    Version,
+}
+
+fn command() -> Command {
+    let flag = |name: &'static str| Arg::new(name).long(name).action(ArgAction::SetTrue);
+    Command::new("nbdinfo")
+        .disable_help_flag(true)
+        .disable_version_flag(true)
+        .infer_long_args(true)
+        .args_override_self(true)
+        .arg(flag("help"))
+        .arg(flag("version").short('V'))
+        .arg(
+            Arg::new("can")
+                .long("can")
+                .value_name("FLAG")
+                .action(ArgAction::Set),
+        )
+        .arg(
+            Arg::new("is")
+                .long("is")
+                .value_name("FLAG")
+                .action(ArgAction::Set),
+        )
+        .arg(flag("color").alias("colour"))
+        .arg(flag("no-color").alias("no-colour"))
+        .arg(flag("content"))
+        .arg(flag("no-content"))
+        .arg(flag("json"))
+        .arg(flag("list").short('L'))
+        .arg(
+            Arg::new("map")
+                .long("map")
+                .value_name("CONTEXT")
+                .num_args(0..=1)
+                .require_equals(true)
+                .default_missing_value("")
+                .action(ArgAction::Set),
+        )
+        .arg(flag("size"))
+        .arg(flag("totals"))
+        .arg(flag("no-totals"))
+        .arg(
+            Arg::new("args")
+                .num_args(0..)
+                .action(ArgAction::Append)
+                .value_parser(clap::value_parser!(OsString)),
+        )
+}
+
+/// The last position of an option on the command line, if given.
+pub(crate) fn last_index(m: &ArgMatches, id: &str) -> Option<usize> {
+    if m.value_source(id) != Some(clap::parser::ValueSource::CommandLine) {
+        return None;
+    }
+    m.indices_of(id).and_then(|i| i.max())
+}
+
+/// Which of two opposite flags came last.
+fn toggle(m: &ArgMatches, on: &str, off: &str) -> Option<bool> {
+    match (last_index(m, on), last_index(m, off)) {
+        (None, None) => None,
+        (Some(_), None) => Some(true),
+        (None, Some(_)) => Some(false),
+        (Some(a), Some(b)) => Some(a > b),
+    }
+}
+
+/// Take `[ CMD ARGS ... ]` out of the arguments (the first `[` and the
+/// first `]` after it).
+pub(crate) fn split_command(args: Vec<OsString>) -> Result<(Vec<OsString>, Option<Vec<OsString>>)> {
+    let Some(start) = args.iter().position(|a| a == "[") else {
+        return Ok((args, None));
+    };
+    let end = args[start..]
+        .iter()
+        .position(|a| a == "]")
+        .map(|i| start + i)
+        .ok_or_else(|| anyhow!("'[' without a matching ']'"))?;
+    if end == start + 1 {
+        bail!("empty command in [ ]");
+    }
+    let mut rest = args;
+    let cmd: Vec<OsString> = rest.drain(start..=end).collect();
+    Ok((rest, Some(cmd[1..cmd.len() - 1].to_vec())))
+}
+
+fn parse(args: Vec<OsString>) -> Result<Parsed> {
+    let (args, cmd) = split_command(args)?;
+    let m = command()
+        .try_get_matches_from(std::iter::once(OsString::from("nbdinfo")).chain(args))
+        .map_err(|e| {
+            let msg = e.to_string();
+            let first = msg.lines().next().unwrap_or("bad arguments").to_string();
+            anyhow!("{}", first.trim_start_matches("error: "))
+        })?;
+    if m.get_flag("help") {
+        return Ok(Parsed::Help);
+    }
+    if m.get_flag("version") {
+        return Ok(Parsed::Version);
+    }
+
+    // --can and --is are the same option; the last one counts.
+    let can = match (last_index(&m, "can"), last_index(&m, "is")) {
+        (Some(a), Some(b)) if b > a => m.get_one::<String>("is"),
+        (Some(_), _) => m.get_one::<String>("can"),
+        (None, _) => m.get_one::<String>("is"),
+    };
+    let list = m.get_flag("list");
+    let size = m.get_flag("size");
+    let map = m.get_one::<String>("map");
+    let totals = toggle(&m, "totals", "no-totals").unwrap_or(false);
+    let modes = [list, size, map.is_some(), can.is_some()];
+    if modes.iter().filter(|&&x| x).count() > 1 {
+        bail!("you cannot use --list, --map, --size and --can/--is together");
+    }
+    if totals && map.is_none() {
+        bail!("you must use --totals only with --map option");
+    }
+    let mode = if list {
+        Mode::List
+    } else if size {
+        Mode::Size
+    } else if let Some(c) = can {
+        Mode::Can(Flag::parse(c).ok_or_else(|| anyhow!("unknown --can or --is option: {c}"))?)
+    } else if let Some(ctx) = map {
+        let context = if ctx.is_empty() {
+            "base:allocation".to_string()
+        } else {
+            ctx.clone()
+        };
+        Mode::Map { context, totals }
+    } else {
+        Mode::Show
+    };
+
+    let positional: Vec<OsString> = m
+        .get_many::<OsString>("args")
+        .map(|v| v.cloned().collect())
+        .unwrap_or_default();
+    let target = match (cmd, positional.as_slice()) {
+        (Some(cmd), []) => Target::Command(cmd),
+        (None, [uri]) => Target::from_args(std::slice::from_ref(uri))?.0,
+        (None, []) => bail!("missing NBD URI or [ CMD ARGS ... ] (see nbdinfo --help)"),
+        (_, [extra, ..]) => bail!("unexpected argument {:?}", extra.to_string_lossy()),
+    };
+    let json = m.get_flag("json");
+    let color = toggle(&m, "color", "no-color").unwrap_or_else(|| io::stdout().is_terminal());
+    let content = toggle(&m, "content", "no-content").unwrap_or(mode == Mode::Show);
+    Ok(Parsed::Run(Box::new(Cli {
+        mode,
+        style: Style { json, color },
+        content,
+        target,
+    })))
+}
+
+/// An error as one line: its causes joined with `: ` (skipping those
+/// already spelled out), without std's "(os error N)" suffixes.
+pub(crate) fn error_message(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let s = cause.to_string();
+        if line.contains(&s) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&s);
+    }
+    let mut out = String::with_capacity(line.len());
+    let mut rest = line.as_str();
+    while let Some(i) = rest.find(" (os error ") {
+        out.push_str(&rest[..i]);
+        rest = &rest[i..];
+        match rest.find(')') {
+            Some(j) => rest = &rest[j + 1..],
+            None => break,
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Run nbdinfo with these arguments (without the program name);
+/// returns the exit status.
+pub fn main(args: Vec<OsString>) -> i32 {
+    let cli = match parse(args) {
+        Ok(Parsed::Run(cli)) => cli,
+        Ok(Parsed::Help) => {
+            print!("{USAGE}");
+            return 0;
+        }
+        Ok(Parsed::Version) => {
+            println!(
+                "nbdinfo {COMPAT_VERSION} (nbd-tools {})",
+                env!("CARGO_PKG_VERSION")
+            );
+            println!("libnbd {COMPAT_VERSION} (libnbd-rs)");
+            return 0;
+        }
+        Err(e) => {
+            eprintln!("nbdinfo: {}", error_message(&e));
+            return 1;
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("nbdinfo: cannot start the runtime: {e}");
+            return 1;
+        }
+    };
+    let stdout = io::stdout();
+    let mut out = io::BufWriter::new(stdout.lock());
+    let r = rt.block_on(async {
+        captive::kill_on_signals().context("signal handlers")?;
+        run(&cli, &mut out).await
+    });
+    let flushed = out.flush();
+    drop(out);
+    // Stop captive servers before the runtime goes.
+    drop(rt);
+    match r {
+        Ok(status) => {
+            if let Err(e) = flushed {
+                if e.kind() != io::ErrorKind::BrokenPipe {
+                    eprintln!("nbdinfo: write: {e}");
+                    return 1;
+                }
+            }
+            status
+        }
+        Err(e) => {
+            if e.downcast_ref::<io::Error>()
+                .is_some_and(|e| e.kind() == io::ErrorKind::BrokenPipe)
+            {
+                return 1;
+            }
+            eprintln!("nbdinfo: {}", error_message(&e));
+            1
+        }
+    }
+}
+
+/// Options for opening the export directly (not the report modes).
+fn direct_options(contexts: Vec<String>) -> ConnectOptions {
+    ConnectOptions::new()
+        .meta_contexts(contexts)
+        .full_info(false)
+}
+
+async fn run(cli: &Cli, w: &mut dyn Write) -> Result<i32> {
+    match &cli.mode {
+        Mode::Show => show_one(cli, w).await,
+        Mode::List => list(cli, w).await,
+        Mode::Size => {
+            let c = cli.target.connect(&direct_options(Vec::new())).await?;
+            writeln!(w, "{}", c.size())?;
+            let _ = c.disconnect().await;
+            Ok(0)
+        }
+        Mode::Can(flag) => {
+            let c = cli.target.connect(&direct_options(Vec::new())).await?;
+            let yes = flag.test(&c);
+            let _ = c.disconnect().await;
+            Ok(if yes { 0 } else { 2 })
+        }
+        Mode::Map { context, totals } => {
+            let c = cli
+                .target
+                .connect(&direct_options(vec![context.clone()]))
+                .await?;
+            if !c.can_meta_context(context) {
+                bail!("--map: server does not support metadata context {context:?}");
+            }
+            let runs = map::collect(&c, context).await?;
+            if *totals {
+                map::write_totals(w, cli.style.json, context, &runs, c.size())?;
+            } else {
+                map::write_map(w, cli.style.json, context, &runs)?;
+            }
+            let _ = c.disconnect().await;
+            Ok(0)
+        }
+    }
+}
+
+/// Options for the report modes (option negotiation, no contexts:
+/// they are listed, not selected).
+fn report_options() -> ConnectOptions {
+    ConnectOptions::new().meta_contexts(Vec::<String>::new())
+}
+
+fn export_label(name: &str) -> String {
+    if name.is_empty() {
+        "the default export".into()
+    } else {
+        format!("export {name:?}")
+    }
+}
+
+async fn show_one(cli: &Cli, w: &mut dyn Write) -> Result<i32> {
+    let mut n = cli.target.negotiate(&report_options()).await?;
+    show::write_header(w, cli.style, Header::of(&n))?;
+    let name = n.options().export_name.clone();
+    let (report, conn): (ExportReport, Option<Connection>) =
+        match show::gather(&mut n, &name, None, cli.content).await {
+            Ok(r) => r,
+            Err(e) => {
+                show::write_footer_after_error(w, cli.style)?;
+                bail!(
+                    "{e} for {} (to list all exports on the server, use --list)",
+                    export_label(&name)
+                );
+            }
+        };
+    show::write_export(w, cli.style, &report, 0, 1)?;
+    show::write_footer(w, cli.style, 1)?;
+    match conn {
+        Some(c) => {
+            let _ = c.disconnect().await;
+        }
+        None => {
+            let _ = n.abort().await;
+        }
+    }
+    Ok(0)
+}
+
+async fn list(cli: &Cli, w: &mut dyn Write) -> Result<i32> {
+    let mut n = cli.target.negotiate(&report_options()).await?;
+    let header = Header::of(&n);
+    let exports = n.list_exports().await.context("cannot list the exports")?;
+    let mut status = 0;
+    let mut reports = Vec::new();
+    for e in &exports {
+        let desc = e.description.as_deref().unwrap_or("");
+        let r = if cli.content {
+            // Probing opens the export: use a connection of its own.
+            let mut n2 = cli.target.negotiate(&report_options()).await?;
+            let r = show::gather(&mut n2, &e.name, Some(desc), true).await;
+            match &r {
+                Ok((_, Some(c))) => {
+                    let _ = c.disconnect().await;
+                }
+                _ => {
+                    let _ = n2.abort().await;
+                }
+            }
+            r.map(|(report, _)| report)
+        } else {
+            show::gather(&mut n, &e.name, Some(desc), false)
+                .await
+                .map(|(report, _)| report)
+        };
+        match r {
+            Ok(report) => reports.push(report),
+            Err(err) => {
+                eprintln!("nbdinfo: {err} for {}", export_label(&e.name));
+                status = 1;
+            }
+        }
+    }
+    let _ = n.abort().await;
+    show::write_header(w, cli.style, header)?;
+    for (i, r) in reports.iter().enumerate() {
+        show::write_export(w, cli.style, r, i, reports.len())?;
+    }
+    show::write_footer(w, cli.style, reports.len())?;
+    Ok(status)
+}
