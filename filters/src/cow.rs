@@ -663,7 +663,10 @@ pub(crate) mod blocks {
             let mut e = blk + 1;
             while e < limit {
                 // Skip whole absent pages quickly when looking at zeroes.
-                if s == 0 && e.is_multiple_of(PAGE_BLOCKS) && !pages.contains_key(&(e / PAGE_BLOCKS)) {
+                if s == 0
+                    && e.is_multiple_of(PAGE_BLOCKS)
+                    && !pages.contains_key(&(e / PAGE_BLOCKS))
+                {
                     e = (e + PAGE_BLOCKS).min(limit);
                     continue;
                 }

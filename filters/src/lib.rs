@@ -4,26 +4,26 @@
 
 use libnbd::FilterEntry;
 
-pub mod rate;
-pub mod readahead;
-pub mod cow;
-pub mod cache;
-pub mod delay;
-pub mod stats;
 pub mod blocksize;
-pub mod offset;
-pub mod partition;
-pub mod truncate;
-pub mod log;
+pub mod cache;
+pub mod cow;
+pub mod delay;
 pub mod error;
-pub mod retry;
-pub mod ip;
-pub mod limit;
-pub mod nozero;
-pub mod noextents;
-pub mod fua;
 pub mod exitlast;
 pub mod exitwhen;
+pub mod fua;
+pub mod ip;
+pub mod limit;
+pub mod log;
+pub mod noextents;
+pub mod nozero;
+pub mod offset;
+pub mod partition;
+pub mod rate;
+pub mod readahead;
+pub mod retry;
+pub mod stats;
+pub mod truncate;
 pub mod xz;
 
 /// Every filter, by its `--filter=NAME`.

@@ -15,10 +15,11 @@
 //! ## Parameters
 //!
 //! - `xz-max-depth=N` (default 8): how many decoded blocks the LRU cache
-//!   keeps. The cache is shared by every connection to the same export,
-//!   and so are the blocks decoded ahead (below): memory use is at most
-//!   about N × the largest cached block (see `xz-max-block`), plus one
-//!   compressed block per core in flight.
+//!   keeps per connection. The cache is shared by every connection to the
+//!   same export, and so are the blocks decoded ahead (below): as upstream,
+//!   memory use is at most about N × the largest cached block (see
+//!   `xz-max-block`) per connection, plus a compressed block per block
+//!   being decoded.
 //! - `xz-max-block=SIZE` (default 512M): the largest block decoded whole
 //!   into memory; blocks larger than this, or than 64M, are decoded
 //!   progressively into the spill instead (upstream refuses files with
@@ -60,6 +61,7 @@ mod index;
 mod spill;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use async_trait::async_trait;
@@ -148,6 +150,7 @@ impl Filter for XzFilter {
                 }
             }
         };
+        file.handles.fetch_add(1, Ordering::Relaxed);
         Ok(Box::new(XzHandle { next, file }))
     }
 }
@@ -163,9 +166,34 @@ enum Kind {
 
 type Cell = Arc<OnceCell<Arc<Vec<u8>>>>;
 
-struct Lru {
-    map: HashMap<usize, (Cell, u64)>,
+/// A cached block: its cell, its last use, and whether a reader has used
+/// it (blocks decoded ahead and not read yet are evicted last, so that
+/// several sequential readers cannot make the cache thrash).
+struct Entry {
+    cell: Cell,
     tick: u64,
+    used: bool,
+}
+
+struct Lru {
+    map: HashMap<usize, Entry>,
+    tick: u64,
+}
+
+impl Lru {
+    /// The entry to drop to make room: never `keep`, nor one being decoded
+    /// or waited for; a used one first, the least recently used.
+    fn victim(&self, keep: usize, unused_too: bool) -> Option<usize> {
+        self.map
+            .iter()
+            .filter(|(k, e)| {
+                **k != keep
+                    && (e.used || unused_too)
+                    && (e.cell.initialized() || Arc::strong_count(&e.cell) == 1)
+            })
+            .min_by_key(|(_, e)| (!e.used, e.tick))
+            .map(|(k, _)| *k)
+    }
 }
 
 /// One xz file: its index, caches and decoders.
@@ -173,10 +201,15 @@ struct XzFile {
     index: XzIndex,
     kinds: Vec<Kind>,
     depth: usize,
-    /// Blocks decoded ahead of a sequential reader.
+    /// Open connections: the cache holds `depth` blocks for each.
+    handles: AtomicUsize,
+    /// Blocks decoded ahead of sequential readers.
     ahead: usize,
+    /// Blocks being decoded ahead now.
+    prefetching: AtomicUsize,
     lru: Mutex<Lru>,
-    /// One decoding job per core at a time.
+    /// One decoding job per core at a time, for work done ahead of the
+    /// readers (a reader's own block is decoded at once).
     slots: Arc<Semaphore>,
     spill_max: u64,
     /// How far the spill decoder runs ahead of a sequential reader.
@@ -210,6 +243,8 @@ impl XzFile {
         XzFile {
             kinds,
             depth: cfg.depth,
+            handles: AtomicUsize::new(0),
+            prefetching: AtomicUsize::new(0),
             ahead: (cores + 1).min(cfg.depth.saturating_sub(2)),
             lru: Mutex::new(Lru {
                 map: HashMap::new(),
@@ -227,7 +262,7 @@ impl XzFile {
     fn spill(&self) -> Result<Arc<Spill>> {
         self.spill
             .get_or_init(|| {
-                Spill::new(self.spill_max)
+                Spill::new(self.index.size, self.spill_max)
                     .map(Arc::new)
                     .map_err(|e| e.to_string())
             })
@@ -235,26 +270,36 @@ impl XzFile {
             .map_err(|e| Error::eio(format!("xz: cannot create the spill file: {e}")))
     }
 
-    /// The cache cell of memory block `i`, inserted if needed (evicting the
-    /// least recently used cells nobody is decoding or waiting for).
+    /// How many blocks the cache holds: `xz-max-depth` per connection, as
+    /// upstream (whose caches are per connection), so that the sequential
+    /// readers of several connections do not evict each other's blocks.
+    fn capacity(&self) -> usize {
+        self.depth * self.handles.load(Ordering::Relaxed).max(1)
+    }
+
+    /// The cache cell of memory block `i` for a reader, inserted if needed
+    /// (evicting the least recently used cells nobody is decoding or
+    /// waiting for).
     fn cell(&self, i: usize) -> Cell {
         let mut lru = self.lru.lock().unwrap();
         lru.tick += 1;
         let tick = lru.tick;
-        if let Some((c, t)) = lru.map.get_mut(&i) {
-            *t = tick;
-            return c.clone();
+        if let Some(e) = lru.map.get_mut(&i) {
+            e.tick = tick;
+            e.used = true;
+            return e.cell.clone();
         }
         let c: Cell = Arc::new(OnceCell::new());
-        lru.map.insert(i, (c.clone(), tick));
-        while lru.map.len() > self.depth {
-            let victim = lru
-                .map
-                .iter()
-                .filter(|(k, (c, _))| **k != i && (c.initialized() || Arc::strong_count(c) == 1))
-                .min_by_key(|(_, (_, t))| *t)
-                .map(|(k, _)| *k);
-            match victim {
+        lru.map.insert(
+            i,
+            Entry {
+                cell: c.clone(),
+                tick,
+                used: true,
+            },
+        );
+        while lru.map.len() > self.capacity() {
+            match lru.victim(i, true) {
                 Some(k) => {
                     lru.map.remove(&k);
                 }
@@ -264,12 +309,38 @@ impl XzFile {
         c
     }
 
+    /// A new cell for decoding block `i` ahead of the readers, if it is
+    /// not cached and there is room without dropping blocks decoded ahead.
+    fn ahead_cell(&self, i: usize) -> Option<Cell> {
+        let mut lru = self.lru.lock().unwrap();
+        if lru.map.contains_key(&i) {
+            return None;
+        }
+        if lru.map.len() >= self.capacity() {
+            let k = lru.victim(i, false)?;
+            lru.map.remove(&k);
+        }
+        lru.tick += 1;
+        let c: Cell = Arc::new(OnceCell::new());
+        let tick = lru.tick;
+        lru.map.insert(
+            i,
+            Entry {
+                cell: c.clone(),
+                tick,
+                used: false,
+            },
+        );
+        Some(c)
+    }
+
     fn cached(&self, i: usize) -> bool {
         self.lru.lock().unwrap().map.contains_key(&i)
     }
 
-    /// Fetch and decode memory block `i`.
-    async fn load(&self, i: usize, next: &dyn Handle) -> Result<Arc<Vec<u8>>> {
+    /// Fetch and decode memory block `i`: at once for a reader, or when a
+    /// core is free for a block decoded ahead.
+    async fn load(&self, i: usize, next: &dyn Handle, reader: bool) -> Result<Arc<Vec<u8>>> {
         let b = self.index.blocks[i];
         let err = |m: &dyn std::fmt::Display| {
             Error::eio(format!(
@@ -277,7 +348,10 @@ impl XzFile {
                 b.coffset, b.usize
             ))
         };
-        let mut input = vec![0u8; (index::HEADER_SIZE + b.total()) as usize];
+        // Room for the synthetic stream header and tail too.
+        let len = (index::HEADER_SIZE + b.total()) as usize;
+        let mut input = Vec::with_capacity(len + 64);
+        input.resize(len, 0);
         next.pread(
             &mut input[index::HEADER_SIZE as usize..],
             b.coffset,
@@ -285,30 +359,50 @@ impl XzFile {
         )
         .await
         .map_err(|e| err(&format!("reading compressed data: {}", e.msg)))?;
-        let _permit = self.slots.acquire().await;
-        let data = tokio::task::spawn_blocking(move || decode::decode_block(&b, input))
-            .await
-            .map_err(|e| err(&e))?
-            .map_err(|m| err(&m))?;
+        let _permit = match reader {
+            true => None,
+            false => Some(self.slots.acquire().await),
+        };
+        let data = tokio::task::spawn_blocking(move || {
+            let t = std::time::Instant::now();
+            let r = decode::decode_block(&b, input);
+            libnbd::debug!(
+                "xz: block {i} decoded ({}) in {} ms",
+                if reader { "for a reader" } else { "ahead" },
+                t.elapsed().as_millis()
+            );
+            r
+        })
+        .await
+        .map_err(|e| err(&e))?
+        .map_err(|m| err(&m))?;
         Ok(Arc::new(data))
     }
 
     async fn block(&self, i: usize, next: &dyn Handle) -> Result<Arc<Vec<u8>>> {
         let cell = self.cell(i);
-        cell.get_or_try_init(|| self.load(i, next)).await.cloned()
+        cell.get_or_try_init(|| self.load(i, next, true))
+            .await
+            .cloned()
     }
 
     /// Start decoding block `i` in the background, if it is not cached.
     fn prefetch(self: &Arc<Self>, i: usize, next: &Arc<dyn Handle>, upto: u64) {
         match self.kinds[i] {
             Kind::Memory => {
-                if self.cached(i) {
+                // At most `ahead` blocks in the works, however many
+                // readers there are, so none waits behind a long queue.
+                if self.prefetching.load(Ordering::Relaxed) >= self.ahead {
                     return;
                 }
-                let cell = self.cell(i);
+                let Some(cell) = self.ahead_cell(i) else {
+                    return;
+                };
+                self.prefetching.fetch_add(1, Ordering::Relaxed);
                 let (me, next) = (self.clone(), next.clone());
                 tokio::spawn(async move {
-                    let _ = cell.get_or_try_init(|| me.load(i, &*next)).await;
+                    let _ = cell.get_or_try_init(|| me.load(i, &*next, false)).await;
+                    me.prefetching.fetch_sub(1, Ordering::Relaxed);
                 });
             }
             Kind::Spill => {
@@ -374,6 +468,12 @@ impl XzFile {
 struct XzHandle {
     next: Arc<dyn Handle>,
     file: Arc<XzFile>,
+}
+
+impl Drop for XzHandle {
+    fn drop(&mut self) {
+        self.file.handles.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 #[async_trait]

@@ -378,7 +378,13 @@ pub trait Handle: Send + Sync {
         }
     }
     /// Report allocation of `[ext.start(), ext.end())` into `ext`.
-    async fn extents(&self, count: u64, offset: u64, flags: Flags, ext: &mut Extents) -> Result<()> {
+    async fn extents(
+        &self,
+        count: u64,
+        offset: u64,
+        flags: Flags,
+        ext: &mut Extents,
+    ) -> Result<()> {
         match self.next() {
             Some(n) => n.extents(count, offset, flags, ext).await,
             None => ext.add(offset, count, 0),
@@ -656,11 +662,15 @@ impl Handle for Emulated {
     }
 
     async fn pwrite(&self, buf: &[u8], offset: u64, flags: Flags) -> Result<()> {
-        self.inner.pwrite(buf, offset, self.pass_flags(flags)).await?;
+        self.inner
+            .pwrite(buf, offset, self.pass_flags(flags))
+            .await?;
         self.after_write(flags).await
     }
     async fn trim(&self, count: u64, offset: u64, flags: Flags) -> Result<()> {
-        self.inner.trim(count, offset, self.pass_flags(flags)).await?;
+        self.inner
+            .trim(count, offset, self.pass_flags(flags))
+            .await?;
         self.after_write(flags).await
     }
     async fn zero(&self, count: u64, offset: u64, flags: Flags) -> Result<()> {
@@ -691,7 +701,13 @@ impl Handle for Emulated {
         }
         self.after_write(flags).await
     }
-    async fn extents(&self, count: u64, offset: u64, flags: Flags, ext: &mut Extents) -> Result<()> {
+    async fn extents(
+        &self,
+        count: u64,
+        offset: u64,
+        flags: Flags,
+        ext: &mut Extents,
+    ) -> Result<()> {
         if self.extents {
             self.inner.extents(count, offset, flags, ext).await?;
         }

@@ -23,4 +23,6 @@ pub use backend::{
     BlockSize, Cache, Error, ExportEntry, Extent, Extents, Filter, Flags, Fua, Handle, Next,
     OpenContext, OwnedNext, Plugin, Result, Stack, ThreadModel,
 };
-pub use config::{parse_bool, parse_size, ConfigError, ConfigResult, FilterEntry, Params, PluginEntry};
+pub use config::{
+    parse_bool, parse_size, ConfigError, ConfigResult, FilterEntry, Params, PluginEntry,
+};

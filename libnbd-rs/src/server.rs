@@ -246,7 +246,10 @@ where
         }
         let mut data = vec![0u8; len as usize];
         r.read_exact(&mut data).await?;
-        crate::debug!("connection {id}: option {} ({len} bytes)", opt::name(option));
+        crate::debug!(
+            "connection {id}: option {} ({len} bytes)",
+            opt::name(option)
+        );
         match option {
             opt::EXPORT_NAME => {
                 let name = match String::from_utf8(data) {
@@ -299,8 +302,13 @@ where
                 }
             }
             opt::STARTTLS => {
-                send_error(w, option, rep::ERR_UNSUP, "TLS is not enabled on this server")
-                    .await?
+                send_error(
+                    w,
+                    option,
+                    rep::ERR_UNSUP,
+                    "TLS is not enabled on this server",
+                )
+                .await?
             }
             opt::INFO | opt::GO => {
                 let mut rd = p::Reader::new(&data);
@@ -340,8 +348,13 @@ where
             }
             opt::STRUCTURED_REPLY => {
                 if !data.is_empty() {
-                    send_error(w, option, rep::ERR_INVALID, "STRUCTURED_REPLY takes no payload")
-                        .await?;
+                    send_error(
+                        w,
+                        option,
+                        rep::ERR_INVALID,
+                        "STRUCTURED_REPLY takes no payload",
+                    )
+                    .await?;
                 } else if !cfg.structured_replies {
                     send_error(w, option, rep::ERR_UNSUP, "structured replies are disabled")
                         .await?;
@@ -399,7 +412,13 @@ async fn meta_context<W: AsyncWrite + Unpin>(
         Some(queries)
     })();
     let Some(queries) = parsed else {
-        return send_error(w, option, rep::ERR_INVALID, "malformed meta context request").await;
+        return send_error(
+            w,
+            option,
+            rep::ERR_INVALID,
+            "malformed meta context request",
+        )
+        .await;
     };
     let set = option == opt::SET_META_CONTEXT;
     let wanted = if set {
@@ -648,7 +667,9 @@ where
             _ = shutdown_requested() => break Err(Close::Done),
         }
         let Some(req) = p::Request::decode(&hdr) else {
-            break Err(Close::Protocol("client sent a request with bad magic".into()));
+            break Err(Close::Protocol(
+                "client sent a request with bad magic".into(),
+            ));
         };
         crate::debug!(
             "{} flags={:#x} offset={} count={}",
@@ -789,7 +810,11 @@ async fn write_reply<W: AsyncWrite + Unpin>(
         if e.msg != "invalid request" {
             eprintln!("nbdkit: {}: {}", cmd::name(req.typ).to_lowercase(), e.msg);
         } else {
-            crate::debug!("{}: invalid request: {}", cmd::name(req.typ), errno::describe(e.errno));
+            crate::debug!(
+                "{}: invalid request: {}",
+                cmd::name(req.typ),
+                errno::describe(e.errno)
+            );
         }
     }
     let mut w = w.lock().await;

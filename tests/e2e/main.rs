@@ -3,6 +3,17 @@
 
 mod common;
 
+mod copy_captive_qcow2;
+mod copy_common;
+mod copy_errors;
+mod copy_file_to_nbd;
+mod copy_nbd_to_file;
+mod copy_nbd_to_nbd;
+mod copy_nbd_to_null;
+mod copy_pipe;
+mod copy_progress;
+mod copy_sparse;
+mod curl;
 mod filter_blocksize;
 mod filter_cache;
 mod filter_cow;
@@ -26,9 +37,11 @@ mod filter_truncate;
 mod nbddump;
 mod nbdinfo;
 mod nbdkit_cli;
+mod nginx;
 mod server_bad_input;
 mod server_captive;
 mod server_commands;
 mod server_fio;
 mod server_info;
 mod server_qemu;
+mod xz;

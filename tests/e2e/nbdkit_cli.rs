@@ -9,7 +9,10 @@ fn fails_with(args: &[&str], needle: &str) {
     let out = run(Command::new(nbdkit()).args(args));
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
-    assert!(err.contains(needle), "{args:?}: stderr {err:?} lacks {needle:?}");
+    assert!(
+        err.contains(needle),
+        "{args:?}: stderr {err:?} lacks {needle:?}"
+    );
     assert!(!err.contains("panicked"), "{err}");
 }
 
@@ -37,7 +40,10 @@ fn cli_errors() {
     fails_with(&["memory", "1Q"], "size");
     fails_with(&["memory", "8E"], "size");
     fails_with(&["--filter=nosuch", "memory", "1G"], "nosuch");
-    fails_with(&["file", "/nonexistent/disk.img", "--run", "true", "-U", "-"], "nonexistent");
+    fails_with(
+        &["file", "/nonexistent/disk.img", "--run", "true", "-U", "-"],
+        "nonexistent",
+    );
     let out = run(Command::new(nbdkit()).arg("--bogus-option"));
     assert_eq!(out.status.code(), Some(1));
     let out = run(&mut Command::new(nbdkit()));

@@ -38,7 +38,10 @@ fn send_opt(c: &mut UnixStream, opt: u32, data: &[u8]) {
 fn read_opt_reply(c: &mut UnixStream) -> (u32, u32, Vec<u8>) {
     let mut h = [0u8; 20];
     c.read_exact(&mut h).unwrap();
-    assert_eq!(u64::from_be_bytes(h[0..8].try_into().unwrap()), OPT_REPLY_MAGIC);
+    assert_eq!(
+        u64::from_be_bytes(h[0..8].try_into().unwrap()),
+        OPT_REPLY_MAGIC
+    );
     let opt = u32::from_be_bytes(h[8..12].try_into().unwrap());
     let typ = u32::from_be_bytes(h[12..16].try_into().unwrap());
     let len = u32::from_be_bytes(h[16..20].try_into().unwrap());
@@ -88,7 +91,11 @@ fn read_chunk(c: &mut UnixStream) -> (u16, u16, u64, Vec<u8>) {
 }
 
 fn error_of(chunk: &(u16, u16, u64, Vec<u8>)) -> u32 {
-    assert_eq!(chunk.1 & 0x8000, 0x8000, "expected an error chunk, got {chunk:?}");
+    assert_eq!(
+        chunk.1 & 0x8000,
+        0x8000,
+        "expected an error chunk, got {chunk:?}"
+    );
     u32::from_be_bytes(chunk.3[0..4].try_into().unwrap())
 }
 

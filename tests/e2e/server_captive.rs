@@ -12,7 +12,11 @@ fn pid_alive(pid: i32) -> bool {
 }
 
 fn read_pid(path: &std::path::Path) -> i32 {
-    std::fs::read_to_string(path).unwrap().trim().parse().unwrap()
+    std::fs::read_to_string(path)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
 }
 
 #[test]

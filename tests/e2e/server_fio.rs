@@ -6,24 +6,23 @@ use std::process::Command;
 use crate::common::*;
 
 fn fio_verify(uri: &str, size: &str) {
-    let out = run(Command::new("fio")
-        .args([
-            "--name=verify",
-            "--ioengine=nbd",
-            &format!("--uri={uri}"),
-            "--rw=randwrite",
-            "--bs=4k",
-            "--bsrange=512-64k",
-            "--iodepth=32",
-            "--numjobs=4",
-            &format!("--size={size}"),
-            "--offset_increment=4M",
-            "--verify=crc32c",
-            "--verify_fatal=1",
-            "--do_verify=1",
-            "--group_reporting",
-            "--verify_state_save=0",
-        ]));
+    let out = run(Command::new("fio").args([
+        "--name=verify",
+        "--ioengine=nbd",
+        &format!("--uri={uri}"),
+        "--rw=randwrite",
+        "--bs=4k",
+        "--bsrange=512-64k",
+        "--iodepth=32",
+        "--numjobs=4",
+        &format!("--size={size}"),
+        "--offset_increment=4M",
+        "--verify=crc32c",
+        "--verify_fatal=1",
+        "--do_verify=1",
+        "--group_reporting",
+        "--verify_state_save=0",
+    ]));
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
@@ -50,7 +49,10 @@ fn fio_verify_file() {
     }
     let dir = tempfile::tempdir().unwrap();
     let f = dir.path().join("disk.img");
-    std::fs::File::create(&f).unwrap().set_len(16 << 20).unwrap();
+    std::fs::File::create(&f)
+        .unwrap()
+        .set_len(16 << 20)
+        .unwrap();
     let s = Server::ours(&["file", f.to_str().unwrap()]);
     fio_verify(&s.uri(), "4M");
 }

@@ -16,14 +16,39 @@ fn qemu_img_convert_roundtrip_memory() {
     random_file(&src, 256 << 20, 1);
     let s = Server::ours(&["memory", "256M"]);
     let uri = s.uri();
-    run_ok(Command::new("qemu-img").args(["convert", "-n", "-f", "raw", "-O", "raw"]).arg(&src).arg(&uri));
-    run_ok(Command::new("qemu-img").args(["compare", "-f", "raw", "-F", "raw"]).arg(&src).arg(&uri));
-    run_ok(Command::new("qemu-img").args(["convert", "-f", "raw", "-O", "raw"]).arg(&uri).arg(&back));
+    run_ok(
+        Command::new("qemu-img")
+            .args(["convert", "-n", "-f", "raw", "-O", "raw"])
+            .arg(&src)
+            .arg(&uri),
+    );
+    run_ok(
+        Command::new("qemu-img")
+            .args(["compare", "-f", "raw", "-F", "raw"])
+            .arg(&src)
+            .arg(&uri),
+    );
+    run_ok(
+        Command::new("qemu-img")
+            .args(["convert", "-f", "raw", "-O", "raw"])
+            .arg(&uri)
+            .arg(&back),
+    );
     run_ok(Command::new("cmp").arg(&src).arg(&back));
     // And into qcow2.
     let q = dir.path().join("out.qcow2");
-    run_ok(Command::new("qemu-img").args(["convert", "-f", "raw", "-O", "qcow2"]).arg(&uri).arg(&q));
-    run_ok(Command::new("qemu-img").args(["compare", "-f", "raw", "-F", "qcow2"]).arg(&src).arg(&q));
+    run_ok(
+        Command::new("qemu-img")
+            .args(["convert", "-f", "raw", "-O", "qcow2"])
+            .arg(&uri)
+            .arg(&q),
+    );
+    run_ok(
+        Command::new("qemu-img")
+            .args(["compare", "-f", "raw", "-F", "qcow2"])
+            .arg(&src)
+            .arg(&q),
+    );
 }
 
 #[test]
@@ -36,8 +61,16 @@ fn qemu_img_compare_detects_difference() {
     random_file(&src, 1 << 20, 2);
     let s = Server::ours(&["memory", "1M"]);
     // Empty server versus random data: must differ (exit 1).
-    let out = run(Command::new("qemu-img").args(["compare", "-f", "raw", "-F", "raw"]).arg(&src).arg(s.uri()));
-    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stdout));
+    let out = run(Command::new("qemu-img")
+        .args(["compare", "-f", "raw", "-F", "raw"])
+        .arg(&src)
+        .arg(s.uri()));
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
 }
 
 #[test]
@@ -49,9 +82,17 @@ fn qemu_img_convert_into_file_plugin() {
     let src = dir.path().join("src.img");
     let dst = dir.path().join("dst.img");
     random_file(&src, 8 << 20, 3);
-    std::fs::File::create(&dst).unwrap().set_len(8 << 20).unwrap();
+    std::fs::File::create(&dst)
+        .unwrap()
+        .set_len(8 << 20)
+        .unwrap();
     let s = Server::ours(&["file", dst.to_str().unwrap()]);
-    run_ok(Command::new("qemu-img").args(["convert", "-n", "-f", "raw", "-O", "raw"]).arg(&src).arg(s.uri()));
+    run_ok(
+        Command::new("qemu-img")
+            .args(["convert", "-n", "-f", "raw", "-O", "raw"])
+            .arg(&src)
+            .arg(s.uri()),
+    );
     drop(s);
     run_ok(Command::new("cmp").arg(&src).arg(&dst));
 }

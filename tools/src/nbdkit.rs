@@ -253,7 +253,10 @@ fn run(args: Vec<OsString>) -> Result<i32, Fatal> {
         }
     };
     if cli.version {
-        println!("nbdkit {COMPAT_VERSION} (nbdkit-rs {})", env!("CARGO_PKG_VERSION"));
+        println!(
+            "nbdkit {COMPAT_VERSION} (nbdkit-rs {})",
+            env!("CARGO_PKG_VERSION")
+        );
         return Ok(0);
     }
     if cli.dump_config {
@@ -320,7 +323,9 @@ fn run(args: Vec<OsString>) -> Result<i32, Fatal> {
         println!("version={COMPAT_VERSION}");
         println!("api_version=2");
         let built = (plugin.create)(&mut params).ok();
-        let model = built.as_ref().map_or(ThreadModel::Parallel, |p| p.thread_model());
+        let model = built
+            .as_ref()
+            .map_or(ThreadModel::Parallel, |p| p.thread_model());
         println!("max_thread_model=parallel");
         println!("thread_model={}", model.name());
         if let Some(m) = plugin.magic {
@@ -510,8 +515,7 @@ fn set_exit_with_parent() -> Result<(), Fatal> {
 
 fn write_pidfile(p: &std::path::Path) -> Result<(), Fatal> {
     let tmp = p.with_extension("tmp-nbdkit");
-    let mut f = std::fs::File::create(&tmp)
-        .map_err(|e| Fatal(format!("{}: {e}", p.display())))?;
+    let mut f = std::fs::File::create(&tmp).map_err(|e| Fatal(format!("{}: {e}", p.display())))?;
     writeln!(f, "{}", std::process::id())?;
     drop(f);
     std::fs::rename(&tmp, p).map_err(|e| Fatal(format!("{}: {e}", p.display())))?;
@@ -637,8 +641,8 @@ async fn serve(cfg: Arc<ServerConfig>, listen: Listen, cli: &Cli) -> Result<i32,
             }
             let code = match (&cli.run, &uri) {
                 (Some(cmd), Some(info)) => {
-                    let code = run_command(cmd, info, cli.exportname.as_deref().unwrap_or(""))
-                        .await?;
+                    let code =
+                        run_command(cmd, info, cli.exportname.as_deref().unwrap_or("")).await?;
                     server::request_shutdown();
                     code
                 }
@@ -690,7 +694,9 @@ async fn run_command(cmd: &str, info: &UriInfo, export: &str) -> Result<i32, Fat
     let uri = make_uri(info, export);
     let mut c = tokio::process::Command::new("/bin/sh");
     c.arg("-c").arg(cmd);
-    c.env("uri", &uri).env("nbd", &uri).env("exportname", export);
+    c.env("uri", &uri)
+        .env("nbd", &uri)
+        .env("exportname", export);
     match info.port {
         Some(p) => c.env("port", p.to_string()),
         None => c.env("port", ""),
@@ -733,7 +739,10 @@ mod tests {
             unixsocket: Some("/tmp/x/socket".into()),
         };
         assert_eq!(make_uri(&unix, ""), "nbd+unix://?socket=/tmp/x/socket");
-        assert_eq!(make_uri(&unix, "a b"), "nbd+unix:///a%20b?socket=/tmp/x/socket");
+        assert_eq!(
+            make_uri(&unix, "a b"),
+            "nbd+unix:///a%20b?socket=/tmp/x/socket"
+        );
         let tcp = UriInfo {
             port: Some(10809),
             unixsocket: None,
@@ -745,11 +754,21 @@ mod tests {
     #[test]
     fn cli_interleaves_options_and_params() {
         let cli = Cli::try_parse_from([
-            "nbdkit", "-U", "-", "memory", "1G", "--run", "nbdinfo $uri", "--filter=log",
+            "nbdkit",
+            "-U",
+            "-",
+            "memory",
+            "1G",
+            "--run",
+            "nbdinfo $uri",
+            "--filter=log",
         ])
         .unwrap();
         assert_eq!(cli.unix.as_deref(), Some(std::path::Path::new("-")));
-        assert_eq!(cli.words, vec![OsString::from("memory"), OsString::from("1G")]);
+        assert_eq!(
+            cli.words,
+            vec![OsString::from("memory"), OsString::from("1G")]
+        );
         assert_eq!(cli.run.as_deref(), Some("nbdinfo $uri"));
         assert_eq!(cli.filters, vec!["log"]);
     }

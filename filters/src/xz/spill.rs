@@ -143,15 +143,19 @@ pub struct Spill {
 }
 
 impl Spill {
-    /// A new spill file in `$TMPDIR` (default `/var/tmp`) holding at most
-    /// `max` bytes of data.
-    pub fn new(max: u64) -> std::io::Result<Spill> {
+    /// A new spill file in `$TMPDIR` (default `/var/tmp`) for `size`
+    /// bytes of uncompressed data (a hole at first), holding at most `max`
+    /// bytes of it.
+    pub fn new(size: u64, max: u64) -> std::io::Result<Spill> {
         let dir = std::env::var_os("TMPDIR")
             .filter(|d| !d.is_empty())
             .map(std::path::PathBuf::from)
             .unwrap_or_else(|| "/var/tmp".into());
         let file = tempfile::tempfile_in(&dir)
             .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", dir.display())))?;
+        // Parts never written (zeroes) must read back as zeroes, also at
+        // the end.
+        file.set_len(size)?;
         Ok(Spill {
             file,
             meta: Mutex::new(Meta {

@@ -239,6 +239,17 @@ async fn single_block_is_spilled_and_decoded_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn single_block_ending_in_zeroes() {
+    // The last chunks are holes in the spill file: they read as zeroes.
+    let mut data = disk_like(3 << 20, 12);
+    data.resize((6 << 20) + 1000, 0);
+    let h = open(xz_one(&data, Check::Crc64)).await;
+    let end = data.len() as u64 - 5000;
+    assert_eq!(read(&*h, end, 5000).await.unwrap(), data[end as usize..]);
+    check_random(&*h, &data, 50, 19).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spill_eviction_redecodes_correctly() {
     // Data with no zero runs, so every chunk is stored; a 3 MiB spill.
     let data: Vec<u8> = disk_like(8 << 20, 6).iter().map(|b| b | 1).collect();

@@ -51,6 +51,10 @@ pub const MAX_EFFECT_LENGTH: u64 = 1 << 30;
 /// requests are clamped (the reply may cover less anyway).
 pub const MAX_STATUS_LENGTH: u64 = 1 << 31;
 const WRITE_BUFFER: usize = 64 * 1024;
+/// Buffer for reading replies: room for many small replies per read
+/// call, little enough that read payloads are hardly ever copied
+/// through it.
+const REPLY_BUFFER: usize = 4 * 1024;
 
 /// What a finished request produced.
 enum Outcome {
@@ -311,6 +315,15 @@ impl Connection {
         keepalive: KeepAlive,
     ) -> Connection {
         let (min_block, max_payload) = limits(info.block_size);
+        // Replies are read through a small buffer: read data is read
+        // straight into the request's buffer once the buffered bytes
+        // are used up, so a large buffer here would pull most of every
+        // payload through itself (an extra copy of all data read).
+        let reader = if reader.buffer().is_empty() {
+            BufReader::with_capacity(REPLY_BUFFER, reader.into_inner())
+        } else {
+            reader
+        };
         let shared = Arc::new(Shared {
             writer: tokio::sync::Mutex::new(BufWriter::with_capacity(WRITE_BUFFER, writer)),
             state: Mutex::new(State::default()),
@@ -581,9 +594,9 @@ impl Connection {
             }
             guard.phase = Phase::Writing;
             let sent = async {
-                w.write_all(&hdr).await?;
-                if let Some(p) = payload {
-                    w.write_all(p).await?;
+                match payload {
+                    Some(p) => write_request(&mut w, &hdr, p).await?,
+                    None => w.write_all(&hdr).await?,
                 }
                 w.flush().await
             }
@@ -805,6 +818,28 @@ impl Connection {
         shared.fail(Error::Closed);
         Ok(())
     }
+}
+
+/// Write a request header and its payload together: one `writev` for
+/// a large payload (which bypasses the buffer) rather than a write of
+/// the header alone and another of the payload.
+async fn write_request(w: &mut BufWriter<BoxWrite>, hdr: &[u8], payload: &[u8]) -> io::Result<()> {
+    let (mut hdr, mut payload) = (hdr, payload);
+    while !hdr.is_empty() {
+        let n = w
+            .write_vectored(&[io::IoSlice::new(hdr), io::IoSlice::new(payload)])
+            .await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        if n < hdr.len() {
+            hdr = &hdr[n..];
+        } else {
+            payload = &payload[n - hdr.len()..];
+            hdr = &[];
+        }
+    }
+    w.write_all(payload).await
 }
 
 /// The minimum block size and the largest read/write payload to use.

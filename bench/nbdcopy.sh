@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# Our nbdcopy against libnbd's, side by side in one run, same source and
+# destination, same (default) settings:
+#  1. upstream `nbdkit pattern 4G` -> null:
+#  2. a 2 GiB random file -> our `nbdkit memory 2G`
+#  3. a 1 TiB sparse export (upstream nbdkit data plugin, 3 x 64K of
+#     data) -> our `nbdkit memory 1T`
+#  4. a 2 GiB random file -> a new local file
+# Each case runs in ROUNDS rounds of hyperfine, the order of the two
+# programs swapped every round so neither always goes first; the ratio
+# is upstream time / our time (> 1: ours is faster). Then the peak RSS
+# of each nbdcopy (GNU time's %M) in the same setting.
+#
+# Usage: bench/nbdcopy.sh   (builds the release binaries first)
+# Env:   RUNS (per round, default 3), ROUNDS (default 2), SIZE (default 4G),
+#        FILE_SIZE (default 2G), TMPDIR (where the 2 GiB files go)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cargo build --release --bin nbdcopy --bin nbdkit >&2
+OURS=$PWD/target/release/nbdcopy
+OURKIT=$PWD/target/release/nbdkit
+UP=$(command -v nbdcopy)
+RUNS=${RUNS:-3}
+ROUNDS=${ROUNDS:-2}
+SIZE=${SIZE:-4G}
+FILE_SIZE=${FILE_SIZE:-2G}
+command -v hyperfine >/dev/null || { echo "hyperfine is missing" >&2; exit 1; }
+[ -x /usr/bin/time ] || { echo "/usr/bin/time is missing (apt-get install time)" >&2; exit 1; }
+
+work=$(mktemp -d "${TMPDIR:-/tmp}/nbdcopy-bench.XXXXXX")
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+echo "== preparing a $FILE_SIZE random file" >&2
+head -c "$FILE_SIZE" /dev/urandom >"$work/random.img"
+# The sparse source lives for the whole run.
+nbdkit -f -U "$work/sparse.sock" -P "$work/sparse.pid" data \
+  data="@0 (1)*65536 @549755813888 (2)*65536 @1099511562240 (3)*65536" size=1T &
+pids+=($!)
+for _ in $(seq 100); do [ -S "$work/sparse.sock" ] && break; sleep 0.05; done
+SPARSE="nbd+unix:///?socket=$work/sparse.sock"
+
+# case NAME PREPARE CMD-WITH-@NBDCOPY@: time both programs, print the ratio.
+results=()
+bench() {
+  local name=$1 prepare=$2 cmd=$3
+  local up=${cmd//@NBDCOPY@/$UP} ours=${cmd//@NBDCOPY@/$OURS}
+  echo "== $name" >&2
+  local t_up=0 t_ours=0
+  for r in $(seq "$ROUNDS"); do
+    local json="$work/$r.json"
+    if [ $((r % 2)) = 1 ]; then
+      hyperfine -N -w 1 -r "$RUNS" --prepare "$prepare" --export-json "$json" \
+        -n upstream "$up" -n ours "$ours" >&2
+    else
+      hyperfine -N -w 1 -r "$RUNS" --prepare "$prepare" --export-json "$json" \
+        -n ours "$ours" -n upstream "$up" >&2
+    fi
+    read -r a b < <(python3 -c '
+import json, sys
+r = {x["command"]: x["mean"] for x in json.load(open(sys.argv[1]))["results"]}
+print(r["upstream"], r["ours"])' "$json")
+    t_up=$(python3 -c "print($t_up + $a)")
+    t_ours=$(python3 -c "print($t_ours + $b)")
+  done
+  # Peak RSS of nbdcopy itself (not the servers).
+  local rss_up rss_ours
+  eval "$prepare"
+  rss_up=$(rss "$up")
+  eval "$prepare"
+  rss_ours=$(rss "$ours")
+  results+=("$(python3 -c "
+up, ours = $t_up / $ROUNDS, $t_ours / $ROUNDS
+print(f'{\"$name\":<32} upstream {up:7.3f}s  ours {ours:7.3f}s  ratio {up/ours:5.2f}x   '
+      f'peak RSS upstream {$rss_up/1024:6.1f} MiB  ours {$rss_ours/1024:6.1f} MiB')")")
+}
+
+# Peak RSS (KiB) of the nbdcopy in a command: run it with GNU time
+# wrapped around the nbdcopy word.
+rss() {
+  local cmd=$1 out="$work/rss"
+  local t="/usr/bin/time -f %M -o $out"
+  local timed=${cmd/"$UP "/"$t $UP "}
+  timed=${timed/"$OURS "/"$t $OURS "}
+  sh -c "$timed" >/dev/null 2>&1
+  tail -1 "$out"
+}
+
+bench "pattern $SIZE -> null:" "true" \
+  "nbdkit -U - pattern $SIZE --run '@NBDCOPY@ \$uri null:'"
+bench "$FILE_SIZE file -> our memory" "true" \
+  "$OURKIT -U - memory $FILE_SIZE --run '@NBDCOPY@ $work/random.img \$uri'"
+bench "1T sparse -> our memory 1T" "true" \
+  "$OURKIT -U - memory 1T --run '@NBDCOPY@ $SPARSE \$uri'"
+bench "$FILE_SIZE file -> file" "rm -f $work/out.img" \
+  "sh -c '@NBDCOPY@ $work/random.img $work/out.img'"
+
+echo
+printf '%s\n' "${results[@]}"

@@ -1,0 +1,233 @@
+//! The one interface every kind of source and destination implements.
+//!
+//! An endpoint is an NBD export (`nbd.rs`), a local file or block device
+//! (`file.rs`), a stream on stdin or stdout (`pipe.rs`) or the `null:`
+//! sink (`null.rs`). The copy strategies (`multi.rs`, `synch.rs`) only
+//! ever call these methods, so they work for every pair of kinds.
+//!
+//! Methods answer plain `io::Result`s about their own operation; the
+//! copy loop adds the endpoint's name, the operation and the offset when
+//! it reports a failure (see [`OpError`]).
+
+use std::fmt;
+use std::io;
+use std::ops::{Deref, Range};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+/// A run of the source with the same allocation status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    /// Where the run starts.
+    pub offset: u64,
+    /// Its length in bytes (never 0).
+    pub length: u64,
+    /// The run reads as zeroes (a hole or a zeroed range): no need to
+    /// read it.
+    pub zero: bool,
+}
+
+impl Extent {
+    /// One past the last byte.
+    pub fn end(&self) -> u64 {
+        self.offset + self.length
+    }
+}
+
+/// Bytes to write: a range of a buffer shared with the copy loop, so a
+/// write can run on another thread without copying and the buffer goes
+/// back to the pool once the last write using it is done.
+#[derive(Debug, Clone)]
+pub struct Data {
+    buf: Arc<Vec<u8>>,
+    range: Range<usize>,
+}
+
+impl Data {
+    /// `range` of `buf`.
+    pub fn new(buf: Arc<Vec<u8>>, range: Range<usize>) -> Data {
+        assert!(range.end <= buf.len(), "range outside the buffer");
+        Data { buf, range }
+    }
+}
+
+impl Deref for Data {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.buf[self.range.clone()]
+    }
+}
+
+/// The operations table of one source or destination.
+///
+/// Defaults are the conservative answers: no extents (everything is
+/// data), one connection's worth of parallelism is not assumed, zeroes
+/// are not known to be cheap.
+#[async_trait]
+pub trait Endpoint: Send + Sync {
+    /// How the user named it (`nbd://...`, a file name, `-`, `null:`),
+    /// for messages.
+    fn name(&self) -> &str;
+
+    /// The kind, for `-v`: `nbd`, `file`, `pipe`, `null`.
+    fn kind(&self) -> &'static str;
+
+    /// Size in bytes; `None` for a stream, whose end is found by
+    /// reading.
+    fn size(&self) -> Option<u64>;
+
+    /// Writing is refused (a read-only NBD export).
+    fn is_read_only(&self) -> bool {
+        false
+    }
+
+    /// A destination that takes the source's size (a regular file):
+    /// [`truncate`](Self::truncate) resizes it, and writes may extend it.
+    fn is_resizable(&self) -> bool {
+        false
+    }
+
+    /// Reads must be issued in order, one at a time, and writes likewise
+    /// (stdin, stdout, pipes, sockets).
+    fn is_stream(&self) -> bool {
+        false
+    }
+
+    /// The block size I/O should be a multiple of for efficiency.
+    fn preferred_block_size(&self) -> u64 {
+        4096
+    }
+
+    /// The largest single read or write worth issuing (an NBD server's
+    /// maximum payload); `None` for no limit.
+    fn max_request_size(&self) -> Option<u64> {
+        None
+    }
+
+    /// Requests take a round trip (a server): keep many in flight, as
+    /// `-R` and `--queue-size` allow. Local files and sinks answer at
+    /// once, so a copy between them keeps only a few requests (and
+    /// buffers) in flight.
+    fn needs_queue(&self) -> bool {
+        false
+    }
+
+    /// Can several connections (or threads) work on it at once? For NBD
+    /// this is the server's multi-conn flag.
+    fn can_multi_conn(&self) -> bool {
+        true
+    }
+
+    /// Open up to `n` connections in all (NBD only; others have nothing
+    /// to open). Returns how many there are now.
+    async fn start_multi_conn(&mut self, n: usize) -> io::Result<usize> {
+        Ok(n)
+    }
+
+    /// Does [`extents`](Self::extents) say more than "all data"?
+    fn can_extents(&self) -> bool {
+        false
+    }
+
+    /// Allocation status from `offset` on, for at most `length` bytes;
+    /// the extents are consecutive and start at `offset`, and may cover
+    /// less than asked (but not nothing).
+    async fn extents(&self, offset: u64, length: u64) -> io::Result<Vec<Extent>> {
+        Ok(vec![Extent {
+            offset,
+            length,
+            zero: false,
+        }])
+    }
+
+    /// Are zero blocks worth finding in the data? (Not when writes cost
+    /// nothing anyway, as for `null:`.)
+    fn wants_sparse(&self) -> bool {
+        true
+    }
+
+    /// Is the destination known to read as zeroes already (a file we
+    /// created, or that was empty)?
+    fn is_zero(&self) -> bool {
+        false
+    }
+
+    /// Read `buf.len()` bytes at `offset` into `buf` and give it back.
+    /// A stream returns fewer bytes only at its end (none after it).
+    async fn read(&self, buf: Vec<u8>, offset: u64) -> io::Result<Vec<u8>>;
+
+    /// Write `data` at `offset`.
+    async fn write(&self, data: Data, offset: u64) -> io::Result<()>;
+
+    /// Make `length` bytes at `offset` read as zeroes, deallocating them
+    /// unless `allocate`. Returns `false` when this endpoint cannot
+    /// zero efficiently; the caller then writes zeroes.
+    async fn zero(&self, offset: u64, length: u64, allocate: bool) -> io::Result<bool>;
+
+    /// Set the size of a destination that can grow or shrink (a regular
+    /// file) to the source's; others ignore it.
+    async fn truncate(&self, _size: u64) -> io::Result<()> {
+        Ok(())
+    }
+
+    /// Write everything to permanent storage (`--flush`).
+    async fn flush(&self) -> io::Result<()> {
+        Ok(())
+    }
+
+    /// Finish cleanly: wait for requests in flight, disconnect, let a
+    /// captive server go.
+    async fn close(&self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A failed operation, with what it was and where.
+#[derive(Debug)]
+pub struct OpError {
+    /// The endpoint's name.
+    pub endpoint: String,
+    /// `read`, `write`, `zero`, `extents`, `flush`, ...
+    pub op: &'static str,
+    /// Where in the endpoint, if the operation has an offset.
+    pub offset: Option<u64>,
+    /// What went wrong.
+    pub source: io::Error,
+}
+
+impl OpError {
+    /// Wrap `source` with the endpoint `e`, the operation and offset.
+    pub fn new(e: &dyn Endpoint, op: &'static str, offset: Option<u64>, source: io::Error) -> Self {
+        OpError {
+            endpoint: e.name().to_string(),
+            op,
+            offset,
+            source,
+        }
+    }
+}
+
+impl fmt::Display for OpError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.endpoint, self.op)?;
+        if let Some(o) = self.offset {
+            write!(f, " at offset {o}")?;
+        }
+        write!(f, " failed: {}", describe(&self.source))
+    }
+}
+
+impl std::error::Error for OpError {}
+
+/// An `io::Error` as a message, without std's " (os error N)".
+pub fn describe(e: &io::Error) -> String {
+    let s = e.to_string();
+    match s.find(" (os error ") {
+        Some(i) if s.ends_with(')') => s[..i].to_string(),
+        _ => s,
+    }
+}
+
+/// Zeroes to write where a destination cannot zero any other way.
+pub static ZEROES: [u8; 64 * 1024] = [0; 64 * 1024];

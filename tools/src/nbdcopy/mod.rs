@@ -1,0 +1,651 @@
+//! `nbdcopy`: copy to and from an NBD server, compatible with libnbd
+//! 1.14's.
+//!
+//! ```text
+//! nbdcopy nbd://example.com local.img
+//! nbdcopy -p local.img "nbd+unix:///?socket=/tmp/sock"
+//! nbdcopy -- [ qemu-nbd -f qcow2 disk.qcow2 ] - | hexdump -C
+//! cat disk1 disk2 | nbdcopy -- - [ qemu-nbd -f qcow2 output.qcow2 ]
+//! nbdcopy nbd://server null:
+//! ```
+//!
+//! SOURCE and DESTINATION are each an NBD URI, `[ CMD ARGS ... ]` (a
+//! server run as a subprocess with socket activation), a local file or
+//! block device, or `-` (stdin or stdout); DESTINATION may also be
+//! `null:`. Each kind is an [`endpoint::Endpoint`] in its own file
+//! (`nbd.rs`, `file.rs`, `pipe.rs`, `null.rs`); the copy strategies
+//! (`multi.rs` by default, `synch.rs` for `--synchronous`) know only
+//! that trait.
+//!
+//! Options, as libnbd's: `-C`/`--connections` (multi-conn, default 4
+//! where the servers allow it, at most one per thread), `-R`/`--requests`
+//! (in flight per connection, default 64), `--request-size` (default
+//! 256K), `--queue-size` (bytes in flight per connection, default 16M),
+//! `-T`/`--threads` (default: the number of CPUs), `-S`/`--sparse`
+//! (zero detection block size, default 4096 or the destination's
+//! preferred block size; 0 turns it off), `--allocated`, `--no-extents`,
+//! `--destination-is-zero`/`--target-is-zero`, `--flush`,
+//! `--synchronous`, `-p`/`--progress` or `--progress=FD`, `-v`, `-V`.
+//!
+//! A destination smaller than the source is an error before anything is
+//! copied (a regular file is resized to the source instead). Any failed
+//! read or write stops the copy with a message naming the endpoint, the
+//! offset and the error, and exit status 1.
+
+mod alloc;
+mod endpoint;
+mod file;
+mod multi;
+mod nbd;
+mod null;
+mod ops;
+mod pipe;
+mod progress;
+mod sparse;
+mod synch;
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use clap::Parser;
+use libnbd::captive::{self, Target};
+use libnbd::uri::Uri;
+
+pub use alloc::PageAligned;
+use endpoint::{describe, Endpoint, OpError};
+use file::{FileEndpoint, Opened};
+use nbd::NbdEndpoint;
+use null::NullEndpoint;
+use ops::{Copier, Settings};
+use pipe::PipeEndpoint;
+use progress::{Mode, Progress, Reporter};
+
+/// The libnbd version whose nbdcopy this one follows.
+pub const COMPAT_VERSION: &str = "1.14.2";
+
+/// Default `--request-size`.
+const REQUEST_SIZE: u64 = 256 * 1024;
+/// Smallest and largest `--request-size`.
+const MIN_REQUEST_SIZE: u64 = 4096;
+const MAX_REQUEST_SIZE: u64 = 32 * 1024 * 1024;
+/// Default `--queue-size`.
+const QUEUE_SIZE: u64 = 16 * 1024 * 1024;
+/// Requests in flight per connection when neither side is a server.
+const LOCAL_REQUESTS: usize = 4;
+/// Default `--sparse`.
+const SPARSE_SIZE: u64 = 4096;
+
+const USAGE: &str = "
+Copy to and from an NBD server:
+
+    nbdcopy [--allocated] [-C N|--connections=N]
+            [--destination-is-zero|--target-is-zero] [--flush]
+            [--no-extents] [-p|--progress|--progress=FD]
+            [--queue-size=N] [--request-size=N] [-R N|--requests=N]
+            [-S N|--sparse=N] [--synchronous] [-T N|--threads=N]
+            [-v|--verbose]
+            SOURCE DESTINATION
+
+    SOURCE, DESTINATION := - | FILE | DEVICE | NBD-URI | [ CMD ARGS ... ]
+    DESTINATION += null:
+
+Other options:
+
+    nbdcopy --help
+    nbdcopy -V|--version
+
+Examples:
+
+    nbdcopy nbd://example.com local.img
+    nbdcopy local.img nbd://example.com
+    nbdcopy nbd://example.com - | file -
+    cat disk1 disk2 | nbdcopy -- - [ qemu-nbd -f qcow2 output.qcow2 ]
+
+Please read the nbdcopy(1) manual page for full usage.
+";
+
+/// The command line (help text is [`USAGE`]).
+#[derive(Parser, Debug)]
+#[command(
+    name = "nbdcopy",
+    disable_help_flag = true,
+    disable_version_flag = true
+)]
+struct Cli {
+    /// Write a fully allocated destination: zeroes as allocated blocks.
+    #[arg(long)]
+    allocated: bool,
+    /// Most NBD connections per server (multi-conn), default 4.
+    #[arg(short = 'C', long = "connections")]
+    connections: Option<String>,
+    /// The destination already reads as zeroes: skip zero ranges.
+    #[arg(long = "destination-is-zero", alias = "target-is-zero")]
+    destination_is_zero: bool,
+    /// Flush the destination to permanent storage at the end.
+    #[arg(long)]
+    flush: bool,
+    /// Print usage and exit.
+    #[arg(long)]
+    help: bool,
+    /// Read everything, ignoring the source's extents.
+    #[arg(long = "no-extents")]
+    no_extents: bool,
+    /// Draw a progress bar on stderr.
+    #[arg(short = 'p')]
+    p: bool,
+    /// `--progress` (a bar) or `--progress=FD` (`N/100` lines on FD).
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "")]
+    progress: Option<String>,
+    /// Bytes of requests in flight per connection, default 16M.
+    #[arg(long = "queue-size")]
+    queue_size: Option<String>,
+    /// Largest request, a power of 2 from 4K to 32M, default 256K.
+    #[arg(long = "request-size")]
+    request_size: Option<String>,
+    /// Requests in flight per connection, default 64.
+    #[arg(short = 'R', long = "requests")]
+    requests: Option<String>,
+    /// Zero detection block size (0: none).
+    #[arg(short = 'S', long = "sparse")]
+    sparse: Option<String>,
+    /// One request at a time, in order.
+    #[arg(long)]
+    synchronous: bool,
+    /// Threads (0: one per CPU).
+    #[arg(short = 'T', long = "threads")]
+    threads: Option<String>,
+    /// Print what is being done.
+    #[arg(short = 'v', long = "verbose")]
+    verbose: bool,
+    /// Print the version and exit.
+    #[arg(short = 'V', long = "version")]
+    version: bool,
+    /// SOURCE and DESTINATION (`[ CMD ARGS ... ]` spans several words).
+    args: Vec<OsString>,
+}
+
+/// The options, checked and with defaults applied.
+#[derive(Debug, Clone)]
+struct Options {
+    allocated: bool,
+    connections: usize,
+    destination_is_zero: bool,
+    flush: bool,
+    extents: bool,
+    progress: Mode,
+    queue_size: u64,
+    request_size: u64,
+    requests: usize,
+    /// `None`: the default (raised to the destination's block size).
+    sparse: Option<u64>,
+    synchronous: bool,
+    threads: usize,
+    verbose: bool,
+}
+
+/// An error that ends nbdcopy with a message and exit status 1.
+#[derive(Debug)]
+struct Fatal(String);
+
+impl From<OpError> for Fatal {
+    fn from(e: OpError) -> Self {
+        Fatal(e.to_string())
+    }
+}
+
+/// How the command line ends: copy, or just print something.
+enum Action {
+    Copy(Options, Spec, Spec),
+    Help,
+    Version,
+    /// Bad usage: a message, then the usage text on stderr.
+    Usage(String),
+}
+
+/// What a SOURCE or DESTINATION argument names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Spec {
+    Nbd(Target),
+    Stdio,
+    Null,
+    Path(PathBuf),
+}
+
+/// Run nbdcopy with these arguments (without argv\[0\]); returns the
+/// exit status.
+pub fn main(args: Vec<OsString>) -> i32 {
+    match parse(args) {
+        Action::Help => {
+            print!("{USAGE}");
+            0
+        }
+        Action::Version => {
+            println!("nbdcopy {COMPAT_VERSION}");
+            println!("libnbd {COMPAT_VERSION}");
+            0
+        }
+        Action::Usage(msg) => {
+            if !msg.is_empty() {
+                eprintln!("nbdcopy: {msg}");
+            }
+            eprint!("{USAGE}");
+            1
+        }
+        Action::Copy(opts, src, dst) => match run(opts, src, dst) {
+            Ok(()) => 0,
+            Err(Fatal(msg)) => {
+                eprintln!("nbdcopy: {msg}");
+                1
+            }
+        },
+    }
+}
+
+fn count(name: &str, v: Option<&String>, default: usize, zero_ok: bool) -> Result<usize, String> {
+    let Some(s) = v else {
+        return Ok(default);
+    };
+    match s.trim().parse::<u32>() {
+        Ok(n) if n > 0 || zero_ok => Ok(n as usize),
+        _ => Err(format!("--{name}: could not parse: {s}")),
+    }
+}
+
+fn size(name: &str, v: Option<&String>) -> Result<Option<u64>, String> {
+    v.map(|s| libnbd::parse_size(s).map_err(|_| format!("--{name}: could not parse: {s}")))
+        .transpose()
+}
+
+fn options(cli: &Cli) -> Result<Options, String> {
+    let connections = count("connections", cli.connections.as_ref(), 4, false)?;
+    let requests = count("requests", cli.requests.as_ref(), 64, false)?;
+    let threads = count("threads", cli.threads.as_ref(), 0, true)?;
+    let request_size = size("request-size", cli.request_size.as_ref())?.unwrap_or(REQUEST_SIZE);
+    if !request_size.is_power_of_two()
+        || !(MIN_REQUEST_SIZE..=MAX_REQUEST_SIZE).contains(&request_size)
+    {
+        return Err(format!(
+            "--request-size: must be a power of 2 within {MIN_REQUEST_SIZE}-{MAX_REQUEST_SIZE}"
+        ));
+    }
+    let queue_size = size("queue-size", cli.queue_size.as_ref())?.unwrap_or(QUEUE_SIZE);
+    let sparse = size("sparse", cli.sparse.as_ref())?;
+    if let Some(s) = sparse {
+        if s != 0 && (!s.is_power_of_two() || s < 512) {
+            return Err("--sparse: must be a power of 2 and >= 512".into());
+        }
+    }
+    let progress = match (&cli.progress, cli.p) {
+        (Some(fd), _) if !fd.is_empty() => match fd.trim().parse::<i32>() {
+            Ok(n) if n >= 0 => Mode::Fd(n),
+            _ => return Err(format!("--progress: could not parse: {fd}")),
+        },
+        (Some(_), _) | (None, true) => Mode::Bar,
+        (None, false) => Mode::Off,
+    };
+    Ok(Options {
+        allocated: cli.allocated,
+        connections,
+        destination_is_zero: cli.destination_is_zero,
+        flush: cli.flush,
+        extents: !cli.no_extents,
+        progress,
+        queue_size,
+        request_size,
+        requests,
+        sparse,
+        synchronous: cli.synchronous,
+        threads,
+        verbose: cli.verbose,
+    })
+}
+
+/// Take one SOURCE or DESTINATION from the front of `args`; returns it
+/// and how many words it used.
+fn spec(args: &[OsString]) -> Result<(Spec, usize), String> {
+    let first = &args[0];
+    if first == "[" {
+        let (t, n) = Target::from_args(args).map_err(|e| e.to_string())?;
+        return Ok((Spec::Nbd(t), n));
+    }
+    let s = first.to_string_lossy();
+    if s == "-" {
+        return Ok((Spec::Stdio, 1));
+    }
+    if null::is_null(&s) {
+        return Ok((Spec::Null, 1));
+    }
+    if Uri::is_nbd_uri(&s) {
+        let (t, n) = Target::from_args(args).map_err(|e| e.to_string())?;
+        return Ok((Spec::Nbd(t), n));
+    }
+    Ok((Spec::Path(PathBuf::from(first)), 1))
+}
+
+fn parse(args: Vec<OsString>) -> Action {
+    let cli = match Cli::try_parse_from(std::iter::once(OsString::from("nbdcopy")).chain(args)) {
+        Ok(c) => c,
+        Err(e) => {
+            let msg = e.to_string();
+            let first = msg.lines().next().unwrap_or("bad arguments");
+            return Action::Usage(first.trim_start_matches("error: ").to_string());
+        }
+    };
+    if cli.help {
+        return Action::Help;
+    }
+    if cli.version {
+        return Action::Version;
+    }
+    let opts = match options(&cli) {
+        Ok(o) => o,
+        Err(msg) => return Action::Usage(msg),
+    };
+    let a = &cli.args;
+    if a.is_empty() {
+        return Action::Usage(String::new());
+    }
+    let (src, n) = match spec(a) {
+        Ok(x) => x,
+        Err(m) => return Action::Usage(m),
+    };
+    if n >= a.len() {
+        return Action::Usage(String::new());
+    }
+    let (dst, m) = match spec(&a[n..]) {
+        Ok(x) => x,
+        Err(m) => return Action::Usage(m),
+    };
+    if n + m != a.len() {
+        return Action::Usage(String::new());
+    }
+    // `null:` is a destination only; as a source it is a file name.
+    let src = if src == Spec::Null {
+        Spec::Path(PathBuf::from("null:"))
+    } else {
+        src
+    };
+    Action::Copy(opts, src, dst)
+}
+
+/// Open one side.
+async fn open(spec: Spec, write: bool, extents: bool) -> Result<Box<dyn Endpoint>, Fatal> {
+    let file = |name: String, opened: Opened| -> Box<dyn Endpoint> {
+        match opened {
+            Opened::File(f) => Box::new(f),
+            Opened::Stream(f) => Box::new(PipeEndpoint::new(name, f)),
+        }
+    };
+    Ok(match spec {
+        Spec::Nbd(t) => Box::new(
+            NbdEndpoint::open(t, extents)
+                .await
+                .map_err(|e| Fatal(describe(&e)))?,
+        ),
+        Spec::Null => Box::new(NullEndpoint),
+        Spec::Stdio => {
+            let f = pipe::std_file(write).map_err(|e| Fatal(format!("-: {}", describe(&e))))?;
+            let opened = FileEndpoint::from_file("-".into(), f)
+                .map_err(|e| Fatal(format!("-: {}", describe(&e))))?;
+            file("-".into(), opened)
+        }
+        Spec::Path(p) => {
+            let name = p.display().to_string();
+            let opened = FileEndpoint::open(&p, write)
+                .map_err(|e| Fatal(format!("{name}: {}", describe(&e))))?;
+            file(name, opened)
+        }
+    })
+}
+
+fn human(n: u64) -> String {
+    const UNITS: [&str; 6] = ["", "K", "M", "G", "T", "P"];
+    let mut i = 0;
+    let mut v = n;
+    while i + 1 < UNITS.len() && v >= 1024 && v % 1024 == 0 {
+        v /= 1024;
+        i += 1;
+    }
+    format!("{v}{}", UNITS[i])
+}
+
+fn describe_endpoint(side: &str, e: &dyn Endpoint) {
+    eprintln!("nbdcopy: {side}: {} \"{}\"", e.kind(), e.name());
+    let size = match e.size() {
+        Some(s) => format!("{s} ({})", human(s)),
+        None => "unknown (stream)".into(),
+    };
+    eprintln!(
+        "nbdcopy: {side}: size={size}, preferred block size={}",
+        e.preferred_block_size()
+    );
+}
+
+fn run(opts: Options, src: Spec, dst: Spec) -> Result<(), Fatal> {
+    let threads = match opts.threads {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .thread_name("nbdcopy")
+        .enable_all()
+        .build()
+        .map_err(|e| Fatal(format!("cannot start the runtime: {e}")))?;
+    rt.block_on(async move {
+        captive::kill_on_signals().map_err(|e| Fatal(format!("signal handlers: {e}")))?;
+        // On a worker thread, like the tasks it starts and waits for
+        // (block_on's own thread is not one: every wakeup would cross).
+        tokio::spawn(copy(opts, threads, src, dst))
+            .await
+            .map_err(|e| Fatal(format!("internal error: {e}")))?
+    })
+}
+
+async fn copy(opts: Options, threads: usize, src: Spec, dst: Spec) -> Result<(), Fatal> {
+    let mut src = open(src, false, opts.extents).await?;
+    let mut dst = open(dst, true, opts.extents).await?;
+    if dst.is_read_only() {
+        return Err(Fatal(format!(
+            "{}: the destination is read-only",
+            dst.name()
+        )));
+    }
+
+    // Connections: several only where both sides can take them, and no
+    // more than there are threads to drive them.
+    let mut connections = opts.connections.min(threads).max(1);
+    if opts.synchronous || !src.can_multi_conn() || !dst.can_multi_conn() {
+        connections = 1;
+    }
+    let (a, b) = tokio::join!(
+        src.start_multi_conn(connections),
+        dst.start_multi_conn(connections)
+    );
+    a.map_err(|e| Fatal(describe(&e)))?;
+    b.map_err(|e| Fatal(describe(&e)))?;
+
+    // Sizes: a regular file destination takes the source's size; any
+    // other must be large enough.
+    if let Some(size) = src.size() {
+        if dst.is_resizable() {
+            dst.truncate(size)
+                .await
+                .map_err(|e| OpError::new(&*dst, "truncate", None, e))?;
+        } else if matches!(dst.size(), Some(d) if d < size) {
+            return Err(Fatal(
+                "error: destination size is smaller than source size".into(),
+            ));
+        }
+    }
+
+    let mut request_size = opts.request_size;
+    for limit in [src.max_request_size(), dst.max_request_size()]
+        .into_iter()
+        .flatten()
+    {
+        if limit >= 512 && limit < request_size {
+            // The largest power of 2 within the server's maximum.
+            request_size = 1 << (63 - limit.leading_zeros());
+        }
+    }
+    let sparse_size = match opts.sparse {
+        Some(s) => s,
+        None => SPARSE_SIZE.max(dst.preferred_block_size()),
+    };
+    let dst_stream = dst.is_stream();
+    let settings = Settings {
+        request_size,
+        sparse_size,
+        allocated: opts.allocated,
+        skip_zeroes: !dst_stream && (opts.destination_is_zero || dst.is_zero()),
+    };
+    if opts.verbose {
+        describe_endpoint("src", &*src);
+        describe_endpoint("dst", &*dst);
+        eprintln!(
+            "nbdcopy: connections={connections} requests={} threads={threads} synchronous={} \
+             request-size={request_size} queue-size={} sparse={sparse_size} extents={} \
+             destination-is-zero={}",
+            opts.requests,
+            opts.synchronous,
+            opts.queue_size,
+            opts.extents && src.can_extents(),
+            settings.skip_zeroes,
+        );
+    }
+
+    let progress = Arc::new(Progress::new(src.size()));
+    let reporter = Reporter::start(opts.progress, progress.clone());
+    let src: Arc<dyn Endpoint> = Arc::from(src);
+    let dst: Arc<dyn Endpoint> = Arc::from(dst);
+    let c = Arc::new(Copier::new(src.clone(), dst.clone(), settings, progress));
+    let result = if opts.synchronous {
+        synch::copy(c.clone(), opts.extents).await
+    } else {
+        let mut limits = multi::Limits {
+            requests: opts.requests.saturating_mul(connections),
+            queue_bytes: opts.queue_size.saturating_mul(connections as u64),
+        };
+        if !src.needs_queue() && !dst.needs_queue() {
+            // Nothing to wait for but local I/O: a few requests at once
+            // keep it busy; more would only hold buffers.
+            limits.requests = limits.requests.min(LOCAL_REQUESTS * connections);
+            limits.queue_bytes = limits
+                .queue_bytes
+                .min(limits.requests as u64 * request_size);
+        }
+        multi::copy(c.clone(), limits, opts.extents).await
+    };
+    let result = match result {
+        Ok(copied) => finish(&*src, &*dst, copied, opts.flush).await,
+        Err(e) => Err(e),
+    };
+    reporter.finish(result.is_ok()).await;
+    result?;
+    Ok(())
+}
+
+/// After the data: fix the size of a destination file fed by a stream,
+/// flush if asked, and close both sides cleanly.
+async fn finish(
+    src: &dyn Endpoint,
+    dst: &dyn Endpoint,
+    copied: u64,
+    flush: bool,
+) -> Result<(), OpError> {
+    if src.size().is_none() && dst.is_resizable() {
+        dst.truncate(copied)
+            .await
+            .map_err(|e| OpError::new(dst, "truncate", None, e))?;
+    }
+    if flush {
+        dst.flush()
+            .await
+            .map_err(|e| OpError::new(dst, "flush", None, e))?;
+    }
+    src.close()
+        .await
+        .map_err(|e| OpError::new(src, "close", None, e))?;
+    dst.close()
+        .await
+        .map_err(|e| OpError::new(dst, "close", None, e))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn words(s: &str) -> Vec<OsString> {
+        s.split_whitespace().map(OsString::from).collect()
+    }
+
+    fn copy_of(s: &str) -> (Options, Spec, Spec) {
+        match parse(words(s)) {
+            Action::Copy(o, a, b) => (o, a, b),
+            _ => panic!("{s}: not a copy"),
+        }
+    }
+
+    fn usage(s: &str) -> String {
+        match parse(words(s)) {
+            Action::Usage(m) => m,
+            _ => panic!("{s}: not a usage error"),
+        }
+    }
+
+    #[test]
+    fn defaults_are_libnbds() {
+        let (o, src, dst) = copy_of("a.img null:");
+        assert_eq!(o.connections, 4);
+        assert_eq!(o.requests, 64);
+        assert_eq!(o.request_size, 256 * 1024);
+        assert_eq!(o.queue_size, 16 << 20);
+        assert_eq!(o.sparse, None);
+        assert_eq!(o.threads, 0);
+        assert_eq!(o.progress, Mode::Off);
+        assert!(o.extents && !o.allocated && !o.synchronous);
+        assert_eq!(src, Spec::Path("a.img".into()));
+        assert_eq!(dst, Spec::Null);
+    }
+
+    #[test]
+    fn captive_and_uri_specs() {
+        let (_, src, dst) = copy_of("-- [ qemu-nbd -f qcow2 x.qcow2 ] -");
+        assert!(matches!(src, Spec::Nbd(Target::Command(ref v)) if v.len() == 4));
+        assert_eq!(dst, Spec::Stdio);
+        let (_, src, dst) = copy_of("nbd://example.com [ nbdkit memory 1G ]");
+        assert!(matches!(src, Spec::Nbd(Target::Uri(_))));
+        assert!(matches!(dst, Spec::Nbd(Target::Command(_))));
+        // null: as a source is a file name.
+        let (_, src, _) = copy_of("null: out");
+        assert_eq!(src, Spec::Path("null:".into()));
+    }
+
+    #[test]
+    fn options_are_checked() {
+        assert!(
+            usage("--request-size=1000 a b").starts_with("--request-size: must be a power of 2")
+        );
+        assert_eq!(
+            usage("-S 100 a b"),
+            "--sparse: must be a power of 2 and >= 512"
+        );
+        assert_eq!(usage("-C 0 a b"), "--connections: could not parse: 0");
+        assert_eq!(usage("-R x a b"), "--requests: could not parse: x");
+        assert_eq!(usage("a"), "");
+        assert_eq!(usage("a b c"), "");
+        let (o, _, _) = copy_of("--progress=3 -S 0 --request-size=1M -T 1 a b");
+        assert_eq!(o.progress, Mode::Fd(3));
+        assert_eq!(o.sparse, Some(0));
+        assert_eq!(o.request_size, 1 << 20);
+        assert_eq!(o.threads, 1);
+        let (o, _, _) = copy_of("--progress a b");
+        assert_eq!(o.progress, Mode::Bar);
+        let (o, _, _) = copy_of("a b -p --target-is-zero");
+        assert_eq!(o.progress, Mode::Bar);
+        assert!(o.destination_is_zero);
+    }
+}

@@ -1,0 +1,280 @@
+//! NBD exports: a URI (`nbd://host/export`, `nbd+unix:///?socket=S`)
+//! or a captive server run for the copy (`[ qemu-nbd -f qcow2 x ]`).
+//!
+//! One connection is made first; once both sides are known, the copy
+//! asks for more ([`Endpoint::start_multi_conn`]), which are made only
+//! when the server advertises multi-conn. Requests go to the
+//! connections in turn, many at once on each. A captive server gets
+//! every connection and is stopped when the endpoint goes.
+//!
+//! Extents come from `base:allocation` (asked for only on a source that
+//! uses them). Zeroing is `NBD_CMD_WRITE_ZEROES`, with `FAST_ZERO` while
+//! the server offers and honours it, and `NO_HOLE` for `--allocated`;
+//! a server without write zeroes gets data instead.
+
+use std::ffi::OsString;
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use futures::future::try_join_all;
+use libnbd::captive::{CaptiveServer, Target};
+use libnbd::client::{errno_text, ConnectOptions, Connection, Error as NbdError};
+use libnbd::protocol::{alloc, cmdflag, errno, CONTEXT_BASE_ALLOCATION};
+use libnbd::uri::Uri;
+
+use super::endpoint::{Data, Endpoint, Extent};
+
+/// Where more connections come from.
+enum Server {
+    Uri(Uri),
+    Captive(Arc<CaptiveServer>),
+}
+
+impl Server {
+    async fn connect(&self, opts: &ConnectOptions) -> libnbd::client::Result<Connection> {
+        match self {
+            Server::Uri(u) => u.connect(opts).await,
+            Server::Captive(s) => s.connect(opts).await,
+        }
+    }
+}
+
+/// An NBD export over one or more connections.
+pub struct NbdEndpoint {
+    name: String,
+    server: Server,
+    opts: ConnectOptions,
+    conns: Vec<Arc<Connection>>,
+    /// Round-robin position.
+    next: AtomicUsize,
+    /// `base:allocation` was negotiated and is wanted.
+    extents: bool,
+    /// Still worth sending `FAST_ZERO` (cleared when the server says
+    /// it cannot zero fast).
+    fast_zero: AtomicBool,
+}
+
+/// A client error as an `io::Error` whose message is the server's error
+/// (like `Input/output error`), or the client's own description.
+fn io_err(e: NbdError) -> io::Error {
+    match &e {
+        NbdError::Server { errno, message, .. } => {
+            let kind = io::Error::from_raw_os_error(errno::to_host(*errno)).kind();
+            let text = errno_text(*errno);
+            if message.is_empty() {
+                io::Error::new(kind, text)
+            } else {
+                io::Error::new(kind, format!("{text}: {message}"))
+            }
+        }
+        _ => e.into(),
+    }
+}
+
+/// A name for `[ cmd args ]` in messages.
+fn command_name(argv: &[OsString]) -> String {
+    let words: Vec<String> = argv
+        .iter()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    format!("[ {} ]", words.join(" "))
+}
+
+impl NbdEndpoint {
+    /// Connect (once) to `target`: a URI, or a command to start.
+    /// `extents`: ask for `base:allocation` (a source that uses them).
+    pub async fn open(target: Target, extents: bool) -> io::Result<NbdEndpoint> {
+        let contexts: &[&str] = if extents {
+            &[CONTEXT_BASE_ALLOCATION]
+        } else {
+            &[]
+        };
+        let opts = ConnectOptions::new()
+            .meta_contexts(contexts.iter().copied())
+            .full_info(false);
+        let (name, server) = match target {
+            Target::Uri(u) => (u.to_string(), Server::Uri(u)),
+            Target::Command(argv) => {
+                let name = command_name(&argv);
+                let s = CaptiveServer::spawn(&argv).map_err(io_err)?;
+                (name, Server::Captive(Arc::new(s)))
+            }
+        };
+        let first = server
+            .connect(&opts)
+            .await
+            .map_err(|e| io::Error::other(format!("{name}: {}", io_err(e))))?;
+        let extents = extents && first.can_meta_context(CONTEXT_BASE_ALLOCATION);
+        Ok(NbdEndpoint {
+            name,
+            server,
+            opts,
+            conns: vec![Arc::new(first)],
+            next: AtomicUsize::new(0),
+            extents,
+            fast_zero: AtomicBool::new(true),
+        })
+    }
+
+    /// The connection for the next request.
+    fn conn(&self) -> &Connection {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.conns.len();
+        &self.conns[i]
+    }
+}
+
+#[async_trait]
+impl Endpoint for NbdEndpoint {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn kind(&self) -> &'static str {
+        "nbd"
+    }
+
+    fn size(&self) -> Option<u64> {
+        Some(self.conns[0].size())
+    }
+
+    fn is_read_only(&self) -> bool {
+        self.conns[0].is_read_only()
+    }
+
+    fn preferred_block_size(&self) -> u64 {
+        match self.conns[0].block_size() {
+            Some(b) if b.preferred >= 512 => u64::from(b.preferred),
+            _ => 4096,
+        }
+    }
+
+    fn max_request_size(&self) -> Option<u64> {
+        Some(u64::from(self.conns[0].max_payload()))
+    }
+
+    fn needs_queue(&self) -> bool {
+        true
+    }
+
+    fn can_multi_conn(&self) -> bool {
+        self.conns[0].can_multi_conn()
+    }
+
+    async fn start_multi_conn(&mut self, n: usize) -> io::Result<usize> {
+        let have = self.conns.len();
+        if n <= have || !self.can_multi_conn() {
+            return Ok(have);
+        }
+        let opts = &self.opts;
+        let server = &self.server;
+        let more = try_join_all((have..n).map(|_| server.connect(opts)))
+            .await
+            .map_err(|e| io::Error::other(format!("{}: {}", self.name, io_err(e))))?;
+        let size = self.conns[0].size();
+        if more.iter().any(|c| c.size() != size) {
+            return Err(io::Error::other(format!(
+                "{}: the export changed size between connections",
+                self.name
+            )));
+        }
+        self.conns.extend(more.into_iter().map(Arc::new));
+        Ok(self.conns.len())
+    }
+
+    fn can_extents(&self) -> bool {
+        self.extents
+    }
+
+    async fn extents(&self, offset: u64, length: u64) -> io::Result<Vec<Extent>> {
+        if !self.extents {
+            return Ok(vec![Extent {
+                offset,
+                length,
+                zero: false,
+            }]);
+        }
+        let status = self
+            .conn()
+            .block_status(length, offset, 0)
+            .await
+            .map_err(io_err)?;
+        let list = status.get(CONTEXT_BASE_ALLOCATION).unwrap_or(&[]);
+        let end = offset + length;
+        let mut out = Vec::with_capacity(list.len());
+        let mut at = offset;
+        for e in list {
+            if at >= end {
+                break;
+            }
+            let len = u64::from(e.length).min(end - at);
+            let zero = e.flags & alloc::ZERO != 0;
+            match out.last_mut() {
+                Some(Extent {
+                    zero: z, length, ..
+                }) if *z == zero => *length += len,
+                _ => out.push(Extent {
+                    offset: at,
+                    length: len,
+                    zero,
+                }),
+            }
+            at += len;
+        }
+        if out.is_empty() {
+            return Err(io::Error::other(
+                "block status: the server described no extents",
+            ));
+        }
+        Ok(out)
+    }
+
+    async fn read(&self, buf: Vec<u8>, offset: u64) -> io::Result<Vec<u8>> {
+        self.conn()
+            .pread_owned(buf, offset, 0)
+            .await
+            .map_err(io_err)
+    }
+
+    async fn write(&self, data: Data, offset: u64) -> io::Result<()> {
+        self.conn().pwrite(&data, offset, 0).await.map_err(io_err)
+    }
+
+    async fn zero(&self, offset: u64, length: u64, allocate: bool) -> io::Result<bool> {
+        let c = self.conn();
+        if !c.can_zero() {
+            return Ok(false);
+        }
+        let flags = if allocate { cmdflag::NO_HOLE } else { 0 };
+        if c.can_fast_zero() && self.fast_zero.load(Ordering::Relaxed) {
+            match c.zero(length, offset, flags | cmdflag::FAST_ZERO).await {
+                Ok(()) => return Ok(true),
+                // Not fast here: zero the ordinary way from now on.
+                Err(NbdError::Server { errno: e, .. }) if e == errno::ENOTSUP => {
+                    self.fast_zero.store(false, Ordering::Relaxed);
+                }
+                Err(e) => return Err(io_err(e)),
+            }
+        }
+        c.zero(length, offset, flags).await.map_err(io_err)?;
+        Ok(true)
+    }
+
+    async fn flush(&self) -> io::Result<()> {
+        if !self.conns[0].can_flush() {
+            return Ok(());
+        }
+        try_join_all(self.conns.iter().map(|c| c.flush()))
+            .await
+            .map_err(io_err)?;
+        Ok(())
+    }
+
+    async fn close(&self) -> io::Result<()> {
+        try_join_all(self.conns.iter().map(|c| c.disconnect()))
+            .await
+            .map_err(io_err)?;
+        Ok(())
+    }
+}
