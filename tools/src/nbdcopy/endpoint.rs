@@ -105,12 +105,12 @@ pub trait Endpoint: Send + Sync {
         None
     }
 
-    /// Requests take a round trip (a server): keep many in flight, as
-    /// `-R` and `--queue-size` allow. Local files and sinks answer at
-    /// once, so a copy between them keeps only a few requests (and
-    /// buffers) in flight.
-    fn needs_queue(&self) -> bool {
-        false
+    /// Requests worth having in flight per connection, unless `-R`
+    /// says otherwise: a few for local files and sinks, which answer at
+    /// once; more for a server, to cover the round trip. The copy uses
+    /// the larger of the two sides'.
+    fn queue_depth(&self) -> usize {
+        4
     }
 
     /// Can several connections (or threads) work on it at once? For NBD

@@ -4,10 +4,13 @@
 //!
 //! - I/O never blocks the reactor: data already in the page cache is
 //!   copied at once (`preadv2`/`pwritev2` with `RWF_NOWAIT`, which fail
-//!   rather than wait for the disk), anything else is `pread`/`pwrite`
-//!   on tokio's blocking threads, a few at once (for a disk's queue
-//!   depth). Handing every request to another thread would cost more
-//!   than the copy itself for a cached file.
+//!   rather than wait for the disk); handing every request to another
+//!   thread would cost more than the copy itself. Reads that would wait
+//!   are `pread` on tokio's blocking threads, a few at once (a disk's
+//!   queue depth). Writes that would wait go through a queue to a
+//!   writer thread (one for a regular file, whose inode lock serializes
+//!   buffered writes anyway; several for a block device), so a busy
+//!   writer takes more work without a thread switch per write.
 //! - A regular file as source reports its holes with
 //!   `lseek(SEEK_DATA/SEEK_HOLE)`.
 //! - A regular file as destination is created if missing and truncated
@@ -23,22 +26,25 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{mpsc, Arc, Mutex, OnceLock};
 
 use async_trait::async_trait;
 use nix::errno::Errno;
 use nix::fcntl::{fallocate, FallocateFlags};
 use nix::unistd::{lseek, Whence};
-use tokio::sync::Semaphore;
+use tokio::sync::{oneshot, Semaphore};
 
 use super::endpoint::{Data, Endpoint, Extent};
 
+/// Largest read or write tried on the reactor with `RWF_NOWAIT`.
+const MAX_NOWAIT: usize = 1 << 20;
 /// Reads running at once: enough to keep a disk busy, few enough not to
 /// flood the blocking pool.
 const CONCURRENT_READS: usize = 8;
-/// Writes and other changes running at once to a block device. A
-/// regular file takes one at a time: the file system serializes them
-/// on the inode lock anyway, and threads queueing on it only burn CPU.
+/// Writes (writer threads) and other changes running at once to a
+/// block device. A regular file takes one at a time: the file system
+/// serializes them on the inode lock anyway, and threads queueing on it
+/// only burn CPU.
 const CONCURRENT_WRITES: usize = 8;
 
 /// A regular file or a block device.
@@ -57,6 +63,9 @@ pub struct FileEndpoint {
     /// Bound the reads and the changes in flight on blocking threads.
     read_limit: Semaphore,
     write_limit: Semaphore,
+    /// The queue of the writer threads, started at the first write that
+    /// cannot be done at once.
+    writers: OnceLock<mpsc::Sender<WriteJob>>,
     /// Cleared when a way of zeroing turns out to be unsupported, so it
     /// is not tried again for every range.
     can_punch: AtomicBool,
@@ -66,6 +75,39 @@ pub struct FileEndpoint {
     /// or file system refuses them).
     nowait_read: AtomicBool,
     nowait_write: AtomicBool,
+}
+
+/// A write for the writer threads.
+#[derive(Debug)]
+struct WriteJob {
+    data: Data,
+    /// Bytes of `data` already written.
+    skip: usize,
+    offset: u64,
+    done: oneshot::Sender<io::Result<()>>,
+}
+
+/// Start `n` threads writing the jobs sent to the returned queue to
+/// `file`. A write that finds a thread busy costs no thread switch to
+/// queue, and queued writes are done back to back; the threads end
+/// when the queue is dropped.
+fn start_writers(file: &Arc<File>, n: usize) -> io::Result<mpsc::Sender<WriteJob>> {
+    let (tx, rx) = mpsc::channel::<WriteJob>();
+    let rx = Arc::new(Mutex::new(rx));
+    for _ in 0..n {
+        let (file, rx) = (file.clone(), rx.clone());
+        std::thread::Builder::new()
+            .name("nbdcopy-write".into())
+            .spawn(move || loop {
+                let job = rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
+                let Ok(job) = job else { return };
+                let r = file.write_all_at(&job.data[job.skip..], job.offset);
+                // Give the buffer back before the copy loop looks for it.
+                drop(job.data);
+                let _ = job.done.send(r);
+            })?;
+    }
+    Ok(tx)
 }
 
 /// What is behind an opened file.
@@ -81,9 +123,12 @@ impl FileEndpoint {
     /// created if missing).
     pub fn open(path: &Path, write: bool) -> io::Result<Opened> {
         let file = if write {
+            // Not truncated here: resized to the source later, and only
+            // once the source is known to be readable.
             OpenOptions::new()
                 .write(true)
                 .create(true)
+                .truncate(false)
                 .mode(0o644)
                 .open(path)?
         } else {
@@ -119,6 +164,7 @@ impl FileEndpoint {
             was_empty: !block_device && size == 0,
             read_limit: Semaphore::new(CONCURRENT_READS),
             write_limit: Semaphore::new(if block_device { CONCURRENT_WRITES } else { 1 }),
+            writers: OnceLock::new(),
             can_punch: AtomicBool::new(true),
             can_zero_range: AtomicBool::new(true),
             can_zeroout: AtomicBool::new(block_device),
@@ -150,7 +196,9 @@ impl FileEndpoint {
 /// Read or write at `offset` as far as possible without waiting for the
 /// disk (`RWF_NOWAIT`): returns the bytes done, which stop short where
 /// the page cache cannot serve the rest. `flag` is cleared for good if
-/// the kernel or file system does not support it.
+/// the kernel or file system does not support it. Large requests go to
+/// a blocking thread anyway: even a memory copy of many megabytes would
+/// hold up the reactor too long.
 fn nowait(
     file: &File,
     buf: *mut u8,
@@ -159,7 +207,7 @@ fn nowait(
     write: bool,
     flag: &AtomicBool,
 ) -> usize {
-    if !flag.load(Ordering::Relaxed) {
+    if len > MAX_NOWAIT || !flag.load(Ordering::Relaxed) {
         return 0;
     }
     let mut done = 0;
@@ -345,13 +393,28 @@ impl Endpoint for FileEndpoint {
         if done == len {
             return Ok(());
         }
-        self.blocking(true, move |f| {
-            let r = f.write_all_at(&data[done..], offset + done as u64);
-            // Give the buffer back before the copy loop looks for it.
-            drop(data);
-            r
-        })
-        .await
+        let queue = match self.writers.get() {
+            Some(q) => q,
+            None => {
+                let n = if self.block_device {
+                    CONCURRENT_WRITES
+                } else {
+                    1
+                };
+                let q = start_writers(&self.file, n)?;
+                self.writers.get_or_init(|| q)
+            }
+        };
+        let (tx, rx) = oneshot::channel();
+        let job = WriteJob {
+            data,
+            skip: done,
+            offset: offset + done as u64,
+            done: tx,
+        };
+        let gone = || io::Error::other("the writer thread has gone");
+        queue.send(job).map_err(|_| gone())?;
+        rx.await.map_err(|_| gone())?
     }
 
     async fn zero(&self, offset: u64, length: u64, allocate: bool) -> io::Result<bool> {

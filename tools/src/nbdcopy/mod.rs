@@ -19,13 +19,20 @@
 //!
 //! Options, as libnbd's: `-C`/`--connections` (multi-conn, default 4
 //! where the servers allow it, at most one per thread), `-R`/`--requests`
-//! (in flight per connection, default 64), `--request-size` (default
-//! 256K), `--queue-size` (bytes in flight per connection, default 16M),
-//! `-T`/`--threads` (default: the number of CPUs), `-S`/`--sparse`
-//! (zero detection block size, default 4096 or the destination's
-//! preferred block size; 0 turns it off), `--allocated`, `--no-extents`,
+//! (in flight per connection), `--request-size` (default 256K),
+//! `--queue-size` (bytes in flight per connection), `-T`/`--threads`
+//! (default: the number of CPUs), `-S`/`--sparse` (zero detection block
+//! size, default 4096 or the destination's preferred block size; 0 turns
+//! it off), `--allocated`, `--no-extents`,
 //! `--destination-is-zero`/`--target-is-zero`, `--flush`,
 //! `--synchronous`, `-p`/`--progress` or `--progress=FD`, `-v`, `-V`.
+//!
+//! Without `-R` and `--queue-size`, what is kept in flight suits the
+//! endpoints, within libnbd's defaults (64 requests, 16M): those
+//! for a server across a network, 8 requests for one on a Unix socket
+//! (which answers in microseconds; more requests only spread the copy
+//! over buffers that no longer fit in the CPU cache), 4 between local
+//! files.
 //!
 //! A destination smaller than the source is an error before anything is
 //! copied (a regular file is resized to the source instead). Any failed
@@ -69,10 +76,9 @@ const REQUEST_SIZE: u64 = 256 * 1024;
 /// Smallest and largest `--request-size`.
 const MIN_REQUEST_SIZE: u64 = 4096;
 const MAX_REQUEST_SIZE: u64 = 32 * 1024 * 1024;
-/// Default `--queue-size`.
+/// Largest default `-R` and `--queue-size` (libnbd's defaults).
+const REQUESTS: usize = 64;
 const QUEUE_SIZE: u64 = 16 * 1024 * 1024;
-/// Requests in flight per connection when neither side is a server.
-const LOCAL_REQUESTS: usize = 4;
 /// Default `--sparse`.
 const SPARSE_SIZE: u64 = 4096;
 
@@ -137,13 +143,14 @@ struct Cli {
     /// `--progress` (a bar) or `--progress=FD` (`N/100` lines on FD).
     #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "")]
     progress: Option<String>,
-    /// Bytes of requests in flight per connection, default 16M.
+    /// Bytes of requests in flight per connection (at most 16M unless
+    /// given).
     #[arg(long = "queue-size")]
     queue_size: Option<String>,
     /// Largest request, a power of 2 from 4K to 32M, default 256K.
     #[arg(long = "request-size")]
     request_size: Option<String>,
-    /// Requests in flight per connection, default 64.
+    /// Requests in flight per connection (at most 64 unless given).
     #[arg(short = 'R', long = "requests")]
     requests: Option<String>,
     /// Zero detection block size (0: none).
@@ -174,9 +181,12 @@ struct Options {
     flush: bool,
     extents: bool,
     progress: Mode,
-    queue_size: u64,
+    /// `--queue-size`; `None`: what the requests in flight take, up to
+    /// libnbd's 16M.
+    queue_size: Option<u64>,
     request_size: u64,
-    requests: usize,
+    /// `-R`; `None`: what the endpoints want, up to libnbd's 64.
+    requests: Option<usize>,
     /// `None`: the default (raised to the destination's block size).
     sparse: Option<u64>,
     synchronous: bool,
@@ -196,7 +206,7 @@ impl From<OpError> for Fatal {
 
 /// How the command line ends: copy, or just print something.
 enum Action {
-    Copy(Options, Spec, Spec),
+    Copy(Box<(Options, Spec, Spec)>),
     Help,
     Version,
     /// Bad usage: a message, then the usage text on stderr.
@@ -232,7 +242,7 @@ pub fn main(args: Vec<OsString>) -> i32 {
             eprint!("{USAGE}");
             1
         }
-        Action::Copy(opts, src, dst) => match run(opts, src, dst) {
+        Action::Copy(job) => match run(job.0, job.1, job.2) {
             Ok(()) => 0,
             Err(Fatal(msg)) => {
                 eprintln!("nbdcopy: {msg}");
@@ -259,7 +269,10 @@ fn size(name: &str, v: Option<&String>) -> Result<Option<u64>, String> {
 
 fn options(cli: &Cli) -> Result<Options, String> {
     let connections = count("connections", cli.connections.as_ref(), 4, false)?;
-    let requests = count("requests", cli.requests.as_ref(), 64, false)?;
+    let requests = match cli.requests {
+        Some(_) => Some(count("requests", cli.requests.as_ref(), REQUESTS, false)?),
+        None => None,
+    };
     let threads = count("threads", cli.threads.as_ref(), 0, true)?;
     let request_size = size("request-size", cli.request_size.as_ref())?.unwrap_or(REQUEST_SIZE);
     if !request_size.is_power_of_two()
@@ -269,7 +282,7 @@ fn options(cli: &Cli) -> Result<Options, String> {
             "--request-size: must be a power of 2 within {MIN_REQUEST_SIZE}-{MAX_REQUEST_SIZE}"
         ));
     }
-    let queue_size = size("queue-size", cli.queue_size.as_ref())?.unwrap_or(QUEUE_SIZE);
+    let queue_size = size("queue-size", cli.queue_size.as_ref())?;
     let sparse = size("sparse", cli.sparse.as_ref())?;
     if let Some(s) = sparse {
         if s != 0 && (!s.is_power_of_two() || s < 512) {
@@ -366,7 +379,7 @@ fn parse(args: Vec<OsString>) -> Action {
     } else {
         src
     };
-    Action::Copy(opts, src, dst)
+    Action::Copy(Box::new((opts, src, dst)))
 }
 
 /// Open one side.
@@ -403,7 +416,7 @@ fn human(n: u64) -> String {
     const UNITS: [&str; 6] = ["", "K", "M", "G", "T", "P"];
     let mut i = 0;
     let mut v = n;
-    while i + 1 < UNITS.len() && v >= 1024 && v % 1024 == 0 {
+    while i + 1 < UNITS.len() && v >= 1024 && v & 1023 == 0 {
         v /= 1024;
         i += 1;
     }
@@ -501,6 +514,15 @@ async fn copy(opts: Options, threads: usize, src: Spec, dst: Spec) -> Result<(),
         allocated: opts.allocated,
         skip_zeroes: !dst_stream && (opts.destination_is_zero || dst.is_zero()),
     };
+    // In flight per connection: as asked, or as the endpoints suit.
+    let requests = opts
+        .requests
+        .unwrap_or_else(|| src.queue_depth().max(dst.queue_depth()).min(REQUESTS));
+    let queue_size = opts.queue_size.unwrap_or_else(|| {
+        (requests as u64)
+            .saturating_mul(request_size)
+            .min(QUEUE_SIZE)
+    });
     if opts.verbose {
         describe_endpoint("src", &*src);
         describe_endpoint("dst", &*dst);
@@ -508,9 +530,9 @@ async fn copy(opts: Options, threads: usize, src: Spec, dst: Spec) -> Result<(),
             "nbdcopy: connections={connections} requests={} threads={threads} synchronous={} \
              request-size={request_size} queue-size={} sparse={sparse_size} extents={} \
              destination-is-zero={}",
-            opts.requests,
+            requests,
             opts.synchronous,
-            opts.queue_size,
+            queue_size,
             opts.extents && src.can_extents(),
             settings.skip_zeroes,
         );
@@ -524,18 +546,10 @@ async fn copy(opts: Options, threads: usize, src: Spec, dst: Spec) -> Result<(),
     let result = if opts.synchronous {
         synch::copy(c.clone(), opts.extents).await
     } else {
-        let mut limits = multi::Limits {
-            requests: opts.requests.saturating_mul(connections),
-            queue_bytes: opts.queue_size.saturating_mul(connections as u64),
+        let limits = multi::Limits {
+            requests: requests.saturating_mul(connections),
+            queue_bytes: queue_size.saturating_mul(connections as u64),
         };
-        if !src.needs_queue() && !dst.needs_queue() {
-            // Nothing to wait for but local I/O: a few requests at once
-            // keep it busy; more would only hold buffers.
-            limits.requests = limits.requests.min(LOCAL_REQUESTS * connections);
-            limits.queue_bytes = limits
-                .queue_bytes
-                .min(limits.requests as u64 * request_size);
-        }
         multi::copy(c.clone(), limits, opts.extents).await
     };
     let result = match result {
@@ -584,7 +598,7 @@ mod tests {
 
     fn copy_of(s: &str) -> (Options, Spec, Spec) {
         match parse(words(s)) {
-            Action::Copy(o, a, b) => (o, a, b),
+            Action::Copy(job) => *job,
             _ => panic!("{s}: not a copy"),
         }
     }
@@ -600,9 +614,9 @@ mod tests {
     fn defaults_are_libnbds() {
         let (o, src, dst) = copy_of("a.img null:");
         assert_eq!(o.connections, 4);
-        assert_eq!(o.requests, 64);
+        assert_eq!(o.requests, None);
         assert_eq!(o.request_size, 256 * 1024);
-        assert_eq!(o.queue_size, 16 << 20);
+        assert_eq!(o.queue_size, None);
         assert_eq!(o.sparse, None);
         assert_eq!(o.threads, 0);
         assert_eq!(o.progress, Mode::Off);

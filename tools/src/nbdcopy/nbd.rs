@@ -7,10 +7,11 @@
 //! connections in turn, many at once on each. A captive server gets
 //! every connection and is stopped when the endpoint goes.
 //!
-//! Extents come from `base:allocation` (asked for only on a source that
-//! uses them). Zeroing is `NBD_CMD_WRITE_ZEROES`, with `FAST_ZERO` while
-//! the server offers and honours it, and `NO_HOLE` for `--allocated`;
-//! a server without write zeroes gets data instead.
+//! Extents come from `base:allocation`: a source's holes are not read,
+//! and a destination's ranges that already read as zeroes are not
+//! zeroed again. Zeroing is `NBD_CMD_WRITE_ZEROES`, with `FAST_ZERO`
+//! while the server offers and honours it, and `NO_HOLE` for
+//! `--allocated`; a server without write zeroes gets data instead.
 
 use std::ffi::OsString;
 use std::io;
@@ -20,11 +21,16 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use futures::future::try_join_all;
 use libnbd::captive::{CaptiveServer, Target};
-use libnbd::client::{errno_text, ConnectOptions, Connection, Error as NbdError};
+use libnbd::client::{errno_text, ConnectOptions, Connection, Error as NbdError, Transport};
 use libnbd::protocol::{alloc, cmdflag, errno, CONTEXT_BASE_ALLOCATION};
 use libnbd::uri::Uri;
 
 use super::endpoint::{Data, Endpoint, Extent};
+
+/// Requests in flight per connection to a server on a Unix socket
+/// (captive servers included) and over a network, unless `-R` says.
+const UNIX_DEPTH: usize = 8;
+const NETWORK_DEPTH: usize = 64;
 
 /// Where more connections come from.
 enum Server {
@@ -84,7 +90,8 @@ fn command_name(argv: &[OsString]) -> String {
 
 impl NbdEndpoint {
     /// Connect (once) to `target`: a URI, or a command to start.
-    /// `extents`: ask for `base:allocation` (a source that uses them).
+    /// `extents`: ask for `base:allocation` (a source's holes; on a
+    /// destination, the ranges that need no zeroing).
     pub async fn open(target: Target, extents: bool) -> io::Result<NbdEndpoint> {
         let contexts: &[&str] = if extents {
             &[CONTEXT_BASE_ALLOCATION]
@@ -154,8 +161,15 @@ impl Endpoint for NbdEndpoint {
         Some(u64::from(self.conns[0].max_payload()))
     }
 
-    fn needs_queue(&self) -> bool {
-        true
+    fn queue_depth(&self) -> usize {
+        // A local socket answers in microseconds: a few requests cover
+        // the round trip, and more only spread the copy over buffers
+        // that no longer fit in the CPU cache (measured: 10-15% slower
+        // with libnbd's 16M per connection). A network needs libnbd's.
+        match self.conns[0].transport() {
+            Some(Transport::Unix(_)) | None => UNIX_DEPTH,
+            Some(_) => NETWORK_DEPTH,
+        }
     }
 
     fn can_multi_conn(&self) -> bool {

@@ -8,7 +8,9 @@
 //! chunk with data is read from its first to its last data byte in one
 //! request, and zero detection deals with small holes inside it. So
 //! there is at most one read per chunk however fragmented the source is,
-//! and no read at all for the holes of a sparse one.
+//! and no read at all for the holes of a sparse one. A zero operation
+//! first asks the destination which of its range already reads as
+//! zeroes (a fresh export or image) and zeroes only the rest.
 
 use std::collections::VecDeque;
 use std::io;

@@ -138,16 +138,9 @@ impl Endpoint for PipeEndpoint {
     }
 
     async fn flush(&self) -> io::Result<()> {
-        self.blocking_flush().await
-    }
-}
-
-impl PipeEndpoint {
-    async fn blocking_flush(&self) -> io::Result<()> {
         let inner = self.inner.clone();
         tokio::task::spawn_blocking(move || {
-            let mut g = inner.lock().unwrap_or_else(|e| e.into_inner());
-            g.0.flush()
+            inner.lock().unwrap_or_else(|e| e.into_inner()).0.flush()
         })
         .await
         .map_err(io::Error::other)?
