@@ -6,17 +6,21 @@
 #
 # for a 1 GiB disk-like image (runs of random data, text and zeroes)
 # compressed with `xz -T2 --block-size=16MiB`, served by nginx on
-# loopback. Both servers run under libnbd's nbdcopy. Also times
-# `xz -T2 -d` on the same file, and prints the ratios (upstream time / our
-# time: > 1 means ours is faster) and each server's peak RSS.
+# loopback: upstream nbdkit with libnbd's nbdcopy against our nbdkit with
+# our nbdcopy (and, to tell the server's share, our nbdkit with libnbd's
+# nbdcopy). Also times `xz -T2 -d` on the same file and the floor of the
+# qcow2 writer (the raw image, no decoding), and prints the ratios
+# (upstream time / our time: > 1 means ours is faster) and each server's
+# peak RSS.
 #
 # Usage: bench/xz.sh   (builds the release nbdkit first)
 # Environment: SIZE_MIB (default 1024), RUNS (default 3), BENCH_CACHE (a
 # directory keeping the image between runs, default: none).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo build --release --bin nbdkit >&2
+cargo build --release --bin nbdkit --bin nbdcopy >&2
 OURS=${CARGO_TARGET_DIR:-$PWD/target}/release/nbdkit
+OURCOPY=${CARGO_TARGET_DIR:-$PWD/target}/release/nbdcopy
 SIZE_MIB=${SIZE_MIB:-1024}
 RUNS=${RUNS:-3}
 work=$(mktemp -d "${TMPDIR:-/var/tmp}/xzbench.XXXXXX")
@@ -88,8 +92,8 @@ URL=http://127.0.0.1:$port/disk.raw.xz
 out=$work/out.qcow2
 size=$((SIZE_MIB << 20))
 
-pipeline() { # $1 = nbdkit program
-  echo "$1 -U - curl --filter=xz $URL --run 'nbdcopy -- \$uri [ qemu-nbd -f qcow2 $out ]'"
+pipeline() { # $1 = nbdkit program, $2 = nbdcopy program
+  echo "$1 -U - curl --filter=xz $URL --run '$2 -- \$uri [ qemu-nbd -f qcow2 $out ]'"
 }
 prepare="rm -f $out; qemu-img create -q -f qcow2 $out $size"
 
@@ -132,35 +136,39 @@ PY
 }
 declare -A rss
 for who in upstream ours; do
-  prog=nbdkit; [ $who = ours ] && prog=$OURS
+  prog=nbdkit copy=nbdcopy; [ $who = ours ] && prog=$OURS copy=$OURCOPY
   eval "$prepare"
-  rss[$who]=$(peak_rss "$prog" -U - curl --filter=xz "$URL" --run "nbdcopy -- \$uri [ qemu-nbd -f qcow2 $out ]")
+  rss[$who]=$(peak_rss "$prog" -U - curl --filter=xz "$URL" --run "$copy -- \$uri [ qemu-nbd -f qcow2 $out ]")
   qemu-img compare -q -f raw -F qcow2 "$img" "$out" || { echo "$who: output differs!" >&2; exit 1; }
 done
 
 # 4. Side by side.
 echo "== pipeline into qcow2 ($RUNS runs each)" >&2
 hyperfine -w 0 -r "$RUNS" --export-json "$work/h.json" --prepare "$prepare" \
-  -n upstream "$(pipeline nbdkit)" \
-  -n ours "$(pipeline "$OURS")" \
+  -n upstream "$(pipeline nbdkit nbdcopy)" \
+  -n ours "$(pipeline "$OURS" "$OURCOPY")" \
+  -n "our nbdkit, libnbd's nbdcopy" "$(pipeline "$OURS" nbdcopy)" \
   -n "xz -T2 -d" "xz -T2 -d -c $img.xz > /dev/null" >&2
 # The same without the qcow2 writer (decoding and serving only), and the
 # floor of the qcow2 writer: the raw image from upstream's file plugin.
 echo "== pipeline into null: and the qcow2 floor ($RUNS runs each)" >&2
 hyperfine -w 0 -r "$RUNS" --export-json "$work/n.json" --prepare "$prepare" \
   -n upstream "nbdkit -U - curl --filter=xz $URL --run 'nbdcopy \$uri null:'" \
-  -n ours "$OURS -U - curl --filter=xz $URL --run 'nbdcopy \$uri null:'" \
-  -n floor "nbdkit -U - file $img --run 'nbdcopy -- \$uri [ qemu-nbd -f qcow2 $out ]'" >&2
+  -n ours "$OURS -U - curl --filter=xz $URL --run '$OURCOPY \$uri null:'" \
+  -n floor "$OURCOPY -- $img [ qemu-nbd -f qcow2 $out ]" >&2
 /usr/bin/python3 - "$work/h.json" "$work/n.json" "${rss[upstream]}" "${rss[ours]}" <<'PY'
 import json, sys
 r = {x["command"]: x["mean"] for x in json.load(open(sys.argv[1]))["results"]}
 n = {x["command"]: x["mean"] for x in json.load(open(sys.argv[2]))["results"]}
 up, ours, xz = r["upstream"], r["ours"], r["xz -T2 -d"]
+mixed = r["our nbdkit, libnbd's nbdcopy"]
 print(f"curl+xz -> qcow2: upstream {up:.2f}s  ours {ours:.2f}s  ratio {up/ours:.2f}x "
       f"(ours takes {100*ours/up:.0f}% of upstream's time)")
+print(f"  our nbdkit under libnbd's nbdcopy: {mixed:.2f}s  ratio {up/mixed:.2f}x")
 print(f"curl+xz -> null:  upstream {n['upstream']:.2f}s  ours {n['ours']:.2f}s  "
       f"ratio {n['upstream']/n['ours']:.2f}x")
 print(f"xz -T2 -d alone: {xz:.2f}s  (ours -> null / xz -T2 -d = {n['ours']/xz:.2f})")
-print(f"qcow2 floor (raw file -> qcow2, no decoding): {n['floor']:.2f}s")
+print(f"qcow2 floor (raw file -> qcow2 by our nbdcopy, no decoding): {n['floor']:.2f}s "
+      f"= {100*n['floor']/up:.0f}% of upstream's pipeline")
 print(f"peak RSS of nbdkit: upstream {sys.argv[3]} MiB  ours {sys.argv[4]} MiB")
 PY

@@ -7,7 +7,8 @@
 //! - [`listen`]: listening sockets (TCP, Unix, socket activation);
 //! - [`client`]: the async client (negotiation, pipelined transmission);
 //! - [`uri`]: NBD URIs;
-//! - [`captive`]: servers run as subprocesses (`[ cmd args ]`).
+//! - [`captive`]: servers run as subprocesses (`[ cmd args ]`);
+//! - [`zeroes`]: zero detection.
 #![warn(missing_docs)]
 
 pub mod backend;
@@ -18,6 +19,7 @@ pub mod listen;
 pub mod protocol;
 pub mod server;
 pub mod uri;
+pub mod zeroes;
 
 pub use backend::{
     BlockSize, Cache, Error, ExportEntry, Extent, Extents, Filter, Flags, Fua, Handle, Next,

@@ -59,12 +59,7 @@ fn wr<T>(l: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
     l.write().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Is every byte of `b` zero? (Checks blocks without early exit inside
-/// a block, which the compiler vectorises.)
-pub fn is_zero(b: &[u8]) -> bool {
-    b.chunks(256)
-        .all(|c| c.iter().fold(0u8, |a, &x| a | x) == 0)
-}
+pub use libnbd::zeroes::is_zero;
 
 /// How much memory (RAM plus swap, in bytes) this machine has, from
 /// `/proc/meminfo`, if known.

@@ -82,6 +82,43 @@ assert h.pread(3, size - 3) == b"end"
 }
 
 #[test]
+fn commands_read_zero_runs_as_holes() {
+    // Zero runs of 64 KiB or more in read replies travel as hole chunks
+    // (4 KiB aligned), shorter ones as data, and never with DF.
+    if !require_nbdsh() {
+        return;
+    }
+    let s = Server::ours(&["memory", "1M"]);
+    script(
+        &s.uri(),
+        r#"
+h.pwrite(b"a" * 5000, 0)
+h.pwrite(b"b" * 100, 300000)
+h.pwrite(b"c" * 100, 330000)
+def chunks(count, off, flags=0):
+    got = []
+    h.pread_structured(count, off, lambda b, o, s, e: got.append((o, len(b), s, b)) or 0, flags)
+    return sorted(got)
+c = chunks(393216, 0)
+kinds = [(o, n, s) for o, n, s, b in c]
+# 4 KiB blocks: 5000 bytes of "a" make 2 blocks of data, "b" and "c" sit
+# in blocks 73 and 80, too close together (and to the end) for holes.
+assert kinds == [(0, 8192, nbd.READ_DATA), (8192, 290816, nbd.READ_HOLE),
+                 (299008, 94208, nbd.READ_DATA)], kinds
+whole = b"".join(b for o, n, s, b in c)
+assert whole == h.pread(393216, 0)
+assert whole[:5000] == b"a" * 5000 and whole[300000:300100] == b"b" * 100
+assert whole.count(0) == 393216 - 5200
+# A whole read of zeroes is one hole; with DF, one data chunk.
+assert [(o, n, s) for o, n, s, b in chunks(524288, 524288)] == [(524288, 524288, nbd.READ_HOLE)]
+df = chunks(524288, 524288, nbd.CMD_FLAG_DF)
+assert [(o, n, s) for o, n, s, b in df] == [(524288, 524288, nbd.READ_DATA)]
+assert df[0][3] == bytes(524288)
+"#,
+    );
+}
+
+#[test]
 fn commands_readonly_export() {
     if !require_nbdsh() {
         return;

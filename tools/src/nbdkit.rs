@@ -178,12 +178,30 @@ struct UriInfo {
 /// Run nbdkit with these arguments (without argv\[0\]); returns the exit
 /// status.
 pub fn main(args: Vec<OsString>) -> i32 {
+    keep_large_buffers();
     match run(args) {
         Ok(code) => code,
         Err(Fatal(msg)) => {
             eprintln!("nbdkit: error: {msg}");
             1
         }
+    }
+}
+
+/// Let glibc's malloc keep freed buffers of up to 32 MiB for reuse rather
+/// than unmapping them: a server allocates buffers of megabytes at a high
+/// rate (read replies, blocks decoded by the xz filter, the decoder's
+/// dictionary inside liblzma), and with glibc's defaults each of them is
+/// mapped, faulted in page by page and unmapped again (a quarter of the CPU
+/// of an xz copy went there). Memory use stays bounded by what the layers
+/// hold at once; it is only not handed back to the kernel in between.
+fn keep_large_buffers() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes malloc's tunables; called before any
+    // other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 512 << 20);
     }
 }
 

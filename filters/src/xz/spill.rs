@@ -25,6 +25,7 @@ use std::os::unix::io::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use libnbd::zeroes::is_zero;
 use libnbd::{Error, Flags, Handle, Result};
 use tokio::sync::Semaphore;
 
@@ -124,11 +125,6 @@ enum Plan {
     Ready(Vec<u32>),
     /// Some chunk is missing.
     Missing,
-}
-
-fn is_zero(d: &[u8]) -> bool {
-    d.chunks(4096)
-        .all(|c| c.iter().fold(0u8, |a, &b| a | b) == 0)
 }
 
 fn missing(st: State) -> bool {

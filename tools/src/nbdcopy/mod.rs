@@ -48,7 +48,6 @@ mod null;
 mod ops;
 mod pipe;
 mod progress;
-mod sparse;
 mod synch;
 
 use std::ffi::OsString;

@@ -20,7 +20,7 @@ use futures::future::try_join_all;
 
 use super::endpoint::{Data, Endpoint, Extent, OpError};
 use super::progress::Progress;
-use super::sparse;
+use libnbd::zeroes as sparse;
 
 /// One operation: copy (read, then write) or zero a range.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,10 +1,11 @@
-//! Zero detection (`-S N`): find the blocks of a buffer that are all
-//! zeroes, so the copy can turn them into zero requests or holes.
+//! Zero detection: find the blocks of a buffer that are all zeroes, so
+//! that they travel as holes (server read replies), zero requests
+//! (`nbdcopy -S`) or unallocated pages (sparse stores) instead of data.
 //!
-//! Blocks are aligned to multiples of the block size in the endpoint,
-//! not in the buffer, so a hole in the output always starts and ends on
-//! a block boundary. Data blocks usually fail the test in their first
-//! bytes, so scanning costs little except on real zeroes.
+//! Blocks are aligned to multiples of the block size in the device, not
+//! in the buffer, so a hole always starts and ends on a block boundary.
+//! Data blocks usually fail the test in their first bytes, so scanning
+//! costs little except on real zeroes.
 
 use std::ops::Range;
 
