@@ -193,7 +193,7 @@ pub fn human_size(n: u64) -> String {
         (1 << 10, "K"),
     ];
     for (m, u) in UNITS {
-        if n >= m && n % m == 0 {
+        if n >= m && n.is_multiple_of(m) {
             return format!("{}{}", n / m, u);
         }
     }

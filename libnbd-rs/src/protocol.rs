@@ -10,7 +10,7 @@ pub const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
 /// `IHAVEOPT`: newstyle negotiation magic, also prefixes every option.
 pub const IHAVEOPT: u64 = 0x4948_4156_454F_5054;
 /// Oldstyle negotiation magic (`cliserv_magic`).
-pub const OLDSTYLE_MAGIC: u64 = 0x0042_0281_8612_53;
+pub const OLDSTYLE_MAGIC: u64 = 0x0000_4202_8186_1253;
 /// Magic that prefixes every option reply.
 pub const OPTION_REPLY_MAGIC: u64 = 0x3_e889_0455_65a9;
 /// Magic of a transmission request.
