@@ -41,8 +41,10 @@ fn readahead_sequential_copy_is_correct_and_prefetched() {
     let text = std::fs::read_to_string(&log).unwrap();
     let reads = text.lines().filter(|l| l.contains(" Read id=")).count();
     // The client sent 512 reads of 64K; prefetching in pieces of up to
-    // 2M leaves the plugin far fewer.
-    assert!(reads < 200, "{reads} plugin reads for 512 client reads");
+    // 2M leaves the plugin far fewer (how many depends on how many of the
+    // client's 64 requests in flight beat the prefetch: ~100 on an idle
+    // machine, 200 seen on a loaded one; without readahead, 512).
+    assert!(reads < 300, "{reads} plugin reads for 512 client reads");
 }
 
 #[test]

@@ -120,9 +120,9 @@ pub trait Endpoint: Send + Sync {
     }
 
     /// Open up to `n` connections in all (NBD only; others have nothing
-    /// to open). Returns how many there are now.
-    async fn start_multi_conn(&mut self, n: usize) -> io::Result<usize> {
-        Ok(n)
+    /// to open and keep their one). Returns how many there are now.
+    async fn start_multi_conn(&mut self, _n: usize) -> io::Result<usize> {
+        Ok(1)
     }
 
     /// Does [`extents`](Self::extents) say more than "all data"?

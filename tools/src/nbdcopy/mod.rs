@@ -465,9 +465,13 @@ async fn copy(opts: Options, threads: usize, src: Spec, dst: Spec) -> Result<(),
         )));
     }
 
-    // Connections: several only where both sides can take them, and no
-    // more than there are threads to drive them.
-    let mut connections = opts.connections.min(threads).max(1);
+    // Connections: several only where both sides can take them. Unlike
+    // libnbd's, which drives each connection from its own thread, any
+    // thread here serves any connection, so there may be more
+    // connections than threads: servers work per connection (nbdkit reads
+    // each connection's requests on one thread), and 4 connections from 2
+    // threads copy faster than 2.
+    let mut connections = opts.connections.max(1);
     if opts.synchronous || !src.can_multi_conn() || !dst.can_multi_conn() {
         connections = 1;
     }
@@ -475,8 +479,11 @@ async fn copy(opts: Options, threads: usize, src: Spec, dst: Spec) -> Result<(),
         src.start_multi_conn(connections),
         dst.start_multi_conn(connections)
     );
-    a.map_err(|e| Fatal(describe(&e)))?;
-    b.map_err(|e| Fatal(describe(&e)))?;
+    let opened = a.map_err(|e| Fatal(describe(&e)))?;
+    let opened = opened.max(b.map_err(|e| Fatal(describe(&e)))?);
+    // What is kept in flight scales with the NBD connections, or with
+    // the threads working on local endpoints.
+    let lanes = opened.max(connections.min(threads));
 
     // Sizes: a regular file destination takes the source's size; any
     // other must be large enough.
@@ -526,7 +533,7 @@ async fn copy(opts: Options, threads: usize, src: Spec, dst: Spec) -> Result<(),
         describe_endpoint("src", &*src);
         describe_endpoint("dst", &*dst);
         eprintln!(
-            "nbdcopy: connections={connections} requests={} threads={threads} synchronous={} \
+            "nbdcopy: connections={lanes} requests={} threads={threads} synchronous={} \
              request-size={request_size} queue-size={} sparse={sparse_size} extents={} \
              destination-is-zero={}",
             requests,
@@ -546,8 +553,8 @@ async fn copy(opts: Options, threads: usize, src: Spec, dst: Spec) -> Result<(),
         synch::copy(c.clone(), opts.extents).await
     } else {
         let limits = multi::Limits {
-            requests: requests.saturating_mul(connections),
-            queue_bytes: queue_size.saturating_mul(connections as u64),
+            requests: requests.saturating_mul(lanes),
+            queue_bytes: queue_size.saturating_mul(lanes as u64),
         };
         multi::copy(c.clone(), limits, opts.extents).await
     };
