@@ -1,5 +1,6 @@
 //! The tools of the toolkit as library code; `src/bin/*` are thin mains.
 
+pub mod cli;
 pub mod nbdcopy;
 pub mod nbddump;
 pub mod nbdinfo;

@@ -42,10 +42,8 @@ use libnbd::captive::{self, Target};
 use libnbd::client::{ConnectOptions, Connection};
 use libnbd::protocol::CONTEXT_BASE_ALLOCATION;
 
+use crate::cli::Parsed;
 use crate::nbdinfo::{error_message, last_index, split_command};
-
-/// The libnbd version whose nbddump we are compatible with.
-pub const COMPAT_VERSION: &str = "1.14.2";
 
 const USAGE: &str = "\
 Hexdump the content of an NBD export.
@@ -406,12 +404,6 @@ struct Cli {
     target: Target,
 }
 
-enum Parsed {
-    Run(Box<Cli>),
-    Help,
-    Version,
-}
-
 fn command() -> Command {
     let flag = |name: &'static str| Arg::new(name).long(name).action(ArgAction::SetTrue);
     Command::new("nbddump")
@@ -438,7 +430,7 @@ fn command() -> Command {
         )
 }
 
-fn parse(args: Vec<OsString>) -> Result<Parsed> {
+fn parse(args: Vec<OsString>) -> Result<Parsed<Cli>> {
     // Take `[ CMD ARGS ... ]` out first: its arguments are not ours.
     let (args, cmd) = split_command(args)?;
     let m = command()
@@ -493,34 +485,9 @@ fn is_broken_pipe(e: &anyhow::Error) -> bool {
 /// Run nbddump with these arguments (without the program name);
 /// returns the exit status.
 pub fn main(args: Vec<OsString>) -> i32 {
-    let cli = match parse(args) {
-        Ok(Parsed::Run(cli)) => cli,
-        Ok(Parsed::Help) => {
-            print!("{USAGE}");
-            return 0;
-        }
-        Ok(Parsed::Version) => {
-            println!(
-                "nbddump {COMPAT_VERSION} (nbd-tools {})",
-                env!("CARGO_PKG_VERSION")
-            );
-            println!("libnbd {COMPAT_VERSION} (libnbd-rs)");
-            return 0;
-        }
-        Err(e) => {
-            eprintln!("nbddump: {}", error_message(&e));
-            return 1;
-        }
-    };
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("nbddump: cannot start the runtime: {e}");
-            return 1;
-        }
+    let (cli, rt) = match crate::cli::start("nbddump", USAGE, parse(args)) {
+        Ok(started) => started,
+        Err(status) => return status,
     };
     let r = rt.block_on(async {
         captive::kill_on_signals().context("signal handlers")?;

@@ -67,8 +67,7 @@ use ops::{Copier, Settings};
 use pipe::PipeEndpoint;
 use progress::{Mode, Progress, Reporter};
 
-/// The libnbd version whose nbdcopy this one follows.
-pub const COMPAT_VERSION: &str = "1.14.2";
+use crate::cli::LIBNBD_VERSION;
 
 /// Default `--request-size`.
 const REQUEST_SIZE: u64 = 256 * 1024;
@@ -230,8 +229,8 @@ pub fn main(args: Vec<OsString>) -> i32 {
             0
         }
         Action::Version => {
-            println!("nbdcopy {COMPAT_VERSION}");
-            println!("libnbd {COMPAT_VERSION}");
+            println!("nbdcopy {LIBNBD_VERSION}");
+            println!("libnbd {LIBNBD_VERSION}");
             0
         }
         Action::Usage(msg) => {

@@ -47,10 +47,8 @@ use clap::{Arg, ArgAction, ArgMatches, Command};
 use libnbd::captive::{self, Target};
 use libnbd::client::{ConnectOptions, Connection};
 
+use crate::cli::Parsed;
 use show::{ExportReport, Header, Style};
-
-/// The libnbd version whose nbdinfo we are compatible with.
-pub const COMPAT_VERSION: &str = "1.14.2";
 
 const USAGE: &str = "\
 Show information and metadata about an NBD server and its exports.
@@ -171,13 +169,6 @@ struct Cli {
     target: Target,
 }
 
-/// What the command line asks for.
-enum Parsed {
-    Run(Box<Cli>),
-    Help,
-    Version,
-}
-
 fn command() -> Command {
     let flag = |name: &'static str| Arg::new(name).long(name).action(ArgAction::SetTrue);
     Command::new("nbdinfo")
@@ -262,7 +253,7 @@ pub(crate) fn split_command(args: Vec<OsString>) -> Result<(Vec<OsString>, Optio
     Ok((rest, Some(cmd[1..cmd.len() - 1].to_vec())))
 }
 
-fn parse(args: Vec<OsString>) -> Result<Parsed> {
+fn parse(args: Vec<OsString>) -> Result<Parsed<Cli>> {
     let (args, cmd) = split_command(args)?;
     let m = command()
         .try_get_matches_from(std::iter::once(OsString::from("nbdinfo")).chain(args))
@@ -364,34 +355,9 @@ pub(crate) fn error_message(e: &anyhow::Error) -> String {
 /// Run nbdinfo with these arguments (without the program name);
 /// returns the exit status.
 pub fn main(args: Vec<OsString>) -> i32 {
-    let cli = match parse(args) {
-        Ok(Parsed::Run(cli)) => cli,
-        Ok(Parsed::Help) => {
-            print!("{USAGE}");
-            return 0;
-        }
-        Ok(Parsed::Version) => {
-            println!(
-                "nbdinfo {COMPAT_VERSION} (nbd-tools {})",
-                env!("CARGO_PKG_VERSION")
-            );
-            println!("libnbd {COMPAT_VERSION} (libnbd-rs)");
-            return 0;
-        }
-        Err(e) => {
-            eprintln!("nbdinfo: {}", error_message(&e));
-            return 1;
-        }
-    };
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("nbdinfo: cannot start the runtime: {e}");
-            return 1;
-        }
+    let (cli, rt) = match crate::cli::start("nbdinfo", USAGE, parse(args)) {
+        Ok(started) => started,
+        Err(status) => return status,
     };
     let stdout = io::stdout();
     let mut out = io::BufWriter::new(stdout.lock());
