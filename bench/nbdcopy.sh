@@ -8,11 +8,14 @@
 #  4. a 2 GiB random file -> a new local file
 # Each case runs in ROUNDS rounds of hyperfine, the order of the two
 # programs swapped every round so neither always goes first; the ratio
-# is upstream time / our time (> 1: ours is faster). Then the peak RSS
-# of each nbdcopy (GNU time's %M) in the same setting.
+# is upstream time / our time (> 1: ours is faster). Then, from GNU
+# time wrapped around each nbdcopy alone (not the servers) in the same
+# setting: its peak RSS (%M) and the CPU seconds it used (%U + %S), the
+# share of the two cores it takes away from the server, which bounds
+# the dense cases here.
 #
 # Usage: bench/nbdcopy.sh   (builds the release binaries first)
-# Env:   RUNS (per round, default 3), ROUNDS (default 2), SIZE (default 4G),
+# Env:   RUNS (per round, default 5), ROUNDS (default 2), SIZE (default 4G),
 #        FILE_SIZE (default 2G), TMPDIR (where the 2 GiB files go)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,7 +23,7 @@ cargo build --release --bin nbdcopy --bin nbdkit >&2
 OURS=$PWD/target/release/nbdcopy
 OURKIT=$PWD/target/release/nbdkit
 UP=$(command -v nbdcopy)
-RUNS=${RUNS:-3}
+RUNS=${RUNS:-5}
 ROUNDS=${ROUNDS:-2}
 SIZE=${SIZE:-4G}
 FILE_SIZE=${FILE_SIZE:-2G}
@@ -67,27 +70,28 @@ print(r["upstream"], r["ours"])' "$json")
     t_up=$(python3 -c "print($t_up + $a)")
     t_ours=$(python3 -c "print($t_ours + $b)")
   done
-  # Peak RSS of nbdcopy itself (not the servers).
-  local rss_up rss_ours
+  # Peak RSS and CPU time of nbdcopy itself (not the servers).
+  local rss_up cpu_up rss_ours cpu_ours
   eval "$prepare"
-  rss_up=$(rss "$up")
+  read -r rss_up cpu_up < <(rss "$up")
   eval "$prepare"
-  rss_ours=$(rss "$ours")
+  read -r rss_ours cpu_ours < <(rss "$ours")
   results+=("$(python3 -c "
 up, ours = $t_up / $ROUNDS, $t_ours / $ROUNDS
-print(f'{\"$name\":<32} upstream {up:7.3f}s  ours {ours:7.3f}s  ratio {up/ours:5.2f}x   '
-      f'peak RSS upstream {$rss_up/1024:6.1f} MiB  ours {$rss_ours/1024:6.1f} MiB')")")
+print(f'{\"$name\":<28} upstream {up:6.3f}s  ours {ours:6.3f}s  ratio {up/ours:4.2f}x  '
+      f'RSS {$rss_up/1024:5.1f} / {$rss_ours/1024:5.1f} MiB  '
+      f'client CPU {$cpu_up:5.2f} / {$cpu_ours:5.2f} s')")")
 }
 
-# Peak RSS (KiB) of the nbdcopy in a command: run it with GNU time
-# wrapped around the nbdcopy word.
+# "PEAK-RSS-KiB CPU-SECONDS" of the nbdcopy in a command: run it with
+# GNU time wrapped around the nbdcopy word.
 rss() {
   local cmd=$1 out="$work/rss"
-  local t="/usr/bin/time -f %M -o $out"
+  local t="/usr/bin/time -f %M:%U:%S -o $out"
   local timed=${cmd/"$UP "/"$t $UP "}
   timed=${timed/"$OURS "/"$t $OURS "}
   sh -c "$timed" >/dev/null 2>&1
-  tail -1 "$out"
+  tail -1 "$out" | awk -F: '{ printf "%s %.2f\n", $1, $2 + $3 }'
 }
 
 bench "pattern $SIZE -> null:" "true" \
@@ -96,8 +100,9 @@ bench "$FILE_SIZE file -> our memory" "true" \
   "$OURKIT -U - memory $FILE_SIZE --run '@NBDCOPY@ $work/random.img \$uri'"
 bench "1T sparse -> our memory 1T" "true" \
   "$OURKIT -U - memory 1T --run '@NBDCOPY@ $SPARSE \$uri'"
-bench "$FILE_SIZE file -> file" "rm -f $work/out.img" \
+bench "$FILE_SIZE file -> file" "rm -f $work/out.img; sync" \
   "sh -c '@NBDCOPY@ $work/random.img $work/out.img'"
 
 echo
+echo "(RSS and client CPU: upstream / ours; CPU is the nbdcopy process alone, one run)"
 printf '%s\n' "${results[@]}"
