@@ -25,8 +25,8 @@
 //! - `raw=BINARY`: the disk as the literal bytes of the parameter.
 //! - `size=SIZE`: truncate or extend (with zeroes) the disk to this size;
 //!   by default the size is the end of the data.
-//! - `allocator=sparse|malloc[,mlock=true]`: as for the memory plugin
-//!   (see [`crate::sparse`]); `zstd` is not supported in this build.
+//! - `allocator=sparse|zstd|malloc[,mlock=true]`: as for the memory
+//!   plugin (see [`crate::sparse`]).
 //! - any other `KEY=VALUE`: a variable for `$KEY` in the data.
 //!
 //! ## The data language
@@ -81,7 +81,7 @@ pub fn entry() -> PluginEntry {
         name: "data",
         help: "data|raw|base64=...     Specify disk data on the command line\n\
                size=<SIZE>             Size of the backing disk\n\
-               allocator=sparse|malloc Backend allocation strategy",
+               allocator=sparse|...    Backend allocation strategy",
         magic: Some("data"),
         create,
     }
@@ -158,7 +158,7 @@ impl Plugin for DataPlugin {
         vec![
             ("data_base64".into(), "yes".into()),
             ("mlock".into(), "yes".into()),
-            ("zstd".into(), "no".into()),
+            ("zstd".into(), "yes".into()),
         ]
     }
 }
@@ -1218,7 +1218,7 @@ mod tests {
         assert!(err(&["size=1"]).contains("exactly once"));
         assert!(err(&["1", "data=2"]).contains("exactly once"));
         assert_eq!(disk(&["1", "allocator=malloc"]), [1]);
-        assert!(err(&["1", "allocator=zstd"]).contains("not supported"));
+        assert_eq!(disk(&["1 2", "allocator=zstd"]), [1, 2]);
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! qemu-img as a client of our server: a random 256 MiB image converted
-//! into our memory server and back out is byte-identical.
+//! into our memory server and back out is byte-identical; likewise a
+//! mixed image through the zstd allocator, whose zero run stays a hole.
 
 use std::process::Command;
 
@@ -95,4 +96,45 @@ fn qemu_img_convert_into_file_plugin() {
     );
     drop(s);
     run_ok(Command::new("cmp").arg(&src).arg(&dst));
+}
+
+#[test]
+fn qemu_img_convert_roundtrip_memory_zstd() {
+    if !require(&["qemu-img", "nbdinfo"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src.img");
+    // 8 MiB random, 8 MiB zeroes, 16 MiB of text.
+    random_file(&src, 8 << 20, 4);
+    let mut img = std::fs::read(&src).unwrap();
+    img.resize(16 << 20, 0);
+    while img.len() < 32 << 20 {
+        img.extend_from_slice(format!("line {} of some log text\n", img.len()).as_bytes());
+    }
+    img.truncate(32 << 20);
+    std::fs::write(&src, &img).unwrap();
+    let s = Server::ours(&["memory", "32M", "allocator=zstd"]);
+    let uri = s.uri();
+    run_ok(
+        Command::new("qemu-img")
+            .args(["convert", "-n", "-f", "raw", "-O", "raw"])
+            .arg(&src)
+            .arg(&uri),
+    );
+    run_ok(
+        Command::new("qemu-img")
+            .args(["compare", "-f", "raw", "-F", "raw"])
+            .arg(&src)
+            .arg(&uri),
+    );
+    let map = run_ok(Command::new("nbdinfo").args(["--map", &uri]));
+    let rows: Vec<Vec<&str>> = map
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert!(
+        rows.iter().any(|r| r[..3] == ["8388608", "8388608", "3"]),
+        "the zero run is a hole:\n{map}"
+    );
 }

@@ -256,7 +256,7 @@ fn dump_config() {
     let mut parts = COMPAT_VERSION.split('.');
     println!("version_major={}", parts.next().unwrap_or("1"));
     println!("version_minor={}", parts.next().unwrap_or("32"));
-    println!("zstd=no");
+    println!("zstd=yes");
 }
 
 fn run(args: Vec<OsString>) -> Result<i32, Fatal> {
