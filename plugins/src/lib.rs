@@ -23,6 +23,7 @@ pub mod full;
 pub mod memory;
 pub mod null;
 pub mod pattern;
+pub mod slab;
 pub mod sparse;
 pub mod sparse_random;
 pub mod zero;

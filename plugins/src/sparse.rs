@@ -28,6 +28,8 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use async_trait::async_trait;
+
+use crate::slab::SlabPage;
 use libnbd::backend::HOLE_ZERO;
 use libnbd::protocol::alloc;
 use libnbd::{
@@ -254,7 +256,35 @@ fn for_each_page(page: u64, offset: u64, len: u64, mut f: impl FnMut(u64, usize,
 }
 
 /// One page of the sparse store: its bytes as the codec keeps them.
-type Page = RwLock<Box<[u8]>>;
+type Page = RwLock<PageBuf>;
+
+/// Where a page's bytes live.
+enum PageBuf {
+    /// A slot of a huge-page slab (plain pages).
+    Slab(SlabPage),
+    /// The heap (compressed pages, or plain ones when no slab could be
+    /// mapped).
+    Heap(Box<[u8]>),
+}
+
+impl std::ops::Deref for PageBuf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            PageBuf::Slab(s) => s,
+            PageBuf::Heap(b) => b,
+        }
+    }
+}
+
+impl std::ops::DerefMut for PageBuf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        match self {
+            PageBuf::Slab(s) => s,
+            PageBuf::Heap(b) => b,
+        }
+    }
+}
 
 /// How the sparse store keeps the bytes of a page.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -331,7 +361,7 @@ impl Codec {
 
     /// Apply `f` to the page in `stored`; returns whether the page is
     /// now all zero (only looked at if `may_be_zero`, else false).
-    fn update(self, stored: &mut Box<[u8]>, may_be_zero: bool, f: impl FnOnce(&mut [u8])) -> bool {
+    fn update(self, stored: &mut PageBuf, may_be_zero: bool, f: impl FnOnce(&mut [u8])) -> bool {
         match self {
             Codec::Plain => {
                 f(stored);
@@ -341,17 +371,20 @@ impl Codec {
                 let z = &mut *z.borrow_mut();
                 ZstdScratch::unpack(&mut z.dctx, stored, &mut z.page);
                 f(&mut z.page);
-                *stored = z.pack(may_be_zero);
+                *stored = PageBuf::Heap(z.pack(may_be_zero));
                 stored.is_empty()
             }),
         }
     }
 
     /// A new page: zeroes changed by `f`.
-    fn create(self, f: impl FnOnce(&mut [u8])) -> Box<[u8]> {
+    fn create(self, f: impl FnOnce(&mut [u8])) -> PageBuf {
         match self {
             Codec::Plain => {
-                let mut page = vec![0u8; PAGE_SIZE].into_boxed_slice();
+                let mut page = match SlabPage::zeroed() {
+                    Some(s) => PageBuf::Slab(s),
+                    None => PageBuf::Heap(vec![0u8; PAGE_SIZE].into_boxed_slice()),
+                };
                 f(&mut page);
                 page
             }
@@ -359,7 +392,7 @@ impl Codec {
                 let z = &mut *z.borrow_mut();
                 z.page.fill(0);
                 f(&mut z.page);
-                z.pack(true)
+                PageBuf::Heap(z.pack(true))
             }),
         }
     }
@@ -451,6 +484,9 @@ impl SparseStore {
                 // Absent pages already read as zeroes.
                 return;
             }
+            // Fill the new page before taking the shard's write lock: the
+            // kernel's page faults on fresh memory are the dearest part.
+            let page = self.codec.create(put);
             let mut map = wr(shard);
             match map.get(&idx) {
                 // Another writer added it meanwhile.
@@ -458,7 +494,7 @@ impl SparseStore {
                     self.codec.update(&mut wr(p), false, put);
                 }
                 None => {
-                    map.insert(idx, RwLock::new(self.codec.create(put)));
+                    map.insert(idx, RwLock::new(page));
                 }
             }
         });
