@@ -16,6 +16,8 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
+use super::lanes::Lanes;
+
 /// A run of the source with the same allocation status.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Extent {
@@ -123,6 +125,12 @@ pub trait Endpoint: Send + Sync {
     /// to open and keep their one). Returns how many there are now.
     async fn start_multi_conn(&mut self, _n: usize) -> io::Result<usize> {
         Ok(1)
+    }
+
+    /// Open a connection on each lane for that lane's requests (NBD
+    /// only). Returns whether it did.
+    async fn start_lanes(&mut self, _lanes: &Lanes) -> io::Result<bool> {
+        Ok(false)
     }
 
     /// Does [`extents`](Self::extents) say more than "all data"?

@@ -18,7 +18,8 @@
 //! that trait.
 //!
 //! Options, as libnbd's: `-C`/`--connections` (multi-conn, default 4
-//! where the servers allow it, at most one per thread), `-R`/`--requests`
+//! where the servers allow it, at most one per thread, each on its own
+//! thread: `lanes.rs`), `-R`/`--requests`
 //! (in flight per connection), `--request-size` (default 256K),
 //! `--queue-size` (bytes in flight per connection), `-T`/`--threads`
 //! (default: the number of CPUs), `-S`/`--sparse` (zero detection block
@@ -42,6 +43,7 @@
 mod alloc;
 mod endpoint;
 mod file;
+mod lanes;
 mod multi;
 mod nbd;
 mod null;
@@ -61,6 +63,7 @@ use libnbd::uri::Uri;
 pub use alloc::PageAligned;
 use endpoint::{describe, Endpoint, OpError};
 use file::{FileEndpoint, Opened};
+use lanes::Lanes;
 use nbd::NbdEndpoint;
 use null::NullEndpoint;
 use ops::{Copier, Settings};
@@ -464,25 +467,38 @@ async fn copy(opts: Options, threads: usize, src: Spec, dst: Spec) -> Result<(),
         )));
     }
 
-    // Connections: several only where both sides can take them. Unlike
-    // libnbd's, which drives each connection from its own thread, any
-    // thread here serves any connection, so there may be more
-    // connections than threads: servers work per connection (nbdkit reads
-    // each connection's requests on one thread), and 4 connections from 2
-    // threads copy faster than 2.
+    // Connections: several only where both sides can take them. As in
+    // libnbd's, each NBD connection has a thread of its own (a lane,
+    // see lanes.rs): one per thread, up to `-C`. With a single thread,
+    // `-C` connections are used in turn from it instead.
     let mut connections = opts.connections.max(1);
     if opts.synchronous || !src.can_multi_conn() || !dst.can_multi_conn() {
         connections = 1;
     }
-    let (a, b) = tokio::join!(
-        src.start_multi_conn(connections),
-        dst.start_multi_conn(connections)
-    );
-    let opened = a.map_err(|e| Fatal(describe(&e)))?;
-    let opened = opened.max(b.map_err(|e| Fatal(describe(&e)))?);
-    // What is kept in flight scales with the NBD connections, or with
-    // the threads working on local endpoints.
-    let lanes = opened.max(connections.min(threads));
+    let mut lanes = None;
+    if connections.min(threads) > 1 && !src.is_stream() && !dst.is_stream() {
+        let l = Lanes::start(connections.min(threads))
+            .map_err(|e| Fatal(format!("cannot start threads: {e}")))?;
+        let (a, b) = tokio::join!(src.start_lanes(&l), dst.start_lanes(&l));
+        let a = a.map_err(|e| Fatal(describe(&e)))?;
+        if b.map_err(|e| Fatal(describe(&e)))? || a {
+            lanes = Some(l);
+        }
+    }
+    let width = match &lanes {
+        Some(l) => l.len(),
+        None => {
+            let (a, b) = tokio::join!(
+                src.start_multi_conn(connections),
+                dst.start_multi_conn(connections)
+            );
+            let opened = a.map_err(|e| Fatal(describe(&e)))?;
+            let opened = opened.max(b.map_err(|e| Fatal(describe(&e)))?);
+            // What is kept in flight scales with the NBD connections,
+            // or with the threads working on local endpoints.
+            opened.max(connections.min(threads))
+        }
+    };
 
     // Sizes: a regular file destination takes the source's size; any
     // other must be large enough.
@@ -532,7 +548,7 @@ async fn copy(opts: Options, threads: usize, src: Spec, dst: Spec) -> Result<(),
         describe_endpoint("src", &*src);
         describe_endpoint("dst", &*dst);
         eprintln!(
-            "nbdcopy: connections={lanes} requests={} threads={threads} synchronous={} \
+            "nbdcopy: connections={width} requests={} threads={threads} synchronous={} \
              request-size={request_size} queue-size={} sparse={sparse_size} extents={} \
              destination-is-zero={}",
             requests,
@@ -551,11 +567,13 @@ async fn copy(opts: Options, threads: usize, src: Spec, dst: Spec) -> Result<(),
     let result = if opts.synchronous {
         synch::copy(c.clone(), opts.extents).await
     } else {
+        // The budget is per connection: each lane has its own.
+        let per = if lanes.is_some() { 1 } else { width };
         let limits = multi::Limits {
-            requests: requests.saturating_mul(lanes),
-            queue_bytes: queue_size.saturating_mul(lanes as u64),
+            requests: requests.saturating_mul(per),
+            queue_bytes: queue_size.saturating_mul(per as u64),
         };
-        multi::copy(c.clone(), limits, opts.extents).await
+        multi::copy(c.clone(), limits, opts.extents, lanes.as_ref()).await
     };
     let result = match result {
         Ok(copied) => finish(&*src, &*dst, copied, opts.flush).await,

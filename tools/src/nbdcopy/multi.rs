@@ -14,7 +14,7 @@
 //! request at a time while the writes to the other side still overlap,
 //! and the reverse. The first failure stops everything.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use futures::{stream, StreamExt};
@@ -22,6 +22,7 @@ use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
 use super::endpoint::{Endpoint, Extent, OpError};
+use super::lanes::Lanes;
 use super::ops::{extents_of, Copier, Op, Planner};
 
 /// Source range whose extents are asked for at once.
@@ -209,13 +210,19 @@ impl Ops {
     }
 }
 
-/// Copy everything; returns the number of bytes copied (the source's
-/// size, or a stream's length).
-pub async fn copy(c: Arc<Copier>, limits: Limits, use_extents: bool) -> Result<u64, OpError> {
+/// Copy everything, on `lanes` if given (each with `limits`) or else
+/// on the current runtime; returns the number of bytes copied (the
+/// source's size, or a stream's length).
+pub async fn copy(
+    c: Arc<Copier>,
+    limits: Limits,
+    use_extents: bool,
+    lanes: Option<&Lanes>,
+) -> Result<u64, OpError> {
     let chunk = c.settings.request_size;
     let eof = Arc::new(AtomicU64::new(u64::MAX));
     let mut walker = None;
-    let mut ops = match c.src.size() {
+    let ops = match c.src.size() {
         Some(size) => {
             let (tx, rx) = mpsc::channel(4);
             let use_extents = use_extents && c.src.can_extents();
@@ -233,7 +240,27 @@ pub async fn copy(c: Arc<Copier>, limits: Limits, use_extents: bool) -> Result<u
         }
         None => Ops::Stream { offset: 0, chunk },
     };
-    let result = pipeline(&c, limits, &mut ops, &eof).await;
+    let ops = Arc::new(tokio::sync::Mutex::new(ops));
+    let stop = Arc::new(AtomicBool::new(false));
+    let result = match lanes {
+        None => pipeline(c.clone(), limits, ops, eof.clone(), stop).await,
+        Some(lanes) => {
+            let running: Vec<_> = (0..lanes.len())
+                .map(|k| {
+                    let p = pipeline(c.clone(), limits, ops.clone(), eof.clone(), stop.clone());
+                    lanes.spawn(k, p)
+                })
+                .collect();
+            let mut result = Ok(());
+            for r in futures::future::join_all(running).await {
+                let r = r.expect("copy lane panicked");
+                if result.is_ok() {
+                    result = r;
+                }
+            }
+            result
+        }
+    };
     if let Some(w) = walker {
         w.abort();
     }
@@ -244,11 +271,28 @@ pub async fn copy(c: Arc<Copier>, limits: Limits, use_extents: bool) -> Result<u
     })
 }
 
+/// Start operations as the budget allows until there are no more or
+/// `stop` is set; the first failure sets `stop` for the other lanes.
 async fn pipeline(
+    c: Arc<Copier>,
+    limits: Limits,
+    ops: Arc<tokio::sync::Mutex<Ops>>,
+    eof: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+) -> Result<(), OpError> {
+    let result = run_pipeline(&c, limits, &ops, &eof, &stop).await;
+    if result.is_err() {
+        stop.store(true, Ordering::Release);
+    }
+    result
+}
+
+async fn run_pipeline(
     c: &Arc<Copier>,
     limits: Limits,
-    ops: &mut Ops,
+    ops: &tokio::sync::Mutex<Ops>,
     eof: &Arc<AtomicU64>,
+    stop: &AtomicBool,
 ) -> Result<(), OpError> {
     let requests = Arc::new(Semaphore::new(limits.requests.max(1)));
     let max_units = (limits.queue_bytes / UNIT)
@@ -259,12 +303,18 @@ async fn pipeline(
     let mut last_read = None;
     let mut last_write = None;
     let mut tasks = JoinSet::new();
-    while let Some(op) = ops.next(eof).await? {
+    loop {
         let slot = requests
             .clone()
             .acquire_owned()
             .await
             .expect("semaphore never closed");
+        if stop.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let Some(op) = ops.lock().await.next(eof).await? else {
+            break;
+        };
         let buf = if op.zero {
             None
         } else {
@@ -294,6 +344,9 @@ async fn pipeline(
     }
     while let Some(r) = tasks.join_next().await {
         r.expect("copy task panicked")?;
+        if stop.load(Ordering::Acquire) {
+            return Ok(());
+        }
     }
     Ok(())
 }

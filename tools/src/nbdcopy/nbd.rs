@@ -2,10 +2,13 @@
 //! or a captive server run for the copy (`[ qemu-nbd -f qcow2 x ]`).
 //!
 //! One connection is made first; once both sides are known, the copy
-//! asks for more ([`Endpoint::start_multi_conn`]), which are made only
-//! when the server advertises multi-conn. Requests go to the
-//! connections in turn, many at once on each. A captive server gets
-//! every connection and is stopped when the endpoint goes.
+//! asks for more, which are made only when the server advertises
+//! multi-conn: one on each lane's thread ([`Endpoint::start_lanes`]),
+//! which takes that lane's requests while the first one answers the
+//! extent queries; or, with one thread, several used in turn
+//! ([`Endpoint::start_multi_conn`]). Many requests are in flight on
+//! each. A captive server gets every connection and is stopped when
+//! the endpoint goes.
 //!
 //! Extents come from `base:allocation`: a source's holes are not read,
 //! and a destination's ranges that already read as zeroes are not
@@ -26,6 +29,7 @@ use libnbd::protocol::{alloc, cmdflag, errno, CONTEXT_BASE_ALLOCATION};
 use libnbd::uri::Uri;
 
 use super::endpoint::{Data, Endpoint, Extent};
+use super::lanes::{self, Lanes};
 
 /// Requests in flight per connection to a server on a Unix socket
 /// (captive servers included) and over a network, unless `-R` says.
@@ -33,6 +37,7 @@ const UNIX_DEPTH: usize = 8;
 const NETWORK_DEPTH: usize = 64;
 
 /// Where more connections come from.
+#[derive(Clone)]
 enum Server {
     Uri(Uri),
     Captive(Arc<CaptiveServer>),
@@ -53,6 +58,9 @@ pub struct NbdEndpoint {
     server: Server,
     opts: ConnectOptions,
     conns: Vec<Arc<Connection>>,
+    /// One connection per lane, made on that lane's thread; a lane's
+    /// requests go to its own.
+    lane_conns: Vec<Arc<Connection>>,
     /// Round-robin position.
     next: AtomicUsize,
     /// `base:allocation` was negotiated and is wanted.
@@ -119,16 +127,42 @@ impl NbdEndpoint {
             server,
             opts,
             conns: vec![Arc::new(first)],
+            lane_conns: Vec::new(),
             next: AtomicUsize::new(0),
             extents,
             fast_zero: AtomicBool::new(true),
         })
     }
 
-    /// The connection for the next request.
+    /// The connection for the next request: the lane's own, or else
+    /// the next in turn.
     fn conn(&self) -> &Connection {
+        if let Some(c) = lanes::current().and_then(|k| self.lane_conns.get(k)) {
+            return c;
+        }
         let i = self.next.fetch_add(1, Ordering::Relaxed) % self.conns.len();
         &self.conns[i]
+    }
+
+    fn conn_error(&self, e: NbdError) -> io::Error {
+        io::Error::other(format!("{}: {}", self.name, io_err(e)))
+    }
+
+    /// Check that further connections see the export as the first did.
+    fn more_conns(&self, more: Vec<Connection>) -> io::Result<Vec<Arc<Connection>>> {
+        let size = self.conns[0].size();
+        if more.iter().any(|c| c.size() != size) {
+            return Err(io::Error::other(format!(
+                "{}: the export changed size between connections",
+                self.name
+            )));
+        }
+        Ok(more.into_iter().map(Arc::new).collect())
+    }
+
+    /// Every connection.
+    fn all(&self) -> impl Iterator<Item = &Arc<Connection>> {
+        self.conns.iter().chain(&self.lane_conns)
     }
 }
 
@@ -181,20 +215,26 @@ impl Endpoint for NbdEndpoint {
         if n <= have || !self.can_multi_conn() {
             return Ok(have);
         }
-        let opts = &self.opts;
-        let server = &self.server;
-        let more = try_join_all((have..n).map(|_| server.connect(opts)))
-            .await
-            .map_err(|e| io::Error::other(format!("{}: {}", self.name, io_err(e))))?;
-        let size = self.conns[0].size();
-        if more.iter().any(|c| c.size() != size) {
-            return Err(io::Error::other(format!(
-                "{}: the export changed size between connections",
-                self.name
-            )));
-        }
-        self.conns.extend(more.into_iter().map(Arc::new));
+        let (server, opts) = (&self.server, &self.opts);
+        let more = try_join_all((have..n).map(|_| server.connect(opts))).await;
+        let more = self.more_conns(more.map_err(|e| self.conn_error(e))?)?;
+        self.conns.extend(more);
         Ok(self.conns.len())
+    }
+
+    async fn start_lanes(&mut self, lanes: &Lanes) -> io::Result<bool> {
+        if !self.can_multi_conn() {
+            return Ok(false);
+        }
+        let made = try_join_all((0..lanes.len()).map(|k| {
+            let (server, opts) = (self.server.clone(), self.opts.clone());
+            lanes.spawn(k, async move { server.connect(&opts).await })
+        }))
+        .await
+        .map_err(|e| io::Error::other(format!("{}: {e}", self.name)))?;
+        let made = made.into_iter().collect::<Result<Vec<_>, _>>();
+        self.lane_conns = self.more_conns(made.map_err(|e| self.conn_error(e))?)?;
+        Ok(true)
     }
 
     fn can_extents(&self) -> bool {
@@ -279,14 +319,14 @@ impl Endpoint for NbdEndpoint {
         if !self.conns[0].can_flush() {
             return Ok(());
         }
-        try_join_all(self.conns.iter().map(|c| c.flush()))
+        try_join_all(self.all().map(|c| c.flush()))
             .await
             .map_err(io_err)?;
         Ok(())
     }
 
     async fn close(&self) -> io::Result<()> {
-        try_join_all(self.conns.iter().map(|c| c.disconnect()))
+        try_join_all(self.all().map(|c| c.disconnect()))
             .await
             .map_err(io_err)?;
         Ok(())
