@@ -25,15 +25,18 @@ fn new_decoder() -> Result<Stream, String> {
         .map_err(|e| format!("cannot start decoder: {}", describe(e)))
 }
 
-/// Decode a whole block. `input` must hold the block's compressed bytes
-/// (`b.total()` of them) at `input[HEADER_SIZE..]`; the first 12 bytes are
-/// overwritten with a stream header. Returns exactly `b.usize` bytes, the
-/// block's integrity check verified.
-pub fn decode_block(b: &Block, mut input: Vec<u8>) -> Result<Vec<u8>, String> {
+/// Decode a whole block into `out` (emptied first; a buffer of an
+/// earlier block saves faulting in fresh pages). `input` must hold the
+/// block's compressed bytes (`b.total()` of them) at
+/// `input[HEADER_SIZE..]`; the first 12 bytes are overwritten with a
+/// stream header. Returns exactly `b.usize` bytes, the block's integrity
+/// check verified.
+pub fn decode_block(b: &Block, mut input: Vec<u8>, mut out: Vec<u8>) -> Result<Vec<u8>, String> {
     input[..HEADER_SIZE as usize].copy_from_slice(&stream_header(b.flags));
     input.extend_from_slice(&synthetic_tail(b));
     let mut s = new_decoder()?;
-    let mut out: Vec<u8> = Vec::with_capacity(b.usize as usize);
+    out.clear();
+    out.reserve_exact(b.usize as usize);
     let mut pos = 0usize;
     loop {
         let (in0, out0) = (s.total_in(), s.total_out());
@@ -240,17 +243,17 @@ pub(crate) mod tests {
         };
         let mut input = vec![0u8; 12];
         input.extend_from_slice(&xz[12..12 + b.total() as usize]);
-        assert_eq!(decode_block(&b, input.clone()).unwrap(), data);
+        assert_eq!(decode_block(&b, input.clone(), Vec::new()).unwrap(), data);
 
         // Corrupt the block's check: the whole-block decoder refuses it.
         let mut bad = input.clone();
         let at = 12 + b.unpadded as usize - 1;
         bad[at] ^= 1;
-        assert!(decode_block(&b, bad).is_err());
+        assert!(decode_block(&b, bad, Vec::new()).is_err());
         // Wrong size in the index.
         let mut wrong = b;
         wrong.usize += 1;
-        assert!(decode_block(&wrong, input.clone()).is_err());
+        assert!(decode_block(&wrong, input.clone(), Vec::new()).is_err());
 
         // Progressive, with input in small pieces and output in chunks.
         let mut p = Progressive::new(b).unwrap();
