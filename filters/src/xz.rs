@@ -15,7 +15,8 @@
 //! ## Parameters
 //!
 //! - `xz-max-depth=N` (default 8): how many decoded blocks the LRU cache
-//!   keeps per connection. The cache is shared by every connection to the
+//!   keeps per connection that reads (one that only asks for the size or
+//!   extents takes no room). The cache is shared by every connection to the
 //!   same export, and so are the blocks decoded ahead (below): as upstream,
 //!   memory use is at most about N × the largest cached block (see
 //!   `xz-max-block`) per connection, plus a compressed block per block
@@ -61,7 +62,7 @@ mod index;
 mod spill;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use async_trait::async_trait;
@@ -152,8 +153,11 @@ impl Filter for XzFilter {
                 }
             }
         };
-        file.handles.fetch_add(1, Ordering::Relaxed);
-        Ok(Box::new(XzHandle { next, file }))
+        Ok(Box::new(XzHandle {
+            next,
+            file,
+            reading: AtomicBool::new(false),
+        }))
     }
 }
 
@@ -203,7 +207,9 @@ struct XzFile {
     index: XzIndex,
     kinds: Vec<Kind>,
     depth: usize,
-    /// Open connections: the cache holds `depth` blocks for each.
+    /// Connections that have read: the cache holds `depth` blocks for
+    /// each (one that only asks for the size or extents, as nbdcopy's
+    /// first connection, takes no room).
     handles: AtomicUsize,
     /// Blocks decoded ahead of sequential readers.
     ahead: usize,
@@ -492,11 +498,15 @@ impl XzFile {
 struct XzHandle {
     next: Arc<dyn Handle>,
     file: Arc<XzFile>,
+    /// Has read: counted in the file's `handles`.
+    reading: AtomicBool,
 }
 
 impl Drop for XzHandle {
     fn drop(&mut self) {
-        self.file.handles.fetch_sub(1, Ordering::Relaxed);
+        if *self.reading.get_mut() {
+            self.file.handles.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 }
 
@@ -541,6 +551,9 @@ impl Handle for XzHandle {
     }
 
     async fn pread(&self, buf: &mut [u8], offset: u64, _flags: Flags) -> Result<()> {
+        if !self.reading.load(Ordering::Relaxed) && !self.reading.swap(true, Ordering::Relaxed) {
+            self.file.handles.fetch_add(1, Ordering::Relaxed);
+        }
         self.file.read(buf, offset, &self.next).await
     }
     async fn pwrite(&self, _buf: &[u8], _offset: u64, _flags: Flags) -> Result<()> {
