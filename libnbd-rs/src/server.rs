@@ -140,6 +140,12 @@ struct OptState {
 
 /// Context id we give `base:allocation`.
 const BASE_ALLOCATION_ID: u32 = 1;
+/// Buffer for reading requests: room for many request headers per read
+/// call, small enough that a write's payload is read straight into its
+/// own buffer once the buffered bytes are used up (with a buffer as large
+/// as the payload, most of every payload went through it: an extra copy
+/// of all data written, 20% of the CPU of a file -> memory copy).
+const REQUEST_BUFFER: usize = 4 * 1024;
 
 /// Serve one client on a reader and a writer (a socket's halves, or
 /// stdin/stdout for `-s`). Returns when the client disconnects.
@@ -151,7 +157,7 @@ where
     CONNECTIONS.fetch_add(1, Ordering::SeqCst);
     let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
     crate::debug!("connection {id} opened");
-    let mut reader = BufReader::with_capacity(256 * 1024, reader);
+    let mut reader = BufReader::with_capacity(REQUEST_BUFFER, reader);
     let writer: Writer<W> = Arc::new(tokio::sync::Mutex::new(BufWriter::with_capacity(
         256 * 1024,
         writer,
