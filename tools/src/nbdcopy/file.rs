@@ -46,6 +46,8 @@ const CONCURRENT_READS: usize = 8;
 /// serializes them on the inode lock anyway, and threads queueing on it
 /// only burn CPU.
 const CONCURRENT_WRITES: usize = 8;
+/// Bytes written between starts of writeback to disk.
+const WRITEBACK_EVERY: u64 = 64 << 20;
 
 /// A regular file or a block device.
 #[derive(Debug)]
@@ -75,6 +77,8 @@ pub struct FileEndpoint {
     /// or file system refuses them).
     nowait_read: AtomicBool,
     nowait_write: AtomicBool,
+    /// Bytes written since writeback to disk was last started.
+    unstarted: AtomicU64,
 }
 
 /// A write for the writer threads.
@@ -170,7 +174,32 @@ impl FileEndpoint {
             can_zeroout: AtomicBool::new(block_device),
             nowait_read: AtomicBool::new(true),
             nowait_write: AtomicBool::new(true),
+            unstarted: AtomicU64::new(0),
         }))
+    }
+
+    /// Count `len` more bytes written; every [`WRITEBACK_EVERY`] bytes,
+    /// have the kernel start writing the file's dirty pages to disk
+    /// (`sync_file_range`, on a blocking thread: it may wait for the
+    /// device's queue). Otherwise the kernel waits for its dirty
+    /// thresholds and the disk idles during the copy, then has it all to
+    /// write at the end (or at the next `sync`): 2 GiB file to file then
+    /// `sync` took 1.24 s, as long as libnbd's, which writes back as it
+    /// goes.
+    fn start_writeback(&self, len: u64) {
+        let before = self.unstarted.fetch_add(len, Ordering::Relaxed);
+        if before + len < WRITEBACK_EVERY {
+            return;
+        }
+        self.unstarted.store(0, Ordering::Relaxed);
+        let file = self.file.clone();
+        tokio::task::spawn_blocking(move || {
+            // SAFETY: a plain system call on an open descriptor; an error
+            // only means no early writeback.
+            unsafe {
+                libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE);
+            }
+        });
     }
 
     /// Run `f` on the file on a blocking thread, as a read (`write`
@@ -387,6 +416,7 @@ impl Endpoint for FileEndpoint {
 
     async fn write(&self, data: Data, offset: u64) -> io::Result<()> {
         let len = data.len();
+        self.start_writeback(len as u64);
         // The kernel only reads from the buffer for a write.
         let ptr = data.as_ptr().cast_mut();
         let done = nowait(&self.file, ptr, len, offset, true, &self.nowait_write);
