@@ -7,7 +7,8 @@
 //! `requests` operations and `queue_bytes` bytes of buffers at once
 //! (libnbd's `-R` and `--queue-size`, per connection). Operations finish
 //! in any order, spread over the runtime's threads and the endpoints'
-//! connections.
+//! connections. With lanes (`lanes.rs`), each lane runs this loop with
+//! its own budget, all taking operations from the one walker.
 //!
 //! A stream (a pipe) must be read, or written, in order: operations
 //! then pass a baton along for that side only, so a pipe is read one
