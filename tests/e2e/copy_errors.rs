@@ -9,13 +9,13 @@ use std::process::Output;
 use crate::common::{random_file, require, run, Server};
 use crate::copy_common::nbdcopy;
 
-fn stderr(o: &Output) -> String {
+pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
 /// Check a failed run: status 1 and an `nbdcopy: ...` line with every
 /// piece of `want`.
-fn failed(o: &Output, want: &[&str]) -> String {
+pub fn failed(o: &Output, want: &[&str]) -> String {
     let err = stderr(o);
     assert_eq!(o.status.code(), Some(1), "exit status; stderr: {err}");
     let line = err

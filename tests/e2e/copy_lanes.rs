@@ -8,6 +8,7 @@ use std::collections::HashSet;
 
 use crate::common::{random_file, require, run, Server};
 use crate::copy_common::nbdcopy;
+use crate::copy_errors::{failed, stderr};
 
 /// The connection numbers of the `Read` requests in a log filter file.
 fn reading_connections(log: &str) -> HashSet<u32> {
@@ -76,10 +77,7 @@ fn copy_lanes_failure_on_one_lane_stops_all() {
         .args(["-C", "4", "-T", "4", "--request-size=65536"])
         .arg(&img)
         .arg(dst.uri()));
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(1), "{err}");
-    let line = err.lines().find(|l| l.starts_with("nbdcopy: ")).unwrap();
-    assert!(line.contains("write at offset"), "{line}");
-    assert!(line.contains("No space left on device"), "{line}");
+    failed(&o, &["write at offset", "No space left on device"]);
+    let err = stderr(&o);
     assert_eq!(err.matches("nbdcopy: ").count(), 1, "one message: {err}");
 }

@@ -127,10 +127,16 @@ pub trait Endpoint: Send + Sync {
         Ok(1)
     }
 
-    /// Open a connection on each lane for that lane's requests (NBD
-    /// only). Returns whether it did.
-    async fn start_lanes(&mut self, _lanes: &Lanes) -> io::Result<bool> {
-        Ok(false)
+    /// Would it use lanes (threads with a connection each)? NBD with
+    /// multi-conn only; nothing else is worth starting them for.
+    fn takes_lanes(&self) -> bool {
+        false
+    }
+
+    /// Open a connection on each lane for that lane's requests (where
+    /// [`takes_lanes`](Self::takes_lanes)).
+    async fn start_lanes(&mut self, _lanes: &Lanes) -> io::Result<()> {
+        Ok(())
     }
 
     /// Does [`extents`](Self::extents) say more than "all data"?

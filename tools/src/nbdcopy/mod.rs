@@ -476,14 +476,16 @@ async fn copy(opts: Options, threads: usize, src: Spec, dst: Spec) -> Result<(),
         connections = 1;
     }
     let mut lanes = None;
-    if connections.min(threads) > 1 && !src.is_stream() && !dst.is_stream() {
+    if connections.min(threads) > 1
+        && !src.is_stream()
+        && !dst.is_stream()
+        && (src.takes_lanes() || dst.takes_lanes())
+    {
         let l = Lanes::start(connections.min(threads))
             .map_err(|e| Fatal(format!("cannot start threads: {e}")))?;
         let (a, b) = tokio::join!(src.start_lanes(&l), dst.start_lanes(&l));
-        let a = a.map_err(|e| Fatal(describe(&e)))?;
-        if b.map_err(|e| Fatal(describe(&e)))? || a {
-            lanes = Some(l);
-        }
+        a.and(b).map_err(|e| Fatal(describe(&e)))?;
+        lanes = Some(l);
     }
     let width = match &lanes {
         Some(l) => l.len(),

@@ -222,9 +222,13 @@ impl Endpoint for NbdEndpoint {
         Ok(self.conns.len())
     }
 
-    async fn start_lanes(&mut self, lanes: &Lanes) -> io::Result<bool> {
-        if !self.can_multi_conn() {
-            return Ok(false);
+    fn takes_lanes(&self) -> bool {
+        self.can_multi_conn()
+    }
+
+    async fn start_lanes(&mut self, lanes: &Lanes) -> io::Result<()> {
+        if !self.takes_lanes() {
+            return Ok(());
         }
         let made = try_join_all((0..lanes.len()).map(|k| {
             let (server, opts) = (self.server.clone(), self.opts.clone());
@@ -234,7 +238,7 @@ impl Endpoint for NbdEndpoint {
         .map_err(|e| io::Error::other(format!("{}: {e}", self.name)))?;
         let made = made.into_iter().collect::<Result<Vec<_>, _>>();
         self.lane_conns = self.more_conns(made.map_err(|e| self.conn_error(e))?)?;
-        Ok(true)
+        Ok(())
     }
 
     fn can_extents(&self) -> bool {
