@@ -13,6 +13,7 @@ mod copy_nbd_to_nbd;
 mod copy_nbd_to_null;
 mod copy_pipe;
 mod copy_progress;
+mod copy_request_size;
 mod copy_sparse;
 mod curl;
 mod filter_blocksize;

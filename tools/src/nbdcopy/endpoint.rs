@@ -107,6 +107,13 @@ pub trait Endpoint: Send + Sync {
         None
     }
 
+    /// The request size to copy in when `--request-size` is not given,
+    /// if this destination is better written in requests larger than
+    /// libnbd's 256K; `None` for the default.
+    fn write_request_size(&self) -> Option<u64> {
+        None
+    }
+
     /// Requests worth having in flight per connection, unless `-R`
     /// says otherwise: a few for local files and sinks, which answer at
     /// once; more for a server, to cover the round trip. The copy uses

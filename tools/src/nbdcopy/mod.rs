@@ -20,7 +20,8 @@
 //! Options, as libnbd's: `-C`/`--connections` (multi-conn, default 4
 //! where the servers allow it, at most one per thread, each on its own
 //! thread: `lanes.rs`), `-R`/`--requests`
-//! (in flight per connection), `--request-size` (default 256K),
+//! (in flight per connection), `--request-size` (default 256K; 2M when
+//! writing to a server without multi-conn, such as qemu-nbd),
 //! `--queue-size` (bytes in flight per connection), `-T`/`--threads`
 //! (default: the number of CPUs), `-S`/`--sparse` (zero detection block
 //! size, default 4096 or the destination's preferred block size; 0 turns
@@ -185,7 +186,8 @@ struct Options {
     /// `--queue-size`; `None`: what the requests in flight take, up to
     /// libnbd's 16M.
     queue_size: Option<u64>,
-    request_size: u64,
+    /// `--request-size`; `None`: 256K, or what the destination asks for.
+    request_size: Option<u64>,
     /// `-R`; `None`: what the endpoints want, up to libnbd's 64.
     requests: Option<usize>,
     /// `None`: the default (raised to the destination's block size).
@@ -275,10 +277,10 @@ fn options(cli: &Cli) -> Result<Options, String> {
         None => None,
     };
     let threads = count("threads", cli.threads.as_ref(), 0, true)?;
-    let request_size = size("request-size", cli.request_size.as_ref())?.unwrap_or(REQUEST_SIZE);
-    if !request_size.is_power_of_two()
-        || !(MIN_REQUEST_SIZE..=MAX_REQUEST_SIZE).contains(&request_size)
-    {
+    let request_size = size("request-size", cli.request_size.as_ref())?;
+    if request_size.is_some_and(|r| {
+        !r.is_power_of_two() || !(MIN_REQUEST_SIZE..=MAX_REQUEST_SIZE).contains(&r)
+    }) {
         return Err(format!(
             "--request-size: must be a power of 2 within {MIN_REQUEST_SIZE}-{MAX_REQUEST_SIZE}"
         ));
@@ -516,7 +518,10 @@ async fn copy(opts: Options, threads: usize, src: Spec, dst: Spec) -> Result<(),
         }
     }
 
-    let mut request_size = opts.request_size;
+    let mut request_size = opts
+        .request_size
+        .or_else(|| dst.write_request_size())
+        .unwrap_or(REQUEST_SIZE);
     for limit in [src.max_request_size(), dst.max_request_size()]
         .into_iter()
         .flatten()
@@ -640,7 +645,7 @@ mod tests {
         let (o, src, dst) = copy_of("a.img null:");
         assert_eq!(o.connections, 4);
         assert_eq!(o.requests, None);
-        assert_eq!(o.request_size, 256 * 1024);
+        assert_eq!(o.request_size, None);
         assert_eq!(o.queue_size, None);
         assert_eq!(o.sparse, None);
         assert_eq!(o.threads, 0);
@@ -679,7 +684,7 @@ mod tests {
         let (o, _, _) = copy_of("--progress=3 -S 0 --request-size=1M -T 1 a b");
         assert_eq!(o.progress, Mode::Fd(3));
         assert_eq!(o.sparse, Some(0));
-        assert_eq!(o.request_size, 1 << 20);
+        assert_eq!(o.request_size, Some(1 << 20));
         assert_eq!(o.threads, 1);
         let (o, _, _) = copy_of("--progress a b");
         assert_eq!(o.progress, Mode::Bar);

@@ -31,6 +31,11 @@ use libnbd::uri::Uri;
 use super::endpoint::{Data, Endpoint, Extent};
 use super::lanes::{self, Lanes};
 
+/// The request size for writing to a server that takes one connection,
+/// unless `--request-size` says (see
+/// [`Endpoint::write_request_size`]).
+const SINGLE_CONN_WRITE_SIZE: u64 = 2 << 20;
+
 /// Requests in flight per connection to a server on a Unix socket
 /// (captive servers included) and over a network, unless `-R` says.
 const UNIX_DEPTH: usize = 8;
@@ -193,6 +198,20 @@ impl Endpoint for NbdEndpoint {
 
     fn max_request_size(&self) -> Option<u64> {
         Some(u64::from(self.conns[0].max_payload()))
+    }
+
+    /// A server without multi-conn gets every write on one connection;
+    /// qemu-nbd (the usual one: it never offers multi-conn for a
+    /// writable export) handles each request in its one main thread, a
+    /// coroutine and a thread-pool job per request, and for qcow2 a
+    /// cluster allocation under the image's lock. Larger requests share
+    /// that out: a 1 GiB raw file written into `[ qemu-nbd -f qcow2 ]`
+    /// took 0.90 s in 2M requests, 1.31 s in 256K ones (5 alternating
+    /// runs each). Reads gain nothing from it (from qemu-nbd 2M reads
+    /// were slower), so only a destination asks. The queue stays
+    /// within libnbd's 16M.
+    fn write_request_size(&self) -> Option<u64> {
+        (!self.can_multi_conn()).then_some(SINGLE_CONN_WRITE_SIZE)
     }
 
     fn queue_depth(&self) -> usize {
