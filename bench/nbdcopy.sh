@@ -5,16 +5,20 @@
 #  2. a 2 GiB random file -> our `nbdkit memory 2G`
 #  3. a 1 TiB sparse export (upstream nbdkit data plugin, 3 x 64K of
 #     data) -> our `nbdkit memory 1T`
-#  4. a 2 GiB random file -> a new local file, then `sync` of that file:
-#     libnbd's nbdcopy writes the file back to disk as it goes (to drop
-#     the pages it wrote from the page cache), ours leaves that to the
-#     kernel, so without the sync ours would be timed without writing to
-#     disk at all (3-6x "faster", measured, and meaningless)
+#  4. a 2 GiB random file -> a new local file, then `sync` of that file
+#     (both write the file back as they go and drop what was written
+#     from the page cache; the sync times whatever is left)
+# and two more, as users run it:
+#  5. our `nbdkit pattern 4G` -> null: (case 1's server is upstream's,
+#     and on 2 cores it is what bounds that case; with ours as the
+#     server, the clients' own difference shows more)
+#  6. a 2 GiB random file -> `[ qemu-nbd -f qcow2 out.qcow2 ]` (a new
+#     image): the usual way to write a qcow2
 # Each case runs in ROUNDS rounds of hyperfine, the order of the two
 # programs swapped every round so neither always goes first; the ratio
-# is upstream time / our time (> 1: ours is faster). Then, from GNU
-# time wrapped around each nbdcopy alone (not the servers) in the same
-# setting: its peak RSS (%M) and the CPU seconds it used (%U + %S), the
+# is upstream time / our time (> 1: ours is faster). Then, for each
+# nbdcopy alone (not the servers, nor a captive qemu-nbd) in the same
+# setting: its peak RSS and the CPU seconds it used (user + system), the
 # share of the two cores it takes away from the server, which bounds
 # the dense cases here.
 #
@@ -32,7 +36,6 @@ ROUNDS=${ROUNDS:-2}
 SIZE=${SIZE:-4G}
 FILE_SIZE=${FILE_SIZE:-2G}
 command -v hyperfine >/dev/null || { echo "hyperfine is missing" >&2; exit 1; }
-[ -x /usr/bin/time ] || { echo "/usr/bin/time is missing (apt-get install time)" >&2; exit 1; }
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/nbdcopy-bench.XXXXXX")
 pids=()
@@ -87,15 +90,40 @@ print(f'{\"$name\":<28} upstream {up:6.3f}s  ours {ours:6.3f}s  ratio {up/ours:4
       f'client CPU {$cpu_up:5.2f} / {$cpu_ours:5.2f} s')")")
 }
 
-# "PEAK-RSS-KiB CPU-SECONDS" of the nbdcopy in a command: run it with
-# GNU time wrapped around the nbdcopy word.
+# "PEAK-RSS-KiB CPU-SECONDS" of the nbdcopy in a command, its own (not
+# its children's: GNU time's %M and %U would count a captive qemu-nbd
+# too): the nbdcopy word runs under self.py, which samples its VmHWM and
+# reads its CPU time once it has exited, before reaping it.
+cat >"$work/self.py" <<'PY'
+import os, sys, time
+out, argv = sys.argv[1], sys.argv[2:]
+pid = os.fork()
+if pid == 0:
+    os.execvp(argv[0], argv)
+hwm = 0
+while True:
+    try:
+        for l in open(f"/proc/{pid}/status"):
+            if l.startswith("VmHWM:"):
+                hwm = max(hwm, int(l.split()[1]))
+    except (OSError, ValueError):
+        pass
+    if os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT):
+        break
+    time.sleep(0.01)
+f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+cpu = (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+_, status = os.waitpid(pid, 0)
+open(out, "w").write(f"{hwm} {cpu:.2f}\n")
+sys.exit(os.waitstatus_to_exitcode(status))
+PY
 rss() {
   local cmd=$1 out="$work/rss"
-  local t="/usr/bin/time -f %M:%U:%S -o $out"
+  local t="python3 $work/self.py $out"
   local timed=${cmd/"$UP "/"$t $UP "}
   timed=${timed/"$OURS "/"$t $OURS "}
   sh -c "$timed" >/dev/null 2>&1
-  tail -1 "$out" | awk -F: '{ printf "%s %.2f\n", $1, $2 + $3 }'
+  cat "$out"
 }
 
 bench "pattern $SIZE -> null:" "true" \
@@ -106,6 +134,13 @@ bench "1T sparse -> our memory 1T" "true" \
   "$OURKIT -U - memory 1T --run '@NBDCOPY@ $SPARSE \$uri'"
 bench "$FILE_SIZE file -> file" "rm -f $work/out.img; sync" \
   "sh -c '@NBDCOPY@ $work/random.img $work/out.img && sync $work/out.img'"
+bench "our pattern $SIZE -> null:" "true" \
+  "$OURKIT -U - pattern $SIZE --run '@NBDCOPY@ \$uri null:'"
+printf '#!/bin/sh\nrm -f %s\nexec qemu-img create -q -f qcow2 %s %s\n' \
+  "$work/out.qcow2" "$work/out.qcow2" "$FILE_SIZE" >"$work/qcow2.sh"
+chmod +x "$work/qcow2.sh"
+bench "$FILE_SIZE file -> [ qemu-nbd qcow2 ]" "$work/qcow2.sh" \
+  "@NBDCOPY@ -- $work/random.img [ qemu-nbd -f qcow2 $work/out.qcow2 ]"
 
 echo
 echo "(RSS and client CPU: upstream / ours; CPU is the nbdcopy process alone, one run)"
