@@ -15,10 +15,13 @@
 //! zeroed again. Zeroing is `NBD_CMD_WRITE_ZEROES`, with `FAST_ZERO`
 //! while the server offers and honours it, and `NO_HOLE` for
 //! `--allocated`; a server without write zeroes gets data instead.
+//!
+//! A destination the copy keeps waiting is flushed in the background as
+//! the copy goes ([`Writeback`]).
 
 use std::ffi::OsString;
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -35,6 +38,10 @@ use super::lanes::{self, Lanes};
 /// unless `--request-size` says (see
 /// [`Endpoint::write_request_size`]).
 const SINGLE_CONN_WRITE_SIZE: u64 = 2 << 20;
+
+/// Bytes written between flushes of a destination the copy keeps
+/// waiting (see [`Writeback`]).
+const FLUSH_EVERY: u64 = 64 << 20;
 
 /// Requests in flight per connection to a server on a Unix socket
 /// (captive servers included) and over a network, unless `-R` says.
@@ -73,6 +80,87 @@ pub struct NbdEndpoint {
     /// Still worth sending `FAST_ZERO` (cleared when the server says
     /// it cannot zero fast).
     fast_zero: AtomicBool,
+    /// Flushing a destination during the copy.
+    writeback: Writeback,
+}
+
+/// A destination that the copy keeps waiting for data (a slow or
+/// decoding source) is flushed in the background every [`FLUSH_EVERY`]
+/// bytes, so that the server's disk works during the copy instead of
+/// only when the server closes: qemu-nbd, the usual destination, leaves
+/// the image in its page cache until then, and its flush at exit took
+/// about 0.4 s of the headline `curl --filter=xz` -> `[ qemu-nbd -f
+/// qcow2 ]` copy, with both cores idle (that copy: 1.97 -> 1.76 s with
+/// these flushes). "Waiting" is: no other write or zero request in
+/// flight when a write completes. A destination that is the bottleneck
+/// is not flushed (each flush holds up qcow2's writes a little: 0.87 ->
+/// 0.98 s for a raw file into qcow2 when flushed regardless). One flush
+/// at a time; its failure fails the copy at [`Endpoint::flush`] or
+/// [`Endpoint::close`], which wait for it.
+#[derive(Default)]
+struct Writeback {
+    /// Writes and zero requests in flight.
+    writing: AtomicUsize,
+    /// Bytes written since the last flush.
+    unflushed: AtomicU64,
+    /// Held by the flush running.
+    running: Arc<tokio::sync::Mutex<()>>,
+    /// The first failure of a background flush.
+    failed: Arc<std::sync::Mutex<Option<String>>>,
+}
+
+/// A write or zero request in flight, counted while it lives.
+struct InFlight<'a>(&'a AtomicUsize);
+
+impl<'a> InFlight<'a> {
+    fn new(n: &'a AtomicUsize) -> Self {
+        n.fetch_add(1, Ordering::Relaxed);
+        InFlight(n)
+    }
+    /// Done: how many others are still in flight.
+    fn others(self) -> usize {
+        let n = self.0.fetch_sub(1, Ordering::Relaxed) - 1;
+        std::mem::forget(self);
+        n
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Writeback {
+    /// A write of `len` bytes on `conn` completed, with `others` still
+    /// in flight: start a flush if one is due.
+    fn wrote(&self, conn: &Arc<Connection>, len: u64, others: usize) {
+        let unflushed = self.unflushed.fetch_add(len, Ordering::Relaxed) + len;
+        if unflushed < FLUSH_EVERY || others > 0 || !conn.can_flush() {
+            return;
+        }
+        let Ok(guard) = self.running.clone().try_lock_owned() else {
+            return;
+        };
+        self.unflushed.store(0, Ordering::Relaxed);
+        let (conn, failed) = (conn.clone(), self.failed.clone());
+        tokio::spawn(async move {
+            if let Err(e) = conn.flush().await {
+                let mut f = failed.lock().unwrap_or_else(|e| e.into_inner());
+                f.get_or_insert_with(|| io_err(e).to_string());
+            }
+            drop(guard);
+        });
+    }
+
+    /// Wait for a flush running; report one that failed.
+    async fn settle(&self) -> io::Result<()> {
+        drop(self.running.lock().await);
+        match self.failed.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            Some(e) => Err(io::Error::other(format!("background flush: {e}"))),
+            None => Ok(()),
+        }
+    }
 }
 
 /// A client error as an `io::Error` whose message is the server's error
@@ -136,12 +224,13 @@ impl NbdEndpoint {
             next: AtomicUsize::new(0),
             extents,
             fast_zero: AtomicBool::new(true),
+            writeback: Writeback::default(),
         })
     }
 
     /// The connection for the next request: the lane's own, or else
     /// the next in turn.
-    fn conn(&self) -> &Connection {
+    fn conn(&self) -> &Arc<Connection> {
         if let Some(c) = lanes::current().and_then(|k| self.lane_conns.get(k)) {
             return c;
         }
@@ -315,7 +404,12 @@ impl Endpoint for NbdEndpoint {
     }
 
     async fn write(&self, data: Data, offset: u64) -> io::Result<()> {
-        self.conn().pwrite(&data, offset, 0).await.map_err(io_err)
+        let c = self.conn();
+        let wb = &self.writeback;
+        let req = InFlight::new(&wb.writing);
+        c.pwrite(&data, offset, 0).await.map_err(io_err)?;
+        wb.wrote(c, data.len() as u64, req.others());
+        Ok(())
     }
 
     async fn zero(&self, offset: u64, length: u64, allocate: bool) -> io::Result<bool> {
@@ -323,6 +417,7 @@ impl Endpoint for NbdEndpoint {
         if !c.can_zero() {
             return Ok(false);
         }
+        let _req = InFlight::new(&self.writeback.writing);
         let flags = if allocate { cmdflag::NO_HOLE } else { 0 };
         if c.can_fast_zero() && self.fast_zero.load(Ordering::Relaxed) {
             match c.zero(length, offset, flags | cmdflag::FAST_ZERO).await {
@@ -339,6 +434,7 @@ impl Endpoint for NbdEndpoint {
     }
 
     async fn flush(&self) -> io::Result<()> {
+        self.writeback.settle().await?;
         if !self.conns[0].can_flush() {
             return Ok(());
         }
@@ -349,6 +445,7 @@ impl Endpoint for NbdEndpoint {
     }
 
     async fn close(&self) -> io::Result<()> {
+        self.writeback.settle().await?;
         try_join_all(self.all().map(|c| c.disconnect()))
             .await
             .map_err(io_err)?;
