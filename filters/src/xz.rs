@@ -36,6 +36,10 @@
 //!   there are cores, ahead of the reader, within the cache (`xz-max-depth`
 //!   blocks): a full copy runs at the speed of a multi-threaded `xz -d`.
 //!   Nothing is started until the first read.
+//! - **Replies straight from the cache.** A read within one cached block
+//!   is sent from the block itself, not copied into a reply buffer first
+//!   ([`Handle::pread_shared`]): curl+xz -> `[ qemu-nbd -f qcow2 ]` 1.79
+//!   -> 1.69 s.
 //! - **Single-block files stay usable.** Plain `xz` writes one block, so
 //!   upstream decodes from the start of the file for every read outside
 //!   its cache. Here such a block (and any block above the in-memory
@@ -68,7 +72,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use async_trait::async_trait;
 use libnbd::{
     BlockSize, Cache, ConfigError, ConfigResult, Error, Extents, Filter, FilterEntry, Flags, Fua,
-    Handle, Next, OpenContext, Params, Result,
+    Handle, Next, OpenContext, Params, Result, SharedData,
 };
 use tokio::sync::{OnceCell, Semaphore};
 
@@ -443,6 +447,45 @@ impl XzFile {
         }
     }
 
+    /// Memory block `i` for a reader, decoded (or waited for).
+    async fn memory_block(
+        self: &Arc<Self>,
+        i: usize,
+        next: &Arc<dyn Handle>,
+    ) -> Result<Arc<Vec<u8>>> {
+        // A reader coming from the previous block reads on: decode the
+        // next blocks meanwhile.
+        if i == 0 || self.cached(i - 1) {
+            for j in i + 1..(i + 1 + self.ahead).min(self.kinds.len()) {
+                self.prefetch(j, next, self.spill_ahead);
+            }
+        }
+        self.block(i, &**next).await
+    }
+
+    /// `count` bytes at `offset` as part of the cached block holding
+    /// them, for the server to send without copying; `None` when they
+    /// span blocks or their block is spilled.
+    async fn read_shared(
+        self: &Arc<Self>,
+        count: u32,
+        offset: u64,
+        next: &Arc<dyn Handle>,
+    ) -> Result<Option<SharedData>> {
+        if offset >= self.index.size {
+            return Ok(None);
+        }
+        let i = self.index.find(offset);
+        let b = self.index.blocks[i];
+        let rel = offset - b.uoffset;
+        if self.kinds[i] != Kind::Memory || rel + u64::from(count) > b.usize {
+            return Ok(None);
+        }
+        let data = self.memory_block(i, next).await?;
+        let (start, end) = (rel as usize, (rel + u64::from(count)) as usize);
+        Ok(SharedData::new(data, start..end))
+    }
+
     /// Read `buf.len()` bytes of uncompressed data at `offset`.
     async fn read(
         self: &Arc<Self>,
@@ -463,14 +506,7 @@ impl XzFile {
             let dst = &mut buf[(pos - offset) as usize..][..n as usize];
             match self.kinds[i] {
                 Kind::Memory => {
-                    // A reader coming from the previous block reads on:
-                    // decode the next blocks meanwhile.
-                    if i == 0 || self.cached(i - 1) {
-                        for j in i + 1..(i + 1 + self.ahead).min(self.kinds.len()) {
-                            self.prefetch(j, next, self.spill_ahead);
-                        }
-                    }
-                    let data = self.block(i, &**next).await?;
+                    let data = self.memory_block(i, next).await?;
                     dst.copy_from_slice(&data[rel as usize..(rel + n) as usize]);
                 }
                 Kind::Spill => {
@@ -500,6 +536,15 @@ struct XzHandle {
     file: Arc<XzFile>,
     /// Has read: counted in the file's `handles`.
     reading: AtomicBool,
+}
+
+impl XzHandle {
+    /// This connection reads: count it in the cache's size.
+    fn start_reading(&self) {
+        if !self.reading.load(Ordering::Relaxed) && !self.reading.swap(true, Ordering::Relaxed) {
+            self.file.handles.fetch_add(1, Ordering::Relaxed);
+        }
+    }
 }
 
 impl Drop for XzHandle {
@@ -550,10 +595,17 @@ impl Handle for XzHandle {
         Ok(Cache::Emulate)
     }
 
+    async fn pread_shared(
+        &self,
+        count: u32,
+        offset: u64,
+        _flags: Flags,
+    ) -> Result<Option<SharedData>> {
+        self.start_reading();
+        self.file.read_shared(count, offset, &self.next).await
+    }
     async fn pread(&self, buf: &mut [u8], offset: u64, _flags: Flags) -> Result<()> {
-        if !self.reading.load(Ordering::Relaxed) && !self.reading.swap(true, Ordering::Relaxed) {
-            self.file.handles.fetch_add(1, Ordering::Relaxed);
-        }
+        self.start_reading();
         self.file.read(buf, offset, &self.next).await
     }
     async fn pwrite(&self, _buf: &[u8], _offset: u64, _flags: Flags) -> Result<()> {

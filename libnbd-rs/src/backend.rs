@@ -342,6 +342,20 @@ pub trait Handle: Send + Sync {
         self.next().map_or(Ok(Cache::None), |n| n.can_cache())
     }
 
+    /// Read `count` bytes at `offset` as a part of data this layer
+    /// already holds in memory (a cache), for the server to send without
+    /// copying it; `Ok(None)` when it does not hold them, and the server
+    /// calls [`pread`](Self::pread) instead. Only the outermost layer is
+    /// asked, and the default never asks the layer below: a filter that
+    /// changes what it reads must not be bypassed.
+    async fn pread_shared(
+        &self,
+        _count: u32,
+        _offset: u64,
+        _flags: Flags,
+    ) -> Result<Option<SharedData>> {
+        Ok(None)
+    }
     /// Read `buf.len()` bytes at `offset`.
     async fn pread(&self, buf: &mut [u8], offset: u64, flags: Flags) -> Result<()> {
         match self.next() {
@@ -403,6 +417,36 @@ pub trait Handle: Send + Sync {
 impl Handle for Box<dyn Handle> {
     fn next(&self) -> Option<&dyn Handle> {
         Some(&**self)
+    }
+    async fn pread_shared(
+        &self,
+        count: u32,
+        offset: u64,
+        flags: Flags,
+    ) -> Result<Option<SharedData>> {
+        (**self).pread_shared(count, offset, flags).await
+    }
+}
+
+/// Bytes of a reference-counted buffer that a layer holds (see
+/// [`Handle::pread_shared`]).
+#[derive(Debug, Clone)]
+pub struct SharedData {
+    buf: Arc<Vec<u8>>,
+    range: std::ops::Range<usize>,
+}
+
+impl SharedData {
+    /// `range` of `buf`; `None` if the range is outside it.
+    pub fn new(buf: Arc<Vec<u8>>, range: std::ops::Range<usize>) -> Option<SharedData> {
+        (range.start <= range.end && range.end <= buf.len()).then_some(SharedData { buf, range })
+    }
+}
+
+impl std::ops::Deref for SharedData {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.buf[self.range.clone()]
     }
 }
 
@@ -661,6 +705,14 @@ impl Handle for Emulated {
         Ok(self.cache)
     }
 
+    async fn pread_shared(
+        &self,
+        count: u32,
+        offset: u64,
+        flags: Flags,
+    ) -> Result<Option<SharedData>> {
+        self.inner.pread_shared(count, offset, flags).await
+    }
     async fn pwrite(&self, buf: &[u8], offset: u64, flags: Flags) -> Result<()> {
         self.inner
             .pwrite(buf, offset, self.pass_flags(flags))

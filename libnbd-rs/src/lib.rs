@@ -23,7 +23,7 @@ pub mod zeroes;
 
 pub use backend::{
     BlockSize, Cache, Error, ExportEntry, Extent, Extents, Filter, Flags, Fua, Handle, Next,
-    OpenContext, OwnedNext, Plugin, Result, Stack, ThreadModel,
+    OpenContext, OwnedNext, Plugin, Result, SharedData, Stack, ThreadModel,
 };
 pub use config::{
     parse_bool, parse_size, ConfigError, ConfigResult, FilterEntry, Params, PluginEntry,

@@ -743,12 +743,37 @@ where
 enum Reply {
     /// Success with no payload.
     Ok,
-    /// Read data (a pooled buffer).
-    Data(Vec<u8>),
+    /// Read data.
+    Data(ReadData),
     /// Block status extents.
     Extents(Vec<crate::backend::Extent>),
     /// Failure.
     Error(Error),
+}
+
+/// Read data: a pooled buffer the plugin filled, or data a layer held.
+enum ReadData {
+    Pooled(Vec<u8>),
+    Shared(crate::backend::SharedData),
+}
+
+impl std::ops::Deref for ReadData {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            ReadData::Pooled(b) => b,
+            ReadData::Shared(s) => s,
+        }
+    }
+}
+
+impl ReadData {
+    /// Done with: a pooled buffer goes back to the pool.
+    fn recycle(self, pool: &BufPool) {
+        if let ReadData::Pooled(b) = self {
+            pool.put(b);
+        }
+    }
 }
 
 async fn run_request(
@@ -762,9 +787,17 @@ async fn run_request(
     let count = req.count as u64;
     let r = match req.typ {
         cmd::READ => {
+            match h.pread_shared(req.count, req.offset, flags).await {
+                Ok(Some(s)) if s.len() == req.count as usize => {
+                    return Reply::Data(ReadData::Shared(s))
+                }
+                Ok(Some(_)) => return Reply::Error(Error::eio("shared read of the wrong length")),
+                Ok(None) => {}
+                Err(e) => return Reply::Error(e),
+            }
             let mut buf = pool.get(req.count as usize);
             match h.pread(&mut buf, req.offset, flags).await {
-                Ok(()) => return Reply::Data(buf),
+                Ok(()) => return Reply::Data(ReadData::Pooled(buf)),
                 Err(e) => {
                     pool.put(buf);
                     Err(e)
@@ -830,7 +863,7 @@ async fn write_reply<W: AsyncWrite + Unpin>(
             Reply::Error(e) => w.write_all(&p::simple_reply(c, e.errno)).await?,
             Reply::Data(buf) => {
                 write_two(&mut *w, &p::simple_reply(c, 0), &buf).await?;
-                pool.put(buf);
+                buf.recycle(pool);
             }
             Reply::Ok | Reply::Extents(_) => w.write_all(&p::simple_reply(c, 0)).await?,
         }
@@ -844,12 +877,12 @@ async fn write_reply<W: AsyncWrite + Unpin>(
         }
         Reply::Data(buf) if req.flags & cmdflag::DF != 0 => {
             write_data_chunks(&mut *w, c, req.offset, &buf, &[]).await?;
-            pool.put(buf);
+            buf.recycle(pool);
         }
         Reply::Data(buf) => {
             let runs = hole_runs(&buf, req.offset);
             write_data_chunks(&mut *w, c, req.offset, &buf, &runs).await?;
-            pool.put(buf);
+            buf.recycle(pool);
         }
         Reply::Extents(list) => {
             let id = neg.base_allocation.unwrap_or(BASE_ALLOCATION_ID);

@@ -202,6 +202,34 @@ async fn multi_block_random_and_sequential() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_reads_within_a_cached_block_only() {
+    let data = disk_like(3 << 20, 12);
+    let xz = xz_stream(&blocks_of(&data, 1 << 20), Check::Crc64);
+    let h = open(xz).await;
+    // Inside the second block: part of the cached block itself.
+    let at = (1 << 20) + 4096;
+    let s = h.pread_shared(65536, at as u64, Flags::NONE).await.unwrap();
+    assert!(*s.expect("a cached block's") == data[at..][..65536]);
+    // The last bytes of the export.
+    let at = data.len() - 100;
+    let s = h.pread_shared(100, at as u64, Flags::NONE).await.unwrap();
+    assert!(*s.expect("a cached block's") == data[at..]);
+    // Across two blocks: not one block's bytes, so read as usual.
+    let across = h.pread_shared(8192, (1 << 20) - 4096, Flags::NONE).await;
+    assert!(across.unwrap().is_none());
+
+    // A single-block file is spilled, not cached: never shared.
+    let data = disk_like(6 << 20, 13);
+    let h = open(xz_one(&data, Check::Crc64)).await;
+    assert!(h
+        .pread_shared(4096, 0, Flags::NONE)
+        .await
+        .unwrap()
+        .is_none());
+    assert_eq!(read(&*h, 0, 4096).await.unwrap(), data[..4096]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn multi_stream_with_padding_and_checks() {
     let a = disk_like(700_000, 2);
     let b = disk_like(900_000, 3);
