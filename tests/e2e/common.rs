@@ -16,6 +16,12 @@ pub fn our_bin(name: &str) -> PathBuf {
     nbdkit().with_file_name(name)
 }
 
+/// The word after `key` in a line of a log or a message (`count=0x...`,
+/// `connection=3`, `at offset 4096 failed`).
+pub fn word_after<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    line.split(key).nth(1)?.split(' ').next()
+}
+
 /// Is a program on PATH?
 pub fn on_path(prog: &str) -> bool {
     std::env::var_os("PATH")

@@ -6,7 +6,7 @@
 
 use std::process::Output;
 
-use crate::common::{random_file, require, run, Server};
+use crate::common::{random_file, require, run, word_after, Server};
 use crate::copy_common::nbdcopy;
 
 pub fn stderr(o: &Output) -> String {
@@ -30,14 +30,18 @@ pub fn failed(o: &Output, want: &[&str]) -> String {
 
 /// The offset in a `... at offset N failed: ...` message.
 fn offset(line: &str) -> u64 {
-    line.split("at offset ")
-        .nth(1)
-        .unwrap()
-        .split(' ')
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap()
+    word_after(line, "at offset ").unwrap().parse().unwrap()
+}
+
+/// Upstream `nbdkit memory 16M` failing 5% of its writes with ENOSPC.
+pub fn failing_writes_16m() -> Server {
+    Server::upstream(&[
+        "--filter=error",
+        "memory",
+        "16M",
+        "error=ENOSPC",
+        "error-pwrite-rate=0.05",
+    ])
 }
 
 #[test]
@@ -80,13 +84,7 @@ fn copy_errors_write_fails_mid_copy() {
         // A server per copy: upstream nbdkit 1.32 sometimes dies of an
         // assertion (raw_send_socket: sock >= 0) when a client goes
         // away with writes in flight, as a failing copy does.
-        let dst = Server::upstream(&[
-            "--filter=error",
-            "memory",
-            "16M",
-            "error=ENOSPC",
-            "error-pwrite-rate=0.05",
-        ]);
+        let dst = failing_writes_16m();
         let o = run(nbdcopy()
             .args(opts)
             .arg("--request-size=65536")

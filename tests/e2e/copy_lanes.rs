@@ -6,22 +6,15 @@
 
 use std::collections::HashSet;
 
-use crate::common::{random_file, require, run, Server};
+use crate::common::{random_file, require, run, word_after, Server};
 use crate::copy_common::nbdcopy;
-use crate::copy_errors::{failed, stderr};
+use crate::copy_errors::{failed, failing_writes_16m, stderr};
 
 /// The connection numbers of the `Read` requests in a log filter file.
 fn reading_connections(log: &str) -> HashSet<u32> {
     log.lines()
         .filter(|l| l.contains(" Read "))
-        .filter_map(|l| {
-            l.split("connection=")
-                .nth(1)?
-                .split(' ')
-                .next()?
-                .parse()
-                .ok()
-        })
+        .filter_map(|l| word_after(l, "connection=")?.parse().ok())
         .collect()
 }
 
@@ -66,13 +59,7 @@ fn copy_lanes_failure_on_one_lane_stops_all() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("src.img");
     random_file(&img, 16 << 20, 8);
-    let dst = Server::upstream(&[
-        "--filter=error",
-        "memory",
-        "16M",
-        "error=ENOSPC",
-        "error-pwrite-rate=0.05",
-    ]);
+    let dst = failing_writes_16m();
     let o = run(nbdcopy()
         .args(["-C", "4", "-T", "4", "--request-size=65536"])
         .arg(&img)

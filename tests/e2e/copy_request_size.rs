@@ -4,17 +4,14 @@
 //! over both. Upstream nbdkit's log filter shows the sizes written; its
 //! multi-conn filter takes multi-conn away.
 
-use crate::common::{random_file, require, run, Server};
+use crate::common::{random_file, require, run, word_after, Server};
 use crate::copy_common::nbdcopy;
 
 /// The largest `count=` of the `Write` requests in a log filter file.
 fn largest_write(log: &str) -> u64 {
     log.lines()
         .filter(|l| l.contains(" Write "))
-        .filter_map(|l| {
-            let hex = l.split("count=0x").nth(1)?.split(' ').next()?;
-            u64::from_str_radix(hex, 16).ok()
-        })
+        .filter_map(|l| u64::from_str_radix(word_after(l, "count=0x")?, 16).ok())
         .max()
         .unwrap_or(0)
 }
