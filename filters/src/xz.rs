@@ -36,6 +36,10 @@
 //!   there are cores, ahead of the reader, within the cache (`xz-max-depth`
 //!   blocks): a full copy runs at the speed of a multi-threaded `xz -d`.
 //!   Nothing is started until the first read.
+//! - **A faster liblzma.** The decoder is xz 5.8's, bundled and built
+//!   with what its configure finds on x86-64 (`.cargo/config.toml`):
+//!   35% less CPU per block than Debian's liblzma 5.4, which upstream
+//!   links (curl+xz -> `null:` 1.23 -> 0.98 s).
 //! - **Replies straight from the cache.** A read within one cached block
 //!   is sent from the block itself, not copied into a reply buffer first
 //!   ([`Handle::pread_shared`]): curl+xz -> `[ qemu-nbd -f qcow2 ]` 1.79
