@@ -16,7 +16,8 @@
 #     image): the usual way to write a qcow2
 # Each case runs in ROUNDS rounds of hyperfine, the order of the two
 # programs swapped every round so neither always goes first; the ratio
-# is upstream time / our time (> 1: ours is faster). Then, for each
+# is upstream time / our time (> 1: ours is faster; median runs, as a
+# slow spell of the shared disk skews a mean). Then, for each
 # nbdcopy alone (not the servers, nor a captive qemu-nbd) in the same
 # setting: its peak RSS and the CPU seconds it used (user + system), the
 # share of the two cores it takes away from the server, which bounds
@@ -72,7 +73,7 @@ bench() {
     fi
     read -r a b < <(python3 -c '
 import json, sys
-r = {x["command"]: x["mean"] for x in json.load(open(sys.argv[1]))["results"]}
+r = {x["command"]: x["median"] for x in json.load(open(sys.argv[1]))["results"]}
 print(r["upstream"], r["ours"])' "$json")
     t_up=$(python3 -c "print($t_up + $a)")
     t_ours=$(python3 -c "print($t_ours + $b)")

@@ -10,8 +10,9 @@
 # our nbdcopy (and, to tell the server's share, our nbdkit with libnbd's
 # nbdcopy). Also times `xz -T2 -d` on the same file and the floor of the
 # qcow2 writer (the raw image, no decoding), and prints the ratios
-# (upstream time / our time: > 1 means ours is faster) and each server's
-# peak RSS.
+# (upstream time / our time: > 1 means ours is faster, from the median
+# runs: the disk's speed on these shared machines swings from run to run
+# and a slow spell skews a mean) and each server's peak RSS.
 #
 # Usage: bench/xz.sh   (builds the release nbdkit first)
 # Environment: SIZE_MIB (default 1024), RUNS (default 3), BENCH_CACHE (a
@@ -158,8 +159,8 @@ hyperfine -w 0 -r "$RUNS" --export-json "$work/n.json" --prepare "$prepare" \
   -n floor "$OURCOPY -- $img [ qemu-nbd -f qcow2 $out ]" >&2
 /usr/bin/python3 - "$work/h.json" "$work/n.json" "${rss[upstream]}" "${rss[ours]}" <<'PY'
 import json, sys
-r = {x["command"]: x["mean"] for x in json.load(open(sys.argv[1]))["results"]}
-n = {x["command"]: x["mean"] for x in json.load(open(sys.argv[2]))["results"]}
+r = {x["command"]: x["median"] for x in json.load(open(sys.argv[1]))["results"]}
+n = {x["command"]: x["median"] for x in json.load(open(sys.argv[2]))["results"]}
 up, ours, xz = r["upstream"], r["ours"], r["xz -T2 -d"]
 mixed = r["our nbdkit, libnbd's nbdcopy"]
 print(f"curl+xz -> qcow2: upstream {up:.2f}s  ours {ours:.2f}s  ratio {up/ours:.2f}x "
