@@ -225,6 +225,15 @@ pub(crate) mod tests {
         }
     }
 
+    /// The decoder is the bundled xz 5.8 (see `.cargo/config.toml`), not
+    /// a system liblzma: 5.4's decoder takes 35% more CPU per block.
+    #[test]
+    fn bundled_liblzma() {
+        // SAFETY: returns a constant.
+        let v = unsafe { liblzma_sys::lzma_version_number() };
+        assert!(v >= 50080000, "liblzma {v} is older than 5.8");
+    }
+
     #[test]
     fn whole_block_and_progressive() {
         let data: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
