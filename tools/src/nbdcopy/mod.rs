@@ -214,6 +214,8 @@ enum Action {
     Version,
     /// Bad usage: a message, then the usage text on stderr.
     Usage(String),
+    /// A bad option value: only the message, as libnbd's nbdcopy.
+    BadOption(String),
 }
 
 /// What a SOURCE or DESTINATION argument names.
@@ -243,6 +245,10 @@ pub fn main(args: Vec<OsString>) -> i32 {
                 eprintln!("nbdcopy: {msg}");
             }
             eprint!("{USAGE}");
+            1
+        }
+        Action::BadOption(msg) => {
+            eprintln!("nbdcopy: {msg}");
             1
         }
         Action::Copy(job) => match run(job.0, job.1, job.2) {
@@ -356,7 +362,7 @@ fn parse(args: Vec<OsString>) -> Action {
     }
     let opts = match options(&cli) {
         Ok(o) => o,
-        Err(msg) => return Action::Usage(msg),
+        Err(msg) => return Action::BadOption(msg),
     };
     let a = &cli.args;
     if a.is_empty() {
@@ -640,6 +646,13 @@ mod tests {
         }
     }
 
+    fn bad_option(s: &str) -> String {
+        match parse(words(s)) {
+            Action::BadOption(m) => m,
+            _ => panic!("{s}: not a bad option value"),
+        }
+    }
+
     #[test]
     fn defaults_are_libnbds() {
         let (o, src, dst) = copy_of("a.img null:");
@@ -670,15 +683,15 @@ mod tests {
 
     #[test]
     fn options_are_checked() {
-        assert!(
-            usage("--request-size=1000 a b").starts_with("--request-size: must be a power of 2")
-        );
+        // A bad value: the message alone, as libnbd's (no usage text).
+        assert!(bad_option("--request-size=1000 a b")
+            .starts_with("--request-size: must be a power of 2"));
         assert_eq!(
-            usage("-S 100 a b"),
+            bad_option("-S 100 a b"),
             "--sparse: must be a power of 2 and >= 512"
         );
-        assert_eq!(usage("-C 0 a b"), "--connections: could not parse: 0");
-        assert_eq!(usage("-R x a b"), "--requests: could not parse: x");
+        assert_eq!(bad_option("-C 0 a b"), "--connections: could not parse: 0");
+        assert_eq!(bad_option("-R x a b"), "--requests: could not parse: x");
         assert_eq!(usage("a"), "");
         assert_eq!(usage("a b c"), "");
         let (o, _, _) = copy_of("--progress=3 -S 0 --request-size=1M -T 1 a b");
