@@ -31,7 +31,7 @@ fn new_decoder() -> Result<Stream, String> {
 /// `input[HEADER_SIZE..]`; the first 12 bytes are overwritten with a
 /// stream header. Returns exactly `b.usize` bytes, the block's integrity
 /// check verified.
-pub fn decode_block(b: &Block, mut input: Vec<u8>, mut out: Vec<u8>) -> Result<Vec<u8>, String> {
+pub fn decode_block(b: &Block, input: &mut Vec<u8>, mut out: Vec<u8>) -> Result<Vec<u8>, String> {
     input[..HEADER_SIZE as usize].copy_from_slice(&stream_header(b.flags));
     input.extend_from_slice(&synthetic_tail(b));
     let mut s = new_decoder()?;
@@ -252,17 +252,20 @@ pub(crate) mod tests {
         };
         let mut input = vec![0u8; 12];
         input.extend_from_slice(&xz[12..12 + b.total() as usize]);
-        assert_eq!(decode_block(&b, input.clone(), Vec::new()).unwrap(), data);
+        assert_eq!(
+            decode_block(&b, &mut input.clone(), Vec::new()).unwrap(),
+            data
+        );
 
         // Corrupt the block's check: the whole-block decoder refuses it.
         let mut bad = input.clone();
         let at = 12 + b.unpadded as usize - 1;
         bad[at] ^= 1;
-        assert!(decode_block(&b, bad, Vec::new()).is_err());
+        assert!(decode_block(&b, &mut bad, Vec::new()).is_err());
         // Wrong size in the index.
         let mut wrong = b;
         wrong.usize += 1;
-        assert!(decode_block(&wrong, input.clone(), Vec::new()).is_err());
+        assert!(decode_block(&wrong, &mut input.clone(), Vec::new()).is_err());
 
         // Progressive, with input in small pieces and output in chunks.
         let mut p = Progressive::new(b).unwrap();
