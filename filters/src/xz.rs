@@ -248,6 +248,9 @@ struct XzFile {
     spare: Mutex<Vec<Vec<u8>>>,
     /// Buffers of compressed input, likewise (one per core at most).
     spare_input: Mutex<Vec<Vec<u8>>>,
+    /// Decoders of whole blocks, kept with their dictionaries (one per
+    /// core at most).
+    decoders: Mutex<Vec<decode::Decoder>>,
     cores: usize,
     /// One decoding job per core at a time, for work done ahead of the
     /// readers (a reader's own block is decoded at once).
@@ -293,6 +296,7 @@ impl XzFile {
             }),
             spare: Mutex::new(Vec::new()),
             spare_input: Mutex::new(Vec::new()),
+            decoders: Mutex::new(Vec::new()),
             cores,
             slots: Arc::new(Semaphore::new(cores)),
             spill_max: cfg.spill_max,
@@ -460,15 +464,16 @@ impl XzFile {
             false => Some(self.slots.acquire().await),
         };
         let out = self.spare.lock().unwrap().pop().unwrap_or_default();
-        let (data, input) = tokio::task::spawn_blocking(move || {
+        let mut dec = self.decoders.lock().unwrap().pop();
+        let (data, input, dec) = tokio::task::spawn_blocking(move || {
             let t = std::time::Instant::now();
-            let r = decode::decode_block(&b, &mut input, out);
+            let r = decode::decode_block(&b, &mut input, out, &mut dec);
             libnbd::debug!(
                 "xz: block {i} decoded ({}) in {} ms",
                 if reader { "for a reader" } else { "ahead" },
                 t.elapsed().as_millis()
             );
-            (r, input)
+            (r, input, dec)
         })
         .await
         .map_err(|e| err(&e))?;
@@ -476,6 +481,12 @@ impl XzFile {
             let mut spare = self.spare_input.lock().unwrap();
             if spare.len() < self.cores {
                 spare.push(input);
+            }
+        }
+        if let Some(d) = dec {
+            let mut decoders = self.decoders.lock().unwrap();
+            if decoders.len() < self.cores {
+                decoders.push(d);
             }
         }
         Ok(Arc::new(data.map_err(|m| err(&m))?))
