@@ -184,6 +184,14 @@ enum Kind {
 
 type Cell = Arc<OnceCell<Arc<Vec<u8>>>>;
 
+/// Keep `item` in `pool` for reuse, if the pool holds fewer than `max`.
+fn give_back<T>(pool: &Mutex<Vec<T>>, item: T, max: usize) {
+    let mut pool = pool.lock().unwrap();
+    if pool.len() < max {
+        pool.push(item);
+    }
+}
+
 /// A cached block: its cell, its last use, whether a reader has used it
 /// (blocks decoded ahead and not read yet are evicted last, so that
 /// several sequential readers cannot make the cache thrash), and whether
@@ -425,10 +433,7 @@ impl XzFile {
             .and_then(OnceCell::into_inner)
             .and_then(|data| Arc::try_unwrap(data).ok());
         if let Some(buf) = buf {
-            let mut spare = self.spare.lock().unwrap();
-            if spare.len() < SPARE_BUFFERS {
-                spare.push(buf);
-            }
+            give_back(&self.spare, buf, SPARE_BUFFERS);
         }
     }
 
@@ -477,17 +482,9 @@ impl XzFile {
         })
         .await
         .map_err(|e| err(&e))?;
-        {
-            let mut spare = self.spare_input.lock().unwrap();
-            if spare.len() < self.cores {
-                spare.push(input);
-            }
-        }
+        give_back(&self.spare_input, input, self.cores);
         if let Some(d) = dec {
-            let mut decoders = self.decoders.lock().unwrap();
-            if decoders.len() < self.cores {
-                decoders.push(d);
-            }
+            give_back(&self.decoders, d, self.cores);
         }
         Ok(Arc::new(data.map_err(|m| err(&m))?))
     }
