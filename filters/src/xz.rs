@@ -456,6 +456,7 @@ impl XzFile {
         let mut input = self.spare_input.lock().unwrap().pop().unwrap_or_default();
         input.clear();
         input.reserve(len + 64);
+        decode::huge_pages(&mut input);
         input.resize(len, 0);
         next.pread(
             &mut input[index::HEADER_SIZE as usize..],

@@ -41,6 +41,25 @@ impl Decoder {
     }
 }
 
+/// Ask for transparent huge pages for the spare capacity of `v` (its
+/// 2 MiB-aligned part): a fresh 16 MiB block buffer is then faulted in
+/// eight pages instead of 4096, and reads of it walk fewer TLB entries.
+/// Advice only: where THP is off, nothing changes.
+pub fn huge_pages(v: &mut Vec<u8>) {
+    const HUGE: usize = 2 << 20;
+    let spare = v.spare_capacity_mut();
+    let start = spare.as_mut_ptr() as usize;
+    let (from, to) = (
+        start.next_multiple_of(HUGE),
+        (start + spare.len()) & !(HUGE - 1),
+    );
+    if to > from {
+        // SAFETY: advice on whole pages inside memory `v` owns; it does
+        // not change their contents.
+        unsafe { libc::madvise(from as *mut libc::c_void, to - from, libc::MADV_HUGEPAGE) };
+    }
+}
+
 /// Decode a whole block into `out` (emptied first; a buffer of an
 /// earlier block saves faulting in fresh pages) with the decoder in
 /// `dec` (a new one if `None`; left there for the next block unless
@@ -62,6 +81,7 @@ pub fn decode_block(
     };
     out.clear();
     out.reserve_exact(b.usize as usize);
+    huge_pages(&mut out);
     let mut pos = 0usize;
     loop {
         let (in0, out0) = (s.total_in(), s.total_out());
