@@ -351,16 +351,21 @@ impl XzFile {
         }
     }
 
-    /// Sequential readers have entered block `i`: mark block `i - 2`
-    /// passed (`i - 1` may still have reads in flight on other
-    /// connections).
-    fn passed(&self, i: usize) {
-        let Some(k) = i.checked_sub(2) else {
-            return;
-        };
-        if let Some(e) = self.lru.lock().unwrap().map.get_mut(&k) {
+    /// Is a reader of block `i` sequential (it is the first block, or
+    /// the one before is cached)? If so, mark block `i - 2` passed
+    /// (`i - 1` may still have reads in flight on other connections).
+    fn sequential(&self, i: usize) -> bool {
+        if i == 0 {
+            return true;
+        }
+        let mut lru = self.lru.lock().unwrap();
+        if !lru.map.contains_key(&(i - 1)) {
+            return false;
+        }
+        if let Some(e) = i.checked_sub(2).and_then(|k| lru.map.get_mut(&k)) {
             e.passed = true;
         }
+        true
     }
 
     /// The cache cell of memory block `i` for a reader, inserted if needed
@@ -435,10 +440,6 @@ impl XzFile {
         if let Some(buf) = buf {
             give_back(&self.spare, buf, SPARE_BUFFERS);
         }
-    }
-
-    fn cached(&self, i: usize) -> bool {
-        self.lru.lock().unwrap().map.contains_key(&i)
     }
 
     /// Fetch and decode memory block `i`: at once for a reader, or when a
@@ -532,8 +533,7 @@ impl XzFile {
     ) -> Result<Arc<Vec<u8>>> {
         // A reader coming from the previous block reads on: decode the
         // next blocks meanwhile.
-        if i == 0 || self.cached(i - 1) {
-            self.passed(i);
+        if self.sequential(i) {
             for j in i + 1..(i + 1 + self.ahead).min(self.kinds.len()) {
                 self.prefetch(j, next, self.spill_ahead);
             }

@@ -20,8 +20,9 @@ pub fn describe(e: LzError) -> &'static str {
     }
 }
 
-fn new_decoder() -> Result<Stream, String> {
-    Stream::new_stream_decoder(u64::MAX, 0)
+/// A stream decoder with liblzma's `flags`.
+fn new_decoder(flags: u32) -> Result<Stream, String> {
+    Stream::new_stream_decoder(u64::MAX, flags)
         .map_err(|e| format!("cannot start decoder: {}", describe(e)))
 }
 
@@ -35,9 +36,7 @@ pub struct Decoder(Stream);
 
 impl Decoder {
     pub fn new() -> Result<Decoder, String> {
-        Stream::new_stream_decoder(u64::MAX, liblzma::stream::CONCATENATED)
-            .map(Decoder)
-            .map_err(|e| format!("cannot start decoder: {}", describe(e)))
+        new_decoder(liblzma::stream::CONCATENATED).map(Decoder)
     }
 }
 
@@ -181,7 +180,7 @@ impl Progressive {
     /// A decoder at the start of block `b`.
     pub fn new(b: Block) -> Result<Self, String> {
         Ok(Progressive {
-            stream: new_decoder()?,
+            stream: new_decoder(0)?,
             out_pos: 0,
             ended: false,
             inbuf: Vec::new(),

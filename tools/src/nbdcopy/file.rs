@@ -149,22 +149,34 @@ impl Writeback {
             .load(Ordering::Relaxed)
             .saturating_sub(EVICT_BEHIND)
             & !(WRITEBACK_EVERY - 1);
-        // SAFETY: plain system calls on an open descriptor, no memory
+        // SAFETY: a plain system call on an open descriptor, no memory
         // passed.
         unsafe {
             libc::sync_file_range(fd, 0, 0, libc::SYNC_FILE_RANGE_WRITE);
-            if to > from {
-                let (off, len) = (from as libc::off64_t, (to - from) as libc::off64_t);
-                let all = libc::SYNC_FILE_RANGE_WAIT_BEFORE
-                    | libc::SYNC_FILE_RANGE_WRITE
-                    | libc::SYNC_FILE_RANGE_WAIT_AFTER;
-                if libc::sync_file_range(fd, off, len, all) == 0 {
-                    libc::posix_fadvise(fd, off, len, libc::POSIX_FADV_DONTNEED);
-                    self.dropped.store(to, Ordering::Relaxed);
-                }
-            }
+        }
+        if to > from && settle_and_drop(fd, from, to - from) {
+            self.dropped.store(to, Ordering::Relaxed);
         }
     }
+}
+
+/// Wait for `len` bytes at `offset` to be on disk (writing back what is
+/// still dirty), then drop them from the page cache; `false` if the
+/// kernel refused.
+fn settle_and_drop(fd: libc::c_int, offset: u64, len: u64) -> bool {
+    let (off, n) = (offset as libc::off64_t, len as libc::off64_t);
+    let all = libc::SYNC_FILE_RANGE_WAIT_BEFORE
+        | libc::SYNC_FILE_RANGE_WRITE
+        | libc::SYNC_FILE_RANGE_WAIT_AFTER;
+    // SAFETY: plain system calls on an open descriptor, no memory
+    // passed.
+    unsafe {
+        if libc::sync_file_range(fd, off, n, all) != 0 {
+            return false;
+        }
+        libc::posix_fadvise(fd, off, n, libc::POSIX_FADV_DONTNEED);
+    }
+    true
 }
 
 /// After a writer thread's write of `len` bytes at `offset`: start
@@ -182,20 +194,18 @@ impl Writeback {
 /// cached: the write itself succeeded.
 fn write_behind(file: &File, offset: u64, len: u64) {
     let fd = file.as_raw_fd();
-    let (off, n) = (offset as libc::off64_t, len as libc::off64_t);
-    // SAFETY: plain system calls on an open descriptor, no memory
+    // SAFETY: a plain system call on an open descriptor, no memory
     // passed.
     unsafe {
-        libc::sync_file_range(fd, off, n, libc::SYNC_FILE_RANGE_WRITE);
-        if let Some(back) = offset.checked_sub(WRITE_BEHIND) {
-            let back = back as libc::off64_t;
-            let all = libc::SYNC_FILE_RANGE_WAIT_BEFORE
-                | libc::SYNC_FILE_RANGE_WRITE
-                | libc::SYNC_FILE_RANGE_WAIT_AFTER;
-            if libc::sync_file_range(fd, back, n, all) == 0 {
-                libc::posix_fadvise(fd, back, n, libc::POSIX_FADV_DONTNEED);
-            }
-        }
+        libc::sync_file_range(
+            fd,
+            offset as libc::off64_t,
+            len as libc::off64_t,
+            libc::SYNC_FILE_RANGE_WRITE,
+        );
+    }
+    if let Some(back) = offset.checked_sub(WRITE_BEHIND) {
+        settle_and_drop(fd, back, len);
     }
 }
 
