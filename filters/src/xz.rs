@@ -182,13 +182,62 @@ enum Kind {
     Spill,
 }
 
-type Cell = Arc<OnceCell<Arc<Vec<u8>>>>;
+type Cell = Arc<OnceCell<Arc<Decoded>>>;
 
-/// Keep `item` in `pool` for reuse, if the pool holds fewer than `max`.
-fn give_back<T>(pool: &Mutex<Vec<T>>, item: T, max: usize) {
-    let mut pool = pool.lock().unwrap();
-    if pool.len() < max {
-        pool.push(item);
+/// Things kept for reuse: at most `max` of them.
+struct Pool<T> {
+    items: Mutex<Vec<T>>,
+    max: usize,
+}
+
+impl<T> Pool<T> {
+    fn new(max: usize) -> Self {
+        Pool {
+            items: Mutex::new(Vec::new()),
+            max,
+        }
+    }
+
+    fn take(&self) -> Option<T> {
+        self.items.lock().unwrap().pop()
+    }
+
+    /// Keep `item` for reuse, if the pool has room.
+    fn give_back(&self, item: T) {
+        let mut items = self.items.lock().unwrap();
+        if items.len() < self.max {
+            items.push(item);
+        }
+    }
+}
+
+/// A decoded block. Its buffer goes back to the file's pool when the
+/// last reference drops, whether that is the cache's or that of a reply
+/// still being sent ([`Handle::pread_shared`]): a fresh buffer costs the
+/// kernel clearing its pages on first touch (before this, when replies
+/// outlived the cache's reference, most blocks got fresh buffers:
+/// clearing them took 10% of the CPU of the headline copy into qcow2).
+struct Decoded {
+    data: Vec<u8>,
+    pool: Arc<Pool<Vec<u8>>>,
+}
+
+impl std::ops::Deref for Decoded {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.data
+    }
+}
+
+impl AsRef<[u8]> for Decoded {
+    fn as_ref(&self) -> &[u8] {
+        &self.data
+    }
+}
+
+impl Drop for Decoded {
+    fn drop(&mut self) {
+        self.pool.give_back(std::mem::take(&mut self.data));
     }
 }
 
@@ -250,16 +299,17 @@ struct XzFile {
     /// Blocks being decoded ahead now.
     prefetching: AtomicUsize,
     lru: Mutex<Lru>,
-    /// Buffers of evicted blocks, for the next blocks decoded: a fresh
+    /// Buffers of dropped blocks, for the next blocks decoded: a fresh
     /// buffer costs a page fault per page on first touch (9% of the
     /// server's CPU copying a 1 GiB image to `null:`).
-    spare: Mutex<Vec<Vec<u8>>>,
-    /// Buffers of compressed input, likewise (one per core at most).
-    spare_input: Mutex<Vec<Vec<u8>>>,
+    spare: Arc<Pool<Vec<u8>>>,
+    /// Buffers of compressed input, likewise (as many as blocks can be
+    /// fetched at once: those decoded ahead and one per core for
+    /// readers).
+    spare_input: Pool<Vec<u8>>,
     /// Decoders of whole blocks, kept with their dictionaries (one per
     /// core at most).
-    decoders: Mutex<Vec<decode::Decoder>>,
-    cores: usize,
+    decoders: Pool<decode::Decoder>,
     /// One decoding job per core at a time, for work done ahead of the
     /// readers (a reader's own block is decoded at once).
     slots: Arc<Semaphore>,
@@ -292,20 +342,20 @@ impl XzFile {
             .filter(|(_, k)| **k == Kind::Spill)
             .map(|(i, _)| (i, Arc::new(SpillBlock::new(i, index.blocks[i]))))
             .collect();
+        let ahead = (cores + 1).min(cfg.depth.saturating_sub(2));
         XzFile {
             kinds,
             depth: cfg.depth,
             handles: AtomicUsize::new(0),
             prefetching: AtomicUsize::new(0),
-            ahead: (cores + 1).min(cfg.depth.saturating_sub(2)),
+            ahead,
             lru: Mutex::new(Lru {
                 map: HashMap::new(),
                 tick: 0,
             }),
-            spare: Mutex::new(Vec::new()),
-            spare_input: Mutex::new(Vec::new()),
-            decoders: Mutex::new(Vec::new()),
-            cores,
+            spare: Arc::new(Pool::new(SPARE_BUFFERS)),
+            spare_input: Pool::new(ahead + cores),
+            decoders: Pool::new(cores),
             slots: Arc::new(Semaphore::new(cores)),
             spill_max: cfg.spill_max,
             spill_ahead: AHEAD.min(cfg.spill_max / 4),
@@ -427,24 +477,15 @@ impl XzFile {
         Some(c)
     }
 
-    /// Drop block `k` from the cache, keeping its buffer for reuse when
-    /// nobody holds it any more.
+    /// Drop block `k` from the cache (its buffer goes back to the pool
+    /// when nobody holds it any more).
     fn evict(&self, lru: &mut Lru, k: usize) {
-        let Some(e) = lru.map.remove(&k) else {
-            return;
-        };
-        let buf = Arc::try_unwrap(e.cell)
-            .ok()
-            .and_then(OnceCell::into_inner)
-            .and_then(|data| Arc::try_unwrap(data).ok());
-        if let Some(buf) = buf {
-            give_back(&self.spare, buf, SPARE_BUFFERS);
-        }
+        lru.map.remove(&k);
     }
 
     /// Fetch and decode memory block `i`: at once for a reader, or when a
     /// core is free for a block decoded ahead.
-    async fn load(&self, i: usize, next: &dyn Handle, reader: bool) -> Result<Arc<Vec<u8>>> {
+    async fn load(&self, i: usize, next: &dyn Handle, reader: bool) -> Result<Arc<Decoded>> {
         let b = self.index.blocks[i];
         let err = |m: &dyn std::fmt::Display| {
             Error::eio(format!(
@@ -454,7 +495,7 @@ impl XzFile {
         };
         // Room for the synthetic stream header and tail too.
         let len = (index::HEADER_SIZE + b.total()) as usize;
-        let mut input = self.spare_input.lock().unwrap().pop().unwrap_or_default();
+        let mut input = self.spare_input.take().unwrap_or_default();
         input.clear();
         input.reserve(len + 64);
         decode::huge_pages(&mut input);
@@ -470,8 +511,8 @@ impl XzFile {
             true => None,
             false => Some(self.slots.acquire().await),
         };
-        let out = self.spare.lock().unwrap().pop().unwrap_or_default();
-        let mut dec = self.decoders.lock().unwrap().pop();
+        let out = self.spare.take().unwrap_or_default();
+        let mut dec = self.decoders.take();
         let (data, input, dec) = tokio::task::spawn_blocking(move || {
             let t = std::time::Instant::now();
             let r = decode::decode_block(&b, &mut input, out, &mut dec);
@@ -484,14 +525,17 @@ impl XzFile {
         })
         .await
         .map_err(|e| err(&e))?;
-        give_back(&self.spare_input, input, self.cores);
+        self.spare_input.give_back(input);
         if let Some(d) = dec {
-            give_back(&self.decoders, d, self.cores);
+            self.decoders.give_back(d);
         }
-        Ok(Arc::new(data.map_err(|m| err(&m))?))
+        Ok(Arc::new(Decoded {
+            data: data.map_err(|m| err(&m))?,
+            pool: self.spare.clone(),
+        }))
     }
 
-    async fn block(&self, i: usize, next: &dyn Handle) -> Result<Arc<Vec<u8>>> {
+    async fn block(&self, i: usize, next: &dyn Handle) -> Result<Arc<Decoded>> {
         let cell = self.cell(i);
         cell.get_or_try_init(|| self.load(i, next, true))
             .await
@@ -530,7 +574,7 @@ impl XzFile {
         self: &Arc<Self>,
         i: usize,
         next: &Arc<dyn Handle>,
-    ) -> Result<Arc<Vec<u8>>> {
+    ) -> Result<Arc<Decoded>> {
         // A reader coming from the previous block reads on: decode the
         // next blocks meanwhile.
         if self.sequential(i) {

@@ -430,23 +430,37 @@ impl Handle for Box<dyn Handle> {
 
 /// Bytes of a reference-counted buffer that a layer holds (see
 /// [`Handle::pread_shared`]).
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct SharedData {
-    buf: Arc<Vec<u8>>,
+    buf: Arc<dyn AsRef<[u8]> + Send + Sync>,
     range: std::ops::Range<usize>,
 }
 
 impl SharedData {
-    /// `range` of `buf`; `None` if the range is outside it.
-    pub fn new(buf: Arc<Vec<u8>>, range: std::ops::Range<usize>) -> Option<SharedData> {
-        (range.start <= range.end && range.end <= buf.len()).then_some(SharedData { buf, range })
+    /// `range` of `buf`; `None` if the range is outside it. `buf` is any
+    /// shared buffer: one that goes back to a pool when its last
+    /// reference drops keeps doing so when that reference is a reply's.
+    pub fn new<B: AsRef<[u8]> + Send + Sync + 'static>(
+        buf: Arc<B>,
+        range: std::ops::Range<usize>,
+    ) -> Option<SharedData> {
+        let len = (*buf).as_ref().len();
+        (range.start <= range.end && range.end <= len).then_some(SharedData { buf, range })
+    }
+}
+
+impl std::fmt::Debug for SharedData {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedData")
+            .field("range", &self.range)
+            .finish_non_exhaustive()
     }
 }
 
 impl std::ops::Deref for SharedData {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
-        &self.buf[self.range.clone()]
+        &(*self.buf).as_ref()[self.range.clone()]
     }
 }
 

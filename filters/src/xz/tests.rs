@@ -422,3 +422,32 @@ async fn sequential_readers_keep_the_cache_at_max_depth() {
         "{most} blocks cached, for xz-max-depth={depth}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn block_buffers_go_back_to_the_pool_when_replies_outlive_the_cache() {
+    let data = disk_like(4 << 20, 22);
+    let xz = xz_stream(&blocks_of(&data, 1 << 20), Check::Crc64);
+    let f = Arc::new(XzFilter {
+        cfg: Config {
+            max_block: 512 << 20,
+            depth: 1,
+            spill_max: 8 << 30,
+        },
+        files: Mutex::new(HashMap::new()),
+    });
+    let (h, _) = open_with(xz, f.clone()).await;
+    let h = h.unwrap();
+    let file = f.files.lock().unwrap().values().next().unwrap().clone();
+    // A reply still being sent holds the first block...
+    let held = h.pread_shared(4096, 0, Flags::NONE).await.unwrap().unwrap();
+    assert!(*held == data[..4096]);
+    // ... while a read at the far end drops it from the cache.
+    let far = data.len() - 4096;
+    assert_eq!(read(&*h, far as u64, 4096).await.unwrap(), data[far..]);
+    assert!(!file.lru.lock().unwrap().map.contains_key(&0));
+    let before = file.spare.items.lock().unwrap().len();
+    drop(held);
+    let after = file.spare.items.lock().unwrap();
+    assert_eq!(after.len(), before + 1, "the block's buffer was not kept");
+    assert!(after.iter().all(|b| b.capacity() >= 1 << 20));
+}
