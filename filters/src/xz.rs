@@ -496,8 +496,11 @@ impl XzFile {
         // Room for the synthetic stream header and tail too.
         let len = (index::HEADER_SIZE + b.total()) as usize;
         let mut input = self.spare_input.take().unwrap_or_default();
-        input.clear();
-        input.reserve(len + 64);
+        // A reused buffer keeps its old bytes (the read overwrites them):
+        // only what it grows by is zeroed (clearing it first cost a
+        // `memset` of all the compressed data).
+        input.truncate(len);
+        input.reserve(len + 64 - input.len());
         decode::huge_pages(&mut input);
         input.resize(len, 0);
         next.pread(
