@@ -1,5 +1,5 @@
 //! nbdcopy flushes an NBD destination that it keeps waiting (a slow
-//! source) every 64M written, in the background, so the server's disk
+//! source) every 16M written, in the background, so the server's disk
 //! works during the copy; a failed background flush fails the copy.
 //! The source here is a pipe fed 8M at a time with pauses, so the
 //! destination has nothing in flight between chunks; upstream nbdkit's
@@ -49,7 +49,7 @@ fn copy_background_flush_of_a_waiting_destination() {
     drop(dst);
     let text = std::fs::read_to_string(&log).unwrap();
     let flushes = text.lines().filter(|l| l.contains(" Flush ")).count();
-    assert_eq!(flushes, 1, "one flush after 64M of the 72M: {text}");
+    assert_eq!(flushes, 4, "a flush after each 16M of the 72M: {text}");
 }
 
 #[test]
