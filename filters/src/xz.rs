@@ -21,10 +21,12 @@
 //!   memory use is at most about N × the largest cached block (see
 //!   `xz-max-block`) per connection, plus a compressed block per block
 //!   being decoded. Blocks that sequential readers have moved two blocks
-//!   past go first, as soon as the cache holds more than N: connections
-//!   reading one image in turn, as nbdcopy's four, keep about N blocks
+//!   past go first, as soon as the cache holds more than a sequential
+//!   reader needs (the two blocks before its own, its own, and those
+//!   decoded ahead: 6 on 2 cores) or than N if smaller: connections
+//!   reading one image in turn, as nbdcopy's four, keep those few blocks
 //!   between them (peak RSS copying a 1 GiB image to `null:`: 400 ->
-//!   255 MiB).
+//!   255 MiB; into qcow2, 237-277 -> 196-221 MiB).
 //! - `xz-max-block=SIZE` (default 512M): the largest block decoded whole
 //!   into memory; blocks larger than this, or than 64M, are decoded
 //!   progressively into the spill instead (upstream refuses files with
@@ -380,20 +382,33 @@ impl XzFile {
     /// upstream (whose caches are per connection), so that the sequential
     /// readers of several connections do not evict each other's blocks.
     /// Blocks that sequential readers have passed are dropped first, and
-    /// as soon as the cache holds more than `xz-max-depth` (see
-    /// [`trim`](Self::trim)).
+    /// as soon as the cache holds more than [`sequential_need`]
+    /// (see [`trim`](Self::trim)).
+    ///
+    /// [`sequential_need`]: Self::sequential_need
     fn capacity(&self) -> usize {
         self.depth * self.handles.load(Ordering::Relaxed).max(1)
     }
 
-    /// Drop passed blocks while the cache holds more than `xz-max-depth`
-    /// (`room`: one more, for a block about to be added). Several
-    /// connections reading one image in turn, as nbdcopy's, share the
-    /// same few blocks: their cache need not grow with the connections.
-    /// (A 1 GiB image copied to `null:` by nbdcopy's four connections:
-    /// peak RSS 400 -> 255 MiB.)
+    /// The blocks a sequential reader needs cached: the two before its
+    /// own (other connections may still be reading them), its own, and
+    /// those decoded ahead; `xz-max-depth` if smaller.
+    fn sequential_need(&self) -> usize {
+        self.depth.min(self.ahead + 3)
+    }
+
+    /// Drop passed blocks while the cache holds more than
+    /// [`sequential_need`](Self::sequential_need) (`room`: one more, for
+    /// a block about to be added). Several connections reading one image
+    /// in turn, as nbdcopy's, share the same few blocks: their cache need
+    /// not grow with the connections. (A 1 GiB image copied to `null:` by
+    /// nbdcopy's four connections: peak RSS 400 -> 255 MiB, when this
+    /// was `xz-max-depth`. To the headline's qcow2 with the 6 blocks
+    /// needed, instead of 8: peak RSS 237-277 -> 196-221 MiB, and 0.1 s
+    /// less CPU for the kernel clearing fresh memory, in 4 alternating
+    /// runs.)
     fn trim(&self, lru: &mut Lru, keep: usize, room: usize) {
-        while lru.map.len() + room > self.depth {
+        while lru.map.len() + room > self.sequential_need() {
             match lru.passed_victim(keep) {
                 Some(k) => self.evict(lru, k),
                 None => break,

@@ -382,45 +382,53 @@ fn params() {
 }
 
 /// Several connections reading one image in turn, as nbdcopy's four do,
-/// share the blocks they pass: the cache stays near `xz-max-depth`
-/// blocks instead of growing to `xz-max-depth` per connection, and every
-/// read is right.
+/// share the blocks they pass: the cache stays near what one sequential
+/// reader needs (`xz-max-depth` if smaller) instead of growing to
+/// `xz-max-depth` per connection, and every read is right.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sequential_readers_keep_the_cache_at_max_depth() {
-    let data = disk_like(6 << 20, 21);
-    let xz = xz_stream(&blocks_of(&data, 256 << 10), Check::Crc64);
-    let depth = 4;
-    let f = Arc::new(XzFilter {
-        cfg: Config {
-            max_block: 512 << 20,
-            depth,
-            spill_max: 8 << 30,
-        },
-        files: Mutex::new(HashMap::new()),
-    });
-    let stack = Stack {
-        filters: vec![f.clone() as Arc<dyn Filter>],
-        plugin: Arc::new(Mem {
-            data: Arc::new(xz),
-            reads: Arc::new(AtomicUsize::new(0)),
-        }),
-    };
-    let mut handles = Vec::new();
-    for _ in 0..4 {
-        handles.push(stack.open(&OpenContext::default()).await.unwrap());
+async fn sequential_readers_keep_the_cache_at_what_they_need() {
+    for depth in [4, 8, 32] {
+        let data = disk_like(6 << 20, 21);
+        let xz = xz_stream(&blocks_of(&data, 256 << 10), Check::Crc64);
+        let f = Arc::new(XzFilter {
+            cfg: Config {
+                max_block: 512 << 20,
+                depth,
+                spill_max: 8 << 30,
+            },
+            files: Mutex::new(HashMap::new()),
+        });
+        let stack = Stack {
+            filters: vec![f.clone() as Arc<dyn Filter>],
+            plugin: Arc::new(Mem {
+                data: Arc::new(xz),
+                reads: Arc::new(AtomicUsize::new(0)),
+            }),
+        };
+        let mut handles = Vec::new();
+        for _ in 0..4 {
+            handles.push(stack.open(&OpenContext::default()).await.unwrap());
+        }
+        let file = f.files.lock().unwrap().values().next().unwrap().clone();
+        let need = file.sequential_need();
+        assert_eq!(need, depth.min(file.ahead + 3));
+        assert!(
+            need < 8 || file.ahead > 4,
+            "{need} blocks for {} ahead",
+            file.ahead
+        );
+        let (mut most, step) = (0, 64 << 10);
+        for (k, off) in (0..data.len()).step_by(step).enumerate() {
+            let got = read(&*handles[k % 4], off as u64, step).await.unwrap();
+            assert!(got == data[off..off + step], "read at {off} differs");
+            most = most.max(file.lru.lock().unwrap().map.len());
+        }
+        assert_eq!(file.capacity(), 4 * depth);
+        assert!(
+            most <= need + 1,
+            "{most} blocks cached, for xz-max-depth={depth} ({need} needed)"
+        );
     }
-    let file = f.files.lock().unwrap().values().next().unwrap().clone();
-    let (mut most, step) = (0, 64 << 10);
-    for (k, off) in (0..data.len()).step_by(step).enumerate() {
-        let got = read(&*handles[k % 4], off as u64, step).await.unwrap();
-        assert!(got == data[off..off + step], "read at {off} differs");
-        most = most.max(file.lru.lock().unwrap().map.len());
-    }
-    assert_eq!(file.capacity(), 4 * depth);
-    assert!(
-        most <= depth + 1,
-        "{most} blocks cached, for xz-max-depth={depth}"
-    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
