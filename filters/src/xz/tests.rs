@@ -459,3 +459,84 @@ async fn block_buffers_go_back_to_the_pool_when_replies_outlive_the_cache() {
     assert_eq!(after.len(), before + 1, "the block's buffer was not kept");
     assert!(after.iter().all(|b| b.capacity() >= 1 << 20));
 }
+
+/// Connections each copying their own region in turn, as libnbd's
+/// nbdcopy does (a thread and a connection per 128M): one's reads at the
+/// start of its region do not mark the end of the region before, still
+/// to be read by another, as passed, nor is the next region's start
+/// decoded again ahead of the first connection once the other has read
+/// it: every block is fetched and decoded once, and every read is right.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_reading_their_own_regions_decode_each_block_once() {
+    let bs = 256 << 10;
+    let data = disk_like(24 * bs, 23);
+    let xz = xz_stream(&blocks_of(&data, bs), Check::Crc64);
+    let f = Arc::new(XzFilter {
+        cfg: Config {
+            max_block: 512 << 20,
+            depth: 8,
+            spill_max: 8 << 30,
+        },
+        files: Mutex::new(HashMap::new()),
+    });
+    let reads = Arc::new(AtomicUsize::new(0));
+    let stack = Stack {
+        filters: vec![f.clone() as Arc<dyn Filter>],
+        plugin: Arc::new(Mem {
+            data: Arc::new(xz),
+            reads: reads.clone(),
+        }),
+    };
+    let mut handles = Vec::new();
+    for _ in 0..3 {
+        handles.push(stack.open(&OpenContext::default()).await.unwrap());
+    }
+    let opened = reads.load(Ordering::Relaxed);
+    // Connection c reads blocks 8c..8c+8, the second one far ahead of
+    // the first, the third just behind it: each step, connection 1
+    // reads 64K, then 2 and 3 read 128K each.
+    let region = 8 * bs;
+    let (mut at, step) = ([0, region, 2 * region], 64 << 10);
+    while at[0] < region {
+        for (c, n) in [(0, 1), (1, 2), (2, 2)] {
+            for _ in 0..n {
+                if at[c] < (c + 1) * region {
+                    let off = at[c];
+                    let got = read(&*handles[c], off as u64, step).await.unwrap();
+                    assert!(got == data[off..off + step], "read at {off} differs");
+                    at[c] += step;
+                }
+            }
+        }
+        // Let the blocks decoded ahead land.
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    assert_eq!(
+        reads.load(Ordering::Relaxed) - opened,
+        24,
+        "24 blocks, each fetched once"
+    );
+    // Reading the image again from the start: the blocks passed and
+    // dropped are decoded ahead of the new reader all the same.
+    let file = f.files.lock().unwrap().values().next().unwrap().clone();
+    assert!(file.lru.lock().unwrap().gone.iter().any(|g| *g));
+    let h = stack.open(&OpenContext::default()).await.unwrap();
+    for b in 0..8 {
+        for off in (b * bs..(b + 1) * bs).step_by(step) {
+            assert_eq!(
+                read(&*h, off as u64, step).await.unwrap(),
+                data[off..off + step]
+            );
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        let lru = file.lru.lock().unwrap();
+        assert!(
+            lru.map.contains_key(&(b + 1)),
+            "block {} is decoded ahead of a reader at block {b}: {:?} {:?}",
+            b + 1,
+            lru.map.keys().collect::<Vec<_>>(),
+            lru.gone
+        );
+    }
+}
