@@ -44,14 +44,38 @@ pub fn is_zero(b: &[u8]) -> bool {
 /// and non-zero blocks of `block` bytes (a power of 2). The first and
 /// last blocks may be partial.
 pub fn runs(buf: &[u8], offset: u64, block: u64) -> Vec<Run> {
+    runs_around(buf, offset, block, &[])
+}
+
+/// As [`runs`], where the ranges `holes` (sorted, disjoint, within
+/// `buf`) are known to be zeroes and are not looked at (a read whose
+/// holes were left unfilled): a block is zero when the rest of it is.
+pub fn runs_around(buf: &[u8], offset: u64, block: u64, holes: &[Range<usize>]) -> Vec<Run> {
     debug_assert!(block.is_power_of_two());
     let mut out: Vec<Run> = Vec::new();
+    let mut holes = holes.iter().peekable();
     let mut at = 0usize;
     while at < buf.len() {
         let abs = offset + at as u64;
         let next = ((abs / block) + 1) * block;
         let end = (at as u64 + (next - abs)).min(buf.len() as u64) as usize;
-        let zero = is_zero(&buf[at..end]);
+        // The block's bytes outside the holes.
+        let mut zero = true;
+        let mut from = at;
+        while zero && from < end {
+            while holes.next_if(|h| h.end <= from).is_some() {}
+            match holes.peek() {
+                Some(h) if h.start <= from => from = h.end.min(end),
+                Some(h) if h.start < end => {
+                    zero = is_zero(&buf[from..h.start]);
+                    from = h.end.min(end);
+                }
+                _ => {
+                    zero = is_zero(&buf[from..end]);
+                    from = end;
+                }
+            }
+        }
         match out.last_mut() {
             Some(r) if r.zero == zero => r.range.end = end,
             _ => out.push(Run {
@@ -67,6 +91,53 @@ pub fn runs(buf: &[u8], offset: u64, block: u64) -> Vec<Run> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn holes_count_as_zeroes_unread() {
+        // Garbage where the holes are: never looked at.
+        let mut b = vec![0xffu8; 6 * 4096];
+        let holes = [
+            0..4096 + 100,
+            2 * 4096..4 * 4096 + 10,
+            5 * 4096 + 8..6 * 4096,
+        ];
+        for h in &holes {
+            b[h.clone()].fill(0xee);
+        }
+        // Zero the rest of blocks 1 and 4 and the start of 5.
+        b[4096 + 100..2 * 4096].fill(0);
+        b[4 * 4096 + 10..5 * 4096 + 8].fill(0);
+        let r = runs_around(&b, 0, 4096, &holes);
+        assert_eq!(
+            r,
+            vec![Run {
+                range: 0..6 * 4096,
+                zero: true
+            }]
+        );
+        // One data byte outside the holes makes its block data.
+        b[4 * 4096 + 20] = 1;
+        let r = runs_around(&b, 0, 4096, &holes);
+        assert_eq!(
+            r,
+            vec![
+                Run {
+                    range: 0..4 * 4096,
+                    zero: true
+                },
+                Run {
+                    range: 4 * 4096..5 * 4096,
+                    zero: false
+                },
+                Run {
+                    range: 5 * 4096..6 * 4096,
+                    zero: true
+                },
+            ]
+        );
+        // Without the holes, the garbage is data.
+        assert!(runs(&b, 0, 4096).iter().all(|r| !r.zero));
+    }
 
     #[test]
     fn zero_or_not() {

@@ -8,7 +8,7 @@
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::Path;
 
-use crate::common::{random_file, require, run_ok, Server};
+use crate::common::{random_file, require, run, run_ok, Server};
 use crate::copy_common::nbdcopy;
 
 const TIB: u64 = 1 << 40;
@@ -197,4 +197,52 @@ fn copy_sparse_zero_detection_to_nbd() {
     let (_, zeroed, _) = logged(&log, "Zero");
     assert_eq!(written, 2 << 20);
     assert_eq!(zeroed, 2 << 20);
+}
+
+/// Our server sends zero runs of read replies as holes, and nbdcopy
+/// leaves holes unfilled in its (reused, so dirty) buffers when it looks
+/// for zero blocks: whatever the destination and `-S`, what it writes is
+/// the source, never what the buffers held before.
+#[test]
+fn copy_sparse_holes_in_read_replies() {
+    if !require(&["nbdkit"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src.img");
+    random_file(&src, 8 << 20, 4);
+    let f = std::fs::OpenOptions::new().write(true).open(&src).unwrap();
+    // Zero runs: aligned, unaligned, and small ones (sent as data).
+    for (at, len) in [
+        (0, 256 << 10),
+        ((1 << 20) + 100, (2 << 20) + 5000),
+        (5 << 20, 4096),
+        ((6 << 20) + 12345, 200 << 10),
+        ((8 << 20) - (128 << 10), 128 << 10),
+    ] {
+        f.write_all_at(&vec![0u8; len], at).unwrap();
+    }
+    let want = std::fs::read(&src).unwrap();
+    // No extents: every byte is read, and the zeroes come back as holes.
+    let srv = Server::ours(&["--filter=noextents", "file", src.to_str().unwrap()]);
+    for opts in [&[][..], &["-S", "1M"], &["-S", "0"], &["--request-size=1M"]] {
+        let out = dir.path().join("out.img");
+        let _ = std::fs::remove_file(&out);
+        run_ok(nbdcopy().args(opts).arg(srv.uri()).arg(&out));
+        assert!(std::fs::read(&out).unwrap() == want, "to a file, {opts:?}");
+        let o = run(nbdcopy().args(opts).arg(srv.uri()).arg("-"));
+        assert!(
+            o.status.success() && o.stdout == want,
+            "to a pipe, {opts:?}"
+        );
+    }
+    // A destination that cannot zero: zeroes are written as data.
+    let dst = Server::upstream(&["--filter=nozero", "memory", "8M", "zeromode=none"]);
+    run_ok(nbdcopy().arg(srv.uri()).arg(dst.uri()));
+    let back = dir.path().join("back.img");
+    run_ok(nbdcopy().arg(dst.uri()).arg(&back));
+    assert!(
+        std::fs::read(&back).unwrap() == want,
+        "to a server that cannot zero"
+    );
 }

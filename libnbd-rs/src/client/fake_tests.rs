@@ -280,6 +280,26 @@ async fn chunked_sparse_read() {
 }
 
 #[tokio::test]
+async fn sparse_read_reports_holes_unfilled() {
+    let (c, mut f) = setup().await;
+    let server = async {
+        let (r, _) = f.request().await;
+        assert_eq!((r.typ, r.offset, r.count), (cmd::READ, 0, 8192));
+        // Two holes, the later one first.
+        f.hole(r.cookie, false, 6144, 2048).await;
+        f.data(r.cookie, false, 1024, &[0xaa; 5120]).await;
+        f.hole(r.cookie, true, 0, 1024).await;
+    };
+    let (got, ()) = tokio::join!(c.pread_sparse(vec![0x55; 8192], 0, 0), server);
+    let (buf, holes) = got.unwrap();
+    assert_eq!(holes, vec![0..1024, 6144..8192]);
+    // The holes keep what the buffer held; the data is there.
+    assert!(buf[..1024].iter().all(|&b| b == 0x55));
+    assert!(buf[1024..6144].iter().all(|&b| b == 0xaa));
+    assert!(buf[6144..].iter().all(|&b| b == 0x55));
+}
+
+#[tokio::test]
 async fn out_of_order_replies() {
     let (c, mut f) = setup().await;
     let server = async {

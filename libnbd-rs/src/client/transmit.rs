@@ -59,8 +59,20 @@ const REPLY_BUFFER: usize = 4 * 1024;
 /// What a finished request produced.
 enum Outcome {
     Done,
-    Data(Vec<u8>),
+    /// Read data, and the holes left unfilled in it (see
+    /// [`Connection::pread_sparse`]).
+    Data(Vec<u8>, Vec<Hole>),
     Status(Vec<(u32, Vec<StatusExtent>)>),
+}
+
+/// A range of a read buffer that the server sent as a hole.
+pub type Hole = std::ops::Range<usize>;
+
+/// Where a read's data goes.
+struct ReadInto {
+    buf: Vec<u8>,
+    /// Leave the server's holes unfilled and report them.
+    report_holes: bool,
 }
 
 /// A request waiting for (the rest of) its reply.
@@ -72,6 +84,8 @@ struct Pending {
     /// Read buffer, `count` bytes (taken by the reader while it fills
     /// part of it).
     buf: Option<Vec<u8>>,
+    /// The holes not filled in `buf`, when the caller asked for them.
+    holes: Option<Vec<Hole>>,
     coverage: Coverage,
     statuses: Vec<(u32, Vec<StatusExtent>)>,
     error: Option<ChunkError>,
@@ -545,7 +559,7 @@ impl Connection {
         offset: u64,
         count: u32,
         payload: Option<&[u8]>,
-        buf: Option<Vec<u8>>,
+        read: Option<ReadInto>,
     ) -> Result<Outcome> {
         let shared = &*self.shared;
         let cookie = shared.next_cookie.fetch_add(1, Ordering::Relaxed);
@@ -565,7 +579,8 @@ impl Connection {
                     flags,
                     offset,
                     count,
-                    buf,
+                    holes: read.as_ref().and_then(|r| r.report_holes.then(Vec::new)),
+                    buf: read.map(|r| r.buf),
                     coverage: Coverage::default(),
                     statuses: Vec::new(),
                     error: None,
@@ -618,15 +633,49 @@ impl Connection {
         }
     }
 
-    async fn read_one(&self, buf: Vec<u8>, offset: u64, flags: u16) -> Result<Vec<u8>> {
-        let count = buf.len() as u32;
+    async fn read_one(
+        &self,
+        read: ReadInto,
+        offset: u64,
+        flags: u16,
+    ) -> Result<(Vec<u8>, Vec<Hole>)> {
+        let count = read.buf.len() as u32;
         match self
-            .submit(cmd::READ, flags, offset, count, None, Some(buf))
+            .submit(cmd::READ, flags, offset, count, None, Some(read))
             .await?
         {
-            Outcome::Data(d) => Ok(d),
+            Outcome::Data(d, mut holes) => {
+                holes.sort_by_key(|h| h.start);
+                Ok((d, holes))
+            }
             _ => Err(Error::Protocol("internal: read without data".into())),
         }
+    }
+
+    /// Like [`pread_owned`](Self::pread_owned), but the parts the server
+    /// sends as holes (structured replies) are not filled with zeroes:
+    /// their ranges in the buffer are returned, sorted, and what the
+    /// buffer holds there is unspecified. For a caller that treats those
+    /// ranges as zeroes without looking (a copy skipping zero blocks). A
+    /// read above the server's largest request is filled as by
+    /// `pread_owned`, holes and all. Flags: `DF`.
+    pub async fn pread_sparse(
+        &self,
+        buf: Vec<u8>,
+        offset: u64,
+        flags: u16,
+    ) -> Result<(Vec<u8>, Vec<Hole>)> {
+        self.check_flags("pread", flags, cmdflag::DF)?;
+        let count = buf.len() as u64;
+        self.check_range("pread", offset, count)?;
+        if count == 0 || count > u64::from(self.max_payload) {
+            return Ok((self.pread_owned(buf, offset, flags).await?, Vec::new()));
+        }
+        let read = ReadInto {
+            buf,
+            report_holes: true,
+        };
+        self.read_one(read, offset, flags).await
     }
 
     /// Read into an owned buffer (all of it, from `offset`) and give it
@@ -640,17 +689,21 @@ impl Connection {
             return Ok(buf);
         }
         let max = u64::from(self.max_payload);
+        let read = |buf| ReadInto {
+            buf,
+            report_holes: false,
+        };
         if count <= max {
-            return self.read_one(buf, offset, flags).await;
+            return Ok(self.read_one(read(buf), offset, flags).await?.0);
         }
         let pieces = (0..count).step_by(max as usize).map(|start| {
             let len = max.min(count - start) as usize;
-            self.read_one(vec![0u8; len], offset + start, flags)
+            self.read_one(read(vec![0u8; len]), offset + start, flags)
         });
         let pieces = try_join_all(pieces).await?;
         let mut buf = buf;
         let mut at = 0;
-        for p in pieces {
+        for (p, _) in pieces {
             buf[at..at + p.len()].copy_from_slice(&p);
             at += p.len();
         }
@@ -947,7 +1000,7 @@ async fn simple_reply(shared: &Shared, r: &mut BufReader<BoxRead>) -> Result<()>
                 let mut buf = p.buf.take().unwrap_or_default();
                 rd(r, &mut buf).await?;
                 shared.add(&shared.counters.bytes_received, buf.len() as u64);
-                Ok(Outcome::Data(buf))
+                Ok(Outcome::Data(buf, Vec::new()))
             }
             cmd::BLOCK_STATUS => Err(Error::Protocol(
                 "block status answered by a simple reply without status".into(),
@@ -1077,8 +1130,11 @@ async fn chunk(shared: &Shared, r: &mut BufReader<BoxRead>) -> Result<()> {
                     .coverage
                     .add(offset, count, off, len)
                     .map_err(Error::Protocol)?;
-                if let Some(buf) = &mut p.buf {
-                    buf[start..start + len as usize].fill(0);
+                let hole = start..start + len as usize;
+                match (&mut p.holes, &mut p.buf) {
+                    (Some(holes), _) => holes.push(hole),
+                    (None, Some(buf)) => buf[hole].fill(0),
+                    (None, None) => {}
                 }
                 Ok(())
             })?;
@@ -1173,7 +1229,8 @@ async fn chunk(shared: &Shared, r: &mut BufReader<BoxRead>) -> Result<()> {
                             p.count
                         )))
                     } else {
-                        Ok(Outcome::Data(p.buf.take().unwrap_or_default()))
+                        let holes = p.holes.take().unwrap_or_default();
+                        Ok(Outcome::Data(p.buf.take().unwrap_or_default(), holes))
                     }
                 }
                 cmd::BLOCK_STATUS => {

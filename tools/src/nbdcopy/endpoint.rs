@@ -61,6 +61,9 @@ impl Deref for Data {
     }
 }
 
+/// A range of a read buffer that reads as zeroes but was not filled.
+pub type Hole = Range<usize>;
+
 /// The operations table of one source or destination.
 ///
 /// Defaults are the conservative answers: no extents (everything is
@@ -177,6 +180,14 @@ pub trait Endpoint: Send + Sync {
     /// Read `buf.len()` bytes at `offset` into `buf` and give it back.
     /// A stream returns fewer bytes only at its end (none after it).
     async fn read(&self, buf: Vec<u8>, offset: u64) -> io::Result<Vec<u8>>;
+
+    /// As [`read`](Self::read), but ranges of the buffer known to be
+    /// zeroes without looking (an NBD server's holes) may be left
+    /// unfilled: they are returned, sorted, and the caller must not use
+    /// the bytes there.
+    async fn read_sparse(&self, buf: Vec<u8>, offset: u64) -> io::Result<(Vec<u8>, Vec<Hole>)> {
+        Ok((self.read(buf, offset).await?, Vec::new()))
+    }
 
     /// Write `data` at `offset`.
     async fn write(&self, data: Data, offset: u64) -> io::Result<()>;

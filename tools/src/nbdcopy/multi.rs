@@ -106,13 +106,13 @@ async fn run(
         }
         return Ok(());
     }
-    let buf = c.read(&op).await?;
+    let (buf, holes) = c.read(&op).await?;
     if (buf.len() as u64) < op.length {
         eof.fetch_min(op.offset + buf.len() as u64, Ordering::AcqRel);
     }
     pass(read_turn);
     if wait(&mut write_turn).await {
-        c.write(buf, op.offset).await?;
+        c.write(buf, holes, op.offset).await?;
         pass(write_turn);
     }
     Ok(())

@@ -31,7 +31,7 @@ use libnbd::client::{errno_text, ConnectOptions, Connection, Error as NbdError, 
 use libnbd::protocol::{alloc, cmdflag, errno, CONTEXT_BASE_ALLOCATION};
 use libnbd::uri::Uri;
 
-use super::endpoint::{Data, Endpoint, Extent};
+use super::endpoint::{Data, Endpoint, Extent, Hole};
 use super::lanes::{self, Lanes};
 
 /// The request size for writing to a server that takes one connection,
@@ -403,6 +403,13 @@ impl Endpoint for NbdEndpoint {
     async fn read(&self, buf: Vec<u8>, offset: u64) -> io::Result<Vec<u8>> {
         self.conn()
             .pread_owned(buf, offset, 0)
+            .await
+            .map_err(io_err)
+    }
+
+    async fn read_sparse(&self, buf: Vec<u8>, offset: u64) -> io::Result<(Vec<u8>, Vec<Hole>)> {
+        self.conn()
+            .pread_sparse(buf, offset, 0)
             .await
             .map_err(io_err)
     }

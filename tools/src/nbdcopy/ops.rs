@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use futures::future::try_join_all;
 
-use super::endpoint::{Data, Endpoint, Extent, OpError};
+use super::endpoint::{Data, Endpoint, Extent, Hole, OpError};
 use super::progress::Progress;
 use libnbd::zeroes as sparse;
 
@@ -238,34 +238,60 @@ impl Copier {
         }
     }
 
-    /// Read the data of `op` from the source. A stream may return less
-    /// (nothing at its end).
-    pub async fn read(&self, op: &Op) -> Result<Vec<u8>, OpError> {
-        let buf = self.buffer(op.length as usize);
-        self.src
-            .read(buf, op.offset)
-            .await
-            .map_err(|e| self.src_err("read", op.offset, e))
+    /// Does the copy look for zero blocks in the data it writes?
+    fn finds_zeroes(&self) -> bool {
+        self.settings.sparse_size > 0 && self.dst.wants_sparse()
     }
 
-    /// Write data read at `offset` to the destination, as zero requests
-    /// where it is zero blocks; then put the buffer back in the pool.
-    pub async fn write(&self, buf: Vec<u8>, offset: u64) -> Result<(), OpError> {
+    /// Read the data of `op` from the source. A stream may return less
+    /// (nothing at its end). When the copy looks for zero blocks, the
+    /// source's holes may be left unfilled (returned: the bytes there
+    /// are not to be used), saving filling them and then scanning them
+    /// (a third of a decompressed disk image, from our xz filter).
+    pub async fn read(&self, op: &Op) -> Result<(Vec<u8>, Vec<Hole>), OpError> {
+        let buf = self.buffer(op.length as usize);
+        let read = match self.finds_zeroes() {
+            true => self.src.read_sparse(buf, op.offset).await,
+            false => self.src.read(buf, op.offset).await.map(|b| (b, Vec::new())),
+        };
+        read.map_err(|e| self.src_err("read", op.offset, e))
+    }
+
+    /// Write data read at `offset` (with `holes` unfilled, see
+    /// [`read`](Self::read)) to the destination, as zero requests where
+    /// it is zero blocks; then put the buffer back in the pool.
+    pub async fn write(
+        &self,
+        mut buf: Vec<u8>,
+        holes: Vec<Hole>,
+        offset: u64,
+    ) -> Result<(), OpError> {
         let len = buf.len() as u64;
         if len == 0 {
             self.recycle(buf);
             return Ok(());
         }
         self.check_fits(offset, len)?;
-        let runs = if self.settings.sparse_size > 0 && self.dst.wants_sparse() {
-            sparse::runs(&buf, offset, self.settings.sparse_size)
+        let runs = if self.finds_zeroes() {
+            sparse::runs_around(&buf, offset, self.settings.sparse_size, &holes)
         } else {
             vec![sparse::Run {
                 range: 0..buf.len(),
                 zero: false,
             }]
         };
+        // What of the holes goes out as data (parts of data blocks) is
+        // zeroes.
+        for h in &holes {
+            for r in runs.iter().filter(|r| !r.zero) {
+                let (from, to) = (h.start.max(r.range.start), h.end.min(r.range.end));
+                if from < to {
+                    buf[from..to].fill(0);
+                }
+            }
+        }
         let buf = Arc::new(buf);
+        let holey = !holes.is_empty();
         let one = |run: sparse::Run| {
             let buf = buf.clone();
             async move {
@@ -274,8 +300,14 @@ impl Copier {
                 if run.zero && self.zero_is_done(at, rlen).await? {
                     return Ok(());
                 }
+                let data = match run.zero && holey {
+                    // The destination cannot zero: write zeroes, not the
+                    // unfilled holes.
+                    true => Data::new(Arc::new(vec![0; run.range.len()]), 0..run.range.len()),
+                    false => Data::new(buf, run.range),
+                };
                 self.dst
-                    .write(Data::new(buf, run.range), at)
+                    .write(data, at)
                     .await
                     .map_err(|e| self.dst_err("write", at, e))
             }

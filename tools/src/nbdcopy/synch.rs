@@ -25,9 +25,9 @@ pub async fn copy(c: Arc<Copier>, use_extents: bool) -> Result<u64, OpError> {
                 length: chunk,
                 zero: false,
             };
-            let buf = c.read(&op).await?;
+            let (buf, holes) = c.read(&op).await?;
             let n = buf.len() as u64;
-            c.write(buf, offset).await?;
+            c.write(buf, holes, offset).await?;
             offset += n;
             if n < chunk {
                 return Ok(offset);
@@ -64,8 +64,8 @@ async fn run_ready(c: &Copier, planner: &mut Planner) -> Result<(), OpError> {
         if op.zero {
             c.zero(&op).await?;
         } else {
-            let buf = c.read(&op).await?;
-            c.write(buf, op.offset).await?;
+            let (buf, holes) = c.read(&op).await?;
+            c.write(buf, holes, op.offset).await?;
         }
     }
     Ok(())
