@@ -95,7 +95,11 @@ pub struct NbdEndpoint {
 /// writes until the data is on disk (qcow2 syncs the file under its
 /// metadata lock), so smaller, more frequent flushes stall less: every
 /// 16M rather than 64M, 1.59 -> 1.42 s (medians of 5 alternating runs;
-/// every 8M, 1.53 s). "Waiting" is: no other write or zero request in
+/// every 8M, 1.53 s). Each flush also has a fixed cost (about 10 ms
+/// here: 16M took ~20 ms, 64M ~50 ms), and in spells when the host's
+/// disk is slow 64M did better (1.47 against 1.70 s); 32M came out
+/// ahead of 16M once and behind it once. 16M won three of the four
+/// comparisons with 64M. "Waiting" is: no other write or zero request in
 /// flight when a write completes. A destination that is the bottleneck
 /// is not flushed (each flush holds up qcow2's writes a little: 0.87 ->
 /// 0.98 s for a raw file into qcow2 when flushed regardless). One flush
