@@ -4,7 +4,7 @@
 //! | name            | module                | what it serves                          |
 //! |-----------------|-----------------------|-----------------------------------------|
 //! | `memory`        | [`memory`]            | a RAM disk (sparse or flat)             |
-//! | `file`          | [`file`]              | a file or block device, or a directory  |
+//! | `file`          | [`file`](mod@file)    | a file or block device, or a directory  |
 //! | `null`          | [`null`]              | a bit bucket reading as zeroes          |
 //! | `zero`          | [`zero`]              | a zero-length disk                      |
 //! | `full`          | [`full`]              | a disk whose writes fail with `ENOSPC`  |
