@@ -115,7 +115,7 @@ fn blocks_of(data: &[u8], size: usize) -> Vec<&[u8]> {
     data.chunks(size).collect()
 }
 
-fn filter(depth: usize, max_block: u64, spill_max: u64) -> Arc<dyn Filter> {
+fn xz_filter(depth: usize, max_block: u64, spill_max: u64) -> Arc<XzFilter> {
     Arc::new(XzFilter {
         cfg: Config {
             max_block,
@@ -126,7 +126,12 @@ fn filter(depth: usize, max_block: u64, spill_max: u64) -> Arc<dyn Filter> {
     })
 }
 
-async fn open_with(xz: Vec<u8>, f: Arc<dyn Filter>) -> (Result<Box<dyn Handle>>, Arc<AtomicUsize>) {
+fn filter(depth: usize, max_block: u64, spill_max: u64) -> Arc<dyn Filter> {
+    xz_filter(depth, max_block, spill_max)
+}
+
+/// The filter `f` over `xz` in memory, and the count of reads of it.
+fn stack(xz: Vec<u8>, f: Arc<dyn Filter>) -> (Stack, Arc<AtomicUsize>) {
     let reads = Arc::new(AtomicUsize::new(0));
     let stack = Stack {
         filters: vec![f],
@@ -135,6 +140,16 @@ async fn open_with(xz: Vec<u8>, f: Arc<dyn Filter>) -> (Result<Box<dyn Handle>>,
             reads: reads.clone(),
         }),
     };
+    (stack, reads)
+}
+
+/// The state of the one file `f` has opened.
+fn the_file(f: &XzFilter) -> Arc<XzFile> {
+    f.files.lock().unwrap().values().next().unwrap().clone()
+}
+
+async fn open_with(xz: Vec<u8>, f: Arc<dyn Filter>) -> (Result<Box<dyn Handle>>, Arc<AtomicUsize>) {
+    let (stack, reads) = stack(xz, f);
     (stack.open(&OpenContext::default()).await, reads)
 }
 
@@ -390,26 +405,13 @@ async fn sequential_readers_keep_the_cache_at_what_they_need() {
     for depth in [4, 8, 32] {
         let data = disk_like(6 << 20, 21);
         let xz = xz_stream(&blocks_of(&data, 256 << 10), Check::Crc64);
-        let f = Arc::new(XzFilter {
-            cfg: Config {
-                max_block: 512 << 20,
-                depth,
-                spill_max: 8 << 30,
-            },
-            files: Mutex::new(HashMap::new()),
-        });
-        let stack = Stack {
-            filters: vec![f.clone() as Arc<dyn Filter>],
-            plugin: Arc::new(Mem {
-                data: Arc::new(xz),
-                reads: Arc::new(AtomicUsize::new(0)),
-            }),
-        };
+        let f = xz_filter(depth, 512 << 20, 8 << 30);
+        let (stack, _) = stack(xz, f.clone());
         let mut handles = Vec::new();
         for _ in 0..4 {
             handles.push(stack.open(&OpenContext::default()).await.unwrap());
         }
-        let file = f.files.lock().unwrap().values().next().unwrap().clone();
+        let file = the_file(&f);
         let need = file.sequential_need();
         assert_eq!(need, depth.min(file.ahead + 3));
         assert!(
@@ -435,17 +437,10 @@ async fn sequential_readers_keep_the_cache_at_what_they_need() {
 async fn block_buffers_go_back_to_the_pool_when_replies_outlive_the_cache() {
     let data = disk_like(4 << 20, 22);
     let xz = xz_stream(&blocks_of(&data, 1 << 20), Check::Crc64);
-    let f = Arc::new(XzFilter {
-        cfg: Config {
-            max_block: 512 << 20,
-            depth: 1,
-            spill_max: 8 << 30,
-        },
-        files: Mutex::new(HashMap::new()),
-    });
+    let f = xz_filter(1, 512 << 20, 8 << 30);
     let (h, _) = open_with(xz, f.clone()).await;
     let h = h.unwrap();
-    let file = f.files.lock().unwrap().values().next().unwrap().clone();
+    let file = the_file(&f);
     // A reply still being sent holds the first block...
     let held = h.pread_shared(4096, 0, Flags::NONE).await.unwrap().unwrap();
     assert!(*held == data[..4096]);
@@ -471,22 +466,8 @@ async fn connections_reading_their_own_regions_decode_each_block_once() {
     let bs = 256 << 10;
     let data = disk_like(24 * bs, 23);
     let xz = xz_stream(&blocks_of(&data, bs), Check::Crc64);
-    let f = Arc::new(XzFilter {
-        cfg: Config {
-            max_block: 512 << 20,
-            depth: 8,
-            spill_max: 8 << 30,
-        },
-        files: Mutex::new(HashMap::new()),
-    });
-    let reads = Arc::new(AtomicUsize::new(0));
-    let stack = Stack {
-        filters: vec![f.clone() as Arc<dyn Filter>],
-        plugin: Arc::new(Mem {
-            data: Arc::new(xz),
-            reads: reads.clone(),
-        }),
-    };
+    let f = xz_filter(8, 512 << 20, 8 << 30);
+    let (stack, reads) = stack(xz, f.clone());
     let mut handles = Vec::new();
     for _ in 0..3 {
         handles.push(stack.open(&OpenContext::default()).await.unwrap());
@@ -519,7 +500,7 @@ async fn connections_reading_their_own_regions_decode_each_block_once() {
     );
     // Reading the image again from the start: the blocks passed and
     // dropped are decoded ahead of the new reader all the same.
-    let file = f.files.lock().unwrap().values().next().unwrap().clone();
+    let file = the_file(&f);
     assert!(file.lru.lock().unwrap().gone.iter().any(|g| *g));
     let h = stack.open(&OpenContext::default()).await.unwrap();
     for b in 0..8 {
