@@ -115,6 +115,13 @@ pub struct NbdEndpoint {
 /// the unthrottled disk, 1.31 -> 1.30 s (medians of 5-7 alternating
 /// runs). Pacing at a third of the time was worse on the unthrottled
 /// disk (1.36 s), at two thirds worse throttled (1.54 s).
+/// `bench/slow-disk.sh` runs a benchmark under such a throttle. Still
+/// open: a destination that turns into the bottleneck for a while (the
+/// source's decoding got ahead) is not flushed meanwhile, and what it
+/// gathers is flushed at the end (once 278M, 0.33 s of a 2.15 s copy
+/// throttled). Flushing a busy destination too, once it has been
+/// flushed for waiting, was better throttled (1.84 -> 1.65 s) but worse
+/// on the normal disk (1.58 -> 1.75 s), so it is not done.
 #[derive(Default)]
 struct Writeback {
     /// Writes and zero requests in flight.
