@@ -128,10 +128,9 @@ struct Writeback {
     writing: AtomicUsize,
     /// Bytes written since the last flush.
     unflushed: AtomicU64,
-    /// Held by the flush running.
-    running: Arc<tokio::sync::Mutex<()>>,
-    /// When the last flush ended, and how long it took.
-    last: Arc<std::sync::Mutex<Option<(Instant, Duration)>>>,
+    /// Held by the flush running; when the last flush ended, and how
+    /// long it took.
+    running: Arc<tokio::sync::Mutex<Option<(Instant, Duration)>>>,
     /// The first failure of a background flush.
     failed: Arc<std::sync::Mutex<Option<String>>>,
 }
@@ -166,25 +165,23 @@ impl Writeback {
         if others > 0 || !conn.can_flush() {
             return;
         }
-        let last = *self.last.lock().unwrap_or_else(|e| e.into_inner());
-        if !flush_due(unflushed, last, Instant::now()) {
-            return;
-        }
-        let Ok(guard) = self.running.clone().try_lock_owned() else {
+        let Ok(mut last) = self.running.clone().try_lock_owned() else {
             return;
         };
+        if !flush_due(unflushed, *last, Instant::now()) {
+            return;
+        }
         self.unflushed.store(0, Ordering::Relaxed);
-        let (conn, failed, last) = (conn.clone(), self.failed.clone(), self.last.clone());
+        let (conn, failed) = (conn.clone(), self.failed.clone());
         tokio::spawn(async move {
             let start = Instant::now();
             let r = conn.flush().await;
-            *last.lock().unwrap_or_else(|e| e.into_inner()) =
-                Some((Instant::now(), start.elapsed()));
+            *last = Some((Instant::now(), start.elapsed()));
             if let Err(e) = r {
                 let mut f = failed.lock().unwrap_or_else(|e| e.into_inner());
                 f.get_or_insert_with(|| io_err(e).to_string());
             }
-            drop(guard);
+            drop(last);
         });
     }
 
