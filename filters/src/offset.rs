@@ -368,9 +368,11 @@ pub(crate) mod testing {
         OpenContext {
             readonly: false,
             export_name: String::new(),
+            default_export: true,
             peer: None,
             tls: false,
             id,
+            disconnect: Default::default(),
         }
     }
 

@@ -206,8 +206,10 @@ pub struct BlockSize {
     pub maximum: u32,
 }
 
-/// How a plugin may be called concurrently (reported by `--dump-plugin`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// How a layer may be called concurrently (reported by `--dump-plugin`),
+/// strictest first: the stack runs at the least of its layers' models
+/// ([`Stack::thread_model`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum ThreadModel {
     /// One connection at a time.
     SerializeConnections,
@@ -316,19 +318,75 @@ impl Extents {
     }
 }
 
+/// A connection's switch that a layer flips to have the server drop the
+/// connection at once, as nbdkit's `nbdkit_disconnect(force)`: no reply
+/// is sent to the request that flipped it nor to any later one, and the
+/// socket closes. A request's error alone cannot say this, since layers
+/// above may retry or rewrap it. Clones share the switch; a default one is
+/// watched by nobody (tests, contexts a filter makes for itself).
+#[derive(Clone, Default)]
+pub struct Disconnect(Arc<DisconnectState>);
+
+#[derive(Default)]
+struct DisconnectState {
+    requested: std::sync::atomic::AtomicBool,
+    notify: tokio::sync::Notify,
+}
+
+impl Disconnect {
+    /// Ask the server to drop the connection.
+    pub fn request(&self) {
+        self.0
+            .requested
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.0.notify.notify_waiters();
+    }
+    /// Has a layer asked?
+    pub fn is_requested(&self) -> bool {
+        self.0.requested.load(std::sync::atomic::Ordering::SeqCst)
+    }
+    /// Resolves once a layer has asked.
+    pub async fn requested(&self) {
+        loop {
+            // Register before looking, or a request in between is missed.
+            let n = self.0.notify.notified();
+            tokio::pin!(n);
+            n.as_mut().enable();
+            if self.is_requested() {
+                return;
+            }
+            n.await;
+        }
+    }
+}
+
+impl fmt::Debug for Disconnect {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("Disconnect")
+            .field(&self.is_requested())
+            .finish()
+    }
+}
+
 /// Who a connection is, as a layer sees it when opening.
 #[derive(Debug, Clone, Default)]
 pub struct OpenContext {
     /// The client asked for (or the server forces) read-only.
     pub readonly: bool,
-    /// The export name the client chose.
+    /// The export name the client chose; when it asked for the default
+    /// export (an empty name), the name the stack gives that
+    /// ([`Next::default_export`]).
     pub export_name: String,
+    /// The client asked for the default export (sent an empty name).
+    pub default_export: bool,
     /// The client's address (`ip:port`, or empty for Unix sockets).
     pub peer: Option<std::net::SocketAddr>,
     /// Is the connection using TLS?
     pub tls: bool,
     /// Connection number, from 1, for logs.
     pub id: u64,
+    /// Drops this connection when a layer asks (see [`Disconnect`]).
+    pub disconnect: Disconnect,
 }
 
 /// An export in a listing (`NBD_OPT_LIST`).
@@ -525,6 +583,16 @@ pub trait Filter: Send + Sync + 'static {
     fn default_export(&self, next: Next<'_>) -> String {
         next.default_export()
     }
+    /// How this filter may be called concurrently (nbdkit's
+    /// `.thread_model`); the stack runs at the strictest of its layers'
+    /// answers ([`Stack::thread_model`]), which layers read through
+    /// [`Next::thread_model`]. The server does not serialise requests
+    /// itself (it only stops advertising multi-conn under
+    /// `SerializeConnections`): a filter that narrows the model also
+    /// enforces it.
+    fn thread_model(&self) -> ThreadModel {
+        ThreadModel::Parallel
+    }
     /// Called once the server has forked (see [`Plugin::after_fork`]).
     fn after_fork(&self) -> Result<()> {
         Ok(())
@@ -580,6 +648,11 @@ impl<'a> Next<'a> {
             None => self.stack.plugin.list_exports(readonly).await,
         }
     }
+    /// The thread model the whole stack runs at, layers above this one
+    /// included (what nbdkit's `get_ready` is told).
+    pub fn thread_model(self) -> ThreadModel {
+        self.stack.thread_model()
+    }
     /// The default export name of the layers below.
     pub fn default_export(self) -> String {
         match self.stack.filters.get(self.level) {
@@ -632,6 +705,13 @@ impl Stack {
     /// Open a connection's handle through every layer.
     pub async fn open(&self, ctx: &OpenContext) -> Result<Box<dyn Handle>> {
         self.top().open(ctx).await
+    }
+    /// The strictest thread model of the plugin and every filter.
+    pub fn thread_model(&self) -> ThreadModel {
+        self.filters
+            .iter()
+            .map(|f| f.thread_model())
+            .fold(self.plugin.thread_model(), Ord::min)
     }
     /// Run every layer's `after_fork`, plugin first.
     pub fn after_fork(&self) -> Result<()> {

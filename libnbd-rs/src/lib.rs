@@ -22,8 +22,8 @@ pub mod uri;
 pub mod zeroes;
 
 pub use backend::{
-    BlockSize, Cache, Caps, Error, ExportEntry, Extent, Extents, Filter, Flags, Fua, Handle, Next,
-    OpenContext, OwnedNext, Plugin, Result, SharedData, Stack, ThreadModel,
+    BlockSize, Cache, Caps, Disconnect, Error, ExportEntry, Extent, Extents, Filter, Flags, Fua,
+    Handle, Next, OpenContext, OwnedNext, Plugin, Result, SharedData, Stack, ThreadModel,
 };
 pub use config::{
     parse_bool, parse_size, ConfigError, ConfigResult, FilterEntry, Params, PluginEntry,

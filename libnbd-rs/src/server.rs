@@ -14,7 +14,9 @@ use std::sync::{Arc, Mutex};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::sync::{Notify, Semaphore};
 
-use crate::backend::{Cache, Error, Extents, Flags, Fua, Handle, OpenContext, Stack};
+use crate::backend::{
+    Cache, Disconnect, Error, Extents, Flags, Fua, Handle, OpenContext, Stack, ThreadModel,
+};
 use crate::protocol::{self as p, cmd, cmdflag, errno, info, opt, rep, tflags};
 
 /// Server-wide settings shared by every connection.
@@ -128,6 +130,11 @@ struct Negotiated {
     size: u64,
     structured: bool,
     base_allocation: Option<u32>,
+    /// The export opened: the default export's own name when the client
+    /// asked for "" (NBD_INFO_NAME tells it, as nbdkit does).
+    export_name: String,
+    /// Set by a layer that wants this connection dropped.
+    disconnect: Disconnect,
 }
 
 /// Per-connection option state.
@@ -346,7 +353,7 @@ where
                         continue;
                     }
                 };
-                send_info(w, option, &name, &reqs, &neg).await?;
+                send_info(w, option, &reqs, &neg).await?;
                 send_reply(w, option, rep::ACK, &[]).await?;
                 if option == opt::GO {
                     return Ok(neg);
@@ -450,13 +457,13 @@ async fn meta_context<W: AsyncWrite + Unpin>(
 async fn send_info<W: AsyncWrite + Unpin>(
     w: &Writer<W>,
     option: u32,
-    name: &str,
     reqs: &[u16],
     neg: &Negotiated,
 ) -> Result<(), Close> {
     send_reply(w, option, rep::INFO, &p::info_export(neg.size, neg.flags)).await?;
     if reqs.contains(&info::NAME) {
-        send_reply(w, option, rep::INFO, &p::info_string(info::NAME, name)).await?;
+        let name = p::info_string(info::NAME, &neg.export_name);
+        send_reply(w, option, rep::INFO, &name).await?;
     }
     if reqs.contains(&info::DESCRIPTION) {
         if let Some(d) = neg.handle.export_description() {
@@ -491,9 +498,11 @@ async fn open_export(
     let ctx = OpenContext {
         readonly: cfg.readonly,
         export_name,
+        default_export: name.is_empty(),
         peer,
         tls: false,
         id,
+        disconnect: Disconnect::default(),
     };
     let h: Arc<dyn Handle> = Arc::from(cfg.stack.open(&ctx).await?);
     let size = h.size()?;
@@ -508,7 +517,11 @@ async fn open_export(
         (write && caps.trim, tflags::SEND_TRIM),
         (write && caps.zero, tflags::SEND_WRITE_ZEROES),
         (write && caps.zero && caps.fast_zero, tflags::SEND_FAST_ZERO),
-        (caps.multi_conn, tflags::CAN_MULTI_CONN),
+        // One client at a time cannot share anything (as nbdkit).
+        (
+            caps.multi_conn && cfg.stack.thread_model() > ThreadModel::SerializeConnections,
+            tflags::CAN_MULTI_CONN,
+        ),
         (caps.cache != Cache::None, tflags::SEND_CACHE),
     ] {
         if on {
@@ -521,6 +534,8 @@ async fn open_export(
         size,
         structured: st.structured,
         base_allocation: st.base_allocation,
+        export_name: ctx.export_name,
+        disconnect: ctx.disconnect,
     })
 }
 
@@ -660,6 +675,7 @@ where
                 }
             }
             _ = shutdown_requested() => break Err(Close::Done),
+            _ = neg.disconnect.requested() => break Err(Close::Done),
         }
         let Some(req) = p::Request::decode(&hdr) else {
             break Err(Close::Protocol(
@@ -834,6 +850,10 @@ async fn write_reply<W: AsyncWrite + Unpin>(
     res: Reply,
     pool: &BufPool,
 ) -> std::io::Result<()> {
+    if neg.disconnect.is_requested() {
+        // A layer dropped the connection: no more replies.
+        return Ok(());
+    }
     if let Reply::Error(e) = &res {
         if e.msg != "invalid request" {
             eprintln!("nbdkit: {}: {}", cmd::name(req.typ).to_lowercase(), e.msg);
