@@ -5,24 +5,36 @@
 use libnbd::FilterEntry;
 
 pub mod blocksize;
+pub mod blocksize_policy;
 pub mod cache;
+pub mod cacheextents;
+pub mod checkwrite;
 pub mod cow;
+pub mod ddrescue;
 pub mod delay;
 pub mod error;
 pub mod exitlast;
 pub mod exitwhen;
+pub mod exportname;
+pub mod extentlist;
 pub mod fua;
 pub mod ip;
 pub mod limit;
 pub mod log;
+pub mod nocache;
 pub mod noextents;
+pub mod nofilter;
 pub mod nozero;
 pub mod offset;
 pub mod partition;
+pub mod protect;
 pub mod rate;
 pub mod readahead;
+pub mod readonly;
 pub mod retry;
+pub mod retry_request;
 pub mod stats;
+pub mod swab;
 pub mod truncate;
 pub mod xz;
 
@@ -50,6 +62,18 @@ pub fn registry() -> Vec<FilterEntry> {
         exitlast::ENTRY,
         exitwhen::ENTRY,
         xz::ENTRY,
+        readonly::ENTRY,
+        protect::ENTRY,
+        cacheextents::ENTRY,
+        exportname::ENTRY,
+        checkwrite::ENTRY,
+        swab::ENTRY,
+        nocache::ENTRY,
+        nofilter::ENTRY,
+        ddrescue::ENTRY,
+        extentlist::ENTRY,
+        retry_request::ENTRY,
+        blocksize_policy::ENTRY,
     ]
 }
 

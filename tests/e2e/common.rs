@@ -195,6 +195,24 @@ pub fn nbdpy(uri: &str, script: &str) -> String {
     )
 }
 
+/// Run a Python `nbd` script (as [`nbdpy`]) against upstream nbdkit and
+/// against ours, both started with `args`: both must print the same.
+/// Returns what they printed, or `None` (a printed skip) when a peer is
+/// missing.
+#[allow(dead_code)]
+pub fn same_as_upstream(args: &[&str], script: &str) -> Option<String> {
+    if !require(&["nbdkit"]) || !require_nbdsh() {
+        return None;
+    }
+    let theirs = nbdpy(&Server::upstream(args).uri(), script);
+    let ours = nbdpy(&Server::ours(args).uri(), script);
+    assert_eq!(
+        ours, theirs,
+        "ours (left) and upstream (right) differ for {args:?}"
+    );
+    Some(ours)
+}
+
 /// Write `len` bytes of deterministic pseudo-random data to a file.
 #[allow(dead_code)]
 pub fn random_file(path: &Path, len: usize, seed: u64) {
