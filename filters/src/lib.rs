@@ -21,18 +21,22 @@ pub mod fua;
 pub mod ip;
 pub mod limit;
 pub mod log;
+pub mod multi_conn;
 pub mod nocache;
 pub mod noextents;
 pub mod nofilter;
+pub mod noparallel;
 pub mod nozero;
 pub mod offset;
 pub mod partition;
+pub mod pause;
 pub mod protect;
 pub mod rate;
 pub mod readahead;
 pub mod readonly;
 pub mod retry;
 pub mod retry_request;
+pub mod scan;
 pub mod stats;
 pub mod swab;
 pub mod truncate;
@@ -62,6 +66,7 @@ pub fn registry() -> Vec<FilterEntry> {
         exitlast::ENTRY,
         exitwhen::ENTRY,
         xz::ENTRY,
+        noparallel::ENTRY,
         readonly::ENTRY,
         protect::ENTRY,
         cacheextents::ENTRY,
@@ -74,6 +79,9 @@ pub fn registry() -> Vec<FilterEntry> {
         extentlist::ENTRY,
         retry_request::ENTRY,
         blocksize_policy::ENTRY,
+        multi_conn::ENTRY,
+        scan::ENTRY,
+        pause::ENTRY,
     ]
 }
 
