@@ -4,6 +4,7 @@
 
 use libnbd::FilterEntry;
 
+mod blocks;
 pub mod blocksize;
 pub mod cache;
 pub mod cow;
