@@ -558,7 +558,7 @@ impl Handle for CacheHandle {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cow::testkit::{extents, mem_stack, pattern, read, Op};
+    use crate::testkit::{extents, mem_stack, pattern, read, Op};
     use libnbd::backend::HOLE_ZERO;
 
     const MB: usize = 1 << 20;
