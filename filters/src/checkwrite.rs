@@ -167,7 +167,7 @@ impl Handle for CheckWriteHandle {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::offset::testing::*;
+    use crate::testkit::*;
     use libnbd::protocol::errno;
 
     async fn open() -> (Box<dyn Handle>, Arc<Mem>) {
@@ -181,7 +181,7 @@ mod tests {
     #[tokio::test]
     async fn checkwrite_checks_writes() {
         let (h, mem) = open().await;
-        assert_eq!(*mem.readonly_opens.lock().unwrap(), vec![true]);
+        assert_eq!(*mem.opened_readonly.lock().unwrap(), vec![true]);
         let c = h.caps().unwrap();
         assert!(c.write && c.flush && c.trim && c.zero && c.fast_zero);
         h.pwrite(&[1, 2, 3], 0, Flags::FUA).await.unwrap();

@@ -168,7 +168,7 @@ impl Handle for DdRescueHandle {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::offset::testing::*;
+    use crate::testkit::*;
     use libnbd::protocol::errno;
 
     const MAP: &str = "\
@@ -223,7 +223,7 @@ mod tests {
         let s = stack(vec![create(&mut params(&[&word])).unwrap()], &mem);
         let h = s.open(&ctx(1)).await.unwrap();
         assert!(!h.caps().unwrap().write);
-        assert_eq!(*mem.readonly_opens.lock().unwrap(), vec![true]);
+        assert_eq!(*mem.opened_readonly.lock().unwrap(), vec![true]);
         for (offset, len, ok) in [
             (0, 4096, true),
             (0x1000, 512, false),
@@ -239,7 +239,7 @@ mod tests {
             (0xffe00, 1024, false),
             (0x100000, 512, false),
         ] {
-            let r = read(&*h, offset, len).await;
+            let r = try_read(&*h, offset, len).await;
             assert_eq!(r.is_ok(), ok, "{offset:#x}+{len}");
             if let Err(e) = r {
                 assert_eq!(e.errno, errno::EIO);

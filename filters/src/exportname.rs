@@ -259,7 +259,7 @@ impl Handle for ExportNameHandle {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::offset::testing::*;
+    use crate::testkit::*;
 
     fn stack_of(words: &[&str]) -> (libnbd::Stack, Arc<Mem>) {
         let mem = Mem::new(512);

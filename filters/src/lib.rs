@@ -4,6 +4,7 @@
 
 use libnbd::FilterEntry;
 
+mod blocks;
 pub mod blocksize;
 pub mod blocksize_policy;
 pub mod cache;
@@ -39,7 +40,10 @@ pub mod retry_request;
 pub mod scan;
 pub mod stats;
 pub mod swab;
+#[cfg(test)]
+mod testkit;
 pub mod truncate;
+mod window;
 pub mod xz;
 
 /// Every filter, by its `--filter=NAME`.

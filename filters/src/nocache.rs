@@ -114,7 +114,7 @@ impl Handle for NoCacheHandle {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::offset::testing::*;
+    use crate::testkit::*;
 
     async fn open(words: &[&str]) -> (Box<dyn Handle>, Arc<Mem>) {
         let mem = Mem::new(4 << 20);

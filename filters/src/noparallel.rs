@@ -163,7 +163,7 @@ impl Handle for NoParallelHandle {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::offset::testing::*;
+    use crate::testkit::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::time::Duration;
 

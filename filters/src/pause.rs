@@ -255,7 +255,7 @@ impl Handle for PauseHandle {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::offset::testing::*;
+    use crate::testkit::*;
     use std::time::Duration;
 
     #[tokio::test]
@@ -278,7 +278,7 @@ mod tests {
         ctl.write_all(b"zr").await.unwrap();
         ctl.read_exact(&mut answer[..2]).await.unwrap();
         assert_eq!(&answer[..2], b"XR");
-        read(&*h, 0, 512).await.unwrap();
+        read(&*h, 0, 512).await;
         drop(ctl);
         f.unload();
         assert!(!sock.exists(), "the socket goes at exit");

@@ -211,7 +211,7 @@ impl Handle for ProtectHandle {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::offset::testing::*;
+    use crate::testkit::*;
     use libnbd::protocol::errno;
 
     fn r(first: u64, last: u64, text: &str) -> Range {

@@ -129,7 +129,7 @@ impl Handle for ReadOnlyHandle {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::offset::testing::*;
+    use crate::testkit::*;
     use libnbd::protocol::errno;
 
     #[tokio::test]
@@ -138,11 +138,11 @@ mod tests {
         let s = stack(vec![create(&mut params(&[])).unwrap()], &mem);
         let h = s.open(&ctx(1)).await.unwrap();
         assert!(!h.caps().unwrap().write);
-        assert_eq!(*mem.readonly_opens.lock().unwrap(), vec![true]);
+        assert_eq!(*mem.opened_readonly.lock().unwrap(), vec![true]);
         let e = h.pwrite(&[1], 0, Flags::NONE).await.unwrap_err();
         assert_eq!(e.errno, errno::EPERM);
         h.flush(Flags::NONE).await.unwrap();
-        assert_eq!(read(&*h, 0, 1).await.unwrap(), vec![0]);
+        assert_eq!(read(&*h, 0, 1).await, vec![0]);
     }
 
     #[tokio::test]
@@ -154,7 +154,7 @@ mod tests {
         let s = stack(vec![create(&mut params(&[&word])).unwrap()], &mem);
         let h = s.open(&ctx(1)).await.unwrap();
         assert!(h.caps().unwrap().write);
-        assert_eq!(*mem.readonly_opens.lock().unwrap(), vec![false]);
+        assert_eq!(*mem.opened_readonly.lock().unwrap(), vec![false]);
         h.pwrite(&[1], 0, Flags::NONE).await.unwrap();
         std::fs::write(&file, b"").unwrap();
         for e in [

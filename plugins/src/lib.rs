@@ -11,6 +11,8 @@
 //! | `pattern`       | [`pattern`]           | each word holds its own offset          |
 //! | `data`          | [`data`]              | data written on the command line        |
 //! | `sparse-random` | [`sparse_random`]     | sparse runs of random data              |
+//! | `curl`          | [`curl`]              | an image on an HTTP(S) server           |
+//! | `S3`            | [`s3`]                | an object, or chunk objects, in S3      |
 //!
 //! [`registry`] lists them for the server; [`sparse`] is the in-memory
 //! store shared by `memory` and `data`.
@@ -23,6 +25,7 @@ pub mod full;
 pub mod memory;
 pub mod null;
 pub mod pattern;
+pub mod s3;
 pub mod slab;
 pub mod sparse;
 pub mod sparse_random;
@@ -42,6 +45,7 @@ pub fn registry() -> Vec<PluginEntry> {
         data::ENTRY,
         sparse_random::ENTRY,
         curl::ENTRY,
+        s3::ENTRY,
     ]
 }
 
@@ -90,7 +94,7 @@ mod tests {
             let path = format!(
                 "{}/src/{}.rs",
                 env!("CARGO_MANIFEST_DIR"),
-                e.name.replace('-', "_")
+                e.name.to_lowercase().replace('-', "_")
             );
             let source = std::fs::read_to_string(&path).unwrap();
             wrong.extend(libnbd::config::check_manual(e.name, &source, e.help).err());

@@ -57,6 +57,7 @@ mod nbddump;
 mod nbdinfo;
 mod nbdkit_cli;
 mod nginx;
+mod plugin_s3;
 mod server_bad_input;
 mod server_captive;
 mod server_commands;

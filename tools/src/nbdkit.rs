@@ -210,7 +210,7 @@ fn plugin_by_name(name: &str) -> Result<PluginEntry, Fatal> {
     let name = name.strip_suffix("-plugin").unwrap_or(name);
     nbdkit_plugins::registry()
         .into_iter()
-        .find(|p| p.name == name)
+        .find(|p| p.name.eq_ignore_ascii_case(name)) // `s3` is `S3`
         .ok_or_else(|| {
             Fatal(format!(
                 "cannot open plugin '{name}': no such plugin (plugins: {})\n\
