@@ -264,7 +264,9 @@ pub fn check_manual(name: &str, source: &str, help: &str) -> Result<(), String> 
         ));
     }
     let Some(params) = doc.iter().position(|l| *l == "## Parameters") else {
-        return Err(format!("{name}: the manual needs a '## Parameters' section"));
+        return Err(format!(
+            "{name}: the manual needs a '## Parameters' section"
+        ));
     };
     let text = doc[params..].join("\n");
     for line in help.lines() {

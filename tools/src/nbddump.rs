@@ -35,15 +35,14 @@
 use std::ffi::OsString;
 use std::io::{self, IsTerminal, Write};
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, Context, Result};
 use clap::{Arg, ArgAction, Command};
 use futures::stream::{self, TryStreamExt};
 use libnbd::captive::{self, Target};
 use libnbd::client::{ConnectOptions, Connection};
 use libnbd::protocol::CONTEXT_BASE_ALLOCATION;
 
-use crate::cli::Parsed;
-use crate::nbdinfo::{error_message, last_index, split_command};
+use crate::cli::{self, toggle, Action, CommandLine, Tool};
 
 const USAGE: &str = "\
 Hexdump the content of an NBD export.
@@ -64,6 +63,12 @@ Examples:
     nbddump nbd://localhost
     nbddump -n 512 -- [ qemu-nbd -r -f qcow2 file.qcow2 ]
 ";
+
+const TOOL: Tool = Tool {
+    name: "nbddump",
+    usage: USAGE,
+    version: || cli::libnbd_version("nbddump"),
+};
 
 /// Bytes per read request.
 const CHUNK: u64 = 2 << 20;
@@ -430,21 +435,17 @@ fn command() -> Command {
         )
 }
 
-fn parse(args: Vec<OsString>) -> Result<Parsed<Cli>> {
+fn parse(args: Vec<OsString>) -> Result<Action<Cli>> {
     // Take `[ CMD ARGS ... ]` out first: its arguments are not ours.
-    let (args, cmd) = split_command(args)?;
+    let line = CommandLine::split(args)?;
     let m = command()
-        .try_get_matches_from(std::iter::once(OsString::from("nbddump")).chain(args))
-        .map_err(|e| {
-            let msg = e.to_string();
-            let first = msg.lines().next().unwrap_or("bad arguments").to_string();
-            anyhow!("{}", first.trim_start_matches("error: "))
-        })?;
+        .try_get_matches_from(std::iter::once(OsString::from("nbddump")).chain(line.args.clone()))
+        .map_err(|e| anyhow!("{}", cli::clap_message(&e)))?;
     if m.get_flag("help") {
-        return Ok(Parsed::Help);
+        return Ok(Action::Help);
     }
     if m.get_flag("version") {
-        return Ok(Parsed::Version);
+        return Ok(Action::Version);
     }
     let limit = match m.get_one::<String>("length") {
         Some(s) => {
@@ -452,42 +453,33 @@ fn parse(args: Vec<OsString>) -> Result<Parsed<Cli>> {
         }
         None => u64::MAX,
     };
-    let color = match (last_index(&m, "color"), last_index(&m, "no-color")) {
-        (None, None) => io::stdout().is_terminal(),
-        (Some(_), None) => true,
-        (None, Some(_)) => false,
-        (Some(a), Some(b)) => a > b,
-    };
+    let color = toggle(&m, "color", "no-color").unwrap_or_else(|| io::stdout().is_terminal());
     let positional: Vec<OsString> = m
         .get_many::<OsString>("args")
         .map(|v| v.cloned().collect())
         .unwrap_or_default();
-    let target = match (cmd, positional.as_slice()) {
-        (Some(cmd), []) => Target::Command(cmd),
-        (None, [uri]) => Target::from_args(std::slice::from_ref(uri))?.0,
-        (None, []) => bail!("missing NBD URI or [ CMD ARGS ... ] (see nbddump --help)"),
-        (_, [extra, ..]) => bail!("unexpected argument {:?}", extra.to_string_lossy()),
-    };
-    Ok(Parsed::Run(Box::new(Cli {
+    let target = line.one_target(&positional, "nbddump")?;
+    Ok(Action::Run(Box::new(Cli {
         limit,
         color,
         target,
     })))
 }
 
-fn is_broken_pipe(e: &anyhow::Error) -> bool {
-    e.chain().any(|c| {
-        c.downcast_ref::<io::Error>()
-            .is_some_and(|e| e.kind() == io::ErrorKind::BrokenPipe)
-    })
-}
-
 /// Run nbddump with these arguments (without the program name);
 /// returns the exit status.
 pub fn main(args: Vec<OsString>) -> i32 {
-    let (cli, rt) = match crate::cli::start("nbddump", USAGE, parse(args)) {
-        Ok(started) => started,
+    let action = parse(args).unwrap_or_else(Action::Error);
+    let cli = match cli::finish(&TOOL, action) {
+        Ok(cli) => cli,
         Err(status) => return status,
+    };
+    let rt = match cli::runtime("nbddump", None) {
+        Ok(rt) => rt,
+        Err(e) => {
+            cli::fail("nbddump", &e);
+            return 1;
+        }
     };
     let r = rt.block_on(async {
         captive::kill_on_signals().context("signal handlers")?;
@@ -505,9 +497,9 @@ pub fn main(args: Vec<OsString>) -> i32 {
     match r {
         Ok(()) => 0,
         // Like a C program killed by SIGPIPE (`nbddump ... | head`).
-        Err(e) if is_broken_pipe(&e) => 141,
+        Err(e) if cli::is_broken_pipe(&e) => 141,
         Err(e) => {
-            eprintln!("nbddump: {}", error_message(&e));
+            cli::fail("nbddump", &e);
             1
         }
     }

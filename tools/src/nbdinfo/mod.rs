@@ -43,11 +43,11 @@ use std::ffi::OsString;
 use std::io::{self, IsTerminal, Write};
 
 use anyhow::{anyhow, bail, Context, Result};
-use clap::{Arg, ArgAction, ArgMatches, Command};
+use clap::{Arg, ArgAction, Command};
 use libnbd::captive::{self, Target};
 use libnbd::client::{ConnectOptions, Connection};
 
-use crate::cli::Parsed;
+use crate::cli::{self, last_index, toggle, Action, CommandLine, Tool};
 use show::{ExportReport, Header, Style};
 
 const USAGE: &str = "\
@@ -80,6 +80,12 @@ Examples:
     nbdinfo --map -- [ qemu-nbd -r -f qcow2 file.qcow2 ]
     nbdinfo --list --json nbd://example.com
 ";
+
+const TOOL: Tool = Tool {
+    name: "nbdinfo",
+    usage: USAGE,
+    version: || cli::libnbd_version("nbdinfo"),
+};
 
 /// What to do.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -216,57 +222,16 @@ fn command() -> Command {
         )
 }
 
-/// The last position of an option on the command line, if given.
-pub(crate) fn last_index(m: &ArgMatches, id: &str) -> Option<usize> {
-    if m.value_source(id) != Some(clap::parser::ValueSource::CommandLine) {
-        return None;
-    }
-    m.indices_of(id).and_then(|i| i.max())
-}
-
-/// Which of two opposite flags came last.
-fn toggle(m: &ArgMatches, on: &str, off: &str) -> Option<bool> {
-    match (last_index(m, on), last_index(m, off)) {
-        (None, None) => None,
-        (Some(_), None) => Some(true),
-        (None, Some(_)) => Some(false),
-        (Some(a), Some(b)) => Some(a > b),
-    }
-}
-
-/// Take `[ CMD ARGS ... ]` out of the arguments (the first `[` and the
-/// first `]` after it).
-pub(crate) fn split_command(args: Vec<OsString>) -> Result<(Vec<OsString>, Option<Vec<OsString>>)> {
-    let Some(start) = args.iter().position(|a| a == "[") else {
-        return Ok((args, None));
-    };
-    let end = args[start..]
-        .iter()
-        .position(|a| a == "]")
-        .map(|i| start + i)
-        .ok_or_else(|| anyhow!("'[' without a matching ']'"))?;
-    if end == start + 1 {
-        bail!("empty command in [ ]");
-    }
-    let mut rest = args;
-    let cmd: Vec<OsString> = rest.drain(start..=end).collect();
-    Ok((rest, Some(cmd[1..cmd.len() - 1].to_vec())))
-}
-
-fn parse(args: Vec<OsString>) -> Result<Parsed<Cli>> {
-    let (args, cmd) = split_command(args)?;
+fn parse(args: Vec<OsString>) -> Result<Action<Cli>> {
+    let line = CommandLine::split(args)?;
     let m = command()
-        .try_get_matches_from(std::iter::once(OsString::from("nbdinfo")).chain(args))
-        .map_err(|e| {
-            let msg = e.to_string();
-            let first = msg.lines().next().unwrap_or("bad arguments").to_string();
-            anyhow!("{}", first.trim_start_matches("error: "))
-        })?;
+        .try_get_matches_from(std::iter::once(OsString::from("nbdinfo")).chain(line.args.clone()))
+        .map_err(|e| anyhow!("{}", cli::clap_message(&e)))?;
     if m.get_flag("help") {
-        return Ok(Parsed::Help);
+        return Ok(Action::Help);
     }
     if m.get_flag("version") {
-        return Ok(Parsed::Version);
+        return Ok(Action::Version);
     }
 
     // --can and --is are the same option; the last one counts.
@@ -307,16 +272,11 @@ fn parse(args: Vec<OsString>) -> Result<Parsed<Cli>> {
         .get_many::<OsString>("args")
         .map(|v| v.cloned().collect())
         .unwrap_or_default();
-    let target = match (cmd, positional.as_slice()) {
-        (Some(cmd), []) => Target::Command(cmd),
-        (None, [uri]) => Target::from_args(std::slice::from_ref(uri))?.0,
-        (None, []) => bail!("missing NBD URI or [ CMD ARGS ... ] (see nbdinfo --help)"),
-        (_, [extra, ..]) => bail!("unexpected argument {:?}", extra.to_string_lossy()),
-    };
+    let target = line.one_target(&positional, "nbdinfo")?;
     let json = m.get_flag("json");
     let color = toggle(&m, "color", "no-color").unwrap_or_else(|| io::stdout().is_terminal());
     let content = toggle(&m, "content", "no-content").unwrap_or(mode == Mode::Show);
-    Ok(Parsed::Run(Box::new(Cli {
+    Ok(Action::Run(Box::new(Cli {
         mode,
         style: Style { json, color },
         content,
@@ -324,40 +284,20 @@ fn parse(args: Vec<OsString>) -> Result<Parsed<Cli>> {
     })))
 }
 
-/// An error as one line: its causes joined with `: ` (skipping those
-/// already spelled out), without std's "(os error N)" suffixes.
-pub(crate) fn error_message(e: &anyhow::Error) -> String {
-    let mut line = String::new();
-    for cause in e.chain() {
-        let s = cause.to_string();
-        if line.contains(&s) {
-            continue;
-        }
-        if !line.is_empty() {
-            line.push_str(": ");
-        }
-        line.push_str(&s);
-    }
-    let mut out = String::with_capacity(line.len());
-    let mut rest = line.as_str();
-    while let Some(i) = rest.find(" (os error ") {
-        out.push_str(&rest[..i]);
-        rest = &rest[i..];
-        match rest.find(')') {
-            Some(j) => rest = &rest[j + 1..],
-            None => break,
-        }
-    }
-    out.push_str(rest);
-    out
-}
-
 /// Run nbdinfo with these arguments (without the program name);
 /// returns the exit status.
 pub fn main(args: Vec<OsString>) -> i32 {
-    let (cli, rt) = match crate::cli::start("nbdinfo", USAGE, parse(args)) {
-        Ok(started) => started,
+    let action = parse(args).unwrap_or_else(Action::Error);
+    let cli = match cli::finish(&TOOL, action) {
+        Ok(cli) => cli,
         Err(status) => return status,
+    };
+    let rt = match cli::runtime("nbdinfo", None) {
+        Ok(rt) => rt,
+        Err(e) => {
+            cli::fail("nbdinfo", &e);
+            return 1;
+        }
     };
     let stdout = io::stdout();
     let mut out = io::BufWriter::new(stdout.lock());
@@ -385,7 +325,7 @@ pub fn main(args: Vec<OsString>) -> i32 {
             {
                 return 1;
             }
-            eprintln!("nbdinfo: {}", error_message(&e));
+            cli::fail("nbdinfo", &e);
             1
         }
     }
