@@ -27,6 +27,11 @@ pub(crate) struct Tool {
     pub usage: &'static str,
     /// What `--version` prints.
     pub version: fn() -> String,
+    /// What `--long-options` prints, one a line (bash completion), in
+    /// upstream's order.
+    pub long_options: &'static [&'static str],
+    /// What `--short-options` prints.
+    pub short_options: &'static [&'static str],
 }
 
 /// The `--version` lines of a libnbd tool: `TOOL 1.14.2`, `libnbd 1.14.2`.
@@ -42,6 +47,10 @@ pub(crate) enum Action<T> {
     Help,
     /// `--version`/`-V`: exit 0.
     Version,
+    /// `--long-options`: the long options, one a line, exit 0.
+    LongOptions,
+    /// `--short-options`: the short options, one a line, exit 0.
+    ShortOptions,
     /// Bad usage: the message (if any), then the usage on stderr, exit 1.
     Usage(String),
     /// A bad value or a failure: the message alone, exit 1.
@@ -67,6 +76,16 @@ pub(crate) fn finish<T>(tool: &Tool, action: Action<T>) -> Result<Box<T>, i32> {
             print!("{}", (tool.version)());
             Err(0)
         }
+        Action::LongOptions | Action::ShortOptions => {
+            let list = match action {
+                Action::LongOptions => tool.long_options,
+                _ => tool.short_options,
+            };
+            for o in list {
+                println!("{o}");
+            }
+            Err(0)
+        }
         Action::Usage(msg) => {
             let mut err = io::stderr().lock();
             if !msg.is_empty() {
@@ -87,9 +106,62 @@ pub(crate) fn fail(prog: &str, e: &anyhow::Error) {
     eprintln!("{prog}: {}", error_message(e));
 }
 
-/// The message of a command-line error from clap, in one line without
-/// clap's `error: ` prefix.
-pub(crate) fn clap_message(e: &clap::Error) -> String {
+/// The message of a command-line error from clap, in one line and in
+/// the words of getopt(3), as the C tools say it (`unrecognized option
+/// '--foo'`, `invalid option -- 'x'`, `option '--can' requires an
+/// argument`, ...). `args` are the words parsed (without the program
+/// name), to tell a long option from a short one.
+pub(crate) fn clap_message(e: &clap::Error, args: &[OsString]) -> String {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    let arg = match e.get(ContextKind::InvalidArg) {
+        Some(ContextValue::String(s)) => s.clone(),
+        _ => String::new(),
+    };
+    // "--can <FLAG>" or "-n <N>" or "-n, --length <N>": the option alone.
+    let long = arg
+        .split([' ', ','])
+        .find(|w| w.starts_with("--"))
+        .map(str::to_string);
+    // A missing value is at the end: the last word says which form.
+    let last = args.last().and_then(|a| a.to_str()).unwrap_or("");
+    let short = (last.len() >= 2 && last.starts_with('-') && !last.starts_with("--"))
+        .then(|| last[last.len() - 1..].to_string());
+    match e.kind() {
+        ErrorKind::UnknownArgument => {
+            if arg.starts_with("--") {
+                // getopt names the whole word, `=value` and all.
+                let word = args
+                    .iter()
+                    .filter_map(|a| a.to_str())
+                    .find(|a| a.split('=').next() == Some(arg.as_str()))
+                    .unwrap_or(&arg);
+                format!("unrecognized option '{word}'")
+            } else {
+                format!("invalid option -- '{}'", arg.trim_start_matches('-'))
+            }
+        }
+        ErrorKind::InvalidValue | ErrorKind::NoEquals
+            if e.get(ContextKind::InvalidValue)
+                .is_none_or(|v| matches!(v, ContextValue::String(s) if s.is_empty())) =>
+        {
+            match (&long, &short) {
+                (_, Some(s)) => format!("option requires an argument -- '{s}'"),
+                (Some(l), None) => format!("option '{l}' requires an argument"),
+                _ => first_line(e),
+            }
+        }
+        ErrorKind::TooManyValues if long.is_some() => {
+            format!(
+                "option '{}' doesn't allow an argument",
+                long.unwrap_or_default()
+            )
+        }
+        _ => first_line(e),
+    }
+}
+
+/// clap's own message, its first line without `error: `.
+fn first_line(e: &clap::Error) -> String {
     let msg = e.to_string();
     let first = msg.lines().next().unwrap_or("bad arguments");
     first.trim_start_matches("error: ").to_string()
@@ -199,23 +271,13 @@ impl CommandLine {
         self.commands.get(i).map(Vec::as_slice)
     }
 
-    /// The one server that the positional words name (nbdinfo, nbddump).
-    pub fn one_target(&self, positional: &[OsString], prog: &str) -> Result<Target> {
+    /// The one server that the positional words name (nbdinfo,
+    /// nbddump); none or more than one is a usage error (the usage text
+    /// alone, as libnbd's tools).
+    pub fn one_target<T>(&self, positional: &[OsString]) -> Result<Target, Action<T>> {
         match positional {
-            [word] => self.target(word),
-            [] => bail!("missing NBD URI or [ CMD ARGS ... ] (see {prog} --help)"),
-            [_, extra, ..] => bail!("unexpected argument {:?}", self.show(extra)),
-        }
-    }
-
-    /// A word as the user wrote it (a command group as `[ ... ]`).
-    fn show(&self, word: &OsStr) -> String {
-        match self.command(word) {
-            Some(cmd) => {
-                let words: Vec<_> = cmd.iter().map(|w| w.to_string_lossy()).collect();
-                format!("[ {} ]", words.join(" "))
-            }
-            None => word.to_string_lossy().into_owned(),
+            [word] => Ok(self.target(word)?),
+            _ => Err(Action::Usage(String::new())),
         }
     }
 
@@ -226,6 +288,32 @@ impl CommandLine {
             None => Ok(Target::from_args(std::slice::from_ref(word))?.0),
         }
     }
+}
+
+/// Parse `args` (without the program name) with `cmd`, answering
+/// `--long-options` and `--short-options` (every tool has them, for bash
+/// completion) and argument errors (getopt's message, then the usage).
+pub(crate) fn matches<T>(cmd: clap::Command, args: &[OsString]) -> Result<ArgMatches, Action<T>> {
+    use clap::{Arg, ArgAction};
+    let hidden = |name: &'static str| {
+        Arg::new(name)
+            .long(name)
+            .action(ArgAction::SetTrue)
+            .hide(true)
+    };
+    let name = OsString::from(cmd.get_name());
+    let m = cmd
+        .arg(hidden("long-options"))
+        .arg(hidden("short-options"))
+        .try_get_matches_from(std::iter::once(name).chain(args.iter().cloned()))
+        .map_err(|e| Action::Usage(clap_message(&e, args)))?;
+    if m.get_flag("long-options") {
+        return Err(Action::LongOptions);
+    }
+    if m.get_flag("short-options") {
+        return Err(Action::ShortOptions);
+    }
+    Ok(m)
 }
 
 /// The last position of an option on the command line, if given.
@@ -279,6 +367,41 @@ mod tests {
         ));
         assert!(CommandLine::split(words("[ nbdkit memory 1M")).is_err());
         assert!(CommandLine::split(words("[ ] x")).is_err());
+    }
+
+    fn getopt_says(args: &str) -> String {
+        use clap::{Arg, ArgAction, Command};
+        let cmd = Command::new("t")
+            .infer_long_args(true)
+            .arg(Arg::new("json").long("json").action(ArgAction::SetTrue))
+            .arg(Arg::new("can").long("can").value_name("FLAG"))
+            .arg(Arg::new("length").short('n').long("length").value_name("N"))
+            .arg(Arg::new("v").short('v').action(ArgAction::SetTrue))
+            .arg(Arg::new("args").num_args(0..));
+        let w = words(args);
+        let e = cmd
+            .try_get_matches_from(std::iter::once(OsString::from("t")).chain(w.clone()))
+            .err()
+            .unwrap_or_else(|| panic!("{args}: no error"));
+        clap_message(&e, &w)
+    }
+
+    #[test]
+    fn clap_errors_in_getopts_words() {
+        assert_eq!(getopt_says("--foo x"), "unrecognized option '--foo'");
+        assert_eq!(getopt_says("--foo=3 x"), "unrecognized option '--foo=3'");
+        assert_eq!(getopt_says("-x"), "invalid option -- 'x'");
+        assert_eq!(getopt_says("-vx"), "invalid option -- 'x'");
+        assert_eq!(getopt_says("--can"), "option '--can' requires an argument");
+        assert_eq!(
+            getopt_says("--length"),
+            "option '--length' requires an argument"
+        );
+        assert_eq!(getopt_says("-n"), "option requires an argument -- 'n'");
+        assert_eq!(
+            getopt_says("--json=1 x"),
+            "option '--json' doesn't allow an argument"
+        );
     }
 
     #[test]

@@ -44,30 +44,46 @@ use libnbd::protocol::CONTEXT_BASE_ALLOCATION;
 
 use crate::cli::{self, toggle, Action, CommandLine, Tool};
 
-const USAGE: &str = "\
-Hexdump the content of an NBD export.
+/// Upstream's usage text, with our further options under "Other options".
+const USAGE: &str = "
+Hexdump the content of a disk over NBD:
 
-Usage:
-    nbddump [--color|--no-color] [-n N|--length=N] NBD
+    nbddump NBD-URI | [ CMD ARGS ... ]
 
-NBD is an NBD URI (nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH)
-or a server to run: [ CMD ARGS ... ] (put -- before the [).
+Other options:
 
-Options:
-    -n N, --length=N          dump at most N bytes
-    --color, --no-color       ANSI colours (default: if stdout is a terminal)
-    --help                    this help
-    -V, --version             the version
+    nbddump --help
+    nbddump --version
+    nbddump [--color|--no-color] [-n N|--length=N] NBD-URI | [ CMD ARGS ... ]
 
 Examples:
+
     nbddump nbd://localhost
-    nbddump -n 512 -- [ qemu-nbd -r -f qcow2 file.qcow2 ]
+    nbddump -- [ qemu-nbd -r -f qcow2 file.qcow2 ]
+
+Please read the nbddump(1) manual page for full usage.
+
 ";
 
 const TOOL: Tool = Tool {
     name: "nbddump",
     usage: USAGE,
     version: || cli::libnbd_version("nbddump"),
+    long_options: &[
+        "--help",
+        "--version",
+        "--color",
+        "--colors",
+        "--colour",
+        "--colours",
+        "--no-color",
+        "--no-colors",
+        "--no-colour",
+        "--no-colours",
+        "--length",
+        "--limit",
+    ],
+    short_options: &["-n", "-V"],
 };
 
 /// Bytes per read request.
@@ -418,12 +434,13 @@ fn command() -> Command {
         .args_override_self(true)
         .arg(flag("help"))
         .arg(flag("version").short('V'))
-        .arg(flag("color").alias("colour"))
-        .arg(flag("no-color").alias("no-colour"))
+        .arg(flag("color").aliases(["colors", "colour", "colours"]))
+        .arg(flag("no-color").aliases(["no-colors", "no-colour", "no-colours"]))
         .arg(
             Arg::new("length")
                 .short('n')
                 .long("length")
+                .alias("limit")
                 .value_name("N")
                 .action(ArgAction::Set),
         )
@@ -435,17 +452,24 @@ fn command() -> Command {
         )
 }
 
-fn parse(args: Vec<OsString>) -> Result<Action<Cli>> {
-    // Take `[ CMD ARGS ... ]` out first: its arguments are not ours.
-    let line = CommandLine::split(args)?;
-    let m = command()
-        .try_get_matches_from(std::iter::once(OsString::from("nbddump")).chain(line.args.clone()))
-        .map_err(|e| anyhow!("{}", cli::clap_message(&e)))?;
+fn parse(args: Vec<OsString>) -> Action<Cli> {
+    match parse_cli(args) {
+        Ok(cli) => Action::Run(Box::new(cli)),
+        Err(action) => action,
+    }
+}
+
+/// The command line, or what to do instead of the work.
+fn parse_cli(args: Vec<OsString>) -> Result<Cli, Action<Cli>> {
+    // Take `[ CMD ARGS ... ]` out first: its arguments are not ours (an
+    // unmatched `[` or an empty `[ ]`: the usage, as libnbd's).
+    let line = CommandLine::split(args).map_err(|_| Action::Usage(String::new()))?;
+    let m = cli::matches(command(), &line.args)?;
     if m.get_flag("help") {
-        return Ok(Action::Help);
+        return Err(Action::Help);
     }
     if m.get_flag("version") {
-        return Ok(Action::Version);
+        return Err(Action::Version);
     }
     let limit = match m.get_one::<String>("length") {
         Some(s) => {
@@ -458,19 +482,18 @@ fn parse(args: Vec<OsString>) -> Result<Action<Cli>> {
         .get_many::<OsString>("args")
         .map(|v| v.cloned().collect())
         .unwrap_or_default();
-    let target = line.one_target(&positional, "nbddump")?;
-    Ok(Action::Run(Box::new(Cli {
+    let target = line.one_target(&positional)?;
+    Ok(Cli {
         limit,
         color,
         target,
-    })))
+    })
 }
 
 /// Run nbddump with these arguments (without the program name);
 /// returns the exit status.
 pub fn main(args: Vec<OsString>) -> i32 {
-    let action = parse(args).unwrap_or_else(Action::Error);
-    let cli = match cli::finish(&TOOL, action) {
+    let cli = match cli::finish(&TOOL, parse(args)) {
         Ok(cli) => cli,
         Err(status) => return status,
     };

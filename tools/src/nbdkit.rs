@@ -23,7 +23,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Result};
-use clap::{ArgAction, Parser};
+use clap::{ArgAction, CommandFactory, FromArgMatches, Parser};
 use libnbd::config::{FilterEntry, Params, PluginEntry};
 use libnbd::listen::{self, Listener};
 use libnbd::server::{self, ServerConfig};
@@ -63,11 +63,58 @@ const TOOL: Tool = Tool {
     name: "nbdkit",
     usage: USAGE,
     version: || format!("nbdkit {COMPAT_VERSION}\n"),
+    // Upstream's list and order, less what this nbdkit does not have
+    // (-g/--group, --mask-handshake, -o/--oldstyle, --selinux-label,
+    // --swap, --tls-certificates, --tls-psk, --tls-verify-peer,
+    // -u/--user, --vsock), plus --no-mc.
+    long_options: &[
+        "--ipv4-only",
+        "--ipv6-only",
+        "--debug",
+        "--dump-config",
+        "--dump-plugin",
+        "--exit-with-parent",
+        "--export",
+        "--export-name",
+        "--exportname",
+        "--filter",
+        "--foreground",
+        "--no-fork",
+        "--help",
+        "--ip-addr",
+        "--ipaddr",
+        "--log",
+        "--new-style",
+        "--newstyle",
+        "--no-mc",
+        "--no-sr",
+        "--pid-file",
+        "--pidfile",
+        "--port",
+        "--read-only",
+        "--readonly",
+        "--run",
+        "--single",
+        "--stdin",
+        "--threads",
+        "--tls",
+        "--unix",
+        "--verbose",
+        "--version",
+    ],
+    short_options: &[
+        "-4", "-6", "-D", "-e", "-f", "-i", "-n", "-p", "-P", "-r", "-s", "-t", "-U", "-v", "-V",
+    ],
 };
 
 /// The command line.
 #[derive(Parser, Debug)]
-#[command(name = "nbdkit", disable_help_flag = true, disable_version_flag = true)]
+#[command(
+    name = "nbdkit",
+    infer_long_args = true,
+    disable_help_flag = true,
+    disable_version_flag = true
+)]
 struct Cli {
     /// Listen on IPv4 addresses only.
     #[arg(short = '4', long = "ipv4-only")]
@@ -88,7 +135,7 @@ struct Cli {
     #[arg(long = "exit-with-parent")]
     exit_with_parent: bool,
     /// The export name used in `$uri` and `$exportname`.
-    #[arg(short = 'e', long = "exportname", alias = "export-name")]
+    #[arg(short = 'e', long = "exportname", aliases = ["export", "export-name"])]
     exportname: Option<String>,
     /// Filters, outermost (nearest the client) first.
     #[arg(long = "filter", action = ArgAction::Append)]
@@ -97,16 +144,16 @@ struct Cli {
     #[arg(short = 'f', long = "foreground", alias = "no-fork")]
     foreground: bool,
     /// Print usage (and the plugin's parameters when a plugin is named).
-    #[arg(long = "help", short = 'h')]
+    #[arg(long = "help")]
     help: bool,
     /// Address to listen on.
-    #[arg(short = 'i', long = "ipaddr")]
+    #[arg(short = 'i', long = "ipaddr", alias = "ip-addr")]
     ipaddr: Option<String>,
     /// Where messages go: stderr, syslog (we write to stderr), or null.
     #[arg(long = "log")]
     log: Option<String>,
     /// Use the fixed newstyle protocol (the default and only one).
-    #[arg(short = 'n', long = "newstyle")]
+    #[arg(short = 'n', long = "newstyle", alias = "new-style")]
     newstyle: bool,
     /// Do not offer meta contexts.
     #[arg(long = "no-mc", alias = "no-meta-contexts")]
@@ -200,6 +247,32 @@ fn keep_large_buffers() {
     }
 }
 
+/// `--version`: nbdkit's line, then with a plugin named, a line for each
+/// filter (outermost first) and the plugin, as upstream; an unknown
+/// plugin or filter fails (nbdkit-probing(1): scripts probe that way).
+fn version(cli: &Cli) -> Result<i32> {
+    let plugin = match cli.words.first() {
+        Some(name) => Some(plugin_by_name(&name.to_string_lossy())?),
+        None => None,
+    };
+    let filters = cli
+        .filters
+        .iter()
+        .map(|f| filter_by_name(f))
+        .collect::<Result<Vec<_>, _>>()?;
+    print!("{}", (TOOL.version)());
+    if let Some(p) = plugin {
+        for f in &filters {
+            println!("{} {COMPAT_VERSION}", f.name);
+        }
+        println!("{} {COMPAT_VERSION}", p.name);
+    }
+    Ok(0)
+}
+
+/// Where upstream points a user who gave no or a wrong plugin.
+const SEE_HELP: &str = "Use 'nbdkit --help' or read the nbdkit(1) manual page for documentation.";
+
 fn plugin_by_name(name: &str) -> Result<PluginEntry> {
     let name = name.strip_prefix("nbdkit-").unwrap_or(name);
     let name = name.strip_suffix("-plugin").unwrap_or(name);
@@ -208,8 +281,7 @@ fn plugin_by_name(name: &str) -> Result<PluginEntry> {
         .find(|p| p.name == name)
         .ok_or_else(|| {
             anyhow!(
-                "cannot open plugin '{name}': no such plugin (plugins: {})\n\
-                 Use 'nbdkit --help' or read the nbdkit(1) manual page for documentation.",
+                "cannot open plugin '{name}': no such plugin (plugins: {})\n{SEE_HELP}",
                 nbdkit_plugins::registry()
                     .iter()
                     .map(|p| p.name)
@@ -237,37 +309,55 @@ fn filter_by_name(name: &str) -> Result<FilterEntry> {
         })
 }
 
+/// `--dump-config`: upstream's keys, in its order, with our values.
+/// Plugins and filters are built into the binary, so the plugin and
+/// filter directories are the binary's own.
 fn dump_config() {
-    let exe = std::env::current_exe()
-        .map(|p| p.display().to_string())
-        .unwrap_or_else(|_| "nbdkit".into());
-    println!("binary={exe}");
-    println!("exit_with_parent=yes");
-    println!("host_cpu={}", std::env::consts::ARCH);
-    println!("host_os=linux-gnu");
-    println!("name=nbdkit");
-    println!("tls=no");
-    println!("version={COMPAT_VERSION}");
+    let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("nbdkit"));
+    let dir = exe
+        .parent()
+        .map(|d| d.display().to_string())
+        .unwrap_or_default();
     let mut parts = COMPAT_VERSION.split('.');
-    println!("version_major={}", parts.next().unwrap_or("1"));
-    println!("version_minor={}", parts.next().unwrap_or("32"));
-    println!("zstd=yes");
+    let major = parts.next().unwrap_or("1");
+    let minor = parts.next().unwrap_or("32");
+    let cpu = std::env::consts::ARCH;
+    let lines = [
+        ("binary", exe.display().to_string()),
+        ("bindir", dir.clone()),
+        ("exit_with_parent", "yes".into()),
+        ("filterdir", dir.clone()),
+        ("host_cpu", cpu.into()),
+        ("host_os", "linux-gnu".into()),
+        ("libdir", dir.clone()),
+        ("mandir", "/usr/share/man".into()),
+        ("name", "nbdkit".into()),
+        ("plugindir", dir.clone()),
+        ("root_tls_certificates_dir", "/etc/pki/nbdkit".into()),
+        ("sbindir", dir),
+        ("selinux", "no".into()),
+        ("sysconfdir", "/etc".into()),
+        ("tls", "no".into()),
+        ("version", COMPAT_VERSION.into()),
+        ("version_major", major.into()),
+        ("version_minor", minor.into()),
+        ("zstd", "yes".into()),
+    ];
+    for (k, v) in lines {
+        println!("{k}={v}");
+    }
 }
 
 fn run(args: Vec<OsString>) -> Result<i32> {
-    let cli = match Cli::try_parse_from(std::iter::once(OsString::from("nbdkit")).chain(args)) {
+    let parsed = cli::matches::<()>(Cli::command(), &args).and_then(|m| {
+        Cli::from_arg_matches(&m).map_err(|e| Action::Usage(cli::clap_message(&e, &args)))
+    });
+    let cli = match parsed {
         Ok(c) => c,
-        Err(e) => {
-            let usage = Action::<()>::Usage(cli::clap_message(&e));
-            return Ok(cli::finish(&TOOL, usage).err().unwrap_or(1));
-        }
+        Err(action) => return Ok(cli::finish(&TOOL, action).err().unwrap_or(1)),
     };
     if cli.version {
-        println!(
-            "nbdkit {COMPAT_VERSION} (nbdkit-rs {})",
-            env!("CARGO_PKG_VERSION")
-        );
-        return Ok(0);
+        return version(&cli);
     }
     if cli.dump_config {
         dump_config();
@@ -287,7 +377,8 @@ fn run(args: Vec<OsString>) -> Result<i32> {
             print!("{USAGE}");
             return Ok(0);
         }
-        eprint!("nbdkit: no plugins given on the command line.\n\n{USAGE}");
+        eprintln!("nbdkit: no plugins given on the command line.");
+        eprintln!("{SEE_HELP}");
         return Ok(1);
     };
     let plugin = plugin_by_name(plugin_name)?;

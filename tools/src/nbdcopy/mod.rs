@@ -57,7 +57,7 @@ use std::ffi::OsString;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches, Parser};
 use libnbd::captive::{self, Target};
 use libnbd::uri::Uri;
 
@@ -79,6 +79,25 @@ const TOOL: Tool = Tool {
     name: "nbdcopy",
     usage: USAGE,
     version: || cli::libnbd_version("nbdcopy"),
+    long_options: &[
+        "--help",
+        "--allocated",
+        "--connections",
+        "--destination-is-zero",
+        "--flush",
+        "--no-extents",
+        "--progress",
+        "--queue-size",
+        "--request-size",
+        "--requests",
+        "--sparse",
+        "--synchronous",
+        "--target-is-zero",
+        "--threads",
+        "--verbose",
+        "--version",
+    ],
+    short_options: &["-C", "-p", "-R", "-S", "-T", "-v", "-V"],
 };
 
 /// Default `--request-size`.
@@ -99,7 +118,7 @@ Copy to and from an NBD server:
             [--destination-is-zero|--target-is-zero] [--flush]
             [--no-extents] [-p|--progress|--progress=FD]
             [--queue-size=N] [--request-size=N] [-R N|--requests=N]
-            [-S N|--sparse=N] [--synchronous] [-T N|--threads=N]
+            [-S N|--sparse=N] [--synchronous] [-T N|--threads=N]\x20
             [-v|--verbose]
             SOURCE DESTINATION
 
@@ -119,12 +138,14 @@ Examples:
     cat disk1 disk2 | nbdcopy -- - [ qemu-nbd -f qcow2 output.qcow2 ]
 
 Please read the nbdcopy(1) manual page for full usage.
+
 ";
 
 /// The command line (help text is [`USAGE`]).
 #[derive(Parser, Debug)]
 #[command(
     name = "nbdcopy",
+    infer_long_args = true,
     disable_help_flag = true,
     disable_version_flag = true
 )]
@@ -319,12 +340,16 @@ fn parse(args: Vec<OsString>) -> Action<Job> {
     // Take `[ CMD ARGS ... ]` out first: its arguments are not ours.
     let line = match CommandLine::split(args) {
         Ok(l) => l,
-        Err(e) => return Action::Usage(e.to_string()),
+        // An unmatched `[` or an empty `[ ]`: the usage, as libnbd's.
+        Err(_) => return Action::Usage(String::new()),
     };
-    let words = std::iter::once(OsString::from("nbdcopy")).chain(line.args.clone());
-    let cli = match Cli::try_parse_from(words) {
+    let m = match cli::matches(Cli::command(), &line.args) {
+        Ok(m) => m,
+        Err(action) => return action,
+    };
+    let cli = match Cli::from_arg_matches(&m) {
         Ok(c) => c,
-        Err(e) => return Action::Usage(cli::clap_message(&e)),
+        Err(e) => return Action::Usage(cli::clap_message(&e, &line.args)),
     };
     if cli.help {
         return Action::Help;

@@ -50,41 +50,68 @@ use libnbd::client::{ConnectOptions, Connection};
 use crate::cli::{self, last_index, toggle, Action, CommandLine, Tool};
 use show::{ExportReport, Header, Style};
 
-const USAGE: &str = "\
-Show information and metadata about an NBD server and its exports.
+/// Upstream's usage text, with our further options under "Other options".
+const USAGE: &str = "
+Display information and metadata about NBD servers and exports:
 
-Usage:
-    nbdinfo [--json] NBD
-    nbdinfo --size [--json] NBD
-    nbdinfo --is read-only|rotational|tls NBD
-    nbdinfo --can connect|read|write|trim|zero|fast-zero|df|fua|flush|
-                  multi-conn|cache|structured-reply NBD
-    nbdinfo --map[=CONTEXT] [--totals] [--json] NBD
-    nbdinfo -L|--list [--json] NBD
+    nbdinfo [--json] NBD-URI | [ CMD ARGS ... ]
+    nbdinfo --size [--json] NBD-URI | [ CMD ARGS ... ]
+    nbdinfo --is read-only|rotational NBD-URI | [ CMD ARGS ... ]
+    nbdinfo --can cache|connect|... NBD-URI | [ CMD ARGS ... ]
+    nbdinfo --map [--totals] [--json] NBD-URI | [ CMD ARGS ... ]
+    nbdinfo -L|--list [--json] NBD-URI | [ CMD ARGS ... ]
 
-NBD is an NBD URI (nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH)
-or a server to run: [ CMD ARGS ... ] (put -- before the [).
+Other options:
 
-Options:
+    nbdinfo --help
+    nbdinfo --version
     --content, --no-content   describe the first sectors of each export
     --color, --no-color       ANSI colours (default: if stdout is a terminal)
-    --json                    JSON output
-    --help                    this help
-    -V, --version             the version
+    --map=CONTEXT             the map of another meta context
 
 Examples:
+
     nbdinfo nbd://localhost
     nbdinfo \"nbd+unix:///?socket=/tmp/unixsock\"
     nbdinfo --size nbd://example.com
-    nbdinfo --can trim nbd://example.com
+    nbdinfo --can connect nbd://example.com
+    nbdinfo --is read-only nbd://example.com
+    nbdinfo --map nbd://example.com
+    nbdinfo --json nbd://example.com
+    nbdinfo --list nbd://example.com
     nbdinfo --map -- [ qemu-nbd -r -f qcow2 file.qcow2 ]
-    nbdinfo --list --json nbd://example.com
+
+Please read the nbdinfo(1) manual page for full usage.
+
 ";
 
 const TOOL: Tool = Tool {
     name: "nbdinfo",
     usage: USAGE,
     version: || cli::libnbd_version("nbdinfo"),
+    long_options: &[
+        "--help",
+        "--can",
+        "--color",
+        "--colors",
+        "--colour",
+        "--colours",
+        "--no-color",
+        "--no-colors",
+        "--no-colour",
+        "--no-colours",
+        "--content",
+        "--no-content",
+        "--is",
+        "--json",
+        "--list",
+        "--map",
+        "--size",
+        "--total",
+        "--totals",
+        "--version",
+    ],
+    short_options: &["-L", "-V"],
 };
 
 /// What to do.
@@ -196,8 +223,8 @@ fn command() -> Command {
                 .value_name("FLAG")
                 .action(ArgAction::Set),
         )
-        .arg(flag("color").alias("colour"))
-        .arg(flag("no-color").alias("no-colour"))
+        .arg(flag("color").aliases(["colors", "colour", "colours"]))
+        .arg(flag("no-color").aliases(["no-colors", "no-colour", "no-colours"]))
         .arg(flag("content"))
         .arg(flag("no-content"))
         .arg(flag("json"))
@@ -212,7 +239,7 @@ fn command() -> Command {
                 .action(ArgAction::Set),
         )
         .arg(flag("size"))
-        .arg(flag("totals"))
+        .arg(flag("totals").alias("total"))
         .arg(flag("no-totals"))
         .arg(
             Arg::new("args")
@@ -222,16 +249,23 @@ fn command() -> Command {
         )
 }
 
-fn parse(args: Vec<OsString>) -> Result<Action<Cli>> {
-    let line = CommandLine::split(args)?;
-    let m = command()
-        .try_get_matches_from(std::iter::once(OsString::from("nbdinfo")).chain(line.args.clone()))
-        .map_err(|e| anyhow!("{}", cli::clap_message(&e)))?;
+fn parse(args: Vec<OsString>) -> Action<Cli> {
+    match parse_cli(args) {
+        Ok(cli) => Action::Run(Box::new(cli)),
+        Err(action) => action,
+    }
+}
+
+/// The command line, or what to do instead of the work.
+fn parse_cli(args: Vec<OsString>) -> Result<Cli, Action<Cli>> {
+    // An unmatched `[` or an empty `[ ]`: the usage, as libnbd's.
+    let line = CommandLine::split(args).map_err(|_| Action::Usage(String::new()))?;
+    let m = cli::matches(command(), &line.args)?;
     if m.get_flag("help") {
-        return Ok(Action::Help);
+        return Err(Action::Help);
     }
     if m.get_flag("version") {
-        return Ok(Action::Version);
+        return Err(Action::Version);
     }
 
     // --can and --is are the same option; the last one counts.
@@ -246,10 +280,10 @@ fn parse(args: Vec<OsString>) -> Result<Action<Cli>> {
     let totals = toggle(&m, "totals", "no-totals").unwrap_or(false);
     let modes = [list, size, map.is_some(), can.is_some()];
     if modes.iter().filter(|&&x| x).count() > 1 {
-        bail!("you cannot use --list, --map, --size and --can/--is together");
+        return Err(anyhow!("you cannot use --list, --map and --size together.").into());
     }
     if totals && map.is_none() {
-        bail!("you must use --totals only with --map option");
+        return Err(anyhow!("you must use --totals only with --map option.").into());
     }
     let mode = if list {
         Mode::List
@@ -272,23 +306,22 @@ fn parse(args: Vec<OsString>) -> Result<Action<Cli>> {
         .get_many::<OsString>("args")
         .map(|v| v.cloned().collect())
         .unwrap_or_default();
-    let target = line.one_target(&positional, "nbdinfo")?;
+    let target = line.one_target(&positional)?;
     let json = m.get_flag("json");
     let color = toggle(&m, "color", "no-color").unwrap_or_else(|| io::stdout().is_terminal());
     let content = toggle(&m, "content", "no-content").unwrap_or(mode == Mode::Show);
-    Ok(Action::Run(Box::new(Cli {
+    Ok(Cli {
         mode,
         style: Style { json, color },
         content,
         target,
-    })))
+    })
 }
 
 /// Run nbdinfo with these arguments (without the program name);
 /// returns the exit status.
 pub fn main(args: Vec<OsString>) -> i32 {
-    let action = parse(args).unwrap_or_else(Action::Error);
-    let cli = match cli::finish(&TOOL, action) {
+    let cli = match cli::finish(&TOOL, parse(args)) {
         Ok(cli) => cli,
         Err(status) => return status,
     };
