@@ -392,7 +392,7 @@ impl Handle for BlocksizeHandle {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cow::testkit::{extents, mem_stack, pattern, read, Op};
+    use crate::testkit::{extents, mem_stack, pattern, read, Op};
 
     fn filter(words: &[&str]) -> Arc<dyn Filter> {
         create(&mut Params::parse(words, None).unwrap()).unwrap()

@@ -55,8 +55,7 @@ use libnbd::{
     Fua, Handle, Next, OpenContext, Params, Result,
 };
 
-use crate::cow::blocks::{BlockLocks, StateMap, Store};
-use crate::cow::{parse_block_size, Switch};
+use crate::blocks::{parse_block_size, BlockFile, Piece, StateMap, Store, Switch};
 
 /// Registry entry.
 pub const ENTRY: FilterEntry = FilterEntry {
@@ -157,14 +156,10 @@ struct CacheFilter {
 
 /// The cache shared by every connection.
 struct Blocks {
-    store: Store,
-    /// NOT, CLEAN or DIRTY per block.
-    map: StateMap,
+    /// The file, with NOT, CLEAN or DIRTY per block.
+    f: BlockFile,
     /// 1 for blocks used since the clock hand last passed.
     refs: StateMap,
-    locks: BlockLocks,
-    bs: u64,
-    size: u64,
     /// Blocks in the cache.
     cached: AtomicU64,
     /// Reclaim in progress (between the thresholds); the clock hand.
@@ -172,22 +167,14 @@ struct Blocks {
     hand: tokio::sync::Mutex<u64>,
 }
 
+impl std::ops::Deref for Blocks {
+    type Target = BlockFile;
+    fn deref(&self) -> &BlockFile {
+        &self.f
+    }
+}
+
 impl Blocks {
-    fn block_end(&self, blk: u64) -> u64 {
-        ((blk + 1) * self.bs).min(self.size)
-    }
-    fn blocks(&self, off: u64, end: u64) -> (u64, u64) {
-        (off / self.bs, end.div_ceil(self.bs))
-    }
-    fn check(&self, off: u64, len: u64) -> Result<()> {
-        match off.checked_add(len) {
-            Some(e) if e <= self.size => Ok(()),
-            _ => Err(Error::einval(format!(
-                "cache: request {off}+{len} beyond the end ({})",
-                self.size
-            ))),
-        }
-    }
     /// Set a block's state, keeping the count of cached blocks.
     fn set(&self, blk: u64, v: u8) {
         let old = self.map.set(blk, v);
@@ -195,6 +182,12 @@ impl Blocks {
             self.cached.fetch_add(1, Ordering::AcqRel);
         } else if old != NOT && v == NOT {
             self.cached.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+    /// Set blocks `[first, last)`.
+    fn set_range(&self, first: u64, last: u64, v: u8) {
+        for x in first..last {
+            self.set(x, v);
         }
     }
     /// Is some block of `[first, end)` not cached?
@@ -247,12 +240,8 @@ impl Filter for CacheFilter {
                     )));
                 }
                 Ok::<_, Error>(Arc::new(Blocks {
-                    store,
-                    map: StateMap::new(),
+                    f: BlockFile::new("cache", store, bs, size),
                     refs: StateMap::new(),
-                    locks: BlockLocks::new(),
-                    bs,
-                    size,
                     cached: AtomicU64::new(0),
                     reclaiming: AtomicBool::new(false),
                     hand: tokio::sync::Mutex::new(0),
@@ -294,28 +283,21 @@ impl CacheHandle {
         let (first, last) = b.blocks(off, end);
         {
             let _g = b.locks.lock(first, last).await;
-            let mut blk = first;
-            while blk < last {
-                let (state, run_end) = b.map.run(blk, last);
-                let rs = blk * b.bs;
-                let re = b.block_end(run_end - 1);
-                let (ps, pe) = (rs.max(off), re.min(end));
-                if state == NOT {
+            for run in b.runs(off, end) {
+                let (rs, re) = (run.block_start, run.block_end);
+                let (ps, pe) = (run.start, run.end);
+                let part = (ps - off) as usize..(pe - off) as usize;
+                if run.state == NOT {
                     let mut tmp = vec![0u8; (re - rs) as usize];
                     self.next.pread(&mut tmp, rs, Flags::NONE).await?;
                     b.store.write_at(&tmp, rs)?;
-                    for x in blk..run_end {
-                        b.set(x, CLEAN);
-                    }
+                    b.set_range(run.first, run.last, CLEAN);
                     if let Some(o) = out.as_deref_mut() {
-                        o[(ps - off) as usize..(pe - off) as usize]
-                            .copy_from_slice(&tmp[(ps - rs) as usize..(pe - rs) as usize]);
+                        o[part].copy_from_slice(&tmp[(ps - rs) as usize..(pe - rs) as usize]);
                     }
                 } else if let Some(o) = out.as_deref_mut() {
-                    b.store
-                        .read_at(&mut o[(ps - off) as usize..(pe - off) as usize], ps)?;
+                    b.store.read_at(&mut o[part], ps)?;
                 }
-                blk = run_end;
             }
             b.touch(first, last);
         }
@@ -326,20 +308,17 @@ impl CacheHandle {
     /// their locks.
     async fn write_back(&self, first: u64, end: u64) -> Result<()> {
         let b = &self.b;
-        let mut blk = first;
-        while blk < end {
-            let (state, run_end) = b.map.run(blk, end);
-            if state == DIRTY {
-                let rs = blk * b.bs;
-                let re = b.block_end(run_end - 1);
+        if first >= end {
+            return Ok(());
+        }
+        for run in b.runs(first * b.bs, b.block_end(end - 1)) {
+            if run.state == DIRTY {
+                let (rs, re) = (run.block_start, run.block_end);
                 let mut tmp = vec![0u8; (re - rs) as usize];
                 b.store.read_at(&mut tmp, rs)?;
                 self.next.pwrite(&tmp, rs, Flags::NONE).await?;
-                for x in blk..run_end {
-                    b.set(x, CLEAN);
-                }
+                b.set_range(run.first, run.last, CLEAN);
             }
-            blk = run_end;
         }
         Ok(())
     }
@@ -412,19 +391,15 @@ impl Handle for CacheHandle {
             return self.fill(offset, end, Some(buf)).await;
         }
         let _g = b.locks.lock_shared(first, last).await;
-        let mut pos = offset;
-        while pos < end {
-            let blk = pos / b.bs;
-            let (state, run_end) = b.map.run(blk, last);
-            let pe = b.block_end(run_end - 1).min(end);
+        for run in b.runs(offset, end) {
+            let (pos, pe) = (run.start, run.end);
             let piece = &mut buf[(pos - offset) as usize..(pe - offset) as usize];
-            if state == NOT {
+            if run.state == NOT {
                 self.next.pread(piece, pos, flags).await?;
             } else {
                 b.store.read_at(piece, pos)?;
-                b.touch(blk, run_end);
+                b.touch(run.first, run.last);
             }
-            pos = pe;
         }
         Ok(())
     }
@@ -444,43 +419,43 @@ impl Handle for CacheHandle {
             if through {
                 self.next.pwrite(buf, offset, flags).await?;
             }
-            let mut pos = offset;
-            while pos < end {
-                let blk = pos / b.bs;
-                let bstart = blk * b.bs;
-                let bend = b.block_end(blk);
-                let data = |s: u64, e: u64| &buf[(s - offset) as usize..(e - offset) as usize];
-                if pos == bstart && end >= bend {
-                    let full_end = if end >= b.size {
-                        b.size
-                    } else {
-                        end / b.bs * b.bs
-                    };
-                    b.store.write_at(data(pos, full_end), pos)?;
-                    for x in blk..full_end.div_ceil(b.bs) {
-                        b.set(x, if through { CLEAN } else { DIRTY });
+            let data = |s: u64, e: u64| &buf[(s - offset) as usize..(e - offset) as usize];
+            let written = if through { CLEAN } else { DIRTY };
+            for piece in b.pieces(offset, end) {
+                match piece {
+                    Piece::Whole {
+                        first,
+                        last,
+                        start,
+                        end,
+                    } => {
+                        b.store.write_at(data(start, end), start)?;
+                        b.set_range(first, last, written);
                     }
-                    pos = full_end;
-                    continue;
-                }
-                let wend = end.min(bend);
-                let state = b.map.get(blk);
-                if state != NOT {
-                    // Cached: change it in place.
-                    b.store.write_at(data(pos, wend), pos)?;
-                    if !through {
-                        b.set(blk, DIRTY);
+                    Piece::Part {
+                        blk,
+                        block_start,
+                        block_end,
+                        start,
+                        end,
+                    } => {
+                        if b.map.get(blk) != NOT {
+                            // Cached: change it in place.
+                            b.store.write_at(data(start, end), start)?;
+                            if !through {
+                                b.set(blk, DIRTY);
+                            }
+                        } else if !through {
+                            // Not cached: complete the block from the plugin.
+                            let mut v = vec![0u8; (block_end - block_start) as usize];
+                            self.next.pread(&mut v, block_start, Flags::NONE).await?;
+                            v[(start - block_start) as usize..(end - block_start) as usize]
+                                .copy_from_slice(data(start, end));
+                            b.store.write_at(&v, block_start)?;
+                            b.set(blk, DIRTY);
+                        }
                     }
-                } else if !through {
-                    // Not cached: complete the block from the plugin.
-                    let mut v = vec![0u8; (bend - bstart) as usize];
-                    self.next.pread(&mut v, bstart, Flags::NONE).await?;
-                    v[(pos - bstart) as usize..(wend - bstart) as usize]
-                        .copy_from_slice(data(pos, wend));
-                    b.store.write_at(&v, bstart)?;
-                    b.set(blk, DIRTY);
                 }
-                pos = wend;
             }
             b.touch(first, last);
         }
@@ -512,18 +487,17 @@ impl Handle for CacheHandle {
         let (first, last) = b.blocks(offset, end);
         let _g = b.locks.lock(first, last).await;
         self.next.zero(count, offset, flags).await?;
-        let mut pos = offset;
-        while pos < end {
-            let blk = pos / b.bs;
-            let bstart = blk * b.bs;
-            let bend = b.block_end(blk);
-            let wend = end.min(bend);
-            if pos == bstart && wend == bend {
-                b.evict(blk);
-            } else if b.map.get(blk) != NOT {
-                b.store.write_at(&vec![0u8; (wend - pos) as usize], pos)?;
+        for piece in b.pieces(offset, end) {
+            match piece {
+                Piece::Whole { first, last, .. } => (first..last).for_each(|blk| b.evict(blk)),
+                Piece::Part {
+                    blk, start, end, ..
+                } if b.map.get(blk) != NOT => {
+                    b.store
+                        .write_at(&vec![0u8; (end - start) as usize], start)?;
+                }
+                Piece::Part { .. } => {}
             }
-            pos = wend;
         }
         Ok(())
     }
@@ -539,12 +513,7 @@ impl Handle for CacheHandle {
         }
         // Whole blocks leave the cache (dirty data in them may go: a
         // trimmed range may read as anything).
-        let full_first = offset.div_ceil(b.bs);
-        let full_last = if end >= b.size {
-            b.size.div_ceil(b.bs)
-        } else {
-            end / b.bs
-        };
+        let (full_first, full_last) = b.whole_blocks(offset, end);
         for blk in full_first..full_last {
             b.evict(blk);
         }
@@ -572,14 +541,9 @@ impl Handle for CacheHandle {
         }
         // Dirty blocks are data whatever the plugin says.
         for e in sub.list() {
-            let e_end = e.offset + e.length;
-            let mut pos = e.offset;
-            while pos < e_end {
-                let blk = pos / b.bs;
-                let (state, run_end) = b.map.run(blk, e_end.div_ceil(b.bs));
-                let pe = b.block_end(run_end - 1).min(e_end);
-                ext.add(pos, pe - pos, if state == DIRTY { 0 } else { e.flags })?;
-                pos = pe;
+            for run in b.runs(e.offset, e.offset + e.length) {
+                let flags = if run.state == DIRTY { 0 } else { e.flags };
+                ext.add(run.start, run.end - run.start, flags)?;
             }
         }
         Ok(())
@@ -594,7 +558,7 @@ impl Handle for CacheHandle {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cow::testkit::{extents, mem_stack, pattern, read, Op};
+    use crate::testkit::{extents, mem_stack, pattern, read, Op};
     use libnbd::backend::HOLE_ZERO;
 
     const MB: usize = 1 << 20;

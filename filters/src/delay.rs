@@ -274,7 +274,7 @@ impl DelayHandle {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cow::testkit::{mem_stack, Op};
+    use crate::testkit::{mem_stack, Op};
     use std::time::Instant;
 
     fn params(words: &[&str]) -> Params {

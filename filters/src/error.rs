@@ -264,7 +264,7 @@ impl Handle for ErrorHandle {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::offset::testing::*;
+    use crate::testkit::*;
 
     fn settings(words: &[&str]) -> [Setting; 6] {
         let mut p = params(words);
@@ -318,19 +318,19 @@ mod tests {
         let s = stack(vec![create(&mut p).unwrap()], &mem);
         let h = s.open(&ctx(1)).await.unwrap();
         // No trigger file: nothing fails.
-        read(&*h, 0, 512).await.unwrap();
+        try_read(&*h, 0, 512).await.unwrap();
         h.pwrite(&[1; 512], 0, Flags::NONE).await.unwrap();
         std::fs::write(&trigger, "").unwrap();
-        let e = read(&*h, 0, 512).await.unwrap_err();
+        let e = try_read(&*h, 0, 512).await.unwrap_err();
         assert_eq!(e.errno, errno::ENOSPC);
         assert_eq!(e.msg, "injecting ENOSPC error into pread");
         let e = h.pwrite(&[1; 512], 0, Flags::NONE).await.unwrap_err();
         assert_eq!(e.msg, "injecting ENOSPC error into pwrite");
         // Other kinds are untouched.
         h.zero(512, 0, Flags::NONE).await.unwrap();
-        extents(&*h, 0, 4096).await.unwrap();
+        try_extents(&*h, 0, 4096).await.unwrap();
         std::fs::remove_file(&trigger).unwrap();
-        read(&*h, 0, 512).await.unwrap();
+        try_read(&*h, 0, 512).await.unwrap();
     }
 
     #[tokio::test]

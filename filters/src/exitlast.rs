@@ -134,7 +134,7 @@ impl Handle for ExitLastHandle {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::offset::testing::*;
+    use crate::testkit::*;
 
     static CONNECTED: AtomicUsize = AtomicUsize::new(0);
     static SHUTDOWNS: AtomicUsize = AtomicUsize::new(0);

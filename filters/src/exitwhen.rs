@@ -305,7 +305,7 @@ impl Handle for ExitWhenHandle {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::offset::testing::*;
+    use crate::testkit::*;
 
     fn events(words: &[&str]) -> ConfigResult<Vec<Event>> {
         let mut p = params(words);

@@ -182,7 +182,7 @@ impl Handle for FuaHandle {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::offset::testing::*;
+    use crate::testkit::*;
 
     async fn open(mode: &str) -> (Box<dyn Handle>, Arc<Mem>) {
         let mem = Mem::new(4096);

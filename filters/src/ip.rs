@@ -242,7 +242,7 @@ impl Filter for IpFilter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::offset::testing::*;
+    use crate::testkit::*;
 
     fn rules(list: &str) -> ConfigResult<Vec<Rule>> {
         parse_list(&mut params(&[&format!("allow={list}")]), "allow")

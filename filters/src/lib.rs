@@ -4,6 +4,7 @@
 
 use libnbd::FilterEntry;
 
+mod blocks;
 pub mod blocksize;
 pub mod cache;
 pub mod cow;
@@ -23,7 +24,10 @@ pub mod rate;
 pub mod readahead;
 pub mod retry;
 pub mod stats;
+#[cfg(test)]
+mod testkit;
 pub mod truncate;
+mod window;
 pub mod xz;
 
 /// Every filter, by its `--filter=NAME`.

@@ -93,7 +93,7 @@ impl Handle for LimitHandle {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::offset::testing::*;
+    use crate::testkit::*;
 
     fn stack_of(words: &[&str]) -> libnbd::Stack {
         stack(vec![create(&mut params(words)).unwrap()], &Mem::new(512))

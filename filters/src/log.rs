@@ -625,7 +625,7 @@ impl Handle for LogHandle {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::offset::testing::*;
+    use crate::testkit::*;
 
     fn lines(path: &std::path::Path) -> Vec<String> {
         std::fs::read_to_string(path)
@@ -664,15 +664,15 @@ mod tests {
         let mut c = ctx(7);
         c.export_name = "a b".into();
         let h = s.open(&c).await.unwrap();
-        read(&*h, 0, 512).await.unwrap();
+        try_read(&*h, 0, 512).await.unwrap();
         h.pwrite(&[1; 512], 512, Flags::FUA).await.unwrap();
         h.zero(1024, 1024, Flags::MAY_TRIM).await.unwrap();
         h.trim(512, 2048, Flags::NONE).await.unwrap();
         h.flush(Flags::NONE).await.unwrap();
         h.cache(4096, 0, Flags::NONE).await.unwrap();
-        extents(&*h, 0, 4096).await.unwrap();
+        try_extents(&*h, 0, 4096).await.unwrap();
         mem.fail.store(1, Ordering::SeqCst);
-        assert!(read(&*h, 0, 512).await.is_err());
+        assert!(try_read(&*h, 0, 512).await.is_err());
         drop(h);
         let h = s.open(&c).await.unwrap();
         drop(h);
@@ -749,10 +749,10 @@ mod tests {
         let mem = Mem::new(1024);
         let s = stack(vec![f.clone()], &mem);
         let h = s.open(&ctx(1)).await.unwrap();
-        read(&*h, 512, 512).await.unwrap();
+        try_read(&*h, 512, 512).await.unwrap();
         mem.fail.store(1, Ordering::SeqCst);
-        assert!(extents(&*h, 0, 1024).await.is_err());
-        extents(&*h, 0, 1024).await.unwrap();
+        assert!(try_extents(&*h, 0, 1024).await.is_err());
+        try_extents(&*h, 0, 1024).await.unwrap();
         drop(h);
         f.unload();
         let text = std::fs::read_to_string(&out).unwrap();

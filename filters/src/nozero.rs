@@ -179,7 +179,7 @@ impl Handle for NoZeroHandle {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::offset::testing::*;
+    use crate::testkit::*;
 
     async fn open(words: &[&str]) -> (Box<dyn Handle>, Arc<Mem>) {
         let mem = Mem::with(vec![1; 4096]);
@@ -213,7 +213,7 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(mem.take_calls(), vec!["pwrite 512 1024 fua"]);
-        assert_eq!(read(&*h, 0, 2048).await.unwrap()[512..1536], [0; 1024]);
+        assert_eq!(try_read(&*h, 0, 2048).await.unwrap()[512..1536], [0; 1024]);
         let e = h.zero(512, 0, Flags::FAST_ZERO).await.unwrap_err();
         assert_eq!(e.errno, libnbd::protocol::errno::ENOTSUP);
     }

@@ -35,7 +35,7 @@ use libnbd::{
     Params, Result,
 };
 
-use crate::offset::Window;
+use crate::window::Window;
 
 /// Registry entry.
 pub const ENTRY: FilterEntry = FilterEntry {
@@ -248,7 +248,7 @@ async fn find_gpt(h: &dyn Handle, disk: u64, number: u32, header: &[u8]) -> Resu
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::offset::testing::*;
+    use crate::testkit::*;
 
     /// Put an MBR entry into a sector.
     pub fn mbr_entry(sector: &mut [u8], i: usize, kind: u8, start: u32, sectors: u32) {
@@ -317,7 +317,7 @@ mod tests {
         for (n, len) in [(1u32, 8u64), (2, 16), (5, 4), (6, 2)] {
             let h = open(mbr_disk(), n).await.unwrap();
             assert_eq!(h.size().unwrap(), len * 512, "partition {n}");
-            let b = read(&*h, 0, (len * 512) as usize).await.unwrap();
+            let b = try_read(&*h, 0, (len * 512) as usize).await.unwrap();
             assert!(b.iter().all(|x| *x == n as u8), "partition {n}");
         }
         // The extended partition itself is an entry too.
@@ -349,7 +349,7 @@ mod tests {
     async fn partition_gpt() {
         let h = open(gpt_disk(), 1).await.unwrap();
         assert_eq!(h.size().unwrap(), 66 * 512);
-        assert!(read(&*h, 0, 66 * 512)
+        assert!(try_read(&*h, 0, 66 * 512)
             .await
             .unwrap()
             .iter()
@@ -357,7 +357,7 @@ mod tests {
         let h = open(gpt_disk(), 3).await.unwrap();
         assert_eq!(h.size().unwrap(), 1901 * 512);
         h.pwrite(&[9; 512], 0, Flags::NONE).await.unwrap();
-        assert_eq!(read(&*h, 0, 1).await.unwrap(), vec![9]);
+        assert_eq!(try_read(&*h, 0, 1).await.unwrap(), vec![9]);
         let e = open(gpt_disk(), 2).await.err().unwrap();
         assert!(e.msg.contains("not in use"), "{}", e.msg);
         let e = open(gpt_disk(), 129).await.err().unwrap();

@@ -333,7 +333,7 @@ impl Handle for RateHandle {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cow::testkit::mem_stack;
+    use crate::testkit::mem_stack;
 
     fn filter(words: &[&str]) -> Arc<dyn Filter> {
         create(&mut Params::parse(words, None).unwrap()).unwrap()

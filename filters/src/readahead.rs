@@ -416,7 +416,7 @@ impl Handle for ReadaheadHandle {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cow::testkit::{mem_stack, pattern, read, Op};
+    use crate::testkit::{mem_stack, pattern, read, Op};
     use std::time::{Duration, Instant};
 
     fn filter() -> Arc<dyn Filter> {

@@ -310,7 +310,7 @@ impl Handle for RetryHandle {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::offset::testing::*;
+    use crate::testkit::*;
     use libnbd::Stack;
 
     fn filter(words: &[&str]) -> Arc<dyn Filter> {
@@ -332,14 +332,14 @@ mod tests {
         let h = s.open(&ctx(1)).await.unwrap();
         assert_eq!(mem.opens.load(Ordering::SeqCst), 1);
         mem.fail.store(2, Ordering::SeqCst);
-        assert_eq!(read(&*h, 0, 16).await.unwrap(), vec![3; 16]);
+        assert_eq!(try_read(&*h, 0, 16).await.unwrap(), vec![3; 16]);
         assert_eq!(mem.opens.load(Ordering::SeqCst), 3);
         // The old handles were closed.
         assert_eq!(mem.live.load(Ordering::SeqCst), 1);
         mem.fail.store(1, Ordering::SeqCst);
         h.pwrite(&[4; 16], 0, Flags::NONE).await.unwrap();
         mem.fail.store(1, Ordering::SeqCst);
-        assert_eq!(extents(&*h, 0, 4096).await.unwrap(), vec![(0, 4096, 0)]);
+        assert_eq!(try_extents(&*h, 0, 4096).await.unwrap(), vec![(0, 4096, 0)]);
         mem.fail.store(1, Ordering::SeqCst);
         h.flush(Flags::NONE).await.unwrap();
         assert_eq!(mem.opens.load(Ordering::SeqCst), 6);
@@ -355,11 +355,11 @@ mod tests {
         let h = s.open(&ctx(1)).await.unwrap();
         mem.fail.store(3, Ordering::SeqCst);
         let t = std::time::Instant::now();
-        assert!(read(&*h, 0, 16).await.is_err());
+        assert!(try_read(&*h, 0, 16).await.is_err());
         assert!(t.elapsed() >= Duration::from_millis(20));
         assert_eq!(mem.opens.load(Ordering::SeqCst), 3);
         // The next request gets its own retries.
-        read(&*h, 0, 16).await.unwrap();
+        try_read(&*h, 0, 16).await.unwrap();
     }
 
     #[tokio::test]
@@ -369,7 +369,7 @@ mod tests {
         let h = s.open(&ctx(1)).await.unwrap();
         mem.fail.store(3, Ordering::SeqCst);
         let t = std::time::Instant::now();
-        read(&*h, 0, 16).await.unwrap();
+        try_read(&*h, 0, 16).await.unwrap();
         // 0.02 + 0.04 + 0.08
         assert!(
             t.elapsed() >= Duration::from_millis(140),
@@ -385,8 +385,8 @@ mod tests {
         let h = s.open(&ctx(1)).await.unwrap();
         h.pwrite(&[1; 16], 0, Flags::NONE).await.unwrap();
         mem.fail.store(1, Ordering::SeqCst);
-        read(&*h, 0, 16).await.unwrap();
-        assert_eq!(*mem.readonly_opens.lock().unwrap(), vec![false, true]);
+        try_read(&*h, 0, 16).await.unwrap();
+        assert_eq!(*mem.opened_readonly.lock().unwrap(), vec![false, true]);
         let e = h.pwrite(&[1; 16], 0, Flags::NONE).await.unwrap_err();
         assert_eq!(e.errno, libnbd::protocol::errno::EPERM);
         assert_eq!(mem.opens.load(Ordering::SeqCst), 2);
@@ -398,7 +398,7 @@ mod tests {
         let s = leaked(&["retry-delay=0.05"], &mem);
         let h = s.open(&ctx(1)).await.unwrap();
         mem.fail.store(2, Ordering::SeqCst);
-        let (a, b) = tokio::join!(read(&*h, 0, 16), read(&*h, 16, 16));
+        let (a, b) = tokio::join!(try_read(&*h, 0, 16), try_read(&*h, 16, 16));
         a.unwrap();
         b.unwrap();
         assert_eq!(mem.opens.load(Ordering::SeqCst), 2);

@@ -387,7 +387,7 @@ impl Handle for StatsHandle {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cow::testkit::mem_stack;
+    use crate::testkit::mem_stack;
 
     fn shared(threshold: f64) -> Shared {
         Shared {

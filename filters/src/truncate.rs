@@ -200,7 +200,7 @@ impl Handle for TruncateHandle {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::offset::testing::*;
+    use crate::testkit::*;
 
     fn filter(words: &[&str]) -> Arc<dyn Filter> {
         create(&mut params(words)).unwrap()
@@ -245,10 +245,10 @@ mod tests {
         let mem = Mem::with(vec![5; 1000]);
         let s = stack(vec![filter(&["truncate=2000"])], &mem);
         let h = s.open(&ctx(1)).await.unwrap();
-        let b = read(&*h, 900, 200).await.unwrap();
+        let b = try_read(&*h, 900, 200).await.unwrap();
         assert_eq!(&b[..100], &[5; 100]);
         assert_eq!(&b[100..], &[0; 100]);
-        assert_eq!(read(&*h, 1500, 500).await.unwrap(), vec![0; 500]);
+        assert_eq!(try_read(&*h, 1500, 500).await.unwrap(), vec![0; 500]);
         // Zeroes past the end are fine, data is not.
         h.pwrite(&[0; 100], 1500, Flags::NONE).await.unwrap();
         let mut w = vec![7u8; 100];
@@ -267,11 +267,11 @@ mod tests {
         assert!(calls.contains(&"trim 900 100".to_string()), "{calls:?}");
         assert!(!calls.iter().any(|c| c.starts_with("cache")), "{calls:?}");
         assert_eq!(
-            extents(&*h, 0, 2000).await.unwrap(),
+            try_extents(&*h, 0, 2000).await.unwrap(),
             vec![(0, 512, 0), (512, 1488, HOLE_ZERO)]
         );
         assert_eq!(
-            extents(&*h, 1200, 800).await.unwrap(),
+            try_extents(&*h, 1200, 800).await.unwrap(),
             vec![(1200, 800, HOLE_ZERO)]
         );
     }
@@ -281,7 +281,7 @@ mod tests {
         let mem = Mem::with(vec![5; 1000]);
         let s = stack(vec![filter(&["truncate=100"])], &mem);
         let h = s.open(&ctx(1)).await.unwrap();
-        assert_eq!(read(&*h, 0, 100).await.unwrap(), vec![5; 100]);
-        assert_eq!(extents(&*h, 0, 100).await.unwrap(), vec![(0, 100, 0)]);
+        assert_eq!(try_read(&*h, 0, 100).await.unwrap(), vec![5; 100]);
+        assert_eq!(try_extents(&*h, 0, 100).await.unwrap(), vec![(0, 100, 0)]);
     }
 }

@@ -25,8 +25,7 @@
 //!   reader needs (the two blocks before its own, its own, and those
 //!   decoded ahead: 6 on 2 cores) or than N if smaller: connections
 //!   reading one image in turn, as nbdcopy's four, keep those few blocks
-//!   between them (peak RSS copying a 1 GiB image to `null:`: 400 ->
-//!   255 MiB; into qcow2, 237-277 -> 196-221 MiB).
+//!   between them.
 //! - `xz-max-block=SIZE` (default 512M): the largest block decoded whole
 //!   into memory; blocks larger than this, or than 64M, are decoded
 //!   progressively into the spill instead (upstream refuses files with
@@ -46,17 +45,14 @@
 //!   a connection that read its way through them, and a block passed and
 //!   dropped is not decoded ahead again unless it is read again: libnbd's
 //!   nbdcopy copies a region per connection, and the end of one region
-//!   used to decode again the start of the next, already read (its copy
-//!   of the 1 GiB bench image to `null:`: 75 -> 64 decodes of the 64
-//!   blocks, user CPU 1.25 -> 1.12 s).
+//!   used to decode again the start of the next, already read.
 //! - **A faster liblzma.** The decoder is xz 5.8's, bundled and built
 //!   with what its configure finds on x86-64 (`.cargo/config.toml`):
 //!   35% less CPU per block than Debian's liblzma 5.4, which upstream
-//!   links (curl+xz -> `null:` 1.23 -> 0.98 s).
+//!   links.
 //! - **Replies straight from the cache.** A read within one cached block
 //!   is sent from the block itself, not copied into a reply buffer first
-//!   ([`Handle::pread_shared`]): curl+xz -> `[ qemu-nbd -f qcow2 ]` 1.79
-//!   -> 1.69 s.
+//!   ([`Handle::pread_shared`]).
 //! - **Single-block files stay usable.** Plain `xz` writes one block, so
 //!   upstream decodes from the start of the file for every read outside
 //!   its cache. Here such a block (and any block above the in-memory
@@ -424,12 +420,7 @@ impl XzFile {
     /// [`sequential_need`](Self::sequential_need) (`room`: one more, for
     /// a block about to be added). Several connections reading one image
     /// in turn, as nbdcopy's, share the same few blocks: their cache need
-    /// not grow with the connections. (A 1 GiB image copied to `null:` by
-    /// nbdcopy's four connections: peak RSS 400 -> 255 MiB, when this
-    /// was `xz-max-depth`. To the headline's qcow2 with the 6 blocks
-    /// needed, instead of 8: peak RSS 237-277 -> 196-221 MiB, and 0.1 s
-    /// less CPU for the kernel clearing fresh memory, in 4 alternating
-    /// runs.)
+    /// not grow with the connections (bench/NOTES.md has the figures).
     fn trim(&self, lru: &mut Lru, keep: usize, room: usize) {
         while lru.map.len() + room > self.sequential_need() {
             match lru.passed_victim(keep) {

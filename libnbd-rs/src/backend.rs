@@ -650,6 +650,21 @@ impl Stack {
     }
 }
 
+/// Run blocking work (file I/O, a system call) from a data method
+/// without stalling the other tasks of the runtime: on tokio's
+/// multi-thread runtime the worker hands its other tasks to the rest
+/// first (`block_in_place`); elsewhere (a current-thread runtime, as in
+/// unit tests, or no runtime) it runs inline.
+pub fn run_blocking<R>(f: impl FnOnce() -> R) -> R {
+    use tokio::runtime::{Handle as Runtime, RuntimeFlavor};
+    match Runtime::try_current() {
+        Ok(rt) if rt.runtime_flavor() == RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(f)
+        }
+        _ => f(),
+    }
+}
+
 /// Size of the zero buffer used to emulate `zero` by writes.
 const ZERO_CHUNK: usize = 1 << 20;
 

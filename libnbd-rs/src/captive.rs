@@ -529,17 +529,7 @@ mod tests {
     use super::*;
 
     fn have(bin: &str) -> bool {
-        let found = std::env::var_os("PATH")
-            .map(|p| std::env::split_paths(&p).any(|d| d.join(bin).is_file()))
-            .unwrap_or(false);
-        if !found {
-            assert!(
-                std::env::var("CI").as_deref() != Ok("true"),
-                "{bin} is required when CI=true"
-            );
-            eprintln!("skipping: {bin} not found");
-        }
-        found
+        crate::testing::require(&[bin])
     }
 
     fn alive(pid: u32) -> bool {

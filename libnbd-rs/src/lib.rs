@@ -8,7 +8,8 @@
 //! - [`client`]: the async client (negotiation, pipelined transmission);
 //! - [`uri`]: NBD URIs;
 //! - [`captive`]: servers run as subprocesses (`[ cmd args ]`);
-//! - [`zeroes`]: zero detection.
+//! - [`zeroes`]: zero detection;
+//! - [`testing`]: what the test suites share (is a peer installed?).
 #![warn(missing_docs)]
 
 pub mod backend;
@@ -18,12 +19,13 @@ pub mod config;
 pub mod listen;
 pub mod protocol;
 pub mod server;
+pub mod testing;
 pub mod uri;
 pub mod zeroes;
 
 pub use backend::{
-    BlockSize, Cache, Caps, Error, ExportEntry, Extent, Extents, Filter, Flags, Fua, Handle, Next,
-    OpenContext, OwnedNext, Plugin, Result, SharedData, Stack, ThreadModel,
+    run_blocking, BlockSize, Cache, Caps, Error, ExportEntry, Extent, Extents, Filter, Flags, Fua,
+    Handle, Next, OpenContext, OwnedNext, Plugin, Result, SharedData, Stack, ThreadModel,
 };
 pub use config::{
     parse_bool, parse_size, ConfigError, ConfigResult, FilterEntry, Params, PluginEntry,

@@ -69,8 +69,8 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use libnbd::backend::HOLE_ZERO;
 use libnbd::{
-    Caps, ConfigError, ConfigResult, Error, ExportEntry, Extents, Flags, Handle, OpenContext,
-    Params, Plugin, PluginEntry, Result,
+    run_blocking, Caps, ConfigError, ConfigResult, Error, ExportEntry, Extents, Flags, Handle,
+    OpenContext, Params, Plugin, PluginEntry, Result,
 };
 use nix::errno::Errno;
 use nix::fcntl::{fallocate, posix_fadvise, FallocateFlags, PosixFadviseAdvice};
@@ -172,18 +172,6 @@ pub fn create(params: &mut Params) -> ConfigResult<Arc<dyn Plugin>> {
     }))
 }
 
-/// Run a blocking system call without stalling the async runtime (see
-/// the module documentation).
-fn blocking<R>(f: impl FnOnce() -> R) -> R {
-    use tokio::runtime::{Handle as Runtime, RuntimeFlavor};
-    match Runtime::try_current() {
-        Ok(rt) if rt.runtime_flavor() == RuntimeFlavor::MultiThread => {
-            tokio::task::block_in_place(f)
-        }
-        _ => f(),
-    }
-}
-
 /// Is this error "operation not supported" (by this file system or
 /// device)?
 fn unsupported(e: Errno) -> bool {
@@ -280,7 +268,7 @@ impl Plugin for FilePlugin {
         let h = match &self.mode {
             Mode::File(path) => {
                 let name = path.display().to_string();
-                blocking(|| self.open_path(path, &name, ctx.readonly))?
+                run_blocking(|| self.open_path(path, &name, ctx.readonly))?
             }
             Mode::Dir(dir) => {
                 let name = ctx.export_name.as_str();
@@ -294,7 +282,7 @@ impl Plugin for FilePlugin {
                     return Err(Error::einval("exportname cannot contain /"));
                 }
                 let path = dir.join(name);
-                blocking(|| self.open_path(&path, name, ctx.readonly))?
+                run_blocking(|| self.open_path(&path, name, ctx.readonly))?
             }
         };
         Ok(Box::new(h))
@@ -306,7 +294,7 @@ impl Plugin for FilePlugin {
                 name: String::new(),
                 description: None,
             }]),
-            Mode::Dir(dir) => blocking(|| Self::list_dir(dir)),
+            Mode::Dir(dir) => run_blocking(|| Self::list_dir(dir)),
         }
     }
 
@@ -551,7 +539,7 @@ impl Handle for FileHandle {
     }
 
     async fn pread(&self, buf: &mut [u8], offset: u64, _flags: Flags) -> Result<()> {
-        blocking(|| {
+        run_blocking(|| {
             self.file.read_exact_at(buf, offset).map_err(|e| {
                 if e.kind() == std::io::ErrorKind::UnexpectedEof {
                     Error::eio(format!("pread: {}: unexpected end of file", self.name))
@@ -570,7 +558,7 @@ impl Handle for FileHandle {
         if !self.writable {
             return Err(Error::eperm("the file is open read-only"));
         }
-        blocking(|| {
+        run_blocking(|| {
             self.file
                 .write_all_at(buf, offset)
                 .map_err(|e| Error::io(format!("pwrite: {}", self.name), e))?;
@@ -585,14 +573,14 @@ impl Handle for FileHandle {
     }
 
     async fn flush(&self, _flags: Flags) -> Result<()> {
-        blocking(|| self.sync())
+        run_blocking(|| self.sync())
     }
 
     async fn trim(&self, count: u64, offset: u64, flags: Flags) -> Result<()> {
         if !self.writable {
             return Err(Error::eperm("the file is open read-only"));
         }
-        blocking(|| {
+        run_blocking(|| {
             self.do_trim(count, offset)?;
             if flags.contains(Flags::FUA) {
                 self.sync()?;
@@ -605,7 +593,7 @@ impl Handle for FileHandle {
         if !self.writable {
             return Err(Error::eperm("the file is open read-only"));
         }
-        blocking(|| {
+        run_blocking(|| {
             self.do_zero(count, offset, flags.contains(Flags::MAY_TRIM))?;
             if flags.contains(Flags::FUA) {
                 self.sync()?;
@@ -624,7 +612,7 @@ impl Handle for FileHandle {
         if !self.can_extents {
             return ext.add(offset, count, 0);
         }
-        blocking(|| self.do_extents(count, offset, flags.contains(Flags::REQ_ONE), ext))
+        run_blocking(|| self.do_extents(count, offset, flags.contains(Flags::REQ_ONE), ext))
     }
 
     async fn cache(&self, count: u64, offset: u64, _flags: Flags) -> Result<()> {

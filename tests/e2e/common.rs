@@ -22,32 +22,7 @@ pub fn word_after<'a>(line: &'a str, key: &str) -> Option<&'a str> {
     line.split(key).nth(1)?.split(' ').next()
 }
 
-/// Is a program on PATH?
-pub fn on_path(prog: &str) -> bool {
-    std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).any(|d| d.join(prog).is_file()))
-        .unwrap_or(false)
-}
-
-/// True if every peer is installed. A missing peer fails the test when
-/// `CI=true` and is a printed skip otherwise.
-pub fn require(peers: &[&str]) -> bool {
-    for p in peers {
-        let found = if p.starts_with('/') {
-            Path::new(p).exists()
-        } else {
-            on_path(p)
-        };
-        if !found {
-            if std::env::var("CI").as_deref() == Ok("true") {
-                panic!("peer '{p}' is missing (CI=true: .ci/run must install it)");
-            }
-            eprintln!("SKIP: peer '{p}' is not installed");
-            return false;
-        }
-    }
-    true
-}
+pub use libnbd::testing::{installed as on_path, require};
 
 /// The Python with Debian's `nbd` module (the PATH one may not see it).
 pub const PYTHON: &str = "/usr/bin/python3";

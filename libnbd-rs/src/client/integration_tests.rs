@@ -16,19 +16,9 @@ use crate::protocol::{alloc, cmdflag, errno};
 
 use super::*;
 
-/// Is `bin` on PATH? Panics if not and `CI=true`.
+/// Is `bin` installed? Panics if not and `CI=true`.
 fn have(bin: &str) -> bool {
-    let found = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).any(|d| d.join(bin).is_file()))
-        .unwrap_or(false);
-    if !found {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "{bin} is required when CI=true"
-        );
-        eprintln!("skipping: {bin} not found");
-    }
-    found
+    crate::testing::require(&[bin])
 }
 
 /// A server process, killed when dropped.

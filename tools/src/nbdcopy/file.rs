@@ -105,10 +105,7 @@ pub struct FileEndpoint {
 /// copy fills the page cache with the whole destination, evicting what
 /// the machine had cached. Dropped pages are also what the next writes
 /// reuse, instead of fresh memory, which on a VM that hands free memory
-/// back to its host costs a fault each: a 2 GiB file to file then
-/// `sync`, in runs alternating with libnbd's nbdcopy, took 2.0-4.4 s
-/// (2.3-4.3 s of system time) writing back without dropping, and
-/// 1.1-1.4 s with this (libnbd's: 1.0-1.3 s; it drops every 256K).
+/// back to its host costs a fault each.
 #[derive(Debug, Default)]
 struct Writeback {
     /// Bytes written since writeback was last started.
@@ -186,12 +183,9 @@ fn settle_and_drop(fd: libc::c_int, offset: u64, len: u64) -> bool {
 /// pace with the disk, with little dirty and the pages it drops soon
 /// reused; where the range behind was not written by this copy (writes
 /// out of order), waiting costs nothing and only clean pages are
-/// dropped. Against the background job (the whole file every 8M, 16M
-/// behind), a 2 GiB file to file then `sync`, source cached, 8 runs
-/// alternating with libnbd's: median 1.15 -> 1.01 s (CPU 1.41 -> 1.28
-/// s), libnbd's 1.02 s (CPU 0.95 s); source not cached: 2.70-2.99 ->
-/// 2.37-2.57 s, libnbd's 2.48-2.63 s. Errors only mean pages stay
-/// cached: the write itself succeeded.
+/// dropped; it did better than a background job over the whole file
+/// (bench/NOTES.md). Errors only mean pages stay cached: the write
+/// itself succeeded.
 fn write_behind(file: &File, offset: u64, len: u64) {
     let fd = file.as_raw_fd();
     // SAFETY: a plain system call on an open descriptor, no memory

@@ -8,14 +8,12 @@
 //! answering a connection pairs with the one lane reading it, and a
 //! reply is read as soon as it arrives (a shared pool of threads
 //! serving every connection leaves some connections unread for a
-//! while, and the server's threads block on full sockets: measured
-//! 1.3x slower from upstream `nbdkit pattern` to `null:` on 2 CPUs).
+//! while, and the server's threads block on full sockets).
 //!
 //! Lanes are spread over the CPUs the process may use, one CPU each
 //! (when there are at least as many): left to the scheduler, two lanes
 //! often share a CPU for a while, each waking near the server thread
-//! it talks to (measured on 2 CPUs, `pattern` to `null:`: 1.16 s ±
-//! 0.10 pinned against 1.31 s ± 0.23 not).
+//! it talks to.
 //!
 //! [`current`] tells an endpoint which lane is asking, so it picks
 //! that lane's connection.

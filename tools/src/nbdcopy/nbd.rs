@@ -89,17 +89,14 @@ pub struct NbdEndpoint {
 /// decoding source) is flushed in the background every [`FLUSH_EVERY`]
 /// bytes, so that the server's disk works during the copy instead of
 /// only when the server closes: qemu-nbd, the usual destination, leaves
-/// the image in its page cache until then, and its flush at exit took
-/// about 0.4 s of the headline `curl --filter=xz` -> `[ qemu-nbd -f
-/// qcow2 ]` copy, with both cores idle (that copy: 1.97 -> 1.76 s with
-/// these flushes every 64M). Each flush also holds up qcow2's allocating
-/// writes until the data is on disk (qcow2 syncs the file under its
-/// metadata lock), so smaller, more frequent flushes stall less: every
-/// 16M rather than 64M, 1.59 -> 1.42 s (medians of 5 alternating runs;
-/// every 8M, 1.53 s). "Waiting" is: no other write or zero request in
-/// flight when a write completes. A destination that is the bottleneck
-/// is not flushed (each flush holds up qcow2's writes a little: 0.87 ->
-/// 0.98 s for a raw file into qcow2 when flushed regardless). One flush
+/// the image in its page cache until then, and its flush at exit left
+/// both cores idle for a good part of the headline copy. Each flush
+/// also holds up qcow2's allocating writes until the data is on disk
+/// (qcow2 syncs the file under its metadata lock), so smaller, more
+/// frequent flushes stall less. "Waiting" is: no other write or zero
+/// request in flight when a write completes. A destination that is the
+/// bottleneck is not flushed (each flush holds up qcow2's writes a
+/// little). One flush
 /// at a time; its failure fails the copy at [`Endpoint::flush`] or
 /// [`Endpoint::close`], which wait for it.
 ///
@@ -108,20 +105,13 @@ pub struct NbdEndpoint {
 /// writes at most half of the time, and a slow disk gets fewer, larger
 /// flushes (the bytes keep counting meanwhile). A flush has a fixed cost
 /// as well as one per byte, and when the disk is slow back-to-back 16M
-/// flushes kept qcow2's writes waiting most of the time: with the
-/// qcow2 writer's disk I/O throttled (a blkio cgroup) to 200 writes a
-/// second, the headline copy took 1.81 s unpaced, 1.42 s paced (and
-/// 1.56 s with a fixed 64M); throttled to 500 MB/s, 1.59 -> 1.43 s; on
-/// the unthrottled disk, 1.31 -> 1.30 s (medians of 5-7 alternating
-/// runs). Pacing at a third of the time was worse on the unthrottled
-/// disk (1.36 s), at two thirds worse throttled (1.54 s).
+/// flushes kept qcow2's writes waiting most of the time.
 /// `bench/slow-disk.sh` runs a benchmark under such a throttle. Still
 /// open: a destination that turns into the bottleneck for a while (the
 /// source's decoding got ahead) is not flushed meanwhile, and what it
-/// gathers is flushed at the end (once 278M, 0.33 s of a 2.15 s copy
-/// throttled). Flushing a busy destination too, once it has been
-/// flushed for waiting, was better throttled (1.84 -> 1.65 s) but worse
-/// on the normal disk (1.58 -> 1.75 s), so it is not done.
+/// gathers is flushed at the end. Flushing a busy destination too, once
+/// it has been flushed for waiting, was better on a throttled disk but
+/// worse on the normal one, so it is not done.
 #[derive(Default)]
 struct Writeback {
     /// Writes and zero requests in flight.
@@ -333,10 +323,8 @@ impl Endpoint for NbdEndpoint {
     /// writable export) handles each request in its one main thread, a
     /// coroutine and a thread-pool job per request, and for qcow2 a
     /// cluster allocation under the image's lock. Larger requests share
-    /// that out: a 1 GiB raw file written into `[ qemu-nbd -f qcow2 ]`
-    /// took 0.90 s in 2M requests, 1.31 s in 256K ones (5 alternating
-    /// runs each). Reads gain nothing from it (from qemu-nbd 2M reads
-    /// were slower), so only a destination asks. The queue stays
+    /// that out. Reads gain nothing from it (from qemu-nbd 2M reads were
+    /// slower), so only a destination asks. The queue stays
     /// within libnbd's 16M.
     fn write_request_size(&self) -> Option<u64> {
         (!self.can_multi_conn()).then_some(SINGLE_CONN_WRITE_SIZE)
