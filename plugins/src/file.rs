@@ -17,7 +17,7 @@
 //!
 //! - `[file=]FILENAME`: the file or block device to serve. The export
 //!   name the client asks for is ignored.
-//! - `dir=DIRECTORY`: serve the regular files and block devices directly
+//! - `dir=DIRECTORY` (or `directory=DIRECTORY`, as upstream): serve the regular files and block devices directly
 //!   inside the directory (following symbolic links; subdirectories and
 //!   other special files are ignored). The client picks one by export
 //!   name and can list them (`NBD_OPT_LIST`). The default export `""` is
@@ -117,7 +117,9 @@ pub struct FilePlugin {
 /// Build the file plugin from `file=` or `dir=`, `cache=` and `fadvise=`.
 pub fn create(params: &mut Params) -> ConfigResult<Arc<dyn Plugin>> {
     let file = params.take("file");
-    let dir = params.take("dir");
+    // `directory=` is upstream's other name for `dir=`.
+    let directory = params.take("directory");
+    let dir = params.take("dir").or(directory);
     let cache_none = match params.take("cache").as_deref() {
         None | Some("default") => false,
         Some("none") => true,

@@ -35,35 +35,56 @@
 use std::ffi::OsString;
 use std::io::{self, IsTerminal, Write};
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, Context, Result};
 use clap::{Arg, ArgAction, Command};
 use futures::stream::{self, TryStreamExt};
 use libnbd::captive::{self, Target};
 use libnbd::client::{ConnectOptions, Connection};
 use libnbd::protocol::CONTEXT_BASE_ALLOCATION;
 
-use crate::cli::Parsed;
-use crate::nbdinfo::{error_message, last_index, split_command};
+use crate::cli::{self, toggle, Action, CommandLine, Tool};
 
-const USAGE: &str = "\
-Hexdump the content of an NBD export.
+/// Upstream's usage text, with our further options under "Other options".
+const USAGE: &str = "
+Hexdump the content of a disk over NBD:
 
-Usage:
-    nbddump [--color|--no-color] [-n N|--length=N] NBD
+    nbddump NBD-URI | [ CMD ARGS ... ]
 
-NBD is an NBD URI (nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH)
-or a server to run: [ CMD ARGS ... ] (put -- before the [).
+Other options:
 
-Options:
-    -n N, --length=N          dump at most N bytes
-    --color, --no-color       ANSI colours (default: if stdout is a terminal)
-    --help                    this help
-    -V, --version             the version
+    nbddump --help
+    nbddump --version
+    nbddump [--color|--no-color] [-n N|--length=N] NBD-URI | [ CMD ARGS ... ]
 
 Examples:
+
     nbddump nbd://localhost
-    nbddump -n 512 -- [ qemu-nbd -r -f qcow2 file.qcow2 ]
+    nbddump -- [ qemu-nbd -r -f qcow2 file.qcow2 ]
+
+Please read the nbddump(1) manual page for full usage.
+
 ";
+
+const TOOL: Tool = Tool {
+    name: "nbddump",
+    usage: USAGE,
+    version: || cli::libnbd_version("nbddump"),
+    long_options: &[
+        "--help",
+        "--version",
+        "--color",
+        "--colors",
+        "--colour",
+        "--colours",
+        "--no-color",
+        "--no-colors",
+        "--no-colour",
+        "--no-colours",
+        "--length",
+        "--limit",
+    ],
+    short_options: &["-n", "-V"],
+};
 
 /// Bytes per read request.
 const CHUNK: u64 = 2 << 20;
@@ -413,12 +434,13 @@ fn command() -> Command {
         .args_override_self(true)
         .arg(flag("help"))
         .arg(flag("version").short('V'))
-        .arg(flag("color").alias("colour"))
-        .arg(flag("no-color").alias("no-colour"))
+        .arg(flag("color").aliases(["colors", "colour", "colours"]))
+        .arg(flag("no-color").aliases(["no-colors", "no-colour", "no-colours"]))
         .arg(
             Arg::new("length")
                 .short('n')
                 .long("length")
+                .alias("limit")
                 .value_name("N")
                 .action(ArgAction::Set),
         )
@@ -430,21 +452,24 @@ fn command() -> Command {
         )
 }
 
-fn parse(args: Vec<OsString>) -> Result<Parsed<Cli>> {
-    // Take `[ CMD ARGS ... ]` out first: its arguments are not ours.
-    let (args, cmd) = split_command(args)?;
-    let m = command()
-        .try_get_matches_from(std::iter::once(OsString::from("nbddump")).chain(args))
-        .map_err(|e| {
-            let msg = e.to_string();
-            let first = msg.lines().next().unwrap_or("bad arguments").to_string();
-            anyhow!("{}", first.trim_start_matches("error: "))
-        })?;
+fn parse(args: Vec<OsString>) -> Action<Cli> {
+    match parse_cli(args) {
+        Ok(cli) => Action::Run(Box::new(cli)),
+        Err(action) => action,
+    }
+}
+
+/// The command line, or what to do instead of the work.
+fn parse_cli(args: Vec<OsString>) -> Result<Cli, Action<Cli>> {
+    // Take `[ CMD ARGS ... ]` out first: its arguments are not ours (an
+    // unmatched `[` or an empty `[ ]`: the usage, as libnbd's).
+    let line = CommandLine::split(args).map_err(|_| Action::Usage(String::new()))?;
+    let m = cli::matches(command(), &line.args)?;
     if m.get_flag("help") {
-        return Ok(Parsed::Help);
+        return Err(Action::Help);
     }
     if m.get_flag("version") {
-        return Ok(Parsed::Version);
+        return Err(Action::Version);
     }
     let limit = match m.get_one::<String>("length") {
         Some(s) => {
@@ -452,42 +477,32 @@ fn parse(args: Vec<OsString>) -> Result<Parsed<Cli>> {
         }
         None => u64::MAX,
     };
-    let color = match (last_index(&m, "color"), last_index(&m, "no-color")) {
-        (None, None) => io::stdout().is_terminal(),
-        (Some(_), None) => true,
-        (None, Some(_)) => false,
-        (Some(a), Some(b)) => a > b,
-    };
+    let color = toggle(&m, "color", "no-color").unwrap_or_else(|| io::stdout().is_terminal());
     let positional: Vec<OsString> = m
         .get_many::<OsString>("args")
         .map(|v| v.cloned().collect())
         .unwrap_or_default();
-    let target = match (cmd, positional.as_slice()) {
-        (Some(cmd), []) => Target::Command(cmd),
-        (None, [uri]) => Target::from_args(std::slice::from_ref(uri))?.0,
-        (None, []) => bail!("missing NBD URI or [ CMD ARGS ... ] (see nbddump --help)"),
-        (_, [extra, ..]) => bail!("unexpected argument {:?}", extra.to_string_lossy()),
-    };
-    Ok(Parsed::Run(Box::new(Cli {
+    let target = line.one_target(&positional)?;
+    Ok(Cli {
         limit,
         color,
         target,
-    })))
-}
-
-fn is_broken_pipe(e: &anyhow::Error) -> bool {
-    e.chain().any(|c| {
-        c.downcast_ref::<io::Error>()
-            .is_some_and(|e| e.kind() == io::ErrorKind::BrokenPipe)
     })
 }
 
 /// Run nbddump with these arguments (without the program name);
 /// returns the exit status.
 pub fn main(args: Vec<OsString>) -> i32 {
-    let (cli, rt) = match crate::cli::start("nbddump", USAGE, parse(args)) {
-        Ok(started) => started,
+    let cli = match cli::finish(&TOOL, parse(args)) {
+        Ok(cli) => cli,
         Err(status) => return status,
+    };
+    let rt = match cli::runtime("nbddump", None) {
+        Ok(rt) => rt,
+        Err(e) => {
+            cli::fail("nbddump", &e);
+            return 1;
+        }
     };
     let r = rt.block_on(async {
         captive::kill_on_signals().context("signal handlers")?;
@@ -505,9 +520,9 @@ pub fn main(args: Vec<OsString>) -> i32 {
     match r {
         Ok(()) => 0,
         // Like a C program killed by SIGPIPE (`nbddump ... | head`).
-        Err(e) if is_broken_pipe(&e) => 141,
+        Err(e) if cli::is_broken_pipe(&e) => 141,
         Err(e) => {
-            eprintln!("nbddump: {}", error_message(&e));
+            cli::fail("nbddump", &e);
             1
         }
     }

@@ -22,11 +22,14 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use clap::{ArgAction, Parser};
-use libnbd::config::{ConfigError, FilterEntry, Params, PluginEntry};
+use anyhow::{anyhow, bail, Result};
+use clap::{ArgAction, CommandFactory, FromArgMatches, Parser};
+use libnbd::config::{FilterEntry, Params, PluginEntry};
 use libnbd::listen::{self, Listener};
 use libnbd::server::{self, ServerConfig};
 use libnbd::{Stack, ThreadModel};
+
+use crate::cli::{self, Action, Tool};
 
 /// The nbdkit version we are compatible with, printed by `--version`.
 pub const COMPAT_VERSION: &str = "1.32.5";
@@ -56,9 +59,62 @@ nbdkit [-V|--version]
 Please read the nbdkit(1) manual page for full usage.
 ";
 
+const TOOL: Tool = Tool {
+    name: "nbdkit",
+    usage: USAGE,
+    version: || format!("nbdkit {COMPAT_VERSION}\n"),
+    // Upstream's list and order, less what this nbdkit does not have
+    // (-g/--group, --mask-handshake, -o/--oldstyle, --selinux-label,
+    // --swap, --tls-certificates, --tls-psk, --tls-verify-peer,
+    // -u/--user, --vsock), plus --no-mc.
+    long_options: &[
+        "--ipv4-only",
+        "--ipv6-only",
+        "--debug",
+        "--dump-config",
+        "--dump-plugin",
+        "--exit-with-parent",
+        "--export",
+        "--export-name",
+        "--exportname",
+        "--filter",
+        "--foreground",
+        "--no-fork",
+        "--help",
+        "--ip-addr",
+        "--ipaddr",
+        "--log",
+        "--new-style",
+        "--newstyle",
+        "--no-mc",
+        "--no-sr",
+        "--pid-file",
+        "--pidfile",
+        "--port",
+        "--read-only",
+        "--readonly",
+        "--run",
+        "--single",
+        "--stdin",
+        "--threads",
+        "--tls",
+        "--unix",
+        "--verbose",
+        "--version",
+    ],
+    short_options: &[
+        "-4", "-6", "-D", "-e", "-f", "-i", "-n", "-p", "-P", "-r", "-s", "-t", "-U", "-v", "-V",
+    ],
+};
+
 /// The command line.
 #[derive(Parser, Debug)]
-#[command(name = "nbdkit", disable_help_flag = true, disable_version_flag = true)]
+#[command(
+    name = "nbdkit",
+    infer_long_args = true,
+    disable_help_flag = true,
+    disable_version_flag = true
+)]
 struct Cli {
     /// Listen on IPv4 addresses only.
     #[arg(short = '4', long = "ipv4-only")]
@@ -79,7 +135,7 @@ struct Cli {
     #[arg(long = "exit-with-parent")]
     exit_with_parent: bool,
     /// The export name used in `$uri` and `$exportname`.
-    #[arg(short = 'e', long = "exportname", alias = "export-name")]
+    #[arg(short = 'e', long = "exportname", aliases = ["export", "export-name"])]
     exportname: Option<String>,
     /// Filters, outermost (nearest the client) first.
     #[arg(long = "filter", action = ArgAction::Append)]
@@ -88,16 +144,16 @@ struct Cli {
     #[arg(short = 'f', long = "foreground", alias = "no-fork")]
     foreground: bool,
     /// Print usage (and the plugin's parameters when a plugin is named).
-    #[arg(long = "help", short = 'h')]
+    #[arg(long = "help")]
     help: bool,
     /// Address to listen on.
-    #[arg(short = 'i', long = "ipaddr")]
+    #[arg(short = 'i', long = "ipaddr", alias = "ip-addr")]
     ipaddr: Option<String>,
     /// Where messages go: stderr, syslog (we write to stderr), or null.
     #[arg(long = "log")]
     log: Option<String>,
     /// Use the fixed newstyle protocol (the default and only one).
-    #[arg(short = 'n', long = "newstyle")]
+    #[arg(short = 'n', long = "newstyle", alias = "new-style")]
     newstyle: bool,
     /// Do not offer meta contexts.
     #[arg(long = "no-mc", alias = "no-meta-contexts")]
@@ -140,20 +196,6 @@ struct Cli {
     words: Vec<OsString>,
 }
 
-/// An error that ends nbdkit with a message and exit status 1.
-#[derive(Debug)]
-struct Fatal(String);
-
-impl<E: std::fmt::Display> From<E> for Fatal {
-    fn from(e: E) -> Self {
-        Fatal(e.to_string())
-    }
-}
-
-fn fatal<T>(msg: impl Into<String>) -> Result<T, Fatal> {
-    Err(Fatal(msg.into()))
-}
-
 /// Where the server listens, decided before forking.
 enum Listen {
     /// Sockets bound by us or inherited, plus what `$uri` should say.
@@ -181,8 +223,8 @@ pub fn main(args: Vec<OsString>) -> i32 {
     keep_large_buffers();
     match run(args) {
         Ok(code) => code,
-        Err(Fatal(msg)) => {
-            eprintln!("nbdkit: error: {msg}");
+        Err(e) => {
+            eprintln!("nbdkit: error: {}", cli::error_message(&e));
             1
         }
     }
@@ -205,77 +247,117 @@ fn keep_large_buffers() {
     }
 }
 
-fn plugin_by_name(name: &str) -> Result<PluginEntry, Fatal> {
+/// `--version`: nbdkit's line, then with a plugin named, a line for each
+/// filter (outermost first) and the plugin, as upstream; an unknown
+/// plugin or filter fails (nbdkit-probing(1): scripts probe that way).
+fn version(cli: &Cli) -> Result<i32> {
+    let plugin = match cli.words.first() {
+        Some(name) => Some(plugin_by_name(&name.to_string_lossy())?),
+        None => None,
+    };
+    let filters = cli
+        .filters
+        .iter()
+        .map(|f| filter_by_name(f))
+        .collect::<Result<Vec<_>, _>>()?;
+    print!("{}", (TOOL.version)());
+    if let Some(p) = plugin {
+        for f in &filters {
+            println!("{} {COMPAT_VERSION}", f.name);
+        }
+        println!("{} {COMPAT_VERSION}", p.name);
+    }
+    Ok(0)
+}
+
+/// Where upstream points a user who gave no or a wrong plugin.
+const SEE_HELP: &str = "Use 'nbdkit --help' or read the nbdkit(1) manual page for documentation.";
+
+fn plugin_by_name(name: &str) -> Result<PluginEntry> {
     let name = name.strip_prefix("nbdkit-").unwrap_or(name);
     let name = name.strip_suffix("-plugin").unwrap_or(name);
     nbdkit_plugins::registry()
         .into_iter()
         .find(|p| p.name.eq_ignore_ascii_case(name)) // `s3` is `S3`
         .ok_or_else(|| {
-            Fatal(format!(
-                "cannot open plugin '{name}': no such plugin (plugins: {})\n\
-                 Use 'nbdkit --help' or read the nbdkit(1) manual page for documentation.",
+            anyhow!(
+                "cannot open plugin '{name}': no such plugin (plugins: {})\n{SEE_HELP}",
                 nbdkit_plugins::registry()
                     .iter()
                     .map(|p| p.name)
                     .collect::<Vec<_>>()
                     .join(", ")
-            ))
+            )
         })
 }
 
-fn filter_by_name(name: &str) -> Result<FilterEntry, Fatal> {
+fn filter_by_name(name: &str) -> Result<FilterEntry> {
     let name = name.strip_prefix("nbdkit-").unwrap_or(name);
     let name = name.strip_suffix("-filter").unwrap_or(name);
     nbdkit_filters::registry()
         .into_iter()
         .find(|f| f.name == name)
         .ok_or_else(|| {
-            Fatal(format!(
+            anyhow!(
                 "cannot open filter '{name}': no such filter (filters: {})",
                 nbdkit_filters::registry()
                     .iter()
                     .map(|f| f.name)
                     .collect::<Vec<_>>()
                     .join(", ")
-            ))
+            )
         })
 }
 
+/// `--dump-config`: upstream's keys, in its order, with our values.
+/// Plugins and filters are built into the binary, so the plugin and
+/// filter directories are the binary's own.
 fn dump_config() {
-    let exe = std::env::current_exe()
-        .map(|p| p.display().to_string())
-        .unwrap_or_else(|_| "nbdkit".into());
-    println!("binary={exe}");
-    println!("exit_with_parent=yes");
-    println!("host_cpu={}", std::env::consts::ARCH);
-    println!("host_os=linux-gnu");
-    println!("name=nbdkit");
-    println!("tls=no");
-    println!("version={COMPAT_VERSION}");
+    let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("nbdkit"));
+    let dir = exe
+        .parent()
+        .map(|d| d.display().to_string())
+        .unwrap_or_default();
     let mut parts = COMPAT_VERSION.split('.');
-    println!("version_major={}", parts.next().unwrap_or("1"));
-    println!("version_minor={}", parts.next().unwrap_or("32"));
-    println!("zstd=yes");
+    let major = parts.next().unwrap_or("1");
+    let minor = parts.next().unwrap_or("32");
+    let cpu = std::env::consts::ARCH;
+    let lines = [
+        ("binary", exe.display().to_string()),
+        ("bindir", dir.clone()),
+        ("exit_with_parent", "yes".into()),
+        ("filterdir", dir.clone()),
+        ("host_cpu", cpu.into()),
+        ("host_os", "linux-gnu".into()),
+        ("libdir", dir.clone()),
+        ("mandir", "/usr/share/man".into()),
+        ("name", "nbdkit".into()),
+        ("plugindir", dir.clone()),
+        ("root_tls_certificates_dir", "/etc/pki/nbdkit".into()),
+        ("sbindir", dir),
+        ("selinux", "no".into()),
+        ("sysconfdir", "/etc".into()),
+        ("tls", "no".into()),
+        ("version", COMPAT_VERSION.into()),
+        ("version_major", major.into()),
+        ("version_minor", minor.into()),
+        ("zstd", "yes".into()),
+    ];
+    for (k, v) in lines {
+        println!("{k}={v}");
+    }
 }
 
-fn run(args: Vec<OsString>) -> Result<i32, Fatal> {
-    let cli = match Cli::try_parse_from(std::iter::once(OsString::from("nbdkit")).chain(args)) {
+fn run(args: Vec<OsString>) -> Result<i32> {
+    let parsed = cli::matches::<()>(Cli::command(), &args).and_then(|m| {
+        Cli::from_arg_matches(&m).map_err(|e| Action::Usage(cli::clap_message(&e, &args)))
+    });
+    let cli = match parsed {
         Ok(c) => c,
-        Err(e) => {
-            let msg = e.to_string();
-            let first = msg.lines().next().unwrap_or("bad arguments");
-            eprintln!("nbdkit: {}", first.trim_start_matches("error: "));
-            eprint!("{USAGE}");
-            return Ok(1);
-        }
+        Err(action) => return Ok(cli::finish(&TOOL, action).err().unwrap_or(1)),
     };
     if cli.version {
-        println!(
-            "nbdkit {COMPAT_VERSION} (nbdkit-rs {})",
-            env!("CARGO_PKG_VERSION")
-        );
-        return Ok(0);
+        return version(&cli);
     }
     if cli.dump_config {
         dump_config();
@@ -287,7 +369,7 @@ fn run(args: Vec<OsString>) -> Result<i32, Fatal> {
         .map(|w| {
             w.to_str()
                 .map(str::to_string)
-                .ok_or_else(|| Fatal(format!("parameter {w:?} is not valid UTF-8")))
+                .ok_or_else(|| anyhow!("parameter {w:?} is not valid UTF-8"))
         })
         .collect::<Result<_, _>>()?;
     let Some((plugin_name, params)) = words.split_first() else {
@@ -295,7 +377,8 @@ fn run(args: Vec<OsString>) -> Result<i32, Fatal> {
             print!("{USAGE}");
             return Ok(0);
         }
-        eprint!("nbdkit: no plugins given on the command line.\n\n{USAGE}");
+        eprintln!("nbdkit: no plugins given on the command line.");
+        eprintln!("{SEE_HELP}");
         return Ok(1);
     };
     let plugin = plugin_by_name(plugin_name)?;
@@ -314,26 +397,24 @@ fn run(args: Vec<OsString>) -> Result<i32, Fatal> {
     }
     if let Some(t) = cli.tls.as_deref() {
         if t != "off" {
-            return fatal(format!(
-                "--tls={t}: TLS is not available in this build of nbdkit (only --tls=off)"
-            ));
+            bail!("--tls={t}: TLS is not available in this build of nbdkit (only --tls=off)");
         }
     }
     if let Some(l) = cli.log.as_deref() {
         if !matches!(l, "stderr" | "syslog" | "null") {
-            return fatal(format!("--log must be stderr, syslog or null, not '{l}'"));
+            bail!("--log must be stderr, syslog or null, not '{l}'");
         }
     }
     for d in &cli.debug {
         if !d.contains('=') {
-            return fatal(format!("-D {d}: must be PLUGIN.FLAG=N"));
+            bail!("-D {d}: must be PLUGIN.FLAG=N");
         }
     }
     server::set_verbose(cli.verbose);
 
     // Configure: filters take their keys first (outermost first), then the
     // plugin takes the rest and rejects what it does not know.
-    let mut params = Params::parse(params, plugin.magic).map_err(|e| Fatal(e.0))?;
+    let mut params = Params::parse(params, plugin.magic)?;
     if cli.dump_plugin {
         // Like upstream, this works without the plugin's required
         // parameters; the plugin's own lines need a configured plugin.
@@ -356,9 +437,9 @@ fn run(args: Vec<OsString>) -> Result<i32, Fatal> {
     }
     let mut built_filters = Vec::new();
     for f in &filters {
-        built_filters.push((f.create)(&mut params).map_err(|e: ConfigError| Fatal(e.0))?);
+        built_filters.push((f.create)(&mut params)?);
     }
-    let built_plugin = plugin.configure(&mut params).map_err(|e| Fatal(e.0))?;
+    let built_plugin = plugin.configure(&mut params)?;
     let stack = Stack {
         filters: built_filters,
         plugin: built_plugin,
@@ -392,7 +473,7 @@ fn run(args: Vec<OsString>) -> Result<i32, Fatal> {
     let cfg = Arc::new(cfg);
     {
         let _guard = rt.enter();
-        cfg.stack.after_fork().map_err(|e| Fatal(e.msg))?;
+        cfg.stack.after_fork()?;
     }
     let code = rt.block_on(serve(cfg.clone(), listen, &cli));
     cfg.stack.unload();
@@ -403,7 +484,7 @@ fn run(args: Vec<OsString>) -> Result<i32, Fatal> {
 
 /// Bind the listening sockets (before forking, so the server is reachable
 /// as soon as the parent returns).
-fn bind(cli: &Cli) -> Result<Listen, Fatal> {
+fn bind(cli: &Cli) -> Result<Listen> {
     if cli.single {
         return Ok(Listen::Single);
     }
@@ -435,7 +516,7 @@ fn bind(cli: &Cli) -> Result<Listen, Fatal> {
             (path.clone(), None, Some(path.clone()))
         };
         let l = std::os::unix::net::UnixListener::bind(&path)
-            .map_err(|e| Fatal(format!("bind: {}: {e}", path.display())))?;
+            .map_err(|e| anyhow!("bind: {}: {e}", path.display()))?;
         return Ok(Listen::Sockets {
             fds: vec![l.into()],
             uri: Some(UriInfo {
@@ -450,7 +531,7 @@ fn bind(cli: &Cli) -> Result<Listen, Fatal> {
         None => 10809,
         Some(p) => p
             .parse()
-            .map_err(|_| Fatal(format!("-p {p}: port must be a number from 0 to 65535")))?,
+            .map_err(|_| anyhow!("-p {p}: port must be a number from 0 to 65535"))?,
     };
     let addrs: Vec<IpAddr> = match &cli.ipaddr {
         Some(a) => {
@@ -461,7 +542,7 @@ fn bind(cli: &Cli) -> Result<Listen, Fatal> {
                     use std::net::ToSocketAddrs;
                     (a, port)
                         .to_socket_addrs()
-                        .map_err(|e| Fatal(format!("-i {a}: {e}")))?
+                        .map_err(|e| anyhow!("-i {a}: {e}"))?
                         .map(|s| s.ip())
                         .collect()
                 }
@@ -485,10 +566,10 @@ fn bind(cli: &Cli) -> Result<Listen, Fatal> {
         }
     }
     if fds.is_empty() {
-        return fatal(format!(
+        bail!(
             "unable to bind to any sockets on port {port}: {}",
             errors.join("; ")
-        ));
+        );
     }
     Ok(Listen::Sockets {
         fds,
@@ -522,27 +603,27 @@ fn bind_tcp(addr: SocketAddr) -> std::io::Result<OwnedFd> {
     Ok(fd)
 }
 
-fn set_exit_with_parent() -> Result<(), Fatal> {
+fn set_exit_with_parent() -> Result<()> {
     nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM)
-        .map_err(|e| Fatal(format!("--exit-with-parent: prctl: {e}")))?;
+        .map_err(|e| anyhow!("--exit-with-parent: prctl: {e}"))?;
     if nix::unistd::getppid() == nix::unistd::Pid::from_raw(1) {
-        return fatal("--exit-with-parent: the parent has already exited");
+        bail!("--exit-with-parent: the parent has already exited");
     }
     Ok(())
 }
 
-fn write_pidfile(p: &std::path::Path) -> Result<(), Fatal> {
+fn write_pidfile(p: &std::path::Path) -> Result<()> {
     let tmp = p.with_extension("tmp-nbdkit");
-    let mut f = std::fs::File::create(&tmp).map_err(|e| Fatal(format!("{}: {e}", p.display())))?;
+    let mut f = std::fs::File::create(&tmp).map_err(|e| anyhow!("{}: {e}", p.display()))?;
     writeln!(f, "{}", std::process::id())?;
     drop(f);
-    std::fs::rename(&tmp, p).map_err(|e| Fatal(format!("{}: {e}", p.display())))?;
+    std::fs::rename(&tmp, p).map_err(|e| anyhow!("{}: {e}", p.display()))?;
     Ok(())
 }
 
 /// Fork into the background. The parent exits 0 only once the child has
 /// written its pidfile, so a caller can rely on it at once.
-fn daemonize(pidfile: Option<&std::path::Path>) -> Result<(), Fatal> {
+fn daemonize(pidfile: Option<&std::path::Path>) -> Result<()> {
     let (rd, wr) = nix::unistd::pipe()?;
     // Safety: no threads exist yet (the runtime starts after this).
     match unsafe { nix::unistd::fork() }? {
@@ -556,8 +637,8 @@ fn daemonize(pidfile: Option<&std::path::Path>) -> Result<(), Fatal> {
             drop(rd);
             let _ = nix::unistd::setsid();
             let ok = match pidfile.map(write_pidfile) {
-                Some(Err(Fatal(m))) => {
-                    eprintln!("nbdkit: error: {m}");
+                Some(Err(e)) => {
+                    eprintln!("nbdkit: error: {}", cli::error_message(&e));
                     false
                 }
                 _ => true,
@@ -625,7 +706,7 @@ fn percent_encode_query(s: &str) -> String {
     out
 }
 
-async fn serve(cfg: Arc<ServerConfig>, listen: Listen, cli: &Cli) -> Result<i32, Fatal> {
+async fn serve(cfg: Arc<ServerConfig>, listen: Listen, cli: &Cli) -> Result<i32> {
     tokio::spawn(async {
         use tokio::signal::unix::{signal, SignalKind};
         let mut int = signal(SignalKind::interrupt()).expect("signal");
@@ -665,7 +746,7 @@ async fn serve(cfg: Arc<ServerConfig>, listen: Listen, cli: &Cli) -> Result<i32,
                     code
                 }
                 (Some(_), None) => {
-                    return fatal("--run cannot be used with socket activation");
+                    bail!("--run cannot be used with socket activation");
                 }
                 (None, _) => {
                     server::shutdown_requested().await;
@@ -708,7 +789,7 @@ async fn serve_stdio(cfg: Arc<ServerConfig>) {
 
 /// Run `--run CMD` under `sh -c` with the URI variables set; returns the
 /// exit status nbdkit should exit with.
-async fn run_command(cmd: &str, info: &UriInfo, export: &str) -> Result<i32, Fatal> {
+async fn run_command(cmd: &str, info: &UriInfo, export: &str) -> Result<i32> {
     let uri = make_uri(info, export);
     let mut c = tokio::process::Command::new("/bin/sh");
     c.arg("-c").arg(cmd);
@@ -724,9 +805,7 @@ async fn run_command(cmd: &str, info: &UriInfo, export: &str) -> Result<i32, Fat
         None => c.env("unixsocket", ""),
     };
     c.env("tls", "");
-    let mut child = c
-        .spawn()
-        .map_err(|e| Fatal(format!("--run: /bin/sh: {e}")))?;
+    let mut child = c.spawn().map_err(|e| anyhow!("--run: /bin/sh: {e}"))?;
     let status = tokio::select! {
         s = child.wait() => s?,
         _ = server::shutdown_requested() => {

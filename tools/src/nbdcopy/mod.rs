@@ -57,7 +57,7 @@ use std::ffi::OsString;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches, Parser};
 use libnbd::captive::{self, Target};
 use libnbd::uri::Uri;
 
@@ -71,7 +71,34 @@ use ops::{Copier, Settings};
 use pipe::PipeEndpoint;
 use progress::{Mode, Progress, Reporter};
 
-use crate::cli::LIBNBD_VERSION;
+use anyhow::{anyhow, Context, Result};
+
+use crate::cli::{self, Action, CommandLine, Tool};
+
+const TOOL: Tool = Tool {
+    name: "nbdcopy",
+    usage: USAGE,
+    version: || cli::libnbd_version("nbdcopy"),
+    long_options: &[
+        "--help",
+        "--allocated",
+        "--connections",
+        "--destination-is-zero",
+        "--flush",
+        "--no-extents",
+        "--progress",
+        "--queue-size",
+        "--request-size",
+        "--requests",
+        "--sparse",
+        "--synchronous",
+        "--target-is-zero",
+        "--threads",
+        "--verbose",
+        "--version",
+    ],
+    short_options: &["-C", "-p", "-R", "-S", "-T", "-v", "-V"],
+};
 
 /// Default `--request-size`.
 const REQUEST_SIZE: u64 = 256 * 1024;
@@ -91,7 +118,7 @@ Copy to and from an NBD server:
             [--destination-is-zero|--target-is-zero] [--flush]
             [--no-extents] [-p|--progress|--progress=FD]
             [--queue-size=N] [--request-size=N] [-R N|--requests=N]
-            [-S N|--sparse=N] [--synchronous] [-T N|--threads=N]
+            [-S N|--sparse=N] [--synchronous] [-T N|--threads=N]\x20
             [-v|--verbose]
             SOURCE DESTINATION
 
@@ -111,12 +138,14 @@ Examples:
     cat disk1 disk2 | nbdcopy -- - [ qemu-nbd -f qcow2 output.qcow2 ]
 
 Please read the nbdcopy(1) manual page for full usage.
+
 ";
 
 /// The command line (help text is [`USAGE`]).
 #[derive(Parser, Debug)]
 #[command(
     name = "nbdcopy",
+    infer_long_args = true,
     disable_help_flag = true,
     disable_version_flag = true
 )]
@@ -197,26 +226,8 @@ struct Options {
     verbose: bool,
 }
 
-/// An error that ends nbdcopy with a message and exit status 1.
-#[derive(Debug)]
-struct Fatal(String);
-
-impl From<OpError> for Fatal {
-    fn from(e: OpError) -> Self {
-        Fatal(e.to_string())
-    }
-}
-
-/// How the command line ends: copy, or just print something.
-enum Action {
-    Copy(Box<(Options, Spec, Spec)>),
-    Help,
-    Version,
-    /// Bad usage: a message, then the usage text on stderr.
-    Usage(String),
-    /// A bad option value: only the message, as libnbd's nbdcopy.
-    BadOption(String),
-}
+/// A copy to do: its options, source and destination.
+type Job = (Options, Spec, Spec);
 
 /// What a SOURCE or DESTINATION argument names.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -230,34 +241,17 @@ enum Spec {
 /// Run nbdcopy with these arguments (without argv\[0\]); returns the
 /// exit status.
 pub fn main(args: Vec<OsString>) -> i32 {
-    match parse(args) {
-        Action::Help => {
-            print!("{USAGE}");
-            0
-        }
-        Action::Version => {
-            println!("nbdcopy {LIBNBD_VERSION}");
-            println!("libnbd {LIBNBD_VERSION}");
-            0
-        }
-        Action::Usage(msg) => {
-            if !msg.is_empty() {
-                eprintln!("nbdcopy: {msg}");
-            }
-            eprint!("{USAGE}");
+    let job = match cli::finish(&TOOL, parse(args)) {
+        Ok(job) => job,
+        Err(status) => return status,
+    };
+    let (opts, src, dst) = *job;
+    match run(opts, src, dst) {
+        Ok(()) => 0,
+        Err(e) => {
+            cli::fail("nbdcopy", &e);
             1
         }
-        Action::BadOption(msg) => {
-            eprintln!("nbdcopy: {msg}");
-            1
-        }
-        Action::Copy(job) => match run(job.0, job.1, job.2) {
-            Ok(()) => 0,
-            Err(Fatal(msg)) => {
-                eprintln!("nbdcopy: {msg}");
-                1
-            }
-        },
     }
 }
 
@@ -323,36 +317,39 @@ fn options(cli: &Cli) -> Result<Options, String> {
     })
 }
 
-/// Take one SOURCE or DESTINATION from the front of `args`; returns it
-/// and how many words it used.
-fn spec(args: &[OsString]) -> Result<(Spec, usize), String> {
-    let first = &args[0];
-    if first == "[" {
-        let (t, n) = Target::from_args(args).map_err(|e| e.to_string())?;
-        return Ok((Spec::Nbd(t), n));
+/// What one SOURCE or DESTINATION word names.
+fn spec(line: &CommandLine, word: &OsString) -> Result<Spec, String> {
+    if let Some(cmd) = line.command(word) {
+        return Ok(Spec::Nbd(Target::Command(cmd.to_vec())));
     }
-    let s = first.to_string_lossy();
+    let s = word.to_string_lossy();
     if s == "-" {
-        return Ok((Spec::Stdio, 1));
+        return Ok(Spec::Stdio);
     }
     if null::is_null(&s) {
-        return Ok((Spec::Null, 1));
+        return Ok(Spec::Null);
     }
     if Uri::is_nbd_uri(&s) {
-        let (t, n) = Target::from_args(args).map_err(|e| e.to_string())?;
-        return Ok((Spec::Nbd(t), n));
+        let (t, _) = Target::from_args(std::slice::from_ref(word)).map_err(|e| e.to_string())?;
+        return Ok(Spec::Nbd(t));
     }
-    Ok((Spec::Path(PathBuf::from(first)), 1))
+    Ok(Spec::Path(PathBuf::from(word)))
 }
 
-fn parse(args: Vec<OsString>) -> Action {
-    let cli = match Cli::try_parse_from(std::iter::once(OsString::from("nbdcopy")).chain(args)) {
+fn parse(args: Vec<OsString>) -> Action<Job> {
+    // Take `[ CMD ARGS ... ]` out first: its arguments are not ours.
+    let line = match CommandLine::split(args) {
+        Ok(l) => l,
+        // An unmatched `[` or an empty `[ ]`: the usage, as libnbd's.
+        Err(_) => return Action::Usage(String::new()),
+    };
+    let m = match cli::matches(Cli::command(), &line.args) {
+        Ok(m) => m,
+        Err(action) => return action,
+    };
+    let cli = match Cli::from_arg_matches(&m) {
         Ok(c) => c,
-        Err(e) => {
-            let msg = e.to_string();
-            let first = msg.lines().next().unwrap_or("bad arguments");
-            return Action::Usage(first.trim_start_matches("error: ").to_string());
-        }
+        Err(e) => return Action::Usage(cli::clap_message(&e, &line.args)),
     };
     if cli.help {
         return Action::Help;
@@ -362,37 +359,27 @@ fn parse(args: Vec<OsString>) -> Action {
     }
     let opts = match options(&cli) {
         Ok(o) => o,
-        Err(msg) => return Action::BadOption(msg),
+        // A bad option value: only the message, as libnbd's nbdcopy.
+        Err(msg) => return Action::Error(anyhow!(msg)),
     };
-    let a = &cli.args;
-    if a.is_empty() {
+    let [a, b] = &cli.args[..] else {
         return Action::Usage(String::new());
-    }
-    let (src, n) = match spec(a) {
-        Ok(x) => x,
-        Err(m) => return Action::Usage(m),
     };
-    if n >= a.len() {
-        return Action::Usage(String::new());
-    }
-    let (dst, m) = match spec(&a[n..]) {
-        Ok(x) => x,
-        Err(m) => return Action::Usage(m),
+    let (src, dst) = match (spec(&line, a), spec(&line, b)) {
+        (Ok(src), Ok(dst)) => (src, dst),
+        (Err(m), _) | (_, Err(m)) => return Action::Usage(m),
     };
-    if n + m != a.len() {
-        return Action::Usage(String::new());
-    }
     // `null:` is a destination only; as a source it is a file name.
     let src = if src == Spec::Null {
         Spec::Path(PathBuf::from("null:"))
     } else {
         src
     };
-    Action::Copy(Box::new((opts, src, dst)))
+    Action::Run(Box::new((opts, src, dst)))
 }
 
 /// Open one side.
-async fn open(spec: Spec, write: bool, extents: bool) -> Result<Box<dyn Endpoint>, Fatal> {
+async fn open(spec: Spec, write: bool, extents: bool) -> Result<Box<dyn Endpoint>> {
     let file = |name: String, opened: Opened| -> Box<dyn Endpoint> {
         match opened {
             Opened::File(f) => Box::new(f),
@@ -403,19 +390,19 @@ async fn open(spec: Spec, write: bool, extents: bool) -> Result<Box<dyn Endpoint
         Spec::Nbd(t) => Box::new(
             NbdEndpoint::open(t, extents)
                 .await
-                .map_err(|e| Fatal(describe(&e)))?,
+                .map_err(|e| anyhow!(describe(&e)))?,
         ),
         Spec::Null => Box::new(NullEndpoint),
         Spec::Stdio => {
-            let f = pipe::std_file(write).map_err(|e| Fatal(format!("-: {}", describe(&e))))?;
+            let f = pipe::std_file(write).map_err(|e| anyhow!("-: {}", describe(&e)))?;
             let opened = FileEndpoint::from_file("-".into(), f)
-                .map_err(|e| Fatal(format!("-: {}", describe(&e))))?;
+                .map_err(|e| anyhow!("-: {}", describe(&e)))?;
             file("-".into(), opened)
         }
         Spec::Path(p) => {
             let name = p.display().to_string();
-            let opened = FileEndpoint::open(&p, write)
-                .map_err(|e| Fatal(format!("{name}: {}", describe(&e))))?;
+            let opened =
+                FileEndpoint::open(&p, write).map_err(|e| anyhow!("{name}: {}", describe(&e)))?;
             file(name, opened)
         }
     })
@@ -444,35 +431,27 @@ fn describe_endpoint(side: &str, e: &dyn Endpoint) {
     );
 }
 
-fn run(opts: Options, src: Spec, dst: Spec) -> Result<(), Fatal> {
+fn run(opts: Options, src: Spec, dst: Spec) -> Result<()> {
     let threads = match opts.threads {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
         n => n,
     };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(threads)
-        .thread_name("nbdcopy")
-        .enable_all()
-        .build()
-        .map_err(|e| Fatal(format!("cannot start the runtime: {e}")))?;
+    let rt = cli::runtime("nbdcopy", Some(threads))?;
     rt.block_on(async move {
-        captive::kill_on_signals().map_err(|e| Fatal(format!("signal handlers: {e}")))?;
+        captive::kill_on_signals().context("signal handlers")?;
         // On a worker thread, like the tasks it starts and waits for
         // (block_on's own thread is not one: every wakeup would cross).
         tokio::spawn(copy(opts, threads, src, dst))
             .await
-            .map_err(|e| Fatal(format!("internal error: {e}")))?
+            .map_err(|e| anyhow!("internal error: {e}"))?
     })
 }
 
-async fn copy(opts: Options, threads: usize, src: Spec, dst: Spec) -> Result<(), Fatal> {
+async fn copy(opts: Options, threads: usize, src: Spec, dst: Spec) -> Result<()> {
     let mut src = open(src, false, opts.extents).await?;
     let mut dst = open(dst, true, opts.extents).await?;
     if dst.is_read_only() {
-        return Err(Fatal(format!(
-            "{}: the destination is read-only",
-            dst.name()
-        )));
+        return Err(anyhow!("{}: the destination is read-only", dst.name()));
     }
 
     // Connections: several only where both sides can take them. As in
@@ -490,9 +469,9 @@ async fn copy(opts: Options, threads: usize, src: Spec, dst: Spec) -> Result<(),
         && (src.takes_lanes() || dst.takes_lanes())
     {
         let l = Lanes::start(connections.min(threads))
-            .map_err(|e| Fatal(format!("cannot start threads: {e}")))?;
+            .map_err(|e| anyhow!("cannot start threads: {e}"))?;
         let (a, b) = tokio::join!(src.start_lanes(&l), dst.start_lanes(&l));
-        a.and(b).map_err(|e| Fatal(describe(&e)))?;
+        a.and(b).map_err(|e| anyhow!(describe(&e)))?;
         lanes = Some(l);
     }
     let width = match &lanes {
@@ -502,8 +481,8 @@ async fn copy(opts: Options, threads: usize, src: Spec, dst: Spec) -> Result<(),
                 src.start_multi_conn(connections),
                 dst.start_multi_conn(connections)
             );
-            let opened = a.map_err(|e| Fatal(describe(&e)))?;
-            let opened = opened.max(b.map_err(|e| Fatal(describe(&e)))?);
+            let opened = a.map_err(|e| anyhow!(describe(&e)))?;
+            let opened = opened.max(b.map_err(|e| anyhow!(describe(&e)))?);
             // What is kept in flight scales with the NBD connections,
             // or with the threads working on local endpoints.
             opened.max(connections.min(threads))
@@ -518,8 +497,8 @@ async fn copy(opts: Options, threads: usize, src: Spec, dst: Spec) -> Result<(),
                 .await
                 .map_err(|e| OpError::new(&*dst, "truncate", None, e))?;
         } else if matches!(dst.size(), Some(d) if d < size) {
-            return Err(Fatal(
-                "error: destination size is smaller than source size".into(),
+            return Err(anyhow!(
+                "error: destination size is smaller than source size"
             ));
         }
     }
@@ -634,7 +613,7 @@ mod tests {
 
     fn copy_of(s: &str) -> (Options, Spec, Spec) {
         match parse(words(s)) {
-            Action::Copy(job) => *job,
+            Action::Run(job) => *job,
             _ => panic!("{s}: not a copy"),
         }
     }
@@ -648,7 +627,7 @@ mod tests {
 
     fn bad_option(s: &str) -> String {
         match parse(words(s)) {
-            Action::BadOption(m) => m,
+            Action::Error(e) => e.to_string(),
             _ => panic!("{s}: not a bad option value"),
         }
     }

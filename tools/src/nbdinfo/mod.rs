@@ -43,43 +43,76 @@ use std::ffi::OsString;
 use std::io::{self, IsTerminal, Write};
 
 use anyhow::{anyhow, bail, Context, Result};
-use clap::{Arg, ArgAction, ArgMatches, Command};
+use clap::{Arg, ArgAction, Command};
 use libnbd::captive::{self, Target};
 use libnbd::client::{ConnectOptions, Connection};
 
-use crate::cli::Parsed;
+use crate::cli::{self, last_index, toggle, Action, CommandLine, Tool};
 use show::{ExportReport, Header, Style};
 
-const USAGE: &str = "\
-Show information and metadata about an NBD server and its exports.
+/// Upstream's usage text, with our further options under "Other options".
+const USAGE: &str = "
+Display information and metadata about NBD servers and exports:
 
-Usage:
-    nbdinfo [--json] NBD
-    nbdinfo --size [--json] NBD
-    nbdinfo --is read-only|rotational|tls NBD
-    nbdinfo --can connect|read|write|trim|zero|fast-zero|df|fua|flush|
-                  multi-conn|cache|structured-reply NBD
-    nbdinfo --map[=CONTEXT] [--totals] [--json] NBD
-    nbdinfo -L|--list [--json] NBD
+    nbdinfo [--json] NBD-URI | [ CMD ARGS ... ]
+    nbdinfo --size [--json] NBD-URI | [ CMD ARGS ... ]
+    nbdinfo --is read-only|rotational NBD-URI | [ CMD ARGS ... ]
+    nbdinfo --can cache|connect|... NBD-URI | [ CMD ARGS ... ]
+    nbdinfo --map [--totals] [--json] NBD-URI | [ CMD ARGS ... ]
+    nbdinfo -L|--list [--json] NBD-URI | [ CMD ARGS ... ]
 
-NBD is an NBD URI (nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH)
-or a server to run: [ CMD ARGS ... ] (put -- before the [).
+Other options:
 
-Options:
+    nbdinfo --help
+    nbdinfo --version
     --content, --no-content   describe the first sectors of each export
     --color, --no-color       ANSI colours (default: if stdout is a terminal)
-    --json                    JSON output
-    --help                    this help
-    -V, --version             the version
+    --map=CONTEXT             the map of another meta context
 
 Examples:
+
     nbdinfo nbd://localhost
     nbdinfo \"nbd+unix:///?socket=/tmp/unixsock\"
     nbdinfo --size nbd://example.com
-    nbdinfo --can trim nbd://example.com
+    nbdinfo --can connect nbd://example.com
+    nbdinfo --is read-only nbd://example.com
+    nbdinfo --map nbd://example.com
+    nbdinfo --json nbd://example.com
+    nbdinfo --list nbd://example.com
     nbdinfo --map -- [ qemu-nbd -r -f qcow2 file.qcow2 ]
-    nbdinfo --list --json nbd://example.com
+
+Please read the nbdinfo(1) manual page for full usage.
+
 ";
+
+const TOOL: Tool = Tool {
+    name: "nbdinfo",
+    usage: USAGE,
+    version: || cli::libnbd_version("nbdinfo"),
+    long_options: &[
+        "--help",
+        "--can",
+        "--color",
+        "--colors",
+        "--colour",
+        "--colours",
+        "--no-color",
+        "--no-colors",
+        "--no-colour",
+        "--no-colours",
+        "--content",
+        "--no-content",
+        "--is",
+        "--json",
+        "--list",
+        "--map",
+        "--size",
+        "--total",
+        "--totals",
+        "--version",
+    ],
+    short_options: &["-L", "-V"],
+};
 
 /// What to do.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -190,8 +223,8 @@ fn command() -> Command {
                 .value_name("FLAG")
                 .action(ArgAction::Set),
         )
-        .arg(flag("color").alias("colour"))
-        .arg(flag("no-color").alias("no-colour"))
+        .arg(flag("color").aliases(["colors", "colour", "colours"]))
+        .arg(flag("no-color").aliases(["no-colors", "no-colour", "no-colours"]))
         .arg(flag("content"))
         .arg(flag("no-content"))
         .arg(flag("json"))
@@ -206,7 +239,7 @@ fn command() -> Command {
                 .action(ArgAction::Set),
         )
         .arg(flag("size"))
-        .arg(flag("totals"))
+        .arg(flag("totals").alias("total"))
         .arg(flag("no-totals"))
         .arg(
             Arg::new("args")
@@ -216,57 +249,23 @@ fn command() -> Command {
         )
 }
 
-/// The last position of an option on the command line, if given.
-pub(crate) fn last_index(m: &ArgMatches, id: &str) -> Option<usize> {
-    if m.value_source(id) != Some(clap::parser::ValueSource::CommandLine) {
-        return None;
-    }
-    m.indices_of(id).and_then(|i| i.max())
-}
-
-/// Which of two opposite flags came last.
-fn toggle(m: &ArgMatches, on: &str, off: &str) -> Option<bool> {
-    match (last_index(m, on), last_index(m, off)) {
-        (None, None) => None,
-        (Some(_), None) => Some(true),
-        (None, Some(_)) => Some(false),
-        (Some(a), Some(b)) => Some(a > b),
+fn parse(args: Vec<OsString>) -> Action<Cli> {
+    match parse_cli(args) {
+        Ok(cli) => Action::Run(Box::new(cli)),
+        Err(action) => action,
     }
 }
 
-/// Take `[ CMD ARGS ... ]` out of the arguments (the first `[` and the
-/// first `]` after it).
-pub(crate) fn split_command(args: Vec<OsString>) -> Result<(Vec<OsString>, Option<Vec<OsString>>)> {
-    let Some(start) = args.iter().position(|a| a == "[") else {
-        return Ok((args, None));
-    };
-    let end = args[start..]
-        .iter()
-        .position(|a| a == "]")
-        .map(|i| start + i)
-        .ok_or_else(|| anyhow!("'[' without a matching ']'"))?;
-    if end == start + 1 {
-        bail!("empty command in [ ]");
-    }
-    let mut rest = args;
-    let cmd: Vec<OsString> = rest.drain(start..=end).collect();
-    Ok((rest, Some(cmd[1..cmd.len() - 1].to_vec())))
-}
-
-fn parse(args: Vec<OsString>) -> Result<Parsed<Cli>> {
-    let (args, cmd) = split_command(args)?;
-    let m = command()
-        .try_get_matches_from(std::iter::once(OsString::from("nbdinfo")).chain(args))
-        .map_err(|e| {
-            let msg = e.to_string();
-            let first = msg.lines().next().unwrap_or("bad arguments").to_string();
-            anyhow!("{}", first.trim_start_matches("error: "))
-        })?;
+/// The command line, or what to do instead of the work.
+fn parse_cli(args: Vec<OsString>) -> Result<Cli, Action<Cli>> {
+    // An unmatched `[` or an empty `[ ]`: the usage, as libnbd's.
+    let line = CommandLine::split(args).map_err(|_| Action::Usage(String::new()))?;
+    let m = cli::matches(command(), &line.args)?;
     if m.get_flag("help") {
-        return Ok(Parsed::Help);
+        return Err(Action::Help);
     }
     if m.get_flag("version") {
-        return Ok(Parsed::Version);
+        return Err(Action::Version);
     }
 
     // --can and --is are the same option; the last one counts.
@@ -281,10 +280,10 @@ fn parse(args: Vec<OsString>) -> Result<Parsed<Cli>> {
     let totals = toggle(&m, "totals", "no-totals").unwrap_or(false);
     let modes = [list, size, map.is_some(), can.is_some()];
     if modes.iter().filter(|&&x| x).count() > 1 {
-        bail!("you cannot use --list, --map, --size and --can/--is together");
+        return Err(anyhow!("you cannot use --list, --map and --size together.").into());
     }
     if totals && map.is_none() {
-        bail!("you must use --totals only with --map option");
+        return Err(anyhow!("you must use --totals only with --map option.").into());
     }
     let mode = if list {
         Mode::List
@@ -307,57 +306,31 @@ fn parse(args: Vec<OsString>) -> Result<Parsed<Cli>> {
         .get_many::<OsString>("args")
         .map(|v| v.cloned().collect())
         .unwrap_or_default();
-    let target = match (cmd, positional.as_slice()) {
-        (Some(cmd), []) => Target::Command(cmd),
-        (None, [uri]) => Target::from_args(std::slice::from_ref(uri))?.0,
-        (None, []) => bail!("missing NBD URI or [ CMD ARGS ... ] (see nbdinfo --help)"),
-        (_, [extra, ..]) => bail!("unexpected argument {:?}", extra.to_string_lossy()),
-    };
+    let target = line.one_target(&positional)?;
     let json = m.get_flag("json");
     let color = toggle(&m, "color", "no-color").unwrap_or_else(|| io::stdout().is_terminal());
     let content = toggle(&m, "content", "no-content").unwrap_or(mode == Mode::Show);
-    Ok(Parsed::Run(Box::new(Cli {
+    Ok(Cli {
         mode,
         style: Style { json, color },
         content,
         target,
-    })))
-}
-
-/// An error as one line: its causes joined with `: ` (skipping those
-/// already spelled out), without std's "(os error N)" suffixes.
-pub(crate) fn error_message(e: &anyhow::Error) -> String {
-    let mut line = String::new();
-    for cause in e.chain() {
-        let s = cause.to_string();
-        if line.contains(&s) {
-            continue;
-        }
-        if !line.is_empty() {
-            line.push_str(": ");
-        }
-        line.push_str(&s);
-    }
-    let mut out = String::with_capacity(line.len());
-    let mut rest = line.as_str();
-    while let Some(i) = rest.find(" (os error ") {
-        out.push_str(&rest[..i]);
-        rest = &rest[i..];
-        match rest.find(')') {
-            Some(j) => rest = &rest[j + 1..],
-            None => break,
-        }
-    }
-    out.push_str(rest);
-    out
+    })
 }
 
 /// Run nbdinfo with these arguments (without the program name);
 /// returns the exit status.
 pub fn main(args: Vec<OsString>) -> i32 {
-    let (cli, rt) = match crate::cli::start("nbdinfo", USAGE, parse(args)) {
-        Ok(started) => started,
+    let cli = match cli::finish(&TOOL, parse(args)) {
+        Ok(cli) => cli,
         Err(status) => return status,
+    };
+    let rt = match cli::runtime("nbdinfo", None) {
+        Ok(rt) => rt,
+        Err(e) => {
+            cli::fail("nbdinfo", &e);
+            return 1;
+        }
     };
     let stdout = io::stdout();
     let mut out = io::BufWriter::new(stdout.lock());
@@ -385,7 +358,7 @@ pub fn main(args: Vec<OsString>) -> i32 {
             {
                 return 1;
             }
-            eprintln!("nbdinfo: {}", error_message(&e));
+            cli::fail("nbdinfo", &e);
             1
         }
     }
