@@ -25,7 +25,7 @@ use std::sync::Arc;
 use clap::{ArgAction, Parser};
 use libnbd::config::{ConfigError, FilterEntry, Params, PluginEntry};
 use libnbd::listen::{self, Listener};
-use libnbd::server::{self, ServerConfig};
+use libnbd::server::{self, ServerConfig, ServerContext};
 use libnbd::{Stack, ThreadModel};
 
 /// The nbdkit version we are compatible with, printed by `--version`.
@@ -364,6 +364,7 @@ fn run(args: Vec<OsString>) -> Result<i32, Fatal> {
         plugin: built_plugin,
     };
     let mut cfg = ServerConfig::new(stack);
+    cfg.server = ServerContext::new(cli.verbose);
     cfg.readonly = cli.readonly;
     cfg.structured_replies = !cli.no_sr;
     cfg.meta_contexts = !cli.no_mc;
@@ -392,7 +393,9 @@ fn run(args: Vec<OsString>) -> Result<i32, Fatal> {
     let cfg = Arc::new(cfg);
     {
         let _guard = rt.enter();
-        cfg.stack.after_fork().map_err(|e| Fatal(e.msg))?;
+        cfg.stack
+            .after_fork(&cfg.server)
+            .map_err(|e| Fatal(e.msg))?;
     }
     let code = rt.block_on(serve(cfg.clone(), listen, &cli));
     cfg.stack.unload();
@@ -626,7 +629,8 @@ fn percent_encode_query(s: &str) -> String {
 }
 
 async fn serve(cfg: Arc<ServerConfig>, listen: Listen, cli: &Cli) -> Result<i32, Fatal> {
-    tokio::spawn(async {
+    let server = cfg.server.clone();
+    tokio::spawn(async move {
         use tokio::signal::unix::{signal, SignalKind};
         let mut int = signal(SignalKind::interrupt()).expect("signal");
         let mut term = signal(SignalKind::terminate()).expect("signal");
@@ -638,7 +642,7 @@ async fn serve(cfg: Arc<ServerConfig>, listen: Listen, cli: &Cli) -> Result<i32,
             _ = quit.recv() => {}
             _ = hup.recv() => {}
         }
-        server::request_shutdown();
+        server.request_shutdown();
     });
     match listen {
         Listen::Single => {
@@ -659,16 +663,21 @@ async fn serve(cfg: Arc<ServerConfig>, listen: Listen, cli: &Cli) -> Result<i32,
             }
             let code = match (&cli.run, &uri) {
                 (Some(cmd), Some(info)) => {
-                    let code =
-                        run_command(cmd, info, cli.exportname.as_deref().unwrap_or("")).await?;
-                    server::request_shutdown();
+                    let code = run_command(
+                        &cfg.server,
+                        cmd,
+                        info,
+                        cli.exportname.as_deref().unwrap_or(""),
+                    )
+                    .await?;
+                    cfg.server.request_shutdown();
                     code
                 }
                 (Some(_), None) => {
                     return fatal("--run cannot be used with socket activation");
                 }
                 (None, _) => {
-                    server::shutdown_requested().await;
+                    cfg.server.shutdown_requested().await;
                     0
                 }
             };
@@ -708,7 +717,12 @@ async fn serve_stdio(cfg: Arc<ServerConfig>) {
 
 /// Run `--run CMD` under `sh -c` with the URI variables set; returns the
 /// exit status nbdkit should exit with.
-async fn run_command(cmd: &str, info: &UriInfo, export: &str) -> Result<i32, Fatal> {
+async fn run_command(
+    server: &ServerContext,
+    cmd: &str,
+    info: &UriInfo,
+    export: &str,
+) -> Result<i32, Fatal> {
     let uri = make_uri(info, export);
     let mut c = tokio::process::Command::new("/bin/sh");
     c.arg("-c").arg(cmd);
@@ -729,7 +743,7 @@ async fn run_command(cmd: &str, info: &UriInfo, export: &str) -> Result<i32, Fat
         .map_err(|e| Fatal(format!("--run: /bin/sh: {e}")))?;
     let status = tokio::select! {
         s = child.wait() => s?,
-        _ = server::shutdown_requested() => {
+        _ = server.shutdown_requested() => {
             // We were told to stop (a signal): let the command go too.
             let _ = child.start_kill();
             child.wait().await?
