@@ -1,5 +1,4 @@
-//! The blocksize filter: meet the block size limits of the plugin,
-//! whatever the client sends.
+//! # blocksize: meet the plugin's block size limits, whatever the client sends
 //!
 //! Clients may send requests of any alignment and of up to nearly 4 GiB
 //! (64 MiB with data, nbdkit's own limit); some plugins need aligned or
@@ -25,7 +24,7 @@
 //! nbdkit --filter=blocksize nbd maxdata=32M socket=/path/to/socket
 //! ```
 //!
-//! Parameters:
+//! ## Parameters
 //!
 //! - `minblock=SIZE`: the alignment and minimum size of requests to the
 //!   plugin, a power of 2 up to 64K (default: the plugin's minimum block

@@ -1,4 +1,4 @@
-//! The cache filter: keep blocks of a slow plugin in a local file.
+//! # cache: keep blocks of a slow plugin in a local file
 //!
 //! Blocks written (and, with `cache-on-read`, read or prefetched) are
 //! kept in a sparse temporary file (in `$TMPDIR`, default `/var/tmp`,
@@ -27,7 +27,7 @@
 //! nbdkit --filter=cache file disk.img cache=unsafe cache-max-size=1G
 //! ```
 //!
-//! Parameters:
+//! ## Parameters
 //!
 //! - `cache=writeback|writethrough|unsafe`: the mode (see above).
 //! - `cache-on-read=false|true|/PATH`: also cache the blocks that reads
@@ -51,8 +51,8 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use libnbd::{
-    BlockSize, Cache, ConfigError, ConfigResult, Error, Extents, Filter, FilterEntry, Flags, Fua,
-    Handle, Next, OpenContext, Params, Result,
+    BlockSize, Cache, Caps, ConfigError, ConfigResult, Error, Extents, Filter, FilterEntry, Flags,
+    Fua, Handle, Next, OpenContext, Params, Result,
 };
 
 use crate::cow::blocks::{BlockLocks, StateMap, Store};
@@ -266,8 +266,8 @@ impl Filter for CacheFilter {
                 blocks.size
             )));
         }
-        let next_extents = next.can_extents()?;
-        let next_trim = next.can_trim()?;
+        let below = next.caps()?;
+        let (next_extents, next_trim) = (below.extents, below.trim);
         Ok(Box::new(CacheHandle {
             next,
             b: blocks,
@@ -392,18 +392,15 @@ impl Handle for CacheHandle {
             maximum: u32::MAX,
         }))
     }
-    fn can_flush(&self) -> Result<bool> {
-        Ok(true)
-    }
-    fn can_fua(&self) -> Result<Fua> {
-        Ok(Fua::Native)
-    }
-    fn can_multi_conn(&self) -> Result<bool> {
-        // One cache for all connections, and a flush writes back all of it.
-        Ok(true)
-    }
-    fn can_cache(&self) -> Result<Cache> {
-        Ok(Cache::Native)
+    fn caps(&self) -> Result<Caps> {
+        Ok(Caps {
+            flush: true,
+            fua: Fua::Native,
+            // One cache for all connections, and a flush writes back all of it.
+            multi_conn: true,
+            cache: Cache::Native,
+            ..self.next.caps()?
+        })
     }
 
     async fn pread(&self, buf: &mut [u8], offset: u64, flags: Flags) -> Result<()> {

@@ -1,5 +1,4 @@
-//! The cow filter: a writable copy-on-write overlay over a read-only
-//! plugin.
+//! # cow: a writable copy-on-write overlay over a read-only plugin
 //!
 //! The layers below are opened read-only and never written. Writes,
 //! zeroes and trims go to an overlay kept in a sparse temporary file
@@ -14,7 +13,7 @@
 //! nbdkit --filter=cow --filter=xz file disk.xz cow-on-read=true
 //! ```
 //!
-//! Parameters:
+//! ## Parameters
 //!
 //! - `cow-block-size=N`: the overlay's block size, a power of 2, at
 //!   least 4096 (default 64K). A write smaller than a block copies the
@@ -37,7 +36,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use libnbd::backend::HOLE_ZERO;
 use libnbd::{
-    BlockSize, Cache, ConfigError, ConfigResult, Error, Extents, Filter, FilterEntry, Flags, Fua,
+    BlockSize, Cache, Caps, ConfigError, ConfigResult, Error, Extents, Filter, FilterEntry, Flags,
     Handle, Next, OpenContext, Params, Result,
 };
 
@@ -166,8 +165,9 @@ impl Filter for CowFilter {
                 ov.size
             )));
         }
-        let next_extents = next.can_extents()?;
-        let next_cache = next.can_cache()? != Cache::None;
+        let below = next.caps()?;
+        let next_extents = below.extents;
+        let next_cache = below.cache != Cache::None;
         Ok(Box::new(CowHandle {
             next,
             ov,
@@ -284,33 +284,13 @@ impl Handle for CowHandle {
             maximum: u32::MAX,
         }))
     }
-    fn can_write(&self) -> Result<bool> {
-        Ok(true)
-    }
-    fn can_flush(&self) -> Result<bool> {
-        Ok(true)
-    }
-    fn can_trim(&self) -> Result<bool> {
-        Ok(true)
-    }
-    fn can_zero(&self) -> Result<bool> {
-        Ok(true)
-    }
-    fn can_fast_zero(&self) -> Result<bool> {
-        Ok(true)
-    }
-    fn can_extents(&self) -> Result<bool> {
-        Ok(true)
-    }
-    fn can_fua(&self) -> Result<Fua> {
-        // The overlay is temporary: there is nothing to make durable.
-        Ok(Fua::Native)
-    }
-    fn can_multi_conn(&self) -> Result<bool> {
-        Ok(true)
-    }
-    fn can_cache(&self) -> Result<Cache> {
-        Ok(Cache::Native)
+    fn caps(&self) -> Result<Caps> {
+        // The overlay is temporary: there is nothing to make durable, so
+        // FUA is native.
+        Ok(Caps {
+            rotational: self.next.caps()?.rotational,
+            ..Caps::FULL
+        })
     }
 
     async fn pread(&self, buf: &mut [u8], offset: u64, flags: Flags) -> Result<()> {
@@ -837,7 +817,7 @@ pub(crate) mod testkit {
     use async_trait::async_trait;
     use libnbd::backend::HOLE_ZERO;
     use libnbd::{
-        BlockSize, Cache, Error, Extents, Filter, Flags, Fua, Handle, OpenContext, Plugin, Result,
+        BlockSize, Cache, Caps, Error, Extents, Filter, Flags, Handle, OpenContext, Plugin, Result,
         Stack,
     };
 
@@ -971,32 +951,12 @@ pub(crate) mod testkit {
         fn block_size(&self) -> Result<Option<BlockSize>> {
             Ok(*self.mem.block_size.lock().unwrap())
         }
-        fn can_write(&self) -> Result<bool> {
-            Ok(!self.readonly)
-        }
-        fn can_flush(&self) -> Result<bool> {
-            Ok(true)
-        }
-        fn can_trim(&self) -> Result<bool> {
-            Ok(true)
-        }
-        fn can_zero(&self) -> Result<bool> {
-            Ok(true)
-        }
-        fn can_fast_zero(&self) -> Result<bool> {
-            Ok(true)
-        }
-        fn can_extents(&self) -> Result<bool> {
-            Ok(true)
-        }
-        fn can_fua(&self) -> Result<Fua> {
-            Ok(Fua::Native)
-        }
-        fn can_multi_conn(&self) -> Result<bool> {
-            Ok(true)
-        }
-        fn can_cache(&self) -> Result<Cache> {
-            Ok(*self.mem.cache.lock().unwrap())
+        fn caps(&self) -> Result<Caps> {
+            Ok(Caps {
+                write: !self.readonly,
+                cache: *self.mem.cache.lock().unwrap(),
+                ..Caps::FULL
+            })
         }
         async fn pread(&self, buf: &mut [u8], offset: u64, _flags: Flags) -> Result<()> {
             self.check(offset, buf.len() as u64)?;
@@ -1138,7 +1098,7 @@ mod tests {
         let (stack, log, mem) = mem_stack(cow(&["cow-block-size=4096"]), MB);
         let base = mem.snapshot();
         let h = stack.open(&OpenContext::default()).await.unwrap();
-        assert!(h.can_write().unwrap());
+        assert!(h.caps().unwrap().write);
         assert_eq!(*mem.opened_readonly.lock().unwrap(), vec![true]);
         // Unaligned write across blocks, whole blocks, zero, trim.
         h.pwrite(&[0xAA; 5000], 1000, Flags::NONE).await.unwrap();

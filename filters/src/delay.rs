@@ -1,4 +1,4 @@
-//! The delay filter: make requests slow on purpose.
+//! # delay: make requests slow on purpose
 //!
 //! Every request of a chosen kind sleeps for a fixed time before it is
 //! passed to the layer below, which simulates a slow or distant server
@@ -10,9 +10,11 @@
 //! nbdkit --filter=delay file disk.img delay-zero=1
 //! ```
 //!
-//! Parameters (a delay is whole or fractional seconds, `SECS`, or
+//! ## Parameters
+//!
+//! A delay is whole or fractional seconds, `SECS`, or
 //! milliseconds, `NNms`; when one kind of request is set twice, the
-//! last setting on the command line wins):
+//! last setting on the command line wins.
 //!
 //! - `rdelay=` / `delay-read=`: delay reads.
 //! - `wdelay=`: delay writes, zeroes and trims.
@@ -36,8 +38,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use libnbd::{
-    parse_bool, ConfigError, ConfigResult, Error, Extents, Filter, FilterEntry, Flags, Handle,
-    Next, OpenContext, Params, Result,
+    parse_bool, Caps, ConfigError, ConfigResult, Error, Extents, Filter, FilterEntry, Flags,
+    Handle, Next, OpenContext, Params, Result,
 };
 
 /// Registry entry.
@@ -222,12 +224,11 @@ impl Handle for DelayHandle {
     fn next(&self) -> Option<&dyn Handle> {
         self.next.as_deref()
     }
-    fn can_fast_zero(&self) -> Result<bool> {
-        if !self.d.fast_zero {
-            // Fast zeroes are answered here, at once.
-            return Ok(true);
-        }
-        self.inner().can_fast_zero()
+    fn caps(&self) -> Result<Caps> {
+        let next = self.inner().caps()?;
+        // Without delay-fast-zero, fast zeroes are answered here, at once.
+        let fast_zero = !self.d.fast_zero || next.fast_zero;
+        Ok(Caps { fast_zero, ..next })
     }
     async fn pread(&self, buf: &mut [u8], offset: u64, flags: Flags) -> Result<()> {
         pause(self.d.read).await;
@@ -333,7 +334,7 @@ mod tests {
             1 << 20,
         );
         let h = stack.open(&OpenContext::default()).await.unwrap();
-        assert!(h.can_fast_zero().unwrap());
+        assert!(h.caps().unwrap().fast_zero);
         let t = Instant::now();
         let e = h.zero(4096, 0, Flags::FAST_ZERO).await.unwrap_err();
         assert_eq!(e.errno, libnbd::protocol::errno::ENOTSUP);

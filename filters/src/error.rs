@@ -1,4 +1,4 @@
-//! The error filter: inject errors, to test how clients cope.
+//! # error: inject errors, to test how clients cope
 //!
 //! Each request kind (pread, pwrite, trim, zero, extents, cache) fails at
 //! a chosen rate with a chosen NBD error, optionally only while a trigger
@@ -11,7 +11,9 @@
 //! nbdkit --filter=error file disk.img error-rate=100% error-file=/tmp/inject
 //! ```
 //!
-//! Parameters (all optional; without a rate the filter does nothing):
+//! ## Parameters
+//!
+//! All optional; without a rate the filter does nothing.
 //!
 //! - `error=EPERM|EIO|ENOMEM|EINVAL|ENOSPC|ESHUTDOWN`: the error to
 //!   return (default EIO).

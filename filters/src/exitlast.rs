@@ -1,4 +1,4 @@
-//! The exitlast filter: exit when the last client disconnects.
+//! # exitlast: exit when the last client disconnects
 //!
 //! nbdkit keeps running until it has served at least one client and then
 //! has none left, whereupon it exits (it never exits before the first
@@ -9,6 +9,8 @@
 //! ```text
 //! nbdkit --filter=exitlast file disk.img
 //! ```
+//!
+//! ## Parameters
 //!
 //! There are no parameters.
 //!

@@ -1,4 +1,4 @@
-//! The exitwhen filter: exit gracefully when an event happens.
+//! # exitwhen: exit gracefully when an event happens
 //!
 //! Built-in events are a file being created or deleted, a pipe being
 //! closed and a process exiting; a script can define any other. Once an
@@ -13,8 +13,10 @@
 //! nbdkit --filter=exitwhen memory 1G exit-when-process-exits=1234
 //! ```
 //!
-//! Parameters (each may be given several times; nbdkit exits when any of
-//! the events happens; without any the filter does nothing):
+//! ## Parameters
+//!
+//! Each may be given several times; nbdkit exits when any of
+//! the events happens; without any the filter does nothing.
 //!
 //! - `exit-when-file-created=FILENAME`, `exit-when-file-deleted=FILENAME`:
 //!   when the file comes into existence or goes away.

@@ -1,4 +1,4 @@
-//! The fua filter: change how Forced Unit Access and flush are handled.
+//! # fua: change how Forced Unit Access and flush are handled
 //!
 //! FUA asks that a write be on stable storage before it is acknowledged.
 //! This filter can turn FUA and flush off for speed (unsafe), emulate FUA
@@ -12,7 +12,9 @@
 //! nbdkit --filter=fua file disk.img fuamode=force     # write-through
 //! ```
 //!
-//! Parameter `fuamode=MODE`:
+//! ## Parameters
+//!
+//! `fuamode=MODE`:
 //!
 //! - `none` (default): FUA is not advertised; clients can still flush if
 //!   the plugin can.
@@ -34,8 +36,8 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use libnbd::{
-    ConfigError, ConfigResult, Error, Filter, FilterEntry, Flags, Fua, Handle, Next, OpenContext,
-    Params, Result,
+    Caps, ConfigError, ConfigResult, Error, Filter, FilterEntry, Flags, Fua, Handle, Next,
+    OpenContext, Params, Result,
 };
 
 /// Registry entry.
@@ -82,14 +84,15 @@ struct FuaFilter {
 impl Filter for FuaFilter {
     async fn open(&self, next: Next<'_>, ctx: &OpenContext) -> Result<Box<dyn Handle>> {
         let h = next.open(ctx).await?;
-        let writable = !ctx.readonly && h.can_write()?;
+        let below = h.caps()?;
+        let writable = !ctx.readonly && below.write;
         match self.mode {
-            Mode::Emulate if writable && !h.can_flush()? => {
+            Mode::Emulate if writable && !below.flush => {
                 return Err(Error::einval(
                     "fua: fuamode=emulate needs a plugin that supports flush",
                 ))
             }
-            Mode::Native | Mode::Force if writable && h.can_fua()? == Fua::None => {
+            Mode::Native | Mode::Force if writable && below.fua == Fua::None => {
                 return Err(Error::einval(format!(
                     "fua: fuamode={} needs a plugin with FUA support",
                     if self.mode == Mode::Native {
@@ -133,19 +136,16 @@ impl Handle for FuaHandle {
     fn next(&self) -> Option<&dyn Handle> {
         Some(&*self.next)
     }
-    fn can_fua(&self) -> Result<Fua> {
-        Ok(match self.mode {
+    fn caps(&self) -> Result<Caps> {
+        let next = self.next.caps()?;
+        let fua = match self.mode {
             Mode::None => Fua::None,
             Mode::Emulate => Fua::Emulate,
             Mode::Native | Mode::Force | Mode::Discard => Fua::Native,
-            Mode::Pass => return self.next.can_fua(),
-        })
-    }
-    fn can_flush(&self) -> Result<bool> {
-        match self.mode {
-            Mode::Discard => Ok(true),
-            _ => self.next.can_flush(),
-        }
+            Mode::Pass => next.fua,
+        };
+        let flush = self.mode == Mode::Discard || next.flush;
+        Ok(Caps { fua, flush, ..next })
     }
     async fn flush(&self, flags: Flags) -> Result<()> {
         match self.mode {
@@ -201,8 +201,8 @@ mod tests {
         h.trim(512, 0, Flags::FUA).await.unwrap();
         h.flush(Flags::NONE).await.unwrap();
         (
-            h.can_fua().unwrap(),
-            h.can_flush().unwrap(),
+            h.caps().unwrap().fua,
+            h.caps().unwrap().flush,
             mem.take_calls(),
         )
     }
@@ -266,8 +266,8 @@ mod tests {
             ]
         );
         let (h, _) = open("none").await;
-        assert_eq!(h.can_fua().unwrap(), Fua::None);
-        assert!(h.can_flush().unwrap());
+        assert_eq!(h.caps().unwrap().fua, Fua::None);
+        assert!(h.caps().unwrap().flush);
         assert!(create(&mut params(&["fuamode=fast"])).is_err());
     }
 }

@@ -1,4 +1,4 @@
-//! The ip filter: allow or deny clients by their address.
+//! # ip: allow or deny clients by their address
 //!
 //! When a client opens an export its address is checked against the
 //! allow list, then the deny list:
@@ -17,7 +17,9 @@
 //! nbdkit --filter=ip file disk.img allow=anyipv6 deny=all
 //! ```
 //!
-//! Parameters: `allow=RULE[,RULE...]` and `deny=RULE[,RULE...]` (each may
+//! ## Parameters
+//!
+//! `allow=RULE[,RULE...]` and `deny=RULE[,RULE...]` (each may
 //! be given several times; the lists add up). A rule is one of:
 //!
 //! - `all` or `any`: any client;

@@ -52,3 +52,23 @@ pub fn registry() -> Vec<FilterEntry> {
         xz::ENTRY,
     ]
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_filter_has_its_manual() {
+        let mut wrong = Vec::new();
+        for e in registry() {
+            let path = format!(
+                "{}/src/{}.rs",
+                env!("CARGO_MANIFEST_DIR"),
+                e.name.replace('-', "_")
+            );
+            let source = std::fs::read_to_string(&path).unwrap();
+            wrong.extend(libnbd::config::check_manual(e.name, &source, e.help).err());
+        }
+        assert!(wrong.is_empty(), "{wrong:#?}");
+    }
+}

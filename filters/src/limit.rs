@@ -1,4 +1,4 @@
-//! The limit filter: limit how many clients may be connected at once.
+//! # limit: limit how many clients may be connected at once
 //!
 //! A client that opens an export while `limit` clients already have one
 //! open is refused with `NBD_REP_ERR_POLICY` ("limit: too many clients
@@ -9,7 +9,7 @@
 //! nbdkit --filter=limit file disk.img limit=2
 //! ```
 //!
-//! Parameters:
+//! ## Parameters
 //!
 //! - `limit=N`: the most clients connected at once (default 1); 0 means
 //!   no limit.

@@ -1,4 +1,4 @@
-//! The log filter: log every transaction to a file or a script.
+//! # log: log every transaction to a file or a script
 //!
 //! As the first filter it shows the client's requests; lower in the stack
 //! it shows how the filters above changed them. The file has the same
@@ -41,8 +41,10 @@
 //! nbdkit -f --filter=log memory 10M logscript='echo $act $offset >&2'
 //! ```
 //!
-//! Parameters (if neither `logfile` nor `logscript` is given the filter
-//! does nothing):
+//! ## Parameters
+//!
+//! If neither `logfile` nor `logscript` is given the filter
+//! does nothing.
 //!
 //! - `logfile=FILE`: the file to write the log to.
 //! - `logappend=BOOL`: append to FILE instead of truncating it (default
@@ -72,7 +74,7 @@ use std::sync::{mpsc, Arc, Mutex};
 use async_trait::async_trait;
 use libnbd::protocol::{alloc, errno};
 use libnbd::{
-    Cache, ConfigError, ConfigResult, ExportEntry, Extents, Filter, FilterEntry, Flags, Fua,
+    Cache, Caps, ConfigError, ConfigResult, ExportEntry, Extents, Filter, FilterEntry, Flags, Fua,
     Handle, Next, OpenContext, Params, Result,
 };
 
@@ -400,8 +402,9 @@ impl Filter for LogFilter {
         let h = next.open(ctx).await?;
         let conn = log.connections.fetch_add(1, Ordering::Relaxed) + 1;
         let bs = h.block_size().ok().flatten();
-        let write = !ctx.readonly && h.can_write().unwrap_or(false);
-        let zero = write && h.can_zero().unwrap_or(false);
+        let caps = h.caps().unwrap_or(Caps::READ_ONLY);
+        let write = !ctx.readonly && caps.write;
+        let zero = write && caps.zero;
         let args = format!(
             "export={} tls={} size={:#x} minsize={:#x} prefsize={:#x} maxsize={:#x} \
              write={} flush={} rotational={} trim={} zero={} fua={} extents={} cache={} fast_zero={}",
@@ -412,23 +415,23 @@ impl Filter for LogFilter {
             bs.map_or(0, |b| b.preferred),
             bs.map_or(0, |b| b.maximum),
             b(write),
-            b(h.can_flush().unwrap_or(false)),
-            b(h.is_rotational().unwrap_or(false)),
-            b(write && h.can_trim().unwrap_or(false)),
+            b(caps.flush),
+            b(caps.rotational),
+            b(write && caps.trim),
             if zero { 2 } else { 0 },
-            match h.can_fua() {
+            match caps.fua {
                 _ if !write => 0,
-                Ok(Fua::Native) => 2,
-                Ok(Fua::Emulate) => 1,
-                _ => 0,
+                Fua::Native => 2,
+                Fua::Emulate => 1,
+                Fua::None => 0,
             },
-            b(h.can_extents().unwrap_or(false)),
-            match h.can_cache() {
-                Ok(Cache::Native) => 2,
-                Ok(Cache::Emulate) => 1,
-                _ => 0,
+            b(caps.extents),
+            match caps.cache {
+                Cache::Native => 2,
+                Cache::Emulate => 1,
+                Cache::None => 0,
             },
-            b(zero && h.can_fast_zero().unwrap_or(false)),
+            b(zero && caps.fast_zero),
         );
         log.emit(Some(conn), "Connect", Kind::Print, None, &args);
         Ok(Box::new(LogHandle {

@@ -1,4 +1,4 @@
-//! The noextents filter: hide which parts of the export are sparse.
+//! # noextents: hide which parts of the export are sparse
 //!
 //! Clients that ask for block status (`base:allocation`) are told the
 //! whole export is allocated data, and the layers below are never asked.
@@ -11,13 +11,16 @@
 //! nbdkit --filter=noextents file disk.img
 //! ```
 //!
+//! ## Parameters
+//!
 //! There are no parameters.
 
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use libnbd::{
-    ConfigResult, Extents, Filter, FilterEntry, Flags, Handle, Next, OpenContext, Params, Result,
+    Caps, ConfigResult, Extents, Filter, FilterEntry, Flags, Handle, Next, OpenContext, Params,
+    Result,
 };
 
 /// Registry entry.
@@ -51,8 +54,11 @@ impl Handle for NoExtentsHandle {
     fn next(&self) -> Option<&dyn Handle> {
         Some(&*self.next)
     }
-    fn can_extents(&self) -> Result<bool> {
-        Ok(false)
+    fn caps(&self) -> Result<Caps> {
+        Ok(Caps {
+            extents: false,
+            ..self.next.caps()?
+        })
     }
     async fn extents(
         &self,
@@ -75,7 +81,7 @@ mod tests {
         let mem = Mem::new(4096);
         let s = stack(vec![create(&mut params(&[])).unwrap()], &mem);
         let h = s.open(&ctx(1)).await.unwrap();
-        assert!(!h.can_extents().unwrap());
+        assert!(!h.caps().unwrap().extents);
         assert_eq!(extents(&*h, 512, 1024).await.unwrap(), vec![(512, 1024, 0)]);
         assert!(mem.take_calls().is_empty());
     }

@@ -1,4 +1,4 @@
-//! The nozero filter: turn off or change efficient zeroing.
+//! # nozero: turn off or change efficient zeroing
 //!
 //! It disables or alters `NBD_CMD_WRITE_ZEROES` between the client and
 //! the plugin, to compare a naive client with a sparse-aware one or to
@@ -10,7 +10,7 @@
 //! nbdkit --filter=nozero file disk.img zeromode=plugin fastzeromode=none
 //! ```
 //!
-//! Parameters:
+//! ## Parameters
 //!
 //! - `zeromode=none` (default): zero support is not advertised; clients
 //!   must write zeroes like any other data.
@@ -40,7 +40,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use libnbd::{
-    ConfigError, ConfigResult, Error, Filter, FilterEntry, Flags, Handle, Next, OpenContext,
+    Caps, ConfigError, ConfigResult, Error, Filter, FilterEntry, Flags, Handle, Next, OpenContext,
     Params, Result,
 };
 
@@ -124,21 +124,23 @@ impl Handle for NoZeroHandle {
     fn next(&self) -> Option<&dyn Handle> {
         Some(&*self.next)
     }
-    fn can_zero(&self) -> Result<bool> {
-        match self.mode.zero {
-            ZeroMode::None => Ok(false),
-            ZeroMode::Emulate => self.next.can_write(),
-            ZeroMode::NoTrim | ZeroMode::Plugin => self.next.can_zero(),
-        }
-    }
-    fn can_fast_zero(&self) -> Result<bool> {
-        match (self.mode.zero, self.mode.fast) {
-            (ZeroMode::None, _) | (_, FastMode::None) => Ok(false),
-            (_, FastMode::Slow | FastMode::Ignore) | (ZeroMode::Emulate, FastMode::Default) => {
-                Ok(true)
-            }
-            (_, FastMode::Default) => self.next.can_fast_zero(),
-        }
+    fn caps(&self) -> Result<Caps> {
+        let next = self.next.caps()?;
+        let zero = match self.mode.zero {
+            ZeroMode::None => false,
+            ZeroMode::Emulate => next.write,
+            ZeroMode::NoTrim | ZeroMode::Plugin => next.zero,
+        };
+        let fast_zero = match (self.mode.zero, self.mode.fast) {
+            (ZeroMode::None, _) | (_, FastMode::None) => false,
+            (_, FastMode::Slow | FastMode::Ignore) | (ZeroMode::Emulate, FastMode::Default) => true,
+            (_, FastMode::Default) => next.fast_zero,
+        };
+        Ok(Caps {
+            zero,
+            fast_zero,
+            ..next
+        })
     }
     async fn zero(&self, count: u64, offset: u64, flags: Flags) -> Result<()> {
         let mut flags = flags;
@@ -197,8 +199,8 @@ mod tests {
             (&["fastzeromode=ignore"][..], false, false),
         ] {
             let (h, _) = open(words).await;
-            assert_eq!(h.can_zero().unwrap(), zero, "{words:?}");
-            assert_eq!(h.can_fast_zero().unwrap(), fast, "{words:?}");
+            assert_eq!(h.caps().unwrap().zero, zero, "{words:?}");
+            assert_eq!(h.caps().unwrap().fast_zero, fast, "{words:?}");
         }
         assert!(create(&mut params(&["zeromode=x"])).is_err());
         assert!(create(&mut params(&["fastzeromode=fast"])).is_err());

@@ -1,4 +1,4 @@
-//! The offset filter: serve only a byte range of the layer below.
+//! # offset: serve only a byte range of the layer below
 //!
 //! Requests are limited to `[offset, offset+range)` of the underlying
 //! export and shifted there; the client sees an export of `range` bytes
@@ -9,7 +9,7 @@
 //! nbdkit --filter=offset file disk.img offset=1M range=100M
 //! ```
 //!
-//! Parameters:
+//! ## Parameters
 //!
 //! - `offset=OFFSET`: where the window starts (default 0).
 //! - `range=LENGTH`: how long it is (default: to the end of the export).
@@ -166,7 +166,7 @@ pub(crate) mod testing {
     use async_trait::async_trait;
     use libnbd::backend::HOLE_ZERO;
     use libnbd::{
-        Cache, Error, Extents, Filter, Flags, Fua, Handle, OpenContext, Params, Plugin, Result,
+        Caps, Error, Extents, Filter, Flags, Fua, Handle, OpenContext, Params, Plugin, Result,
         Stack,
     };
 
@@ -281,32 +281,14 @@ pub(crate) mod testing {
         fn size(&self) -> Result<u64> {
             Ok(self.mem.data.lock().unwrap().len() as u64)
         }
-        fn can_write(&self) -> Result<bool> {
-            Ok(!self.readonly)
-        }
-        fn can_flush(&self) -> Result<bool> {
-            Ok(true)
-        }
-        fn can_trim(&self) -> Result<bool> {
-            Ok(true)
-        }
-        fn can_zero(&self) -> Result<bool> {
-            Ok(self.mem.zero)
-        }
-        fn can_fast_zero(&self) -> Result<bool> {
-            Ok(self.mem.fast_zero)
-        }
-        fn can_extents(&self) -> Result<bool> {
-            Ok(true)
-        }
-        fn can_fua(&self) -> Result<Fua> {
-            Ok(self.mem.fua)
-        }
-        fn can_multi_conn(&self) -> Result<bool> {
-            Ok(true)
-        }
-        fn can_cache(&self) -> Result<Cache> {
-            Ok(Cache::Native)
+        fn caps(&self) -> Result<Caps> {
+            Ok(Caps {
+                write: !self.readonly,
+                zero: self.mem.zero,
+                fast_zero: self.mem.fast_zero,
+                fua: self.mem.fua,
+                ..Caps::FULL
+            })
         }
         async fn pread(&self, buf: &mut [u8], offset: u64, _flags: Flags) -> Result<()> {
             self.mem.record(format!("pread {offset} {}", buf.len()))?;

@@ -1,4 +1,4 @@
-//! The partition filter: serve one partition of a partitioned disk.
+//! # partition: serve one partition of a partitioned disk
 //!
 //! When a client connects the filter reads the partition table of the
 //! layer below (512-byte sectors) and then serves only the partition
@@ -19,7 +19,7 @@
 //! nbdkit --filter=partition file disk.img partition=1
 //! ```
 //!
-//! Parameters:
+//! ## Parameters
 //!
 //! - `partition=PART` (required): the partition number, counting from 1.
 //!

@@ -1,5 +1,4 @@
-//! The rate filter: limit bandwidth, per connection and/or for the whole
-//! server.
+//! # rate: limit bandwidth, per connection and/or for the whole server
 //!
 //! Reads and writes take tokens (one per bit of data) from token buckets
 //! before they go to the layers below: one pair of buckets (reads,
@@ -20,9 +19,11 @@
 //! nbdkit --filter=rate memory 64M rate=1M rate-file=/tmp/rate
 //! ```
 //!
-//! Parameters (`BITSPERSEC` is a number of bits per second, with the
+//! ## Parameters
+//!
+//! `BITSPERSEC` is a number of bits per second, with the
 //! usual `K`, `M`, `G` suffixes meaning powers of 1024, as upstream: `1M`
-//! is 1048576 bits per second; 0 means no limit):
+//! is 1048576 bits per second; 0 means no limit.
 //!
 //! - `rate=BITSPERSEC`: limit the total bandwidth of all connections.
 //! - `connection-rate=BITSPERSEC`: limit each connection.

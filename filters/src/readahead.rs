@@ -1,4 +1,4 @@
-//! The readahead filter: prefetch data ahead of sequential readers.
+//! # readahead: prefetch data ahead of sequential readers
 //!
 //! The filter watches each connection's reads. When a read starts where
 //! the previous one ended (or inside data already prefetched), the reader
@@ -28,6 +28,8 @@
 //! nbdkit --filter=readahead curl https://example.com/disk.img
 //! nbdkit --filter=readahead --filter=delay memory 1G rdelay=10ms
 //! ```
+//!
+//! ## Parameters
 //!
 //! There are no parameters.
 

@@ -1,4 +1,4 @@
-//! The retry filter: reopen the layers below when a request fails.
+//! # retry: reopen the layers below when a request fails
 //!
 //! When a request fails, the filter waits, closes its handle of the
 //! layers below, opens a new one (as if a client had connected again) and
@@ -12,7 +12,7 @@
 //!     --run 'nbdcopy $uri disk.iso'
 //! ```
 //!
-//! Parameters:
+//! ## Parameters
 //!
 //! - `retries=N`: how many times one request is retried before its error
 //!   goes to the client (default 5).
@@ -35,8 +35,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use libnbd::{
-    BlockSize, Cache, ConfigError, ConfigResult, Error, Extents, Filter, FilterEntry, Flags, Fua,
-    Handle, Next, OpenContext, OwnedNext, Params, Result,
+    BlockSize, Caps, ConfigError, ConfigResult, Error, Extents, Filter, FilterEntry, Flags, Handle,
+    Next, OpenContext, OwnedNext, Params, Result,
 };
 
 /// Registry entry.
@@ -249,35 +249,8 @@ impl Handle for RetryHandle {
     fn export_description(&self) -> Option<String> {
         self.ask(|h| Ok(h.export_description())).ok().flatten()
     }
-    fn can_write(&self) -> Result<bool> {
-        self.ask(|h| h.can_write())
-    }
-    fn can_flush(&self) -> Result<bool> {
-        self.ask(|h| h.can_flush())
-    }
-    fn is_rotational(&self) -> Result<bool> {
-        self.ask(|h| h.is_rotational())
-    }
-    fn can_trim(&self) -> Result<bool> {
-        self.ask(|h| h.can_trim())
-    }
-    fn can_zero(&self) -> Result<bool> {
-        self.ask(|h| h.can_zero())
-    }
-    fn can_fast_zero(&self) -> Result<bool> {
-        self.ask(|h| h.can_fast_zero())
-    }
-    fn can_extents(&self) -> Result<bool> {
-        self.ask(|h| h.can_extents())
-    }
-    fn can_fua(&self) -> Result<Fua> {
-        self.ask(|h| h.can_fua())
-    }
-    fn can_multi_conn(&self) -> Result<bool> {
-        self.ask(|h| h.can_multi_conn())
-    }
-    fn can_cache(&self) -> Result<Cache> {
-        self.ask(|h| h.can_cache())
+    fn caps(&self) -> Result<Caps> {
+        self.ask(|h| h.caps())
     }
 
     async fn pread(&self, buf: &mut [u8], offset: u64, flags: Flags) -> Result<()> {

@@ -1,4 +1,4 @@
-//! The stats filter: count the requests and write a summary at exit.
+//! # stats: count the requests and write a summary at exit
 //!
 //! Every successful read, write, trim, zero, extents, cache and flush is
 //! counted with its size and the time the layers below took. When nbdkit
@@ -14,7 +14,7 @@
 //! nbdkit --filter=stats memory 1G statsfile=/tmp/stats.txt
 //! ```
 //!
-//! Parameters:
+//! ## Parameters
 //!
 //! - `statsfile=FILE` (required): where to write the statistics. It is
 //!   opened (created or truncated) when nbdkit starts.

@@ -1,4 +1,4 @@
-//! The truncate filter: change the size of the layer below.
+//! # truncate: change the size of the layer below
 //!
 //! It can make the export smaller (truncate it), larger (the added bytes
 //! read as zeroes and report as a hole in extents), or round its size up
@@ -14,7 +14,9 @@
 //! nbdkit --filter=blocksize --filter=truncate file disk.img minblock=4k round-up=4k
 //! ```
 //!
-//! Parameters (all optional, applied in this order):
+//! ## Parameters
+//!
+//! All optional, applied in this order.
 //!
 //! - `truncate=SIZE`: the new size, smaller or larger than the plugin's.
 //! - `round-up=N`: round the size up to a multiple of `N` (a power of 2).

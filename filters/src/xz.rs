@@ -88,7 +88,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use async_trait::async_trait;
 use libnbd::{
-    BlockSize, Cache, ConfigError, ConfigResult, Error, Extents, Filter, FilterEntry, Flags, Fua,
+    BlockSize, Cache, Caps, ConfigError, ConfigResult, Error, Extents, Filter, FilterEntry, Flags,
     Handle, Next, OpenContext, Params, Result, SharedData,
 };
 use tokio::sync::{OnceCell, Semaphore};
@@ -782,33 +782,14 @@ impl Handle for XzHandle {
     fn block_size(&self) -> Result<Option<BlockSize>> {
         Ok(None)
     }
-    fn can_write(&self) -> Result<bool> {
-        Ok(false)
-    }
-    fn can_flush(&self) -> Result<bool> {
-        Ok(false)
-    }
-    fn can_trim(&self) -> Result<bool> {
-        Ok(false)
-    }
-    fn can_zero(&self) -> Result<bool> {
-        Ok(false)
-    }
-    fn can_fast_zero(&self) -> Result<bool> {
-        Ok(false)
-    }
-    fn can_extents(&self) -> Result<bool> {
-        Ok(false)
-    }
-    fn can_fua(&self) -> Result<Fua> {
-        Ok(Fua::None)
-    }
-    fn can_multi_conn(&self) -> Result<bool> {
-        // Read-only: every connection sees the same data.
-        Ok(true)
-    }
-    fn can_cache(&self) -> Result<Cache> {
-        Ok(Cache::Emulate)
+    fn caps(&self) -> Result<Caps> {
+        Ok(Caps {
+            // Read-only: every connection sees the same data.
+            multi_conn: true,
+            cache: Cache::Emulate,
+            rotational: self.next.caps()?.rotational,
+            ..Caps::READ_ONLY
+        })
     }
 
     async fn pread_shared(

@@ -133,6 +133,69 @@ pub enum Cache {
     Native,
 }
 
+/// What a layer can do: the answers to nbdkit's `can_*` questions
+/// (and `is_rotational`) in one value, asked once when a connection
+/// opens. A plugin answers with a preset adjusted to taste
+/// (`Caps { trim: false, ..Caps::FULL }`); a filter takes the next
+/// layer's answer and changes what it changes
+/// (`Caps { zero: false, ..self.next.caps()? }`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Caps {
+    /// The client may write (the server still honours read-only).
+    pub write: bool,
+    /// `flush` does something.
+    pub flush: bool,
+    /// The storage is rotational (a hint to clients).
+    pub rotational: bool,
+    /// `trim` is supported.
+    pub trim: bool,
+    /// `zero` is implemented (for a plugin: natively, else the server
+    /// emulates it by writes).
+    pub zero: bool,
+    /// A zero request with `FAST_ZERO` can succeed quickly.
+    pub fast_zero: bool,
+    /// Extents are meaningful (else everything is reported as data).
+    pub extents: bool,
+    /// How FUA is supported.
+    pub fua: Fua,
+    /// Several connections to this export see each other's writes once
+    /// flushed.
+    pub multi_conn: bool,
+    /// How the cache (prefetch) request is supported.
+    pub cache: Cache,
+}
+
+impl Caps {
+    /// Read-only, no flush, trim, zero or extents, not safe for
+    /// multi-conn: the conservative default of a plugin.
+    pub const READ_ONLY: Caps = Caps {
+        write: false,
+        flush: false,
+        rotational: false,
+        trim: false,
+        zero: false,
+        fast_zero: false,
+        extents: false,
+        fua: Fua::None,
+        multi_conn: false,
+        cache: Cache::None,
+    };
+    /// Everything, natively: writable with flush, trim, zero and fast
+    /// zero, extents, native FUA and cache, safe for multi-conn.
+    pub const FULL: Caps = Caps {
+        write: true,
+        flush: true,
+        rotational: false,
+        trim: true,
+        zero: true,
+        fast_zero: true,
+        extents: true,
+        fua: Fua::Native,
+        multi_conn: true,
+        cache: Cache::Native,
+    };
+}
+
 /// Block size constraints (`NBD_INFO_BLOCK_SIZE`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BlockSize {
@@ -302,45 +365,10 @@ pub trait Handle: Send + Sync {
     fn export_description(&self) -> Option<String> {
         self.next().and_then(|n| n.export_description())
     }
-    /// Can the client write?
-    fn can_write(&self) -> Result<bool> {
-        self.next().map_or(Ok(false), |n| n.can_write())
-    }
-    /// Does flush do anything?
-    fn can_flush(&self) -> Result<bool> {
-        self.next().map_or(Ok(false), |n| n.can_flush())
-    }
-    /// Is the storage rotational?
-    fn is_rotational(&self) -> Result<bool> {
-        self.next().map_or(Ok(false), |n| n.is_rotational())
-    }
-    /// Can trim?
-    fn can_trim(&self) -> Result<bool> {
-        self.next().map_or(Ok(false), |n| n.can_trim())
-    }
-    /// Is `zero` implemented (for a plugin: natively, else it is emulated)?
-    fn can_zero(&self) -> Result<bool> {
-        self.next().map_or(Ok(false), |n| n.can_zero())
-    }
-    /// Can a zero request with `FAST_ZERO` succeed quickly?
-    fn can_fast_zero(&self) -> Result<bool> {
-        self.next().map_or(Ok(false), |n| n.can_fast_zero())
-    }
-    /// Are extents meaningful?
-    fn can_extents(&self) -> Result<bool> {
-        self.next().map_or(Ok(false), |n| n.can_extents())
-    }
-    /// FUA support.
-    fn can_fua(&self) -> Result<Fua> {
-        self.next().map_or(Ok(Fua::None), |n| n.can_fua())
-    }
-    /// Is it safe to have several connections to this export?
-    fn can_multi_conn(&self) -> Result<bool> {
-        self.next().map_or(Ok(false), |n| n.can_multi_conn())
-    }
-    /// Cache support.
-    fn can_cache(&self) -> Result<Cache> {
-        self.next().map_or(Ok(Cache::None), |n| n.can_cache())
+    /// What this layer can do (see [`Caps`]). Asked once per
+    /// connection, when it opens.
+    fn caps(&self) -> Result<Caps> {
+        self.next().map_or(Ok(Caps::READ_ONLY), |n| n.caps())
     }
 
     /// Read `count` bytes at `offset` as a part of data this layer
@@ -411,21 +439,6 @@ pub trait Handle: Send + Sync {
             Some(n) => n.cache(count, offset, flags).await,
             None => Ok(()),
         }
-    }
-}
-
-#[async_trait]
-impl Handle for Box<dyn Handle> {
-    fn next(&self) -> Option<&dyn Handle> {
-        Some(&**self)
-    }
-    async fn pread_shared(
-        &self,
-        count: u32,
-        offset: u64,
-        flags: Flags,
-    ) -> Result<Option<SharedData>> {
-        (**self).pread_shared(count, offset, flags).await
     }
 }
 
@@ -649,43 +662,49 @@ const ZERO_CHUNK: usize = 1 << 20;
 pub struct Emulated {
     inner: Box<dyn Handle>,
     size: u64,
-    write: bool,
-    native_zero: bool,
-    fua: Fua,
-    cache: Cache,
-    extents: bool,
+    /// What the plugin itself can do.
+    plugin: Caps,
+    /// What the layers above are told: the plugin's answer with the
+    /// emulated capabilities added.
+    caps: Caps,
 }
 
 impl Emulated {
     /// Wrap a plugin's freshly opened handle.
     pub fn new(inner: Box<dyn Handle>) -> Result<Self> {
-        let write = inner.can_write()?;
-        let flush = inner.can_flush()?;
-        let fua = match inner.can_fua()? {
+        let plugin = inner.caps()?;
+        let write = plugin.write;
+        let fua = match plugin.fua {
             Fua::Native => Fua::Native,
-            _ if flush && write => Fua::Emulate,
+            _ if plugin.flush && write => Fua::Emulate,
             _ => Fua::None,
+        };
+        let caps = Caps {
+            zero: write,
+            // Emulated zeroes are slow, but answering fast requests with
+            // an immediate ENOTSUP is itself "fast", as nbdkit does.
+            fast_zero: write && (!plugin.zero || plugin.fast_zero),
+            extents: true,
+            fua,
+            ..plugin
         };
         Ok(Emulated {
             size: inner.size()?,
-            write,
-            native_zero: inner.can_zero()?,
-            fua,
-            cache: inner.can_cache()?,
-            extents: inner.can_extents()?,
+            plugin,
+            caps,
             inner,
         })
     }
 
     async fn after_write(&self, flags: Flags) -> Result<()> {
-        if flags.contains(Flags::FUA) && self.fua == Fua::Emulate {
+        if flags.contains(Flags::FUA) && self.caps.fua == Fua::Emulate {
             self.inner.flush(Flags::NONE).await?;
         }
         Ok(())
     }
 
     fn pass_flags(&self, flags: Flags) -> Flags {
-        if self.fua == Fua::Native {
+        if self.caps.fua == Fua::Native {
             flags
         } else {
             flags.without(Flags::FUA)
@@ -701,25 +720,8 @@ impl Handle for Emulated {
     fn size(&self) -> Result<u64> {
         Ok(self.size)
     }
-    fn can_write(&self) -> Result<bool> {
-        Ok(self.write)
-    }
-    fn can_zero(&self) -> Result<bool> {
-        Ok(self.write)
-    }
-    fn can_fast_zero(&self) -> Result<bool> {
-        // Emulated zeroes are slow, but answering fast requests with an
-        // immediate ENOTSUP is itself "fast", as nbdkit does.
-        Ok(self.write && (!self.native_zero || self.inner.can_fast_zero()?))
-    }
-    fn can_extents(&self) -> Result<bool> {
-        Ok(true)
-    }
-    fn can_fua(&self) -> Result<Fua> {
-        Ok(self.fua)
-    }
-    fn can_cache(&self) -> Result<Cache> {
-        Ok(self.cache)
+    fn caps(&self) -> Result<Caps> {
+        Ok(self.caps)
     }
 
     async fn pread_shared(
@@ -743,9 +745,8 @@ impl Handle for Emulated {
         self.after_write(flags).await
     }
     async fn zero(&self, count: u64, offset: u64, flags: Flags) -> Result<()> {
-        if self.native_zero {
-            let fast_ok = self.inner.can_fast_zero()?;
-            if flags.contains(Flags::FAST_ZERO) && !fast_ok {
+        if self.plugin.zero {
+            if flags.contains(Flags::FAST_ZERO) && !self.plugin.fast_zero {
                 return Err(Error::enotsup("fast zero not supported"));
             }
             match self.inner.zero(count, offset, self.pass_flags(flags)).await {
@@ -777,7 +778,7 @@ impl Handle for Emulated {
         flags: Flags,
         ext: &mut Extents,
     ) -> Result<()> {
-        if self.extents {
+        if self.plugin.extents {
             self.inner.extents(count, offset, flags, ext).await?;
         }
         if ext.next_offset() == offset {
@@ -787,7 +788,7 @@ impl Handle for Emulated {
         Ok(())
     }
     async fn cache(&self, count: u64, offset: u64, flags: Flags) -> Result<()> {
-        match self.cache {
+        match self.caps.cache {
             Cache::Native => self.inner.cache(count, offset, flags).await,
             _ => {
                 let mut buf = vec![0u8; (count as usize).min(ZERO_CHUNK)];

@@ -209,8 +209,19 @@ pub struct PluginEntry {
     /// The key a bare first parameter stands for (`file` for `nbdkit file
     /// disk.img`, `size` for `nbdkit memory 1G`).
     pub magic: Option<&'static str>,
-    /// Build the plugin from its parameters (it must take them all).
+    /// Build the plugin from the parameters it knows (the filters have
+    /// taken theirs); [`configure`](Self::configure) rejects the rest.
     pub create: fn(&mut Params) -> ConfigResult<Arc<dyn Plugin>>,
+}
+
+impl PluginEntry {
+    /// Build the plugin from the parameters left after the filters took
+    /// theirs: any key it does not take is an error.
+    pub fn configure(&self, params: &mut Params) -> ConfigResult<Arc<dyn Plugin>> {
+        let plugin = (self.create)(params)?;
+        params.finish(self.name)?;
+        Ok(plugin)
+    }
 }
 
 /// A filter in the registry.
@@ -221,6 +232,56 @@ pub struct FilterEntry {
     pub help: &'static str,
     /// Build the filter, taking only the parameters it knows.
     pub create: fn(&mut Params) -> ConfigResult<Arc<dyn Filter>>,
+}
+
+/// Check that a plugin's or filter's source file opens with its manual
+/// in the shape all of them share: `//! # NAME: what it does`, an example
+/// command line in a `text` block, and a `## Parameters` section naming
+/// every key that its `--help` text lists. The registries' tests run it
+/// over every entry, so a new plugin or filter cannot skip its manual.
+pub fn check_manual(name: &str, source: &str, help: &str) -> Result<(), String> {
+    let doc: Vec<&str> = source
+        .lines()
+        .take_while(|l| l.starts_with("//!"))
+        .map(|l| l.trim_start_matches("//!").trim_start())
+        .collect();
+    let title = format!("# {name}: ");
+    if !doc.first().is_some_and(|l| l.starts_with(&title)) {
+        return Err(format!("{name}: the manual must start with '{title}...'"));
+    }
+    let mut in_text = false;
+    let example = doc.iter().any(|l| {
+        match *l {
+            "```text" => in_text = true,
+            "```" => in_text = false,
+            _ => return in_text && l.starts_with("nbdkit "),
+        }
+        false
+    });
+    if !example {
+        return Err(format!(
+            "{name}: the manual needs an example command line (a ```text block with 'nbdkit ...')"
+        ));
+    }
+    let Some(params) = doc.iter().position(|l| *l == "## Parameters") else {
+        return Err(format!(
+            "{name}: the manual needs a '## Parameters' section"
+        ));
+    };
+    let text = doc[params..].join("\n");
+    for line in help.lines() {
+        let Some((keys, _)) = line.trim().split_once('=') else {
+            continue;
+        };
+        for key in keys.trim_matches(|c| c == '[' || c == ']').split('|') {
+            if !text.contains(&format!("{key}=")) {
+                return Err(format!(
+                    "{name}: '{key}=' is in the help text but not in the manual's parameters"
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -22,7 +22,7 @@ pub mod uri;
 pub mod zeroes;
 
 pub use backend::{
-    BlockSize, Cache, Error, ExportEntry, Extent, Extents, Filter, Flags, Fua, Handle, Next,
+    BlockSize, Cache, Caps, Error, ExportEntry, Extent, Extents, Filter, Flags, Fua, Handle, Next,
     OpenContext, OwnedNext, Plugin, Result, SharedData, Stack, ThreadModel,
 };
 pub use config::{

@@ -87,8 +87,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use libnbd::{
-    ConfigError, ConfigResult, Error, Flags, Handle, OpenContext, Params, Plugin, PluginEntry,
-    Result, ThreadModel,
+    Caps, ConfigError, ConfigResult, Error, Flags, Handle, OpenContext, Params, Plugin,
+    PluginEntry, Result, ThreadModel,
 };
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
 use reqwest::{Method, StatusCode};
@@ -96,14 +96,12 @@ use tokio::sync::Semaphore;
 use url::Url;
 
 /// The registry entry of the curl plugin.
-pub fn entry() -> PluginEntry {
-    PluginEntry {
-        name: "curl",
-        help: HELP,
-        magic: Some("url"),
-        create,
-    }
-}
+pub const ENTRY: PluginEntry = PluginEntry {
+    name: "curl",
+    help: HELP,
+    magic: Some("url"),
+    create,
+};
 
 const HELP: &str = "\
 cainfo=<CAINFO>            Path to Certificate Authority file.
@@ -742,7 +740,6 @@ pub fn create(p: &mut Params) -> ConfigResult<Arc<dyn Plugin>> {
     let cookiefile = p.take("cookiefile");
     let cookiejar = p.take("cookiejar").map(PathBuf::from);
     let unix_socket = p.take("unix-socket-path");
-    p.finish("curl")?;
 
     let mut b = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
@@ -1241,12 +1238,13 @@ impl Handle for CurlHandle {
     fn size(&self) -> Result<u64> {
         Ok(self.size)
     }
-    fn can_write(&self) -> Result<bool> {
-        Ok(!self.readonly)
-    }
-    fn can_multi_conn(&self) -> Result<bool> {
-        // Nothing is cached here: every connection sees the server.
-        Ok(self.readonly)
+    fn caps(&self) -> Result<Caps> {
+        Ok(Caps {
+            write: !self.readonly,
+            // Nothing is cached here: every connection sees the server.
+            multi_conn: self.readonly,
+            ..Caps::READ_ONLY
+        })
     }
 
     async fn pread(&self, buf: &mut [u8], offset: u64, _flags: Flags) -> Result<()> {
@@ -1487,9 +1485,9 @@ mod tests {
             &["http://h/x", "no-such-key=1"],
             &["http://h/x", "timeout=soon"],
         ] {
-            assert!(create(&mut params(bad)).is_err(), "{bad:?}");
+            assert!(ENTRY.configure(&mut params(bad)).is_err(), "{bad:?}");
         }
-        let ok = create(&mut params(&[
+        let ok = ENTRY.configure(&mut params(&[
             "http://u:p%40ss@h:8080/x.img",
             "protocols=http,https",
             "header=X-A: 1",
@@ -1512,7 +1510,7 @@ mod tests {
 
     #[test]
     fn registry_entry() {
-        let e = entry();
+        let e = ENTRY;
         assert_eq!(e.name, "curl");
         assert_eq!(e.magic, Some("url"));
         assert!(e.help.contains("url=<URL>"));

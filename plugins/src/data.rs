@@ -76,16 +76,14 @@ use libnbd::{ConfigError, ConfigResult, Handle, OpenContext, Params, Plugin, Plu
 use crate::sparse::{is_zero, memory_limit, Allocator, Store, StoreHandle};
 
 /// The registry entry of the data plugin.
-pub fn entry() -> PluginEntry {
-    PluginEntry {
-        name: "data",
-        help: "data|raw|base64=...     Specify disk data on the command line\n\
-               size=<SIZE>             Size of the backing disk\n\
-               allocator=sparse|...    Backend allocation strategy",
-        magic: Some("data"),
-        create,
-    }
-}
+pub const ENTRY: PluginEntry = PluginEntry {
+    name: "data",
+    help: "data|raw|base64=...     Specify disk data on the command line\n\
+           size=<SIZE>             Size of the backing disk\n\
+           allocator=sparse|...    Backend allocation strategy",
+    magic: Some("data"),
+    create,
+};
 
 /// The largest disk size and offset: 2^63-1.
 const MAX_SIZE: u64 = i64::MAX as u64;
@@ -123,7 +121,6 @@ pub fn create(params: &mut Params) -> ConfigResult<Arc<dyn Plugin>> {
             vars.insert(k, v);
         }
     }
-    params.finish("data")?;
     if data.len() + raw.len() + b64.len() != 1 {
         return Err(ConfigError::new(
             "data: raw|base64|data parameter must be specified exactly once",
@@ -1049,10 +1046,10 @@ mod tests {
 
     fn try_disk(args: &[&str]) -> Result<Vec<u8>, String> {
         let mut p = Params::parse(args, Some("data")).map_err(|e| e.0)?;
-        create(&mut p).map_err(|e| e.0)?;
+        ENTRY.configure(&mut p).map_err(|e| e.0)?;
         // Recreate to read the store (the plugin hides it).
         let mut p = Params::parse(args, Some("data")).unwrap();
-        let plugin = create(&mut p).unwrap();
+        let plugin = ENTRY.configure(&mut p).unwrap();
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap();
@@ -1244,14 +1241,14 @@ mod tests {
     #[tokio::test(flavor = "multi_thread")]
     async fn writable_sparse_disk() {
         let mut p = Params::parse(&["1 2 3 @65536 1 @131072"], Some("data")).unwrap();
-        let plugin = create(&mut p).unwrap();
+        let plugin = ENTRY.configure(&mut p).unwrap();
         let h = plugin.open(&OpenContext::default()).await.unwrap();
         assert_eq!(h.size().unwrap(), 131072);
-        assert!(h.can_write().unwrap() && h.can_trim().unwrap() && h.can_zero().unwrap());
-        assert!(h.can_fast_zero().unwrap() && h.can_extents().unwrap());
-        assert_eq!(h.can_fua().unwrap(), Fua::Native);
-        assert_eq!(h.can_cache().unwrap(), Cache::Native);
-        assert!(h.can_multi_conn().unwrap());
+        assert!(h.caps().unwrap().write && h.caps().unwrap().trim && h.caps().unwrap().zero);
+        assert!(h.caps().unwrap().fast_zero && h.caps().unwrap().extents);
+        assert_eq!(h.caps().unwrap().fua, Fua::Native);
+        assert_eq!(h.caps().unwrap().cache, Cache::Native);
+        assert!(h.caps().unwrap().multi_conn);
         let mut e = Extents::new(0, 131072);
         h.extents(131072, 0, Flags::NONE, &mut e).await.unwrap();
         let got: Vec<_> = e

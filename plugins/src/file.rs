@@ -69,7 +69,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use libnbd::backend::HOLE_ZERO;
 use libnbd::{
-    Cache, ConfigError, ConfigResult, Error, ExportEntry, Extents, Flags, Fua, Handle, OpenContext,
+    Caps, ConfigError, ConfigResult, Error, ExportEntry, Extents, Flags, Handle, OpenContext,
     Params, Plugin, PluginEntry, Result,
 };
 use nix::errno::Errno;
@@ -77,17 +77,15 @@ use nix::fcntl::{fallocate, posix_fadvise, FallocateFlags, PosixFadviseAdvice};
 use nix::unistd::{lseek, Whence};
 
 /// The registry entry of the file plugin.
-pub fn entry() -> PluginEntry {
-    PluginEntry {
-        name: "file",
-        help: "[file=]<FILENAME>     The filename to serve.\n\
-               dir=<DIRNAME>         A directory containing files to serve.\n\
-               cache=<MODE>          Set use of caching (default, none).\n\
-               fadvise=<LEVEL>       Set fadvise hint (normal, random, sequential).",
-        magic: Some("file"),
-        create,
-    }
-}
+pub const ENTRY: PluginEntry = PluginEntry {
+    name: "file",
+    help: "[file=]<FILENAME>     The filename to serve.\n\
+           dir=<DIRNAME>         A directory containing files to serve.\n\
+           cache=<MODE>          Set use of caching (default, none).\n\
+           fadvise=<LEVEL>       Set fadvise hint (normal, random, sequential).",
+    magic: Some("file"),
+    create,
+};
 
 /// What the plugin serves.
 #[derive(Debug, Clone)]
@@ -131,7 +129,6 @@ pub fn create(params: &mut Params) -> ConfigResult<Arc<dyn Plugin>> {
         Some("sequential") => Fadvise::Sequential,
         Some(other) => return Err(ConfigError::new(format!("unknown fadvise mode: {other}"))),
     };
-    params.finish("file")?;
     let realpath = |p: &str| {
         std::fs::canonicalize(p).map_err(|e| ConfigError::new(format!("realpath: {p}: {e}")))
     };
@@ -544,32 +541,13 @@ impl Handle for FileHandle {
                 .map_err(|e| Error::io(format!("fstat: {}", self.name), e))
         }
     }
-    fn can_write(&self) -> Result<bool> {
-        Ok(self.writable)
-    }
-    fn can_flush(&self) -> Result<bool> {
-        Ok(true)
-    }
-    fn can_trim(&self) -> Result<bool> {
-        Ok(true)
-    }
-    fn can_zero(&self) -> Result<bool> {
-        Ok(true)
-    }
-    fn can_fast_zero(&self) -> Result<bool> {
-        Ok(false)
-    }
-    fn can_extents(&self) -> Result<bool> {
-        Ok(self.can_extents)
-    }
-    fn can_fua(&self) -> Result<Fua> {
-        Ok(Fua::Native)
-    }
-    fn can_multi_conn(&self) -> Result<bool> {
-        Ok(true)
-    }
-    fn can_cache(&self) -> Result<Cache> {
-        Ok(Cache::Native)
+    fn caps(&self) -> Result<Caps> {
+        Ok(Caps {
+            write: self.writable,
+            fast_zero: false,
+            extents: self.can_extents,
+            ..Caps::FULL
+        })
     }
 
     async fn pread(&self, buf: &mut [u8], offset: u64, _flags: Flags) -> Result<()> {
@@ -665,10 +643,11 @@ mod tests {
     use super::*;
     use libnbd::protocol::errno;
     use libnbd::Stack;
+    use libnbd::{Cache, Fua};
 
     fn plugin(args: &[&str]) -> ConfigResult<Arc<dyn Plugin>> {
         let mut p = Params::parse(args, Some("file"))?;
-        create(&mut p)
+        ENTRY.configure(&mut p)
     }
 
     fn ctx(export: &str, readonly: bool) -> OpenContext {
@@ -702,11 +681,11 @@ mod tests {
         let p = plugin(&[path.to_str().unwrap()]).unwrap();
         let h = p.open(&ctx("ignored", false)).await.unwrap();
         assert_eq!(h.size().unwrap(), 10 << 20);
-        assert!(h.can_write().unwrap() && h.can_flush().unwrap() && h.can_trim().unwrap());
-        assert!(h.can_zero().unwrap() && !h.can_fast_zero().unwrap());
-        assert!(h.can_multi_conn().unwrap());
-        assert_eq!(h.can_fua().unwrap(), Fua::Native);
-        assert_eq!(h.can_cache().unwrap(), Cache::Native);
+        assert!(h.caps().unwrap().write && h.caps().unwrap().flush && h.caps().unwrap().trim);
+        assert!(h.caps().unwrap().zero && !h.caps().unwrap().fast_zero);
+        assert!(h.caps().unwrap().multi_conn);
+        assert_eq!(h.caps().unwrap().fua, Fua::Native);
+        assert_eq!(h.caps().unwrap().cache, Cache::Native);
         let mut b = [0u8; 4];
         h.pread(&mut b, (640 << 10) - 2, Flags::NONE).await.unwrap();
         assert_eq!(b, [0, 0, 0xAB, 0xAB]);
@@ -729,7 +708,7 @@ mod tests {
         let path = sparse_file(dir.path());
         let p = plugin(&[&format!("file={}", path.display())]).unwrap();
         let h = p.open(&ctx("", false)).await.unwrap();
-        if !h.can_extents().unwrap() {
+        if !h.caps().unwrap().extents {
             eprintln!("SEEK_HOLE not supported here: skipping");
             return;
         }
@@ -784,7 +763,7 @@ mod tests {
         };
         let h = stack.open(&ctx("", false)).await.unwrap();
         // As nbdinfo shows upstream: fast zero is not advertised.
-        assert!(h.can_zero().unwrap() && !h.can_fast_zero().unwrap());
+        assert!(h.caps().unwrap().zero && !h.caps().unwrap().fast_zero);
         assert_eq!(
             h.zero(10, 0, Flags::FAST_ZERO).await.unwrap_err().errno,
             errno::ENOTSUP
@@ -801,7 +780,7 @@ mod tests {
         let path = sparse_file(dir.path());
         let p = plugin(&[path.to_str().unwrap()]).unwrap();
         let h = p.open(&ctx("", true)).await.unwrap();
-        assert!(!h.can_write().unwrap());
+        assert!(!h.caps().unwrap().write);
         assert_eq!(
             h.pwrite(b"x", 0, Flags::NONE).await.unwrap_err().errno,
             errno::EPERM

@@ -27,19 +27,17 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use libnbd::backend::HOLE_ZERO;
 use libnbd::{
-    Cache, ConfigError, ConfigResult, Error, Extents, Flags, Handle, OpenContext, Params, Plugin,
-    PluginEntry, Result,
+    Caps, ConfigError, ConfigResult, Error, Extents, Flags, Fua, Handle, OpenContext, Params,
+    Plugin, PluginEntry, Result,
 };
 
 /// The registry entry of the full plugin.
-pub fn entry() -> PluginEntry {
-    PluginEntry {
-        name: "full",
-        help: "size=<SIZE>  (required) Size of the backing disk",
-        magic: Some("size"),
-        create,
-    }
-}
+pub const ENTRY: PluginEntry = PluginEntry {
+    name: "full",
+    help: "size=<SIZE>  (required) Size of the backing disk",
+    magic: Some("size"),
+    create,
+};
 
 /// The configured full plugin.
 pub struct FullPlugin {
@@ -49,7 +47,6 @@ pub struct FullPlugin {
 /// Build the full plugin from `size=`.
 pub fn create(params: &mut Params) -> ConfigResult<Arc<dyn Plugin>> {
     let size = params.take_size("size")?;
-    params.finish("full")?;
     let size = size.ok_or_else(|| ConfigError::new("full: size parameter is required"))?;
     Ok(Arc::new(FullPlugin { size }))
 }
@@ -75,20 +72,14 @@ impl Handle for FullHandle {
     fn size(&self) -> Result<u64> {
         Ok(self.size)
     }
-    fn can_write(&self) -> Result<bool> {
-        Ok(true)
-    }
-    fn can_trim(&self) -> Result<bool> {
-        Ok(true)
-    }
-    fn can_extents(&self) -> Result<bool> {
-        Ok(true)
-    }
-    fn can_multi_conn(&self) -> Result<bool> {
-        Ok(true)
-    }
-    fn can_cache(&self) -> Result<Cache> {
-        Ok(Cache::Native)
+    fn caps(&self) -> Result<Caps> {
+        Ok(Caps {
+            flush: false,
+            zero: false,
+            fast_zero: false,
+            fua: Fua::None,
+            ..Caps::FULL
+        })
     }
 
     async fn pread(&self, buf: &mut [u8], _offset: u64, _flags: Flags) -> Result<()> {
@@ -127,16 +118,17 @@ mod tests {
     #[tokio::test]
     async fn full_disk() {
         let mut p = Params::parse(&["1M"], Some("size")).unwrap();
-        let h = create(&mut p)
+        let h = ENTRY
+            .configure(&mut p)
             .unwrap()
             .open(&OpenContext::default())
             .await
             .unwrap();
         assert_eq!(h.size().unwrap(), 1 << 20);
-        assert!(h.can_write().unwrap() && h.can_trim().unwrap() && h.can_extents().unwrap());
-        assert!(!h.can_zero().unwrap() && !h.can_flush().unwrap());
-        assert_eq!(h.can_fua().unwrap(), Fua::None);
-        assert!(h.can_multi_conn().unwrap());
+        assert!(h.caps().unwrap().write && h.caps().unwrap().trim && h.caps().unwrap().extents);
+        assert!(!h.caps().unwrap().zero && !h.caps().unwrap().flush);
+        assert_eq!(h.caps().unwrap().fua, Fua::None);
+        assert!(h.caps().unwrap().multi_conn);
         let mut b = [7u8; 8];
         h.pread(&mut b, 100, Flags::NONE).await.unwrap();
         assert_eq!(b, [0; 8]);
@@ -158,12 +150,12 @@ mod tests {
         let mut p = Params::parse(&["1M"], Some("size")).unwrap();
         let stack = Stack {
             filters: vec![],
-            plugin: create(&mut p).unwrap(),
+            plugin: ENTRY.configure(&mut p).unwrap(),
         };
         let h = stack.open(&OpenContext::default()).await.unwrap();
-        assert!(h.can_zero().unwrap() && h.can_fast_zero().unwrap());
-        assert!(!h.can_flush().unwrap());
-        assert_eq!(h.can_fua().unwrap(), Fua::None);
+        assert!(h.caps().unwrap().zero && h.caps().unwrap().fast_zero);
+        assert!(!h.caps().unwrap().flush);
+        assert_eq!(h.caps().unwrap().fua, Fua::None);
         assert_eq!(
             h.zero(10, 0, Flags::NONE).await.unwrap_err().errno,
             errno::ENOSPC
@@ -177,6 +169,11 @@ mod tests {
     #[test]
     fn size_required() {
         let mut p = Params::parse::<&str>(&[], Some("size")).unwrap();
-        assert!(create(&mut p).err().unwrap().0.contains("required"));
+        assert!(ENTRY
+            .configure(&mut p)
+            .err()
+            .unwrap()
+            .0
+            .contains("required"));
     }
 }

@@ -33,15 +33,15 @@ use libnbd::PluginEntry;
 /// Every plugin, by the name used on the nbdkit command line.
 pub fn registry() -> Vec<PluginEntry> {
     vec![
-        memory::entry(),
-        file::entry(),
-        null::entry(),
-        zero::entry(),
-        full::entry(),
-        pattern::entry(),
-        data::entry(),
-        sparse_random::entry(),
-        curl::entry(),
+        memory::ENTRY,
+        file::ENTRY,
+        null::ENTRY,
+        zero::ENTRY,
+        full::ENTRY,
+        pattern::ENTRY,
+        data::ENTRY,
+        sparse_random::ENTRY,
+        curl::ENTRY,
     ]
 }
 
@@ -74,12 +74,27 @@ mod tests {
             // variable for `$VAR`, so it is exempt).
             if name != "data" {
                 let mut p = Params::new(vec![("no-such-key".into(), "1".into())]);
-                assert!((e.create)(&mut p).is_err(), "{name}");
+                assert!(e.configure(&mut p).is_err(), "{name}");
             }
         }
         let mut names: Vec<_> = r.iter().map(|e| e.name).collect();
         names.sort();
         names.dedup();
         assert_eq!(names.len(), r.len(), "duplicate plugin names");
+    }
+
+    #[test]
+    fn every_plugin_has_its_manual() {
+        let mut wrong = Vec::new();
+        for e in registry() {
+            let path = format!(
+                "{}/src/{}.rs",
+                env!("CARGO_MANIFEST_DIR"),
+                e.name.replace('-', "_")
+            );
+            let source = std::fs::read_to_string(&path).unwrap();
+            wrong.extend(libnbd::config::check_manual(e.name, &source, e.help).err());
+        }
+        assert!(wrong.is_empty(), "{wrong:#?}");
     }
 }

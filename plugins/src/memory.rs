@@ -37,15 +37,13 @@ use libnbd::{ConfigError, ConfigResult, Handle, OpenContext, Params, Plugin, Plu
 use crate::sparse::{Allocator, Store, StoreHandle};
 
 /// The registry entry of the memory plugin.
-pub fn entry() -> PluginEntry {
-    PluginEntry {
-        name: "memory",
-        help: "size=<SIZE>  (required) Size of the backing disk\n\
-               allocator=sparse|...    Backend allocation strategy",
-        magic: Some("size"),
-        create,
-    }
-}
+pub const ENTRY: PluginEntry = PluginEntry {
+    name: "memory",
+    help: "size=<SIZE>  (required) Size of the backing disk\n\
+           allocator=sparse|...    Backend allocation strategy",
+    magic: Some("size"),
+    create,
+};
 
 /// The configured memory plugin: one store shared by all connections.
 pub struct MemoryPlugin {
@@ -59,7 +57,6 @@ pub fn create(params: &mut Params) -> ConfigResult<Arc<dyn Plugin>> {
         Some(a) => Allocator::parse(&a)?,
         None => Allocator::Sparse,
     };
-    params.finish("memory")?;
     let size = size.ok_or_else(|| {
         ConfigError::new("memory: you must specify size=<SIZE> on the command line")
     })?;
@@ -93,7 +90,7 @@ mod tests {
 
     async fn open(args: &[&str]) -> Box<dyn Handle> {
         let mut p = Params::parse(args, Some("size")).unwrap();
-        let plugin = create(&mut p).unwrap();
+        let plugin = ENTRY.configure(&mut p).unwrap();
         plugin.open(&OpenContext::default()).await.unwrap()
     }
 
@@ -108,7 +105,7 @@ mod tests {
     fn config_errors() {
         let err = |args: &[&str]| {
             let mut p = Params::parse(args, Some("size")).unwrap();
-            create(&mut p).err().expect("should fail").0
+            ENTRY.configure(&mut p).err().expect("should fail").0
         };
         assert!(err(&[]).contains("size"));
         assert!(err(&["1M", "foo=bar"]).contains("unknown parameter 'foo'"));
@@ -121,16 +118,16 @@ mod tests {
         for alloc in ["allocator=sparse", "allocator=malloc", "allocator=zstd"] {
             let h = open(&["1M", alloc]).await;
             assert_eq!(h.size().unwrap(), 1 << 20);
-            assert!(h.can_write().unwrap());
-            assert!(h.can_flush().unwrap());
-            assert!(h.can_trim().unwrap());
-            assert!(h.can_zero().unwrap());
-            assert!(h.can_fast_zero().unwrap());
-            assert!(h.can_extents().unwrap());
-            assert!(h.can_multi_conn().unwrap());
-            assert!(!h.is_rotational().unwrap());
-            assert_eq!(h.can_fua().unwrap(), Fua::Native);
-            assert_eq!(h.can_cache().unwrap(), Cache::Native);
+            assert!(h.caps().unwrap().write);
+            assert!(h.caps().unwrap().flush);
+            assert!(h.caps().unwrap().trim);
+            assert!(h.caps().unwrap().zero);
+            assert!(h.caps().unwrap().fast_zero);
+            assert!(h.caps().unwrap().extents);
+            assert!(h.caps().unwrap().multi_conn);
+            assert!(!h.caps().unwrap().rotational);
+            assert_eq!(h.caps().unwrap().fua, Fua::Native);
+            assert_eq!(h.caps().unwrap().cache, Cache::Native);
         }
     }
 
@@ -176,7 +173,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread")]
     async fn shared_between_connections() {
         let mut p = Params::parse(&["1M"], Some("size")).unwrap();
-        let plugin = create(&mut p).unwrap();
+        let plugin = ENTRY.configure(&mut p).unwrap();
         let a = plugin.open(&OpenContext::default()).await.unwrap();
         let b = plugin.open(&OpenContext::default()).await.unwrap();
         a.pwrite(b"shared", 1000, Flags::NONE).await.unwrap();
@@ -215,7 +212,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread")]
     async fn concurrent_connections() {
         let mut p = Params::parse(&["16M"], Some("size")).unwrap();
-        let plugin = create(&mut p).unwrap();
+        let plugin = ENTRY.configure(&mut p).unwrap();
         let mut tasks = Vec::new();
         for t in 0..8u8 {
             let h: Arc<dyn Handle> = Arc::from(plugin.open(&OpenContext::default()).await.unwrap());

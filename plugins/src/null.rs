@@ -25,19 +25,16 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use libnbd::backend::HOLE_ZERO;
 use libnbd::{
-    Cache, ConfigResult, Extents, Flags, Fua, Handle, OpenContext, Params, Plugin, PluginEntry,
-    Result,
+    Caps, ConfigResult, Extents, Flags, Handle, OpenContext, Params, Plugin, PluginEntry, Result,
 };
 
 /// The registry entry of the null plugin.
-pub fn entry() -> PluginEntry {
-    PluginEntry {
-        name: "null",
-        help: "size=<SIZE>             Size of the backing disk",
-        magic: Some("size"),
-        create,
-    }
-}
+pub const ENTRY: PluginEntry = PluginEntry {
+    name: "null",
+    help: "size=<SIZE>             Size of the backing disk",
+    magic: Some("size"),
+    create,
+};
 
 /// The configured null plugin.
 pub struct NullPlugin {
@@ -47,7 +44,6 @@ pub struct NullPlugin {
 /// Build the null plugin from `size=` (default 0).
 pub fn create(params: &mut Params) -> ConfigResult<Arc<dyn Plugin>> {
     let size = params.take_size("size")?.unwrap_or(0);
-    params.finish("null")?;
     Ok(Arc::new(NullPlugin { size }))
 }
 
@@ -68,32 +64,8 @@ impl Handle for NullHandle {
     fn size(&self) -> Result<u64> {
         Ok(self.size)
     }
-    fn can_write(&self) -> Result<bool> {
-        Ok(true)
-    }
-    fn can_flush(&self) -> Result<bool> {
-        Ok(true)
-    }
-    fn can_trim(&self) -> Result<bool> {
-        Ok(true)
-    }
-    fn can_zero(&self) -> Result<bool> {
-        Ok(true)
-    }
-    fn can_fast_zero(&self) -> Result<bool> {
-        Ok(true)
-    }
-    fn can_extents(&self) -> Result<bool> {
-        Ok(true)
-    }
-    fn can_fua(&self) -> Result<Fua> {
-        Ok(Fua::Native)
-    }
-    fn can_multi_conn(&self) -> Result<bool> {
-        Ok(true)
-    }
-    fn can_cache(&self) -> Result<Cache> {
-        Ok(Cache::Native)
+    fn caps(&self) -> Result<Caps> {
+        Ok(Caps::FULL)
     }
 
     async fn pread(&self, buf: &mut [u8], _offset: u64, _flags: Flags) -> Result<()> {
@@ -129,10 +101,12 @@ impl Handle for NullHandle {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use libnbd::{Cache, Fua};
 
     async fn open(args: &[&str]) -> Box<dyn Handle> {
         let mut p = Params::parse(args, Some("size")).unwrap();
-        create(&mut p)
+        ENTRY
+            .configure(&mut p)
             .unwrap()
             .open(&OpenContext::default())
             .await
@@ -143,11 +117,11 @@ mod tests {
     async fn null_disk() {
         let h = open(&["1M"]).await;
         assert_eq!(h.size().unwrap(), 1 << 20);
-        assert!(h.can_write().unwrap() && h.can_flush().unwrap() && h.can_trim().unwrap());
-        assert!(h.can_zero().unwrap() && h.can_fast_zero().unwrap() && h.can_extents().unwrap());
-        assert!(h.can_multi_conn().unwrap());
-        assert_eq!(h.can_fua().unwrap(), Fua::Native);
-        assert_eq!(h.can_cache().unwrap(), Cache::Native);
+        assert!(h.caps().unwrap().write && h.caps().unwrap().flush && h.caps().unwrap().trim);
+        assert!(h.caps().unwrap().zero && h.caps().unwrap().fast_zero && h.caps().unwrap().extents);
+        assert!(h.caps().unwrap().multi_conn);
+        assert_eq!(h.caps().unwrap().fua, Fua::Native);
+        assert_eq!(h.caps().unwrap().cache, Cache::Native);
         h.pwrite(b"data", 0, Flags::FUA).await.unwrap();
         let mut b = [9u8; 16];
         h.pread(&mut b, 0, Flags::NONE).await.unwrap();
@@ -167,8 +141,8 @@ mod tests {
         assert_eq!(open(&[]).await.size().unwrap(), 0);
         assert_eq!(open(&["size=5"]).await.size().unwrap(), 5);
         let mut p = Params::parse(&["1M", "x=1"], Some("size")).unwrap();
-        assert!(create(&mut p).is_err());
+        assert!(ENTRY.configure(&mut p).is_err());
         let mut p = Params::parse(&["lots"], Some("size")).unwrap();
-        assert!(create(&mut p).is_err());
+        assert!(ENTRY.configure(&mut p).is_err());
     }
 }

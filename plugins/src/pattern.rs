@@ -33,19 +33,17 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use libnbd::{
-    Cache, ConfigError, ConfigResult, Flags, Handle, OpenContext, Params, Plugin, PluginEntry,
-    Result,
+    Cache, Caps, ConfigError, ConfigResult, Flags, Handle, OpenContext, Params, Plugin,
+    PluginEntry, Result,
 };
 
 /// The registry entry of the pattern plugin.
-pub fn entry() -> PluginEntry {
-    PluginEntry {
-        name: "pattern",
-        help: "size=<SIZE>  (required) Size of the backing disk",
-        magic: Some("size"),
-        create,
-    }
-}
+pub const ENTRY: PluginEntry = PluginEntry {
+    name: "pattern",
+    help: "size=<SIZE>  (required) Size of the backing disk",
+    magic: Some("size"),
+    create,
+};
 
 /// The configured pattern plugin.
 pub struct PatternPlugin {
@@ -55,7 +53,6 @@ pub struct PatternPlugin {
 /// Build the pattern plugin from `size=`.
 pub fn create(params: &mut Params) -> ConfigResult<Arc<dyn Plugin>> {
     let size = params.take_size("size")?;
-    params.finish("pattern")?;
     let size = size.ok_or_else(|| ConfigError::new("pattern: size parameter is required"))?;
     Ok(Arc::new(PatternPlugin { size }))
 }
@@ -101,11 +98,12 @@ impl Handle for PatternHandle {
     fn size(&self) -> Result<u64> {
         Ok(self.size)
     }
-    fn can_multi_conn(&self) -> Result<bool> {
-        Ok(true)
-    }
-    fn can_cache(&self) -> Result<Cache> {
-        Ok(Cache::Native)
+    fn caps(&self) -> Result<Caps> {
+        Ok(Caps {
+            multi_conn: true,
+            cache: Cache::Native,
+            ..Caps::READ_ONLY
+        })
     }
     async fn pread(&self, buf: &mut [u8], offset: u64, _flags: Flags) -> Result<()> {
         fill(buf, offset);
@@ -127,17 +125,18 @@ mod tests {
     #[tokio::test]
     async fn pattern_bytes() {
         let mut p = Params::parse(&["1M"], Some("size")).unwrap();
-        let h = create(&mut p)
+        let h = ENTRY
+            .configure(&mut p)
             .unwrap()
             .open(&OpenContext::default())
             .await
             .unwrap();
         assert_eq!(h.size().unwrap(), 1 << 20);
-        assert!(!h.can_write().unwrap());
-        assert!(!h.can_flush().unwrap() && !h.can_trim().unwrap() && !h.can_zero().unwrap());
-        assert!(!h.can_extents().unwrap());
-        assert!(h.can_multi_conn().unwrap());
-        assert_eq!(h.can_cache().unwrap(), Cache::Native);
+        assert!(!h.caps().unwrap().write);
+        assert!(!h.caps().unwrap().flush && !h.caps().unwrap().trim && !h.caps().unwrap().zero);
+        assert!(!h.caps().unwrap().extents);
+        assert!(h.caps().unwrap().multi_conn);
+        assert_eq!(h.caps().unwrap().cache, Cache::Native);
         // As `nbdsh -c 'print(h.pread(32, 8))'` shows upstream.
         let mut b = [0u8; 32];
         h.pread(&mut b, 8, Flags::NONE).await.unwrap();
@@ -175,6 +174,6 @@ mod tests {
     #[test]
     fn size_required() {
         let mut p = Params::parse::<&str>(&[], Some("size")).unwrap();
-        assert!(create(&mut p).is_err());
+        assert!(ENTRY.configure(&mut p).is_err());
     }
 }

@@ -32,9 +32,7 @@ use async_trait::async_trait;
 use crate::slab::SlabPage;
 use libnbd::backend::HOLE_ZERO;
 use libnbd::protocol::alloc;
-use libnbd::{
-    parse_bool, Cache, ConfigError, ConfigResult, Error, Extents, Flags, Fua, Handle, Result,
-};
+use libnbd::{parse_bool, Caps, ConfigError, ConfigResult, Error, Extents, Flags, Handle, Result};
 
 /// Size of a page of the sparse allocator: 32 KiB, as nbdkit's sparse
 /// array, so extents have the same granularity.
@@ -685,33 +683,9 @@ impl Handle for StoreHandle {
     fn size(&self) -> Result<u64> {
         Ok(self.store.size())
     }
-    fn can_write(&self) -> Result<bool> {
-        Ok(true)
-    }
-    fn can_flush(&self) -> Result<bool> {
-        Ok(true)
-    }
-    fn can_trim(&self) -> Result<bool> {
-        Ok(true)
-    }
-    fn can_zero(&self) -> Result<bool> {
-        Ok(true)
-    }
-    fn can_fast_zero(&self) -> Result<bool> {
-        Ok(true)
-    }
-    fn can_extents(&self) -> Result<bool> {
-        Ok(true)
-    }
-    fn can_fua(&self) -> Result<Fua> {
-        Ok(Fua::Native)
-    }
-    fn can_multi_conn(&self) -> Result<bool> {
-        Ok(true)
-    }
-    fn can_cache(&self) -> Result<Cache> {
+    fn caps(&self) -> Result<Caps> {
         // Everything is already in memory: cache is a successful no-op.
-        Ok(Cache::Native)
+        Ok(Caps::FULL)
     }
 
     async fn pread(&self, buf: &mut [u8], offset: u64, _flags: Flags) -> Result<()> {

@@ -51,23 +51,21 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use libnbd::backend::HOLE_ZERO;
 use libnbd::{
-    Cache, ConfigError, ConfigResult, Error, Extents, Flags, Fua, Handle, OpenContext, Params,
-    Plugin, PluginEntry, Result,
+    Caps, ConfigError, ConfigResult, Error, Extents, Flags, Handle, OpenContext, Params, Plugin,
+    PluginEntry, Result,
 };
 
 /// The registry entry of the sparse-random plugin.
-pub fn entry() -> PluginEntry {
-    PluginEntry {
-        name: "sparse-random",
-        help: "size=<SIZE>  (required) Size of the backing disk\n\
-               seed=<SEED>             Random number generator seed\n\
-               percent=<PERCENT>       Percentage of data\n\
-               runlength=<BYTES>       Expected average run length of data\n\
-               random-content=true     Fully random content in each block",
-        magic: Some("size"),
-        create,
-    }
-}
+pub const ENTRY: PluginEntry = PluginEntry {
+    name: "sparse-random",
+    help: "size=<SIZE>  (required) Size of the backing disk\n\
+           seed=<SEED>             Random number generator seed\n\
+           percent=<PERCENT>       Percentage of data\n\
+           runlength=<BYTES>       Expected average run length of data\n\
+           random-content=true     Fully random content in each block",
+    magic: Some("size"),
+    create,
+};
 
 /// Size of a block: the unit of data and holes.
 pub const BLOCK: u64 = 4096;
@@ -313,7 +311,6 @@ pub fn create(params: &mut Params) -> ConfigResult<Arc<dyn Plugin>> {
         return Err(ConfigError::new("runlength parameter must be > 0"));
     }
     let random_content = params.take_bool("random-content")?.unwrap_or(false);
-    params.finish("sparse-random")?;
     let size = size.ok_or_else(|| ConfigError::new("sparse-random: size parameter is required"))?;
     Ok(Arc::new(SparseRandomPlugin {
         layout: Arc::new(Layout::new(size, seed, percent, runlength, random_content)),
@@ -360,33 +357,12 @@ impl Handle for SparseRandomHandle {
     fn size(&self) -> Result<u64> {
         Ok(self.layout.size)
     }
-    fn can_write(&self) -> Result<bool> {
-        Ok(true)
-    }
-    fn can_flush(&self) -> Result<bool> {
-        Ok(true)
-    }
-    fn can_trim(&self) -> Result<bool> {
-        Ok(true)
-    }
-    fn can_zero(&self) -> Result<bool> {
-        Ok(true)
-    }
-    fn can_fast_zero(&self) -> Result<bool> {
-        Ok(false)
-    }
-    fn can_extents(&self) -> Result<bool> {
-        Ok(true)
-    }
-    fn can_fua(&self) -> Result<Fua> {
+    fn caps(&self) -> Result<Caps> {
         // Flush does nothing, so FUA needs nothing either.
-        Ok(Fua::Native)
-    }
-    fn can_multi_conn(&self) -> Result<bool> {
-        Ok(true)
-    }
-    fn can_cache(&self) -> Result<Cache> {
-        Ok(Cache::Native)
+        Ok(Caps {
+            fast_zero: false,
+            ..Caps::FULL
+        })
     }
 
     async fn pread(&self, buf: &mut [u8], offset: u64, _flags: Flags) -> Result<()> {
@@ -450,10 +426,12 @@ impl Handle for SparseRandomHandle {
 mod tests {
     use super::*;
     use libnbd::protocol::errno;
+    use libnbd::Cache;
 
     async fn open(args: &[&str]) -> Box<dyn Handle> {
         let mut p = Params::parse(args, Some("size")).unwrap();
-        create(&mut p)
+        ENTRY
+            .configure(&mut p)
             .unwrap()
             .open(&OpenContext::default())
             .await
@@ -486,10 +464,10 @@ mod tests {
     async fn capabilities() {
         let h = open(&["1G", "seed=1"]).await;
         assert_eq!(h.size().unwrap(), 1 << 30);
-        assert!(h.can_write().unwrap() && h.can_flush().unwrap() && h.can_trim().unwrap());
-        assert!(h.can_zero().unwrap() && !h.can_fast_zero().unwrap());
-        assert!(h.can_extents().unwrap() && h.can_multi_conn().unwrap());
-        assert_eq!(h.can_cache().unwrap(), Cache::Native);
+        assert!(h.caps().unwrap().write && h.caps().unwrap().flush && h.caps().unwrap().trim);
+        assert!(h.caps().unwrap().zero && !h.caps().unwrap().fast_zero);
+        assert!(h.caps().unwrap().extents && h.caps().unwrap().multi_conn);
+        assert_eq!(h.caps().unwrap().cache, Cache::Native);
     }
 
     #[tokio::test]
@@ -597,7 +575,7 @@ mod tests {
     fn config_errors() {
         let err = |args: &[&str]| {
             let mut p = Params::parse(args, Some("size")).unwrap();
-            create(&mut p).err().expect("should fail").0
+            ENTRY.configure(&mut p).err().expect("should fail").0
         };
         assert!(err(&[]).contains("required"));
         assert!(err(&["1G", "percent=101"]).contains("percent"));

@@ -8,6 +8,10 @@
 //! nbdkit zero
 //! ```
 //!
+//! ## Parameters
+//!
+//! There are no parameters.
+//!
 //! ## Behaviour
 //!
 //! As nbdkit 1.32's zero plugin: size 0, read-only, no flush, trim or
@@ -19,19 +23,17 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use libnbd::{
-    Cache, ConfigError, ConfigResult, Flags, Handle, OpenContext, Params, Plugin, PluginEntry,
-    Result,
+    Cache, Caps, ConfigError, ConfigResult, Flags, Handle, OpenContext, Params, Plugin,
+    PluginEntry, Result,
 };
 
 /// The registry entry of the zero plugin (no parameters, no magic key).
-pub fn entry() -> PluginEntry {
-    PluginEntry {
-        name: "zero",
-        help: "",
-        magic: None,
-        create,
-    }
-}
+pub const ENTRY: PluginEntry = PluginEntry {
+    name: "zero",
+    help: "",
+    magic: None,
+    create,
+};
 
 /// The zero plugin.
 pub struct ZeroPlugin;
@@ -43,7 +45,6 @@ pub fn create(params: &mut Params) -> ConfigResult<Arc<dyn Plugin>> {
             "zero: this plugin does not need command line configuration",
         ));
     }
-    params.finish("zero")?;
     Ok(Arc::new(ZeroPlugin))
 }
 
@@ -62,11 +63,12 @@ impl Handle for ZeroHandle {
     fn size(&self) -> Result<u64> {
         Ok(0)
     }
-    fn can_multi_conn(&self) -> Result<bool> {
-        Ok(true)
-    }
-    fn can_cache(&self) -> Result<Cache> {
-        Ok(Cache::Native)
+    fn caps(&self) -> Result<Caps> {
+        Ok(Caps {
+            multi_conn: true,
+            cache: Cache::Native,
+            ..Caps::READ_ONLY
+        })
     }
     async fn pread(&self, buf: &mut [u8], _offset: u64, _flags: Flags) -> Result<()> {
         buf.fill(0);
@@ -84,19 +86,20 @@ mod tests {
     #[tokio::test]
     async fn zero_disk() {
         let mut p = Params::parse::<&str>(&[], None).unwrap();
-        let h = create(&mut p)
+        let h = ENTRY
+            .configure(&mut p)
             .unwrap()
             .open(&OpenContext::default())
             .await
             .unwrap();
         assert_eq!(h.size().unwrap(), 0);
-        assert!(!h.can_write().unwrap());
-        assert!(!h.can_flush().unwrap());
-        assert!(!h.can_trim().unwrap());
-        assert!(!h.can_zero().unwrap());
-        assert!(!h.can_extents().unwrap());
-        assert!(h.can_multi_conn().unwrap());
-        assert_eq!(h.can_cache().unwrap(), Cache::Native);
+        assert!(!h.caps().unwrap().write);
+        assert!(!h.caps().unwrap().flush);
+        assert!(!h.caps().unwrap().trim);
+        assert!(!h.caps().unwrap().zero);
+        assert!(!h.caps().unwrap().extents);
+        assert!(h.caps().unwrap().multi_conn);
+        assert_eq!(h.caps().unwrap().cache, Cache::Native);
         h.pread(&mut [], 0, Flags::NONE).await.unwrap();
         assert!(h.pwrite(b"x", 0, Flags::NONE).await.is_err());
     }
@@ -104,7 +107,7 @@ mod tests {
     #[test]
     fn no_parameters() {
         let mut p = Params::parse(&["size=1"], None).unwrap();
-        let e = create(&mut p).err().unwrap();
+        let e = ENTRY.configure(&mut p).err().unwrap();
         assert!(e.0.contains("does not need"));
         assert!(Params::parse(&["1M"], None).is_err());
     }

@@ -358,7 +358,7 @@ fn run(args: Vec<OsString>) -> Result<i32, Fatal> {
     for f in &filters {
         built_filters.push((f.create)(&mut params).map_err(|e: ConfigError| Fatal(e.0))?);
     }
-    let built_plugin = (plugin.create)(&mut params).map_err(|e| Fatal(e.0))?;
+    let built_plugin = plugin.configure(&mut params).map_err(|e| Fatal(e.0))?;
     let stack = Stack {
         filters: built_filters,
         plugin: built_plugin,

@@ -203,7 +203,7 @@ async fn multi_block_random_and_sequential() {
     let xz = xz_stream(&blocks_of(&data, 256 << 10), Check::Crc64);
     let h = open(xz).await;
     assert_eq!(h.size().unwrap(), data.len() as u64);
-    assert!(!h.can_write().unwrap());
+    assert!(!h.caps().unwrap().write);
     check_random(&*h, &data, 200, 7).await;
     check_sequential(&*h, &data, 65536).await;
     // Reads spanning several blocks, and the last byte.

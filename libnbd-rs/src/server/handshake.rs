@@ -367,34 +367,23 @@ async fn open_export(
     };
     let h: Arc<dyn Handle> = Arc::from(cfg.stack.open(&ctx).await?);
     let size = h.size()?;
-    let write = !cfg.readonly && h.can_write()?;
+    let caps = h.caps()?;
+    let write = !cfg.readonly && caps.write;
     let mut flags = tflags::HAS_FLAGS | tflags::SEND_DF;
-    if !write {
-        flags |= tflags::READ_ONLY;
-    }
-    if h.can_flush()? {
-        flags |= tflags::SEND_FLUSH;
-    }
-    if write && h.can_fua()? != Fua::None {
-        flags |= tflags::SEND_FUA;
-    }
-    if h.is_rotational()? {
-        flags |= tflags::ROTATIONAL;
-    }
-    if write && h.can_trim()? {
-        flags |= tflags::SEND_TRIM;
-    }
-    if write && h.can_zero()? {
-        flags |= tflags::SEND_WRITE_ZEROES;
-        if h.can_fast_zero()? {
-            flags |= tflags::SEND_FAST_ZERO;
+    for (on, flag) in [
+        (!write, tflags::READ_ONLY),
+        (caps.flush, tflags::SEND_FLUSH),
+        (write && caps.fua != Fua::None, tflags::SEND_FUA),
+        (caps.rotational, tflags::ROTATIONAL),
+        (write && caps.trim, tflags::SEND_TRIM),
+        (write && caps.zero, tflags::SEND_WRITE_ZEROES),
+        (write && caps.zero && caps.fast_zero, tflags::SEND_FAST_ZERO),
+        (caps.multi_conn, tflags::CAN_MULTI_CONN),
+        (caps.cache != Cache::None, tflags::SEND_CACHE),
+    ] {
+        if on {
+            flags |= flag;
         }
-    }
-    if h.can_multi_conn()? {
-        flags |= tflags::CAN_MULTI_CONN;
-    }
-    if h.can_cache()? != Cache::None {
-        flags |= tflags::SEND_CACHE;
     }
     Ok(Negotiated {
         handle: h,

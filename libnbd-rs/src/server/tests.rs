@@ -8,7 +8,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 
 use super::transmission::validate;
 use super::*;
-use crate::backend::{Flags, OpenContext, Plugin, Result};
+use crate::backend::{Caps, Flags, OpenContext, Plugin, Result};
 use crate::protocol::{cmd, cmdflag, errno, opt, rep, reply, tflags, Request};
 
 /// A read-only export of `size` bytes: the first half reads as 0xAB, the
@@ -33,8 +33,11 @@ impl Handle for HalfHandle {
     fn size(&self) -> Result<u64> {
         Ok(self.size)
     }
-    fn can_flush(&self) -> Result<bool> {
-        Ok(true)
+    fn caps(&self) -> Result<Caps> {
+        Ok(Caps {
+            flush: true,
+            ..Caps::READ_ONLY
+        })
     }
     async fn pread(&self, buf: &mut [u8], offset: u64, _: Flags) -> Result<()> {
         for (i, b) in buf.iter_mut().enumerate() {
