@@ -8,6 +8,7 @@
 //! - [`client`]: the async client (negotiation, pipelined transmission);
 //! - [`uri`]: NBD URIs;
 //! - [`captive`]: servers run as subprocesses (`[ cmd args ]`);
+//! - [`tls`]: TLS for both sides (X.509 and PSK);
 //! - [`zeroes`]: zero detection.
 #![warn(missing_docs)]
 
@@ -18,6 +19,7 @@ pub mod config;
 pub mod listen;
 pub mod protocol;
 pub mod server;
+pub mod tls;
 pub mod uri;
 pub mod zeroes;
 

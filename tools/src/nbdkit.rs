@@ -26,6 +26,7 @@ use clap::{ArgAction, Parser};
 use libnbd::config::{ConfigError, FilterEntry, Params, PluginEntry};
 use libnbd::listen::{self, Listener};
 use libnbd::server::{self, ServerConfig, ServerContext};
+use libnbd::tls::ServerTls;
 use libnbd::{Stack, ThreadModel};
 
 /// The nbdkit version we are compatible with, printed by `--version`.
@@ -41,7 +42,9 @@ nbdkit [-4|--ipv4-only] [-6|--ipv6-only]
        [-n|--newstyle] [--no-mc] [--no-sr]
        [-P|--pidfile PIDFILE] [-p|--port PORT]
        [-r|--readonly] [--run 'COMMAND ARGS ...']
-       [-s|--single] [-t|--threads THREADS] [--tls=off]
+       [-s|--single] [-t|--threads THREADS] [--tls=off|on|require]
+       [--tls-certificates=/path/to/certificates]
+       [--tls-psk=/path/to/pskfile] [--tls-verify-peer]
        [-U|--unix SOCKET|-] [-v|--verbose]
        PLUGIN [[KEY=]VALUE [KEY=VALUE [...]]]
 
@@ -123,9 +126,18 @@ struct Cli {
     /// Requests handled at once per connection.
     #[arg(short = 't', long = "threads")]
     threads: Option<usize>,
-    /// TLS mode: only `off` is available in this build.
+    /// TLS: `off`, `on` (clients may start TLS) or `require`.
     #[arg(long = "tls")]
     tls: Option<String>,
+    /// Directory of `ca-cert.pem`, `server-cert.pem`, `server-key.pem`.
+    #[arg(long = "tls-certificates")]
+    tls_certificates: Option<PathBuf>,
+    /// TLS with pre-shared keys from this psktool file instead of X.509.
+    #[arg(long = "tls-psk")]
+    tls_psk: Option<PathBuf>,
+    /// Require clients to present a certificate the CA signed.
+    #[arg(long = "tls-verify-peer")]
+    tls_verify_peer: bool,
     /// Listen on a Unix domain socket (`-` for a private one).
     #[arg(short = 'U', long = "unix", allow_hyphen_values = true)]
     unix: Option<PathBuf>,
@@ -251,7 +263,8 @@ fn dump_config() {
     println!("host_cpu={}", std::env::consts::ARCH);
     println!("host_os=linux-gnu");
     println!("name=nbdkit");
-    println!("tls=no");
+    println!("root_tls_certificates_dir=/etc/pki/nbdkit");
+    println!("tls=yes");
     println!("version={COMPAT_VERSION}");
     let mut parts = COMPAT_VERSION.split('.');
     println!("version_major={}", parts.next().unwrap_or("1"));
@@ -312,13 +325,7 @@ fn run(args: Vec<OsString>) -> Result<i32, Fatal> {
         println!("\nplugin: {}\n{}", plugin.name, plugin.help.trim_end());
         return Ok(0);
     }
-    if let Some(t) = cli.tls.as_deref() {
-        if t != "off" {
-            return fatal(format!(
-                "--tls={t}: TLS is not available in this build of nbdkit (only --tls=off)"
-            ));
-        }
-    }
+    let (tls, tls_mode) = tls_setup(&cli)?;
     if let Some(l) = cli.log.as_deref() {
         if !matches!(l, "stderr" | "syslog" | "null") {
             return fatal(format!("--log must be stderr, syslog or null, not '{l}'"));
@@ -365,6 +372,8 @@ fn run(args: Vec<OsString>) -> Result<i32, Fatal> {
     };
     let mut cfg = ServerConfig::new(stack);
     cfg.server = ServerContext::new(cli.verbose);
+    cfg.tls = tls;
+    cfg.tls_required = tls_mode == TlsMode::Require;
     cfg.readonly = cli.readonly;
     cfg.structured_replies = !cli.no_sr;
     cfg.meta_contexts = !cli.no_mc;
@@ -397,11 +406,73 @@ fn run(args: Vec<OsString>) -> Result<i32, Fatal> {
             .after_fork(&cfg.server)
             .map_err(|e| Fatal(e.msg))?;
     }
-    let code = rt.block_on(serve(cfg.clone(), listen, &cli));
+    let code = rt.block_on(serve(cfg.clone(), listen, &cli, tls_mode));
     cfg.stack.unload();
     // Don't wait for blocking tasks (e.g. a stdin reader) to finish.
     rt.shutdown_timeout(std::time::Duration::from_millis(100));
     code
+}
+
+/// `--tls`: whether clients may, or must, use TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TlsMode {
+    Off,
+    On,
+    Require,
+}
+
+/// The TLS mode and credentials from `--tls`, `--tls-certificates`,
+/// `--tls-psk` and `--tls-verify-peer`, as nbdkit decides them: PSK when
+/// a PSK file is given, else certificates from the directory given or
+/// the first default one that has them; without `--tls`, TLS is on when
+/// credentials load and off when none are found.
+fn tls_setup(cli: &Cli) -> Result<(Option<Arc<ServerTls>>, TlsMode), Fatal> {
+    let asked = match cli.tls.as_deref() {
+        None => None,
+        Some("require" | "required" | "force") => Some(TlsMode::Require),
+        Some(t) => match libnbd::parse_bool(t) {
+            Ok(true) => Some(TlsMode::On),
+            Ok(false) => Some(TlsMode::Off),
+            Err(_) => {
+                return fatal(format!(
+                    "--tls: could not decipher '{t}': expected off, on or require"
+                ))
+            }
+        },
+    };
+    if asked == Some(TlsMode::Off) {
+        return Ok((None, TlsMode::Off));
+    }
+    let creds = if let Some(psk) = &cli.tls_psk {
+        Some(ServerTls::psk(psk).map_err(|e| Fatal(format!("--tls-psk: {e}")))?)
+    } else {
+        let dir = cli
+            .tls_certificates
+            .clone()
+            .or_else(ServerTls::default_certificates_dir);
+        match dir {
+            // Given or found: files that do not load are an error.
+            Some(d) => Some(
+                ServerTls::x509(&d, cli.tls_verify_peer)
+                    .map_err(|e| Fatal(format!("TLS certificates: {e}")))?,
+            ),
+            None => None,
+        }
+    };
+    match (creds, asked) {
+        (Some(c), Some(TlsMode::Require)) => Ok((Some(Arc::new(c)), TlsMode::Require)),
+        (Some(c), _) => Ok((Some(Arc::new(c)), TlsMode::On)),
+        (None, Some(TlsMode::Require)) => fatal(
+            "--tls=require but could not load TLS certificates.\n\
+             Try setting '--tls-certificates=/path/to/certificates' or read\n\
+             the \"TLS\" section in nbdkit(1).",
+        ),
+        (None, Some(_)) => {
+            eprintln!("nbdkit: warning: --tls=on but could not load TLS certificates: TLS is off");
+            Ok((None, TlsMode::Off))
+        }
+        (None, None) => Ok((None, TlsMode::Off)),
+    }
 }
 
 /// Bind the listening sockets (before forking, so the server is reachable
@@ -582,22 +653,24 @@ fn daemonize(pidfile: Option<&std::path::Path>) -> Result<(), Fatal> {
     }
 }
 
-fn make_uri(info: &UriInfo, export: &str) -> String {
+/// `$uri` for `--run`: `nbds` when TLS is required, as nbdkit's.
+fn make_uri(info: &UriInfo, export: &str, tls: bool) -> String {
     let enc = percent_encode(export);
+    let s = if tls { "s" } else { "" };
     match (&info.unixsocket, info.port) {
-        (Some(s), _) => {
-            let sock = percent_encode_query(&s.to_string_lossy());
+        (Some(sock), _) => {
+            let sock = percent_encode_query(&sock.to_string_lossy());
             if export.is_empty() {
-                format!("nbd+unix://?socket={sock}")
+                format!("nbd{s}+unix://?socket={sock}")
             } else {
-                format!("nbd+unix:///{enc}?socket={sock}")
+                format!("nbd{s}+unix:///{enc}?socket={sock}")
             }
         }
         (None, Some(p)) => {
             if export.is_empty() {
-                format!("nbd://localhost:{p}")
+                format!("nbd{s}://localhost:{p}")
             } else {
-                format!("nbd://localhost:{p}/{enc}")
+                format!("nbd{s}://localhost:{p}/{enc}")
             }
         }
         (None, None) => String::new(),
@@ -628,7 +701,12 @@ fn percent_encode_query(s: &str) -> String {
     out
 }
 
-async fn serve(cfg: Arc<ServerConfig>, listen: Listen, cli: &Cli) -> Result<i32, Fatal> {
+async fn serve(
+    cfg: Arc<ServerConfig>,
+    listen: Listen,
+    cli: &Cli,
+    tls_mode: TlsMode,
+) -> Result<i32, Fatal> {
     let server = cfg.server.clone();
     tokio::spawn(async move {
         use tokio::signal::unix::{signal, SignalKind};
@@ -668,6 +746,7 @@ async fn serve(cfg: Arc<ServerConfig>, listen: Listen, cli: &Cli) -> Result<i32,
                         cmd,
                         info,
                         cli.exportname.as_deref().unwrap_or(""),
+                        tls_mode,
                     )
                     .await?;
                     cfg.server.request_shutdown();
@@ -722,8 +801,9 @@ async fn run_command(
     cmd: &str,
     info: &UriInfo,
     export: &str,
+    tls: TlsMode,
 ) -> Result<i32, Fatal> {
-    let uri = make_uri(info, export);
+    let uri = make_uri(info, export, tls == TlsMode::Require);
     let mut c = tokio::process::Command::new("/bin/sh");
     c.arg("-c").arg(cmd);
     c.env("uri", &uri)
@@ -737,7 +817,11 @@ async fn run_command(
         Some(s) => c.env("unixsocket", s),
         None => c.env("unixsocket", ""),
     };
-    c.env("tls", "");
+    match tls {
+        TlsMode::Off => c.env_remove("tls"),
+        TlsMode::On => c.env("tls", "1"),
+        TlsMode::Require => c.env("tls", "2"),
+    };
     let mut child = c
         .spawn()
         .map_err(|e| Fatal(format!("--run: /bin/sh: {e}")))?;
@@ -770,17 +854,25 @@ mod tests {
             port: None,
             unixsocket: Some("/tmp/x/socket".into()),
         };
-        assert_eq!(make_uri(&unix, ""), "nbd+unix://?socket=/tmp/x/socket");
         assert_eq!(
-            make_uri(&unix, "a b"),
+            make_uri(&unix, "", false),
+            "nbd+unix://?socket=/tmp/x/socket"
+        );
+        assert_eq!(
+            make_uri(&unix, "a b", false),
             "nbd+unix:///a%20b?socket=/tmp/x/socket"
+        );
+        assert_eq!(
+            make_uri(&unix, "", true),
+            "nbds+unix://?socket=/tmp/x/socket"
         );
         let tcp = UriInfo {
             port: Some(10809),
             unixsocket: None,
         };
-        assert_eq!(make_uri(&tcp, "foo"), "nbd://localhost:10809/foo");
-        assert_eq!(make_uri(&tcp, ""), "nbd://localhost:10809");
+        assert_eq!(make_uri(&tcp, "foo", false), "nbd://localhost:10809/foo");
+        assert_eq!(make_uri(&tcp, "", false), "nbd://localhost:10809");
+        assert_eq!(make_uri(&tcp, "", true), "nbds://localhost:10809");
     }
 
     #[test]

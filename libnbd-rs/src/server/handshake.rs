@@ -11,13 +11,18 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use super::{Close, Negotiated, ServerConfig, Writer};
 use crate::backend::{Cache, Error, Fua, Handle, OpenContext};
 use crate::protocol::{self as p, errno, info, opt, rep, tflags};
+use crate::tls::ServerTls;
 
 /// Per-connection option state.
-struct OptState {
+pub(super) struct OptState {
     structured: bool,
     no_zeroes: bool,
     /// Context id of `base:allocation` if the client selected it.
     base_allocation: Option<u32>,
+    /// TLS is running.
+    pub(super) tls: bool,
+    /// Options received so far (before and after TLS).
+    count: u32,
 }
 
 /// Context id we give `base:allocation`.
@@ -49,15 +54,17 @@ async fn send_error<W: AsyncWrite + Unpin>(
     send_reply(w, option, reply, msg.as_bytes()).await
 }
 
-/// Greet the client and haggle over options; the export it chose, ready
-/// for transmission.
-pub(super) async fn handshake<R, W>(
-    cfg: &Arc<ServerConfig>,
-    r: &mut R,
-    w: &Writer<W>,
-    peer: Option<SocketAddr>,
-    id: u64,
-) -> Result<Negotiated, Close>
+/// What option haggling ended with.
+pub(super) enum Outcome {
+    /// The client chose an export: on to transmission.
+    Go(Negotiated),
+    /// `NBD_OPT_STARTTLS` was acknowledged: run the TLS handshake with
+    /// these credentials, then haggle on over TLS.
+    StartTls(Arc<ServerTls>),
+}
+
+/// Greet the client and read its flags; the options' starting state.
+pub(super) async fn greet<R, W>(r: &mut R, w: &Writer<W>) -> Result<OptState, Close>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -77,15 +84,31 @@ where
             "client sent unknown handshake flags {cflags:#x}"
         )));
     }
-    let mut st = OptState {
+    Ok(OptState {
         structured: false,
         no_zeroes: cflags & p::FLAG_C_NO_ZEROES != 0,
         base_allocation: None,
-    };
-    let mut count = 0u32;
+        tls: false,
+        count: 0,
+    })
+}
+
+/// Haggle over options until the client chooses an export or starts TLS.
+pub(super) async fn options<R, W>(
+    cfg: &Arc<ServerConfig>,
+    r: &mut R,
+    w: &Writer<W>,
+    peer: Option<SocketAddr>,
+    id: u64,
+    st: &mut OptState,
+) -> Result<Outcome, Close>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
     loop {
-        count += 1;
-        if count > 1000 {
+        st.count += 1;
+        if st.count > 1000 {
             return Err(Close::Protocol("too many options".into()));
         }
         let magic = r.read_u64().await?;
@@ -108,13 +131,24 @@ where
             "connection {id}: option {} ({len} bytes)",
             opt::name(option)
         ));
+        if cfg.tls_required && !st.tls && option != opt::STARTTLS && option != opt::ABORT {
+            // FORCEDTLS: nothing about any export before TLS; EXPORT_NAME
+            // cannot be refused, so it ends the connection.
+            if option == opt::EXPORT_NAME {
+                return Err(Close::Protocol(
+                    "client sent NBD_OPT_EXPORT_NAME before TLS, which this server requires".into(),
+                ));
+            }
+            send_error(cfg, w, option, rep::ERR_TLS_REQD, "TLS is required").await?;
+            continue;
+        }
         match option {
             opt::EXPORT_NAME => {
                 let name = match String::from_utf8(data) {
                     Ok(n) if n.len() <= p::MAX_STRING => n,
                     _ => return Err(Close::Protocol("bad export name".into())),
                 };
-                let neg = match open_export(cfg, &name, peer, id, &st).await {
+                let neg = match open_export(cfg, &name, peer, id, st).await {
                     Ok(n) => n,
                     Err(e) => {
                         return Err(Close::Protocol(format!(
@@ -132,7 +166,7 @@ where
                 let mut w = w.lock().await;
                 w.write_all(&out).await?;
                 w.flush().await?;
-                return Ok(neg);
+                return Ok(Outcome::Go(neg));
             }
             opt::ABORT => {
                 // Best effort: the client may already be gone.
@@ -159,16 +193,35 @@ where
                     Err(e) => send_error(cfg, w, option, rep::ERR_PLATFORM, &e.msg).await?,
                 }
             }
-            opt::STARTTLS => {
-                send_error(
-                    cfg,
-                    w,
-                    option,
-                    rep::ERR_UNSUP,
-                    "TLS is not enabled on this server",
-                )
-                .await?
-            }
+            opt::STARTTLS => match &cfg.tls {
+                None => {
+                    send_error(
+                        cfg,
+                        w,
+                        option,
+                        rep::ERR_UNSUP,
+                        "TLS is not enabled on this server",
+                    )
+                    .await?
+                }
+                Some(_) if !data.is_empty() => {
+                    send_error(
+                        cfg,
+                        w,
+                        option,
+                        rep::ERR_INVALID,
+                        "STARTTLS takes no payload",
+                    )
+                    .await?
+                }
+                Some(_) if st.tls => {
+                    send_error(cfg, w, option, rep::ERR_INVALID, "TLS is already in use").await?
+                }
+                Some(tls) => {
+                    send_reply(w, option, rep::ACK, &[]).await?;
+                    return Ok(Outcome::StartTls(tls.clone()));
+                }
+            },
             opt::INFO | opt::GO => {
                 let mut rd = p::Reader::new(&data);
                 let parsed = (|| {
@@ -194,7 +247,7 @@ where
                     .await?;
                     continue;
                 };
-                let neg = match open_export(cfg, &name, peer, id, &st).await {
+                let neg = match open_export(cfg, &name, peer, id, st).await {
                     Ok(n) => n,
                     Err(e) => {
                         let code = if e.errno == errno::EPERM {
@@ -209,7 +262,7 @@ where
                 send_info(w, option, &name, &reqs, &neg).await?;
                 send_reply(w, option, rep::ACK, &[]).await?;
                 if option == opt::GO {
-                    return Ok(neg);
+                    return Ok(Outcome::Go(neg));
                 }
             }
             opt::STRUCTURED_REPLY => {
@@ -237,7 +290,7 @@ where
                 }
             }
             opt::LIST_META_CONTEXT | opt::SET_META_CONTEXT => {
-                meta_context(cfg, w, option, &data, &mut st).await?;
+                meta_context(cfg, w, option, &data, st).await?;
             }
             _ => {
                 send_error(
@@ -362,7 +415,7 @@ async fn open_export(
         readonly: cfg.readonly,
         export_name,
         peer,
-        tls: false,
+        tls: st.tls,
         id,
     };
     let h: Arc<dyn Handle> = Arc::from(cfg.stack.open(&ctx).await?);

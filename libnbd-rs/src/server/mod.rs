@@ -21,11 +21,12 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use tokio::io::{AsyncRead, AsyncWrite, BufReader, BufWriter};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::sync::Notify;
 
 use crate::backend::{Handle, Stack};
 use crate::protocol as p;
+use crate::tls::{BoxIo, Joined, ServerTls};
 
 mod handshake;
 mod reply;
@@ -51,6 +52,11 @@ pub struct ServerConfig {
     pub max_inflight_bytes: usize,
     /// What the connections share: shutdown, their count, verbosity.
     pub server: Arc<ServerContext>,
+    /// TLS credentials (`--tls=on|require`): clients may start TLS.
+    pub tls: Option<Arc<ServerTls>>,
+    /// `--tls=require`: every option but STARTTLS and ABORT is refused
+    /// until TLS runs.
+    pub tls_required: bool,
 }
 
 impl ServerConfig {
@@ -64,6 +70,8 @@ impl ServerConfig {
             threads: 16,
             max_inflight_bytes: 2 * p::MAX_REQUEST_SIZE as usize,
             server: ServerContext::new(false),
+            tls: None,
+            tls_required: false,
         }
     }
 }
@@ -208,6 +216,14 @@ impl From<std::io::Error> for Close {
 /// A connection's writing half, shared by the tasks that reply.
 type Writer<W> = Arc<tokio::sync::Mutex<BufWriter<W>>>;
 
+/// A connection's reading half, plain or TLS.
+type BoxRead = Box<dyn AsyncRead + Send + Unpin>;
+/// A connection's writing half, plain or TLS.
+type BoxWrite = Box<dyn AsyncWrite + Send + Unpin>;
+
+/// Bytes a connection's writer gathers before writing to the socket.
+const WRITE_BUFFER: usize = 256 * 1024;
+
 /// What the negotiation chose, carried into transmission.
 struct Negotiated {
     handle: Arc<dyn Handle>,
@@ -235,14 +251,20 @@ where
     let id = conn.id;
     let server = &cfg.server;
     server.debug(format_args!("connection {id} opened"));
-    let mut reader = BufReader::with_capacity(REQUEST_BUFFER, reader);
-    let writer: Writer<W> = Arc::new(tokio::sync::Mutex::new(BufWriter::with_capacity(
-        256 * 1024,
-        writer,
+    let reader = BufReader::with_capacity(REQUEST_BUFFER, Box::new(reader) as BoxRead);
+    let writer: Writer<BoxWrite> = Arc::new(tokio::sync::Mutex::new(BufWriter::with_capacity(
+        WRITE_BUFFER,
+        Box::new(writer),
     )));
     let r = async {
-        let neg = handshake::handshake(&cfg, &mut reader, &writer, peer, id).await?;
-        transmission::transmission(&cfg, reader, writer.clone(), neg).await
+        let (neg, reader, writer) = negotiate(&cfg, reader, writer, peer, id).await?;
+        let r = transmission::transmission(&cfg, reader, writer.clone(), neg).await;
+        // The end of a TLS session (close_notify), or of our side of the
+        // socket.
+        // Bounded: a client that stopped reading must not hold us.
+        let mut w = writer.lock().await;
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), w.shutdown()).await;
+        r
     }
     .await;
     match r {
@@ -251,4 +273,48 @@ where
         Err(Close::Protocol(m)) => eprintln!("nbdkit: connection {id}: {m}"),
     }
     drop(conn);
+}
+
+/// The handshake: greeting, options, and TLS when the client starts it;
+/// the export chosen and the (maybe now TLS) reader and writer.
+async fn negotiate(
+    cfg: &Arc<ServerConfig>,
+    mut reader: BufReader<BoxRead>,
+    mut writer: Writer<BoxWrite>,
+    peer: Option<SocketAddr>,
+    id: u64,
+) -> Result<(Negotiated, BufReader<BoxRead>, Writer<BoxWrite>), Close> {
+    let mut st = handshake::greet(&mut reader, &writer).await?;
+    loop {
+        match handshake::options(cfg, &mut reader, &writer, peer, id, &mut st).await? {
+            handshake::Outcome::Go(neg) => return Ok((neg, reader, writer)),
+            handshake::Outcome::StartTls(tls) => {
+                // Bytes the client sent past STARTTLS belong to the TLS
+                // handshake.
+                let early = std::io::Cursor::new(reader.buffer().to_vec());
+                let r = reader.into_inner();
+                let w = Arc::try_unwrap(writer)
+                    .map_err(|_| Close::Protocol("internal error: writer still shared".into()))?
+                    .into_inner()
+                    .into_inner();
+                let io: BoxIo = Box::new(Joined {
+                    reader: early.chain(r),
+                    writer: w,
+                });
+                let s = tls
+                    .accept(io)
+                    .await
+                    .map_err(|e| Close::Protocol(format!("TLS handshake failed: {e}")))?;
+                cfg.server
+                    .debug(format_args!("connection {id}: TLS handshake completed"));
+                st.tls = true;
+                let (r, w) = tokio::io::split(s);
+                reader = BufReader::with_capacity(REQUEST_BUFFER, Box::new(r));
+                writer = Arc::new(tokio::sync::Mutex::new(BufWriter::with_capacity(
+                    WRITE_BUFFER,
+                    Box::new(w),
+                )));
+            }
+        }
+    }
 }
