@@ -23,6 +23,7 @@ pub mod rate;
 pub mod readahead;
 pub mod retry;
 pub mod stats;
+pub mod tls_fallback;
 pub mod truncate;
 pub mod xz;
 
@@ -50,6 +51,7 @@ pub fn registry() -> Vec<FilterEntry> {
         exitlast::ENTRY,
         exitwhen::ENTRY,
         xz::ENTRY,
+        tls_fallback::ENTRY,
     ]
 }
 

@@ -389,6 +389,11 @@ fn run(args: Vec<OsString>) -> Result<i32, Fatal> {
         || matches!(listen, Listen::Single | Listen::Sockets { uri: None, .. });
     if cli.exit_with_parent {
         set_exit_with_parent()?;
+    } else if matches!(listen, Listen::Sockets { uri: None, .. }) {
+        // Socket activation: the parent (libnbd, a captive client) owns
+        // us, so we go when it goes, as nbdkit does; a client that exits
+        // on an error without stopping us must not leave us behind.
+        let _ = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM);
     }
     if !foreground {
         daemonize(cli.pidfile.as_deref())?;
