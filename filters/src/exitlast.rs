@@ -21,10 +21,11 @@
 //! clients work.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use libnbd::server::ServerContext;
 use libnbd::{ConfigResult, Filter, FilterEntry, Handle, Next, OpenContext, Params, Result};
 
 /// Registry entry.
@@ -34,22 +35,26 @@ pub const ENTRY: FilterEntry = FilterEntry {
     create,
 };
 
-/// How a filter sees and stops the server (replaceable in tests, so they
-/// do not stop the test process's "server").
-#[derive(Clone, Copy)]
-pub(crate) struct Hooks {
-    /// Ask the server to exit.
-    pub shutdown: fn(),
-    /// Clients connected to the server now.
-    pub connections: fn() -> usize,
-}
+/// The server a filter watches and stops: known from `after_fork` on
+/// (before that, and in a stack no server runs, there is nothing to stop).
+#[derive(Default)]
+pub(crate) struct ServerSlot(OnceLock<Arc<ServerContext>>);
 
-impl Hooks {
-    /// The real server.
-    pub const SERVER: Hooks = Hooks {
-        shutdown: libnbd::server::request_shutdown,
-        connections: || libnbd::server::CONNECTIONS.load(Ordering::SeqCst),
-    };
+impl ServerSlot {
+    /// Remember the server (the first one given wins).
+    pub fn set(&self, server: &Arc<ServerContext>) {
+        let _ = self.0.set(server.clone());
+    }
+    /// Ask the server to exit.
+    pub fn shutdown(&self) {
+        if let Some(s) = self.0.get() {
+            s.request_shutdown();
+        }
+    }
+    /// Clients connected to the server now.
+    pub fn connections(&self) -> usize {
+        self.0.get().map_or(0, |s| s.connections())
+    }
 }
 
 /// How often we look at the server's connection count while waiting for
@@ -60,7 +65,7 @@ fn create(_: &mut Params) -> ConfigResult<Arc<dyn Filter>> {
     Ok(Arc::new(ExitLast {
         shared: Arc::new(Shared {
             handles: AtomicUsize::new(0),
-            hooks: Hooks::SERVER,
+            server: ServerSlot::default(),
         }),
     }))
 }
@@ -68,7 +73,8 @@ fn create(_: &mut Params) -> ConfigResult<Arc<dyn Filter>> {
 struct Shared {
     /// Exports open now.
     handles: AtomicUsize,
-    hooks: Hooks,
+    /// The server whose clients we count.
+    server: ServerSlot,
 }
 
 /// After the last export closed: exit once no client is connected,
@@ -80,9 +86,9 @@ fn exit_when_idle(s: Arc<Shared>) {
         }
         // The closing connection still counts until its handle is gone
         // and the server has finished with it.
-        if (s.hooks.connections)() == 0 {
+        if s.server.connections() == 0 {
             libnbd::debug!("exitlast: last client disconnected, exiting");
-            (s.hooks.shutdown)();
+            s.server.shutdown();
             return;
         }
         std::thread::sleep(WATCH);
@@ -101,6 +107,11 @@ struct ExitLast {
 
 #[async_trait]
 impl Filter for ExitLast {
+    fn after_fork(&self, server: &Arc<ServerContext>) -> Result<()> {
+        self.shared.server.set(server);
+        Ok(())
+    }
+
     async fn open(&self, next: Next<'_>, ctx: &OpenContext) -> Result<Box<dyn Handle>> {
         let next = next.open(ctx).await?;
         self.shared.handles.fetch_add(1, Ordering::SeqCst);
@@ -136,46 +147,32 @@ mod tests {
     use super::*;
     use crate::testkit::*;
 
-    static CONNECTED: AtomicUsize = AtomicUsize::new(0);
-    static SHUTDOWNS: AtomicUsize = AtomicUsize::new(0);
-
-    fn filter() -> Arc<dyn Filter> {
-        Arc::new(ExitLast {
-            shared: Arc::new(Shared {
-                handles: AtomicUsize::new(0),
-                hooks: Hooks {
-                    shutdown: || {
-                        SHUTDOWNS.fetch_add(1, Ordering::SeqCst);
-                    },
-                    connections: || CONNECTED.load(Ordering::SeqCst),
-                },
-            }),
-        })
-    }
-
     async fn settle() {
         tokio::time::sleep(WATCH * 5).await;
     }
 
     #[tokio::test]
     async fn exitlast_exits_after_last_client() {
-        let s = stack(vec![filter()], &Mem::new(512));
-        CONNECTED.store(2, Ordering::SeqCst);
+        let server = ServerContext::new(false);
+        let f = create(&mut params(&[])).unwrap();
+        f.after_fork(&server).unwrap();
+        let s = stack(vec![f], &Mem::new(512));
+        let (c1, c2) = (server.connect(), server.connect());
         let a = s.open(&ctx(1)).await.unwrap();
         let b = s.open(&ctx(2)).await.unwrap();
         drop(a);
-        CONNECTED.store(1, Ordering::SeqCst);
+        drop(c1);
         settle().await;
-        assert_eq!(SHUTDOWNS.load(Ordering::SeqCst), 0);
+        assert!(!server.is_shutting_down());
         // Like NBD_OPT_INFO then NBD_OPT_GO on one connection.
         drop(b);
         settle().await;
-        assert_eq!(SHUTDOWNS.load(Ordering::SeqCst), 0);
+        assert!(!server.is_shutting_down());
         let c = s.open(&ctx(2)).await.unwrap();
         settle().await;
         drop(c);
-        CONNECTED.store(0, Ordering::SeqCst);
+        drop(c2);
         settle().await;
-        assert_eq!(SHUTDOWNS.load(Ordering::SeqCst), 1);
+        assert!(server.is_shutting_down());
     }
 }

@@ -41,12 +41,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use libnbd::server::ServerContext;
 use libnbd::{
     ConfigError, ConfigResult, Error, Filter, FilterEntry, Handle, Next, OpenContext, Params,
     Result,
 };
 
-use crate::exitlast::Hooks;
+use crate::exitlast::ServerSlot;
 
 /// Registry entry.
 pub const ENTRY: FilterEntry = FilterEntry {
@@ -72,10 +73,10 @@ enum Event {
 }
 
 fn create(p: &mut Params) -> ConfigResult<Arc<dyn Filter>> {
-    Ok(Arc::new(build(p, Hooks::SERVER)?))
+    Ok(Arc::new(build(p)?))
 }
 
-fn build(p: &mut Params, hooks: Hooks) -> ConfigResult<ExitWhen> {
+fn build(p: &mut Params) -> ConfigResult<ExitWhen> {
     let mut events = Vec::new();
     for f in p.take_all("exit-when-file-created") {
         events.push(Event::FileCreated(f.into()));
@@ -130,7 +131,7 @@ fn build(p: &mut Params, hooks: Hooks) -> ConfigResult<ExitWhen> {
             poll: Duration::from_secs_f64(poll),
             handles: AtomicUsize::new(0),
             exiting: AtomicBool::new(false),
-            hooks,
+            server: ServerSlot::default(),
         }),
     })
 }
@@ -142,7 +143,8 @@ struct Shared {
     handles: AtomicUsize,
     /// An event has happened.
     exiting: AtomicBool,
-    hooks: Hooks,
+    /// The server to stop.
+    server: ServerSlot,
 }
 
 fn happened(e: &Event) -> bool {
@@ -216,7 +218,7 @@ impl Shared {
     fn exit_if_idle(&self) -> bool {
         if self.handles.load(Ordering::SeqCst) == 0 && self.check() {
             libnbd::debug!("exitwhen: exiting");
-            (self.hooks.shutdown)();
+            self.server.shutdown();
             return true;
         }
         false
@@ -252,14 +254,15 @@ impl Filter for ExitWhen {
         }))
     }
 
-    fn after_fork(&self) -> Result<()> {
+    fn after_fork(&self, server: &Arc<ServerContext>) -> Result<()> {
+        self.shared.server.set(server);
         let s = self.shared.clone();
         if s.events.is_empty() {
             return Ok(());
         }
         if s.check() {
             libnbd::debug!("exitwhen: an event happened before nbdkit started: exiting");
-            (s.hooks.shutdown)();
+            s.server.shutdown();
             return Ok(());
         }
         std::thread::Builder::new()
@@ -309,7 +312,7 @@ mod tests {
 
     fn events(words: &[&str]) -> ConfigResult<Vec<Event>> {
         let mut p = params(words);
-        let f = build(&mut p, Hooks::SERVER)?;
+        let f = build(&mut p)?;
         assert!(p.items().is_empty(), "{:?}", p.items());
         Ok(f.shared.events.clone())
     }
@@ -379,54 +382,41 @@ mod tests {
         assert!(happened(&proc));
     }
 
-    static SHUTDOWNS: AtomicUsize = AtomicUsize::new(0);
-
     #[tokio::test]
     async fn exitwhen_waits_for_clients_then_exits() {
         let dir = tempfile::tempdir().unwrap();
         let stop = dir.path().join("stop");
-        let hooks = Hooks {
-            shutdown: || {
-                SHUTDOWNS.fetch_add(1, Ordering::SeqCst);
-            },
-            connections: || 0,
-        };
+        let server = ServerContext::new(false);
         let mut p = params(&[
             &format!("exit-when-file-created={}", stop.display()),
             "exit-when-poll=0.02",
         ]);
-        let f = Arc::new(build(&mut p, hooks).unwrap());
+        let f = Arc::new(build(&mut p).unwrap());
         let s = stack(vec![f.clone()], &Mem::new(512));
-        f.after_fork().unwrap();
+        f.after_fork(&server).unwrap();
         let a = s.open(&ctx(1)).await.unwrap();
         std::fs::write(&stop, "").unwrap();
         let e = s.open(&ctx(2)).await.err().unwrap();
         assert!(e.msg.contains("rejecting new connection"), "{}", e.msg);
         tokio::time::sleep(Duration::from_millis(100)).await;
-        assert_eq!(SHUTDOWNS.load(Ordering::SeqCst), 0);
+        assert!(!server.is_shutting_down());
         drop(a);
         tokio::time::sleep(Duration::from_millis(100)).await;
         // The disconnect and (maybe) the idle poll both see it.
-        assert!(SHUTDOWNS.load(Ordering::SeqCst) >= 1);
+        assert!(server.is_shutting_down());
     }
-
-    static EARLY: AtomicUsize = AtomicUsize::new(0);
 
     #[test]
     fn exitwhen_event_before_start_exits_at_once() {
-        let hooks = Hooks {
-            shutdown: || {
-                EARLY.fetch_add(1, Ordering::SeqCst);
-            },
-            connections: || 0,
-        };
+        let server = ServerContext::new(false);
         let mut p = params(&["exit-when-file-deleted=/nonexistent/file"]);
-        let f = build(&mut p, hooks).unwrap();
-        f.after_fork().unwrap();
-        assert_eq!(EARLY.load(Ordering::SeqCst), 1);
+        let f = build(&mut p).unwrap();
+        f.after_fork(&server).unwrap();
+        assert!(server.is_shutting_down());
         // Without events nothing happens at all.
-        let f = build(&mut params(&[]), hooks).unwrap();
-        f.after_fork().unwrap();
-        assert_eq!(EARLY.load(Ordering::SeqCst), 1);
+        let server = ServerContext::new(false);
+        let f = build(&mut params(&[])).unwrap();
+        f.after_fork(&server).unwrap();
+        assert!(!server.is_shutting_down());
     }
 }

@@ -42,6 +42,7 @@ pub mod stats;
 pub mod swab;
 #[cfg(test)]
 mod testkit;
+pub mod tls_fallback;
 pub mod truncate;
 mod window;
 pub mod xz;
@@ -86,6 +87,7 @@ pub fn registry() -> Vec<FilterEntry> {
         multi_conn::ENTRY,
         scan::ENTRY,
         pause::ENTRY,
+        tls_fallback::ENTRY,
     ]
 }
 

@@ -461,7 +461,7 @@ impl Filter for LogFilter {
         r
     }
 
-    fn after_fork(&self) -> Result<()> {
+    fn after_fork(&self, _: &Arc<libnbd::server::ServerContext>) -> Result<()> {
         self.log
             .emit(None, "Ready", Kind::Print, None, "thread_model=3");
         self.log.emit(None, "Fork", Kind::Print, None, "");
@@ -660,7 +660,8 @@ mod tests {
         data[..512].fill(1);
         let mem = Mem::with(data);
         let s = stack(vec![f.clone()], &mem);
-        f.after_fork().unwrap();
+        f.after_fork(&libnbd::server::ServerContext::new(false))
+            .unwrap();
         let mut c = ctx(7);
         c.export_name = "a b".into();
         let h = s.open(&c).await.unwrap();

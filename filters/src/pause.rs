@@ -178,7 +178,7 @@ struct Pause {
 
 #[async_trait]
 impl Filter for Pause {
-    fn after_fork(&self) -> Result<()> {
+    fn after_fork(&self, _: &Arc<libnbd::server::ServerContext>) -> Result<()> {
         let taken = self
             .listener
             .lock()
@@ -264,7 +264,8 @@ mod tests {
         let sock = dir.path().join("ctl");
         std::fs::write(&sock, b"stale").unwrap();
         let f = create(&mut params(&[&format!("pause-control={}", sock.display())])).unwrap();
-        f.after_fork().unwrap();
+        f.after_fork(&libnbd::server::ServerContext::new(false))
+            .unwrap();
         let mem = Mem::new(4096);
         let s = stack(vec![f.clone()], &mem);
         let h = s.open(&ctx(1)).await.unwrap();

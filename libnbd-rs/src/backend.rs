@@ -16,6 +16,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 use crate::protocol::{alloc, errno};
+use crate::server::ServerContext;
 
 /// An error from a plugin or filter: an NBD errno for the client and a
 /// message for the log.
@@ -561,8 +562,10 @@ pub trait Plugin: Send + Sync + 'static {
     }
     /// Called once the server has forked into the background (or decided
     /// not to), inside the async runtime: start background tasks and
-    /// threads here, never in `create`.
-    fn after_fork(&self) -> Result<()> {
+    /// threads here, never in `create`. `server` is what the server's
+    /// connections share (its shutdown, its connection count), for layers
+    /// that watch or stop it.
+    fn after_fork(&self, _server: &Arc<ServerContext>) -> Result<()> {
         Ok(())
     }
     /// Called once when the server exits cleanly.
@@ -594,7 +597,7 @@ pub trait Filter: Send + Sync + 'static {
         ThreadModel::Parallel
     }
     /// Called once the server has forked (see [`Plugin::after_fork`]).
-    fn after_fork(&self) -> Result<()> {
+    fn after_fork(&self, _server: &Arc<ServerContext>) -> Result<()> {
         Ok(())
     }
     /// Called once when the server exits cleanly.
@@ -714,10 +717,10 @@ impl Stack {
             .fold(self.plugin.thread_model(), Ord::min)
     }
     /// Run every layer's `after_fork`, plugin first.
-    pub fn after_fork(&self) -> Result<()> {
-        self.plugin.after_fork()?;
+    pub fn after_fork(&self, server: &Arc<ServerContext>) -> Result<()> {
+        self.plugin.after_fork(server)?;
         for f in self.filters.iter().rev() {
-            f.after_fork()?;
+            f.after_fork(server)?;
         }
         Ok(())
     }

@@ -8,6 +8,7 @@
 //! - [`client`]: the async client (negotiation, pipelined transmission);
 //! - [`uri`]: NBD URIs;
 //! - [`captive`]: servers run as subprocesses (`[ cmd args ]`);
+//! - [`tls`]: TLS for both sides (X.509 and PSK);
 //! - [`zeroes`]: zero detection;
 //! - [`testing`]: what the test suites share (is a peer installed?).
 #![warn(missing_docs)]
@@ -20,6 +21,7 @@ pub mod listen;
 pub mod protocol;
 pub mod server;
 pub mod testing;
+pub mod tls;
 pub mod uri;
 pub mod zeroes;
 

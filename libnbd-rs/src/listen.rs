@@ -68,7 +68,7 @@ impl Listener {
         loop {
             let accepted = tokio::select! {
                 a = self.accept(cfg.clone()) => a,
-                _ = server::shutdown_requested() => return,
+                _ = cfg.server.shutdown_requested() => return,
             };
             if let Err(e) = accepted {
                 eprintln!("nbdkit: accept: {e}");

@@ -25,8 +25,8 @@ use std::path::PathBuf;
 use std::str::FromStr;
 
 use crate::client::{
-    ConnectOptions, Connection, Error, Negotiation, Result, Stream, Transport, DEFAULT_PORT,
-    VSOCK_CID_HOST,
+    ClientTlsOptions, ConnectOptions, Connection, Error, Negotiation, Result, Stream, TlsPolicy,
+    Transport, DEFAULT_PORT, VSOCK_CID_HOST,
 };
 
 /// A malformed NBD URI; the message names the part at fault.
@@ -406,22 +406,45 @@ impl Uri {
         o
     }
 
-    fn check_tls(&self) -> Result<()> {
-        if self.tls {
-            return Err(Error::Unsupported(format!(
-                "{}: TLS is not supported yet",
-                self.scheme()
-            )));
+    /// What TLS this URI asks for: its `tls-*` parameters, the user
+    /// name, and the host to check the certificate against.
+    pub fn tls_options(&self) -> ClientTlsOptions {
+        let hostname = self.tls_hostname.clone().or(match &self.transport {
+            Transport::Tcp { host, .. } => Some(host.clone()),
+            _ => None,
+        });
+        ClientTlsOptions {
+            certificates: self.tls_certificates.as_ref().map(PathBuf::from),
+            verify_peer: self.tls_verify_peer,
+            psk_file: self.tls_psk_file.as_ref().map(PathBuf::from),
+            username: self.username.clone(),
+            hostname,
         }
-        Ok(())
     }
 
-    /// Connect and start negotiating (option mode) for this URI's export.
+    fn check_tls(&self) -> Result<()> {
+        match self.tls_type.as_deref() {
+            Some("anon") => Err(Error::Unsupported(
+                "tls-type=anon: anonymous TLS is not supported".into(),
+            )),
+            Some("psk") if self.tls_psk_file.is_none() => Err(Error::InvalidArgument(
+                "tls-type=psk needs tls-psk-file=FILE".into(),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// Connect and start negotiating (option mode) for this URI's export:
+    /// `nbds` URIs require TLS, with the URI's TLS parameters.
     pub async fn negotiate(&self, opts: &ConnectOptions) -> Result<Negotiation> {
         self.check_tls()?;
+        let mut opts = self.options(opts);
+        if self.tls {
+            opts.tls = TlsPolicy::Require(self.tls_options());
+        }
         let s = Stream::connect(&self.transport).await?;
-        let mut n = Negotiation::start(s, &self.options(opts)).await?;
-        n.set_transport(Some(self.transport.clone()));
+        let mut n = Negotiation::start(s, &opts).await?;
+        n.set_uri(self.clone());
         Ok(n)
     }
 

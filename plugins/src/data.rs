@@ -148,7 +148,7 @@ impl Plugin for DataPlugin {
     async fn open(&self, _ctx: &OpenContext) -> Result<Box<dyn Handle>> {
         Ok(Box::new(StoreHandle::new(self.store.clone())))
     }
-    fn after_fork(&self) -> Result<()> {
+    fn after_fork(&self, _: &Arc<libnbd::server::ServerContext>) -> Result<()> {
         self.store.lock()
     }
     fn dump(&self) -> Vec<(String, String)> {

@@ -71,7 +71,7 @@ impl Plugin for MemoryPlugin {
     async fn open(&self, _ctx: &OpenContext) -> Result<Box<dyn Handle>> {
         Ok(Box::new(StoreHandle::new(self.store.clone())))
     }
-    fn after_fork(&self) -> Result<()> {
+    fn after_fork(&self, _: &Arc<libnbd::server::ServerContext>) -> Result<()> {
         self.store.lock()
     }
     fn dump(&self) -> Vec<(String, String)> {

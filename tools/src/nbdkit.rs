@@ -26,7 +26,8 @@ use anyhow::{anyhow, bail, Result};
 use clap::{ArgAction, CommandFactory, FromArgMatches, Parser};
 use libnbd::config::{FilterEntry, Params, PluginEntry};
 use libnbd::listen::{self, Listener};
-use libnbd::server::{self, ServerConfig};
+use libnbd::server::{self, ServerConfig, ServerContext};
+use libnbd::tls::ServerTls;
 use libnbd::{Stack, ThreadModel};
 
 use crate::cli::{self, Action, Tool};
@@ -44,7 +45,9 @@ nbdkit [-4|--ipv4-only] [-6|--ipv6-only]
        [-n|--newstyle] [--no-mc] [--no-sr]
        [-P|--pidfile PIDFILE] [-p|--port PORT]
        [-r|--readonly] [--run 'COMMAND ARGS ...']
-       [-s|--single] [-t|--threads THREADS] [--tls=off]
+       [-s|--single] [-t|--threads THREADS] [--tls=off|on|require]
+       [--tls-certificates=/path/to/certificates]
+       [--tls-psk=/path/to/pskfile] [--tls-verify-peer]
        [-U|--unix SOCKET|-] [-v|--verbose]
        PLUGIN [[KEY=]VALUE [KEY=VALUE [...]]]
 
@@ -179,9 +182,18 @@ struct Cli {
     /// Requests handled at once per connection.
     #[arg(short = 't', long = "threads")]
     threads: Option<usize>,
-    /// TLS mode: only `off` is available in this build.
+    /// TLS: `off`, `on` (clients may start TLS) or `require`.
     #[arg(long = "tls")]
     tls: Option<String>,
+    /// Directory of `ca-cert.pem`, `server-cert.pem`, `server-key.pem`.
+    #[arg(long = "tls-certificates")]
+    tls_certificates: Option<PathBuf>,
+    /// TLS with pre-shared keys from this psktool file instead of X.509.
+    #[arg(long = "tls-psk")]
+    tls_psk: Option<PathBuf>,
+    /// Require clients to present a certificate the CA signed.
+    #[arg(long = "tls-verify-peer")]
+    tls_verify_peer: bool,
     /// Listen on a Unix domain socket (`-` for a private one).
     #[arg(short = 'U', long = "unix", allow_hyphen_values = true)]
     unix: Option<PathBuf>,
@@ -337,7 +349,7 @@ fn dump_config() {
         ("sbindir", dir),
         ("selinux", "no".into()),
         ("sysconfdir", "/etc".into()),
-        ("tls", "no".into()),
+        ("tls", "yes".into()),
         ("version", COMPAT_VERSION.into()),
         ("version_major", major.into()),
         ("version_minor", minor.into()),
@@ -395,11 +407,7 @@ fn run(args: Vec<OsString>) -> Result<i32> {
         println!("\nplugin: {}\n{}", plugin.name, plugin.help.trim_end());
         return Ok(0);
     }
-    if let Some(t) = cli.tls.as_deref() {
-        if t != "off" {
-            bail!("--tls={t}: TLS is not available in this build of nbdkit (only --tls=off)");
-        }
-    }
+    let (tls, tls_mode) = tls_setup(&cli)?;
     if let Some(l) = cli.log.as_deref() {
         if !matches!(l, "stderr" | "syslog" | "null") {
             bail!("--log must be stderr, syslog or null, not '{l}'");
@@ -445,6 +453,9 @@ fn run(args: Vec<OsString>) -> Result<i32> {
         plugin: built_plugin,
     };
     let mut cfg = ServerConfig::new(stack);
+    cfg.server = ServerContext::new(cli.verbose);
+    cfg.tls = tls;
+    cfg.tls_required = tls_mode == TlsMode::Require;
     cfg.readonly = cli.readonly;
     cfg.structured_replies = !cli.no_sr;
     cfg.meta_contexts = !cli.no_mc;
@@ -460,6 +471,11 @@ fn run(args: Vec<OsString>) -> Result<i32> {
         || matches!(listen, Listen::Single | Listen::Sockets { uri: None, .. });
     if cli.exit_with_parent {
         set_exit_with_parent()?;
+    } else if matches!(listen, Listen::Sockets { uri: None, .. }) {
+        // Socket activation: the parent (libnbd, a captive client) owns
+        // us, so we go when it goes, as nbdkit does; a client that exits
+        // on an error without stopping us must not leave us behind.
+        let _ = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM);
     }
     if !foreground {
         daemonize(cli.pidfile.as_deref())?;
@@ -473,13 +489,75 @@ fn run(args: Vec<OsString>) -> Result<i32> {
     let cfg = Arc::new(cfg);
     {
         let _guard = rt.enter();
-        cfg.stack.after_fork()?;
+        cfg.stack
+            .after_fork(&cfg.server)
+            .map_err(|e| anyhow!(e.msg))?;
     }
-    let code = rt.block_on(serve(cfg.clone(), listen, &cli));
+    let code = rt.block_on(serve(cfg.clone(), listen, &cli, tls_mode));
     cfg.stack.unload();
     // Don't wait for blocking tasks (e.g. a stdin reader) to finish.
     rt.shutdown_timeout(std::time::Duration::from_millis(100));
     code
+}
+
+/// `--tls`: whether clients may, or must, use TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TlsMode {
+    Off,
+    On,
+    Require,
+}
+
+/// The TLS mode and credentials from `--tls`, `--tls-certificates`,
+/// `--tls-psk` and `--tls-verify-peer`, as nbdkit decides them: PSK when
+/// a PSK file is given, else certificates from the directory given or
+/// the first default one that has them; without `--tls`, TLS is on when
+/// credentials load and off when none are found.
+fn tls_setup(cli: &Cli) -> Result<(Option<Arc<ServerTls>>, TlsMode)> {
+    let asked = match cli.tls.as_deref() {
+        None => None,
+        Some("require" | "required" | "force") => Some(TlsMode::Require),
+        Some(t) => match libnbd::parse_bool(t) {
+            Ok(true) => Some(TlsMode::On),
+            Ok(false) => Some(TlsMode::Off),
+            Err(_) => {
+                bail!("--tls: could not decipher '{t}': expected off, on or require")
+            }
+        },
+    };
+    if asked == Some(TlsMode::Off) {
+        return Ok((None, TlsMode::Off));
+    }
+    let creds = if let Some(psk) = &cli.tls_psk {
+        Some(ServerTls::psk(psk).map_err(|e| anyhow!("--tls-psk: {e}"))?)
+    } else {
+        let dir = cli
+            .tls_certificates
+            .clone()
+            .or_else(ServerTls::default_certificates_dir);
+        match dir {
+            // Given or found: files that do not load are an error.
+            Some(d) => Some(
+                ServerTls::x509(&d, cli.tls_verify_peer)
+                    .map_err(|e| anyhow!("TLS certificates: {e}"))?,
+            ),
+            None => None,
+        }
+    };
+    match (creds, asked) {
+        (Some(c), Some(TlsMode::Require)) => Ok((Some(Arc::new(c)), TlsMode::Require)),
+        (Some(c), _) => Ok((Some(Arc::new(c)), TlsMode::On)),
+        (None, Some(TlsMode::Require)) => bail!(
+            "--tls=require but could not load TLS certificates.\n\
+             Try setting '--tls-certificates=/path/to/certificates' or read\n\
+             the \"TLS\" section in nbdkit(1).",
+        ),
+        (None, Some(_)) => {
+            eprintln!("nbdkit: warning: --tls=on but could not load TLS certificates: TLS is off");
+            Ok((None, TlsMode::Off))
+        }
+        (None, None) => Ok((None, TlsMode::Off)),
+    }
 }
 
 /// Bind the listening sockets (before forking, so the server is reachable
@@ -660,22 +738,24 @@ fn daemonize(pidfile: Option<&std::path::Path>) -> Result<()> {
     }
 }
 
-fn make_uri(info: &UriInfo, export: &str) -> String {
+/// `$uri` for `--run`: `nbds` when TLS is required, as nbdkit's.
+fn make_uri(info: &UriInfo, export: &str, tls: bool) -> String {
     let enc = percent_encode(export);
+    let s = if tls { "s" } else { "" };
     match (&info.unixsocket, info.port) {
-        (Some(s), _) => {
-            let sock = percent_encode_query(&s.to_string_lossy());
+        (Some(sock), _) => {
+            let sock = percent_encode_query(&sock.to_string_lossy());
             if export.is_empty() {
-                format!("nbd+unix://?socket={sock}")
+                format!("nbd{s}+unix://?socket={sock}")
             } else {
-                format!("nbd+unix:///{enc}?socket={sock}")
+                format!("nbd{s}+unix:///{enc}?socket={sock}")
             }
         }
         (None, Some(p)) => {
             if export.is_empty() {
-                format!("nbd://localhost:{p}")
+                format!("nbd{s}://localhost:{p}")
             } else {
-                format!("nbd://localhost:{p}/{enc}")
+                format!("nbd{s}://localhost:{p}/{enc}")
             }
         }
         (None, None) => String::new(),
@@ -706,8 +786,14 @@ fn percent_encode_query(s: &str) -> String {
     out
 }
 
-async fn serve(cfg: Arc<ServerConfig>, listen: Listen, cli: &Cli) -> Result<i32> {
-    tokio::spawn(async {
+async fn serve(
+    cfg: Arc<ServerConfig>,
+    listen: Listen,
+    cli: &Cli,
+    tls_mode: TlsMode,
+) -> Result<i32> {
+    let server = cfg.server.clone();
+    tokio::spawn(async move {
         use tokio::signal::unix::{signal, SignalKind};
         let mut int = signal(SignalKind::interrupt()).expect("signal");
         let mut term = signal(SignalKind::terminate()).expect("signal");
@@ -719,7 +805,7 @@ async fn serve(cfg: Arc<ServerConfig>, listen: Listen, cli: &Cli) -> Result<i32>
             _ = quit.recv() => {}
             _ = hup.recv() => {}
         }
-        server::request_shutdown();
+        server.request_shutdown();
     });
     match listen {
         Listen::Single => {
@@ -740,16 +826,22 @@ async fn serve(cfg: Arc<ServerConfig>, listen: Listen, cli: &Cli) -> Result<i32>
             }
             let code = match (&cli.run, &uri) {
                 (Some(cmd), Some(info)) => {
-                    let code =
-                        run_command(cmd, info, cli.exportname.as_deref().unwrap_or("")).await?;
-                    server::request_shutdown();
+                    let code = run_command(
+                        &cfg.server,
+                        cmd,
+                        info,
+                        cli.exportname.as_deref().unwrap_or(""),
+                        tls_mode,
+                    )
+                    .await?;
+                    cfg.server.request_shutdown();
                     code
                 }
                 (Some(_), None) => {
                     bail!("--run cannot be used with socket activation");
                 }
                 (None, _) => {
-                    server::shutdown_requested().await;
+                    cfg.server.shutdown_requested().await;
                     0
                 }
             };
@@ -789,8 +881,14 @@ async fn serve_stdio(cfg: Arc<ServerConfig>) {
 
 /// Run `--run CMD` under `sh -c` with the URI variables set; returns the
 /// exit status nbdkit should exit with.
-async fn run_command(cmd: &str, info: &UriInfo, export: &str) -> Result<i32> {
-    let uri = make_uri(info, export);
+async fn run_command(
+    server: &ServerContext,
+    cmd: &str,
+    info: &UriInfo,
+    export: &str,
+    tls: TlsMode,
+) -> Result<i32> {
+    let uri = make_uri(info, export, tls == TlsMode::Require);
     let mut c = tokio::process::Command::new("/bin/sh");
     c.arg("-c").arg(cmd);
     c.env("uri", &uri)
@@ -804,11 +902,15 @@ async fn run_command(cmd: &str, info: &UriInfo, export: &str) -> Result<i32> {
         Some(s) => c.env("unixsocket", s),
         None => c.env("unixsocket", ""),
     };
-    c.env("tls", "");
+    match tls {
+        TlsMode::Off => c.env_remove("tls"),
+        TlsMode::On => c.env("tls", "1"),
+        TlsMode::Require => c.env("tls", "2"),
+    };
     let mut child = c.spawn().map_err(|e| anyhow!("--run: /bin/sh: {e}"))?;
     let status = tokio::select! {
         s = child.wait() => s?,
-        _ = server::shutdown_requested() => {
+        _ = server.shutdown_requested() => {
             // We were told to stop (a signal): let the command go too.
             let _ = child.start_kill();
             child.wait().await?
@@ -835,17 +937,25 @@ mod tests {
             port: None,
             unixsocket: Some("/tmp/x/socket".into()),
         };
-        assert_eq!(make_uri(&unix, ""), "nbd+unix://?socket=/tmp/x/socket");
         assert_eq!(
-            make_uri(&unix, "a b"),
+            make_uri(&unix, "", false),
+            "nbd+unix://?socket=/tmp/x/socket"
+        );
+        assert_eq!(
+            make_uri(&unix, "a b", false),
             "nbd+unix:///a%20b?socket=/tmp/x/socket"
+        );
+        assert_eq!(
+            make_uri(&unix, "", true),
+            "nbds+unix://?socket=/tmp/x/socket"
         );
         let tcp = UriInfo {
             port: Some(10809),
             unixsocket: None,
         };
-        assert_eq!(make_uri(&tcp, "foo"), "nbd://localhost:10809/foo");
-        assert_eq!(make_uri(&tcp, ""), "nbd://localhost:10809");
+        assert_eq!(make_uri(&tcp, "foo", false), "nbd://localhost:10809/foo");
+        assert_eq!(make_uri(&tcp, "", false), "nbd://localhost:10809");
+        assert_eq!(make_uri(&tcp, "", true), "nbds://localhost:10809");
     }
 
     #[test]

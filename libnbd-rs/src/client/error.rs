@@ -74,6 +74,11 @@ pub enum Error {
     #[error("the connection is closed")]
     Closed,
 
+    /// TLS failed: bad credentials, a refused STARTTLS when TLS is
+    /// required, a failed handshake (wrong CA, wrong key, ...).
+    #[error("TLS: {0}")]
+    Tls(String),
+
     /// A malformed NBD URI.
     #[error("{0}")]
     Uri(#[from] UriError),
@@ -114,6 +119,7 @@ impl From<Error> for io::Error {
             Error::Closed => io::ErrorKind::NotConnected,
             Error::Protocol(_) => io::ErrorKind::InvalidData,
             Error::OptionRefused { .. } => io::ErrorKind::ConnectionRefused,
+            Error::Tls(_) => io::ErrorKind::PermissionDenied,
         };
         io::Error::new(kind, e)
     }

@@ -382,10 +382,13 @@ async fn nbdkit_errors() {
     assert!(e.to_string().contains("Connection refused"), "{e}");
     assert!(e.to_string().contains(&format!("127.0.0.1:{port}")), "{e}");
 
-    let e = Connection::connect_uri("nbds://localhost/", &ConnectOptions::new())
+    // TLS required of a server without TLS: refused, not plaintext.
+    let tls_uri = s.unix_uri().replacen("nbd+unix", "nbds+unix", 1);
+    let e = Connection::connect_uri(&tls_uri, &ConnectOptions::new())
         .await
         .unwrap_err();
-    assert!(e.to_string().contains("TLS is not supported"), "{e}");
+    assert!(matches!(e, Error::Tls(_)), "{e:?}");
+    assert!(e.to_string().contains("the server refused TLS"), "{e}");
     let e = Connection::connect_uri(
         &format!("nbd+unix:///?socket={}/nope", s.dir.path().display()),
         &ConnectOptions::new(),

@@ -46,6 +46,6 @@ pub use negotiate::Negotiation;
 pub use stream::{BoxRead, BoxWrite, Stream, Transport, DEFAULT_PORT, VSOCK_CID_HOST};
 pub use transmit::{Connection, DEFAULT_MAX_PAYLOAD, MAX_EFFECT_LENGTH, MAX_STATUS_LENGTH};
 pub use types::{
-    BlockSizes, BlockStatus, ConnectOptions, ContextStatus, ExportInfo, MetaContext, Stats,
-    StatusExtent, TransmissionFlags,
+    BlockSizes, BlockStatus, ClientTlsOptions, ConnectOptions, ContextStatus, ExportInfo,
+    MetaContext, Stats, StatusExtent, TlsPolicy, TransmissionFlags,
 };

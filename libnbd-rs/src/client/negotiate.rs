@@ -23,8 +23,12 @@ use crate::uri::Uri;
 
 use super::error::{Error, Result};
 use super::stream::{BoxRead, BoxWrite, Stream, Transport};
-use super::transmit::Connection;
-use super::types::{BlockSizes, ConnectOptions, ExportInfo, MetaContext, TransmissionFlags};
+use super::transmit::{Connection, Handover};
+use super::types::{
+    BlockSizes, ClientTlsOptions, ConnectOptions, ExportInfo, MetaContext, TlsPolicy,
+    TransmissionFlags,
+};
+use crate::tls::{BoxIo, ClientTls, Joined};
 
 /// Size of the read buffer of a connection.
 const READ_BUFFER: usize = 128 * 1024;
@@ -72,6 +76,10 @@ pub struct Negotiation {
     structured: bool,
     oldstyle: Option<(u64, u16)>,
     transport: Option<Transport>,
+    /// The URI we connected by (its TLS parameters go into `uri_for`).
+    uri: Option<Uri>,
+    /// TLS is running.
+    tls: bool,
     keepalive: KeepAlive,
 }
 
@@ -153,6 +161,8 @@ impl Negotiation {
             structured: false,
             oldstyle: None,
             transport: None,
+            uri: None,
+            tls: false,
             keepalive: Vec::new(),
         };
         match be64(&b) {
@@ -181,6 +191,18 @@ impl Negotiation {
                     .await
                     .map_err(|e| Error::io("handshake: send client flags", e))?;
                 n.io = Some((r, w));
+                match opts.tls.wanted() {
+                    Some((o, required)) if fixed => {
+                        let r = n.start_tls(o, required).await;
+                        n.poison_on(r)?;
+                    }
+                    Some((_, true)) => {
+                        return Err(Error::Tls(
+                            "the server cannot do TLS (its handshake is not fixed newstyle)".into(),
+                        ))
+                    }
+                    _ => {}
+                }
                 if fixed && opts.structured_replies {
                     let r = n.structured_reply().await;
                     n.structured = n.poison_on(r)?;
@@ -193,6 +215,11 @@ impl Negotiation {
                 // 16 bits of global flags, then 16 of transmission flags.
                 let flags = be32(&h[8..12]) as u16;
                 check_size(size)?;
+                if matches!(opts.tls, TlsPolicy::Require(_)) {
+                    return Err(Error::Tls(
+                        "the server cannot do TLS (oldstyle handshake)".into(),
+                    ));
+                }
                 n.style = Style::Oldstyle;
                 n.oldstyle = Some((size, flags));
                 n.io = Some((r, w));
@@ -248,9 +275,61 @@ impl Negotiation {
         self.structured
     }
 
-    /// Is TLS in use? (Always false: TLS is not supported yet.)
+    /// Is TLS in use?
     pub fn tls(&self) -> bool {
-        false
+        self.tls
+    }
+
+    pub(crate) fn set_uri(&mut self, uri: Uri) {
+        self.transport = Some(uri.transport.clone());
+        self.uri = Some(uri);
+    }
+
+    /// `NBD_OPT_STARTTLS`, then the TLS handshake: the connection goes on
+    /// over TLS. A refusal is an error when TLS is `required`, else the
+    /// connection goes on in plaintext.
+    async fn start_tls(&mut self, o: &ClientTlsOptions, required: bool) -> Result<()> {
+        // Credentials first: a bad file is our error, not the server's.
+        let creds = ClientTls::new(o).map_err(|e| Error::Tls(e.0))?;
+        self.send_option(opt::STARTTLS, &[]).await?;
+        match self.recv_reply(opt::STARTTLS).await {
+            Ok((rep::ACK, _)) => {}
+            Ok((r, _)) => return Err(Self::unexpected(opt::STARTTLS, r)),
+            Err(Error::OptionRefused { .. }) if !required => return Ok(()),
+            Err(Error::OptionRefused { reply, message, .. }) => {
+                return Err(Error::Tls(format!(
+                    "the server refused TLS (NBD_OPT_STARTTLS: {}{})",
+                    super::error::rep_name(reply),
+                    if message.is_empty() {
+                        String::new()
+                    } else {
+                        format!(": {message}")
+                    }
+                )))
+            }
+            Err(e) => return Err(e),
+        }
+        let (r, w) = self.io.take().ok_or(Error::Closed)?;
+        if !r.buffer().is_empty() {
+            return Err(Error::Protocol(
+                "the server sent data between acknowledging STARTTLS and the TLS handshake".into(),
+            ));
+        }
+        let io: BoxIo = Box::new(Joined {
+            reader: r.into_inner(),
+            writer: w,
+        });
+        let s = creds
+            .connect(io)
+            .await
+            .map_err(|e| Error::Tls(format!("handshake failed: {e}")))?;
+        let (r, w) = tokio::io::split(s);
+        self.io = Some((
+            BufReader::with_capacity(READ_BUFFER, Box::new(r)),
+            Box::new(w),
+        ));
+        self.tls = true;
+        Ok(())
     }
 
     /// Where we connected, if known (not for streams and captive servers).
@@ -258,16 +337,10 @@ impl Negotiation {
         self.transport.as_ref()
     }
 
-    pub(crate) fn set_transport(&mut self, t: Option<Transport>) {
-        self.transport = t;
-    }
-
     /// The URI of an export on this server, as `nbdinfo` prints it
     /// (`None` when the transport is not known).
     pub fn uri_for(&self, export_name: &str) -> Option<String> {
-        self.transport
-            .as_ref()
-            .map(|t| Uri::new(t.clone(), export_name).to_string())
+        uri_for(self.uri.as_ref(), self.transport.as_ref(), export_name)
     }
 
     /// Keep `obj` alive as long as this negotiation, and then the
@@ -646,10 +719,14 @@ impl Negotiation {
             r,
             w,
             info,
-            self.style.as_str(),
-            self.transport.clone(),
-            self.socket.take(),
-            std::mem::take(&mut self.keepalive),
+            Handover {
+                protocol: self.style.as_str(),
+                tls: self.tls,
+                uri: self.uri.clone(),
+                transport: self.transport.clone(),
+                socket: self.socket.take(),
+                keepalive: std::mem::take(&mut self.keepalive),
+            },
         ))
     }
 
@@ -666,6 +743,27 @@ impl Negotiation {
             let _ = w.shutdown().await;
         }
         Ok(())
+    }
+}
+
+/// The URI of `export_name` on the server we reached by `uri` (keeping
+/// its TLS parameters, as `nbd_get_uri` does) or by `transport`.
+pub(crate) fn uri_for(
+    uri: Option<&Uri>,
+    transport: Option<&Transport>,
+    export_name: &str,
+) -> Option<String> {
+    match uri {
+        Some(u) => {
+            let mut u = u.clone();
+            u.export_name = export_name.to_string();
+            // Verifying is the default: libnbd leaves it out.
+            if u.tls_verify_peer == Some(true) {
+                u.tls_verify_peer = None;
+            }
+            Some(u.to_string())
+        }
+        None => transport.map(|t| Uri::new(t.clone(), export_name).to_string()),
     }
 }
 

@@ -238,6 +238,22 @@ impl Drop for SubmitGuard<'_> {
     }
 }
 
+/// What the negotiation hands to transmission besides the export.
+pub(crate) struct Handover {
+    /// `newstyle-fixed`, ...
+    pub protocol: &'static str,
+    /// TLS is running.
+    pub tls: bool,
+    /// The URI we connected by.
+    pub uri: Option<Uri>,
+    /// Where we connected.
+    pub transport: Option<Transport>,
+    /// The socket, to shut down when the connection drops.
+    pub socket: Option<OwnedFd>,
+    /// Objects to keep alive as long as the connection.
+    pub keepalive: KeepAlive,
+}
+
 /// One connection in the transmission phase.
 ///
 /// Every I/O method takes `&self`, so many requests can be in flight at
@@ -260,6 +276,10 @@ pub struct Connection {
     reader: Mutex<Option<JoinHandle<()>>>,
     info: ExportInfo,
     protocol: &'static str,
+    /// TLS is running.
+    tls: bool,
+    /// The URI we connected by, for [`Connection::uri`].
+    uri_base: Option<Uri>,
     transport: Option<Transport>,
     min_block: u32,
     max_payload: u32,
@@ -323,11 +343,16 @@ impl Connection {
         reader: BufReader<BoxRead>,
         writer: BoxWrite,
         info: ExportInfo,
-        protocol: &'static str,
-        transport: Option<Transport>,
-        socket: Option<OwnedFd>,
-        keepalive: KeepAlive,
+        h: Handover,
     ) -> Connection {
+        let Handover {
+            protocol,
+            tls,
+            uri,
+            transport,
+            socket,
+            keepalive,
+        } = h;
         let (min_block, max_payload) = limits(info.block_size);
         // Replies are read through a small buffer: read data is read
         // straight into the request's buffer once the buffered bytes
@@ -355,6 +380,8 @@ impl Connection {
             reader: Mutex::new(Some(handle)),
             info,
             protocol,
+            tls,
+            uri_base: uri,
             transport,
             min_block,
             max_payload,
@@ -418,9 +445,9 @@ impl Connection {
         self.info.structured_replies
     }
 
-    /// Is the connection using TLS? (Always false for now.)
+    /// Is the connection using TLS?
     pub fn tls(&self) -> bool {
-        false
+        self.tls
     }
 
     /// The negotiated meta contexts.
@@ -466,9 +493,11 @@ impl Connection {
     /// `nbd+unix:///?socket=/tmp/sock`. `None` when the connection was
     /// made on a stream, an fd, or to a captive server.
     pub fn uri(&self) -> Option<String> {
-        self.transport
-            .as_ref()
-            .map(|t| Uri::new(t.clone(), &self.info.export_name).to_string())
+        super::negotiate::uri_for(
+            self.uri_base.as_ref(),
+            self.transport.as_ref(),
+            &self.info.export_name,
+        )
     }
 
     /// Requests sent and not yet answered.

@@ -2,6 +2,7 @@
 //! export, block status results.
 
 use crate::protocol::{tflags, CONTEXT_BASE_ALLOCATION};
+pub use crate::tls::ClientTlsOptions;
 
 /// What to ask the server for when connecting.
 ///
@@ -25,6 +26,32 @@ pub struct ConnectOptions {
     pub full_info: bool,
     /// Ask for `NBD_INFO_BLOCK_SIZE` (and then obey it).
     pub block_size: bool,
+    /// Whether to start TLS, and with what (libnbd's `nbd_set_tls`;
+    /// `nbds://` URIs require it).
+    pub tls: TlsPolicy,
+}
+
+/// Whether a client starts TLS (libnbd's `LIBNBD_TLS_*`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum TlsPolicy {
+    /// Never (plain `nbd://`).
+    #[default]
+    Disable,
+    /// When the server offers it, else go on in plaintext.
+    Allow(ClientTlsOptions),
+    /// Always: fail if the server will not (`nbds://`).
+    Require(ClientTlsOptions),
+}
+
+impl TlsPolicy {
+    /// The TLS options and whether TLS is required, unless disabled.
+    pub fn wanted(&self) -> Option<(&ClientTlsOptions, bool)> {
+        match self {
+            TlsPolicy::Disable => None,
+            TlsPolicy::Allow(o) => Some((o, false)),
+            TlsPolicy::Require(o) => Some((o, true)),
+        }
+    }
 }
 
 impl Default for ConnectOptions {
@@ -35,6 +62,7 @@ impl Default for ConnectOptions {
             structured_replies: true,
             full_info: true,
             block_size: true,
+            tls: TlsPolicy::Disable,
         }
     }
 }

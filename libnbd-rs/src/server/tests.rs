@@ -1,0 +1,356 @@
+//! The server in process, over `tokio::io::duplex`: the bytes of option
+//! replies, request checks, and simple against structured replies.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+
+use super::transmission::validate;
+use super::*;
+use crate::backend::{Caps, Flags, OpenContext, Plugin, Result};
+use crate::protocol::{cmd, cmdflag, errno, opt, rep, reply, tflags, Request};
+
+/// A read-only export of `size` bytes: the first half reads as 0xAB, the
+/// rest as zeroes (so a large read has a hole to find).
+struct Half {
+    size: u64,
+}
+
+struct HalfHandle {
+    size: u64,
+}
+
+#[async_trait]
+impl Plugin for Half {
+    async fn open(&self, _: &OpenContext) -> Result<Box<dyn Handle>> {
+        Ok(Box::new(HalfHandle { size: self.size }))
+    }
+}
+
+#[async_trait]
+impl Handle for HalfHandle {
+    fn size(&self) -> Result<u64> {
+        Ok(self.size)
+    }
+    fn caps(&self) -> Result<Caps> {
+        Ok(Caps {
+            flush: true,
+            ..Caps::READ_ONLY
+        })
+    }
+    async fn pread(&self, buf: &mut [u8], offset: u64, _: Flags) -> Result<()> {
+        for (i, b) in buf.iter_mut().enumerate() {
+            *b = if offset + (i as u64) < self.size / 2 {
+                0xAB
+            } else {
+                0
+            };
+        }
+        Ok(())
+    }
+}
+
+const SIZE: u64 = 1 << 20;
+
+fn config() -> ServerConfig {
+    ServerConfig::new(Stack {
+        filters: Vec::new(),
+        plugin: Arc::new(Half { size: SIZE }),
+    })
+}
+
+/// A client's end of a server serving `cfg`, past the greeting and the
+/// client's flags (fixed newstyle, no zeroes).
+async fn connect(cfg: ServerConfig) -> DuplexStream {
+    let (mut client, server) = tokio::io::duplex(4 << 20);
+    let (r, w) = tokio::io::split(server);
+    tokio::spawn(serve(Arc::new(cfg), r, w, None));
+    let mut hello = [0u8; 18];
+    client.read_exact(&mut hello).await.unwrap();
+    assert_eq!(p::be64(&hello[..8]), p::NBDMAGIC);
+    assert_eq!(p::be64(&hello[8..16]), p::IHAVEOPT);
+    assert_eq!(
+        p::be16(&hello[16..]),
+        p::FLAG_FIXED_NEWSTYLE | p::FLAG_NO_ZEROES
+    );
+    client
+        .write_all(&(p::FLAG_C_FIXED_NEWSTYLE | p::FLAG_C_NO_ZEROES).to_be_bytes())
+        .await
+        .unwrap();
+    client
+}
+
+async fn send_option(c: &mut DuplexStream, option: u32, data: &[u8]) {
+    c.write_all(&p::option_header(option, data.len() as u32))
+        .await
+        .unwrap();
+    c.write_all(data).await.unwrap();
+}
+
+/// One option reply: its type and payload.
+async fn option_reply(c: &mut DuplexStream, option: u32) -> (u32, Vec<u8>) {
+    let mut h = [0u8; 20];
+    c.read_exact(&mut h).await.unwrap();
+    let r = p::OptionReply::decode(&h).expect("option reply magic");
+    assert_eq!(r.option, option);
+    let mut data = vec![0u8; r.len as usize];
+    c.read_exact(&mut data).await.unwrap();
+    (r.reply, data)
+}
+
+/// GO with no info requests; the transmission flags.
+async fn go(c: &mut DuplexStream) -> u16 {
+    send_option(c, opt::GO, &[0, 0, 0, 0, 0, 0]).await;
+    let mut flags = None;
+    loop {
+        match option_reply(c, opt::GO).await {
+            (rep::INFO, d) if p::be16(&d) == 0 => {
+                assert_eq!(p::be64(&d[2..10]), SIZE);
+                flags = Some(p::be16(&d[10..]));
+            }
+            (rep::INFO, _) => {}
+            (rep::ACK, _) => return flags.expect("NBD_INFO_EXPORT before ACK"),
+            (r, d) => panic!("GO: reply {r:#x} {:?}", String::from_utf8_lossy(&d)),
+        }
+    }
+}
+
+async fn request(c: &mut DuplexStream, typ: u16, flags: u16, offset: u64, count: u32) {
+    let req = Request {
+        flags,
+        typ,
+        cookie: 0x1234,
+        offset,
+        count,
+    };
+    c.write_all(&req.encode()).await.unwrap();
+}
+
+/// A simple reply's error.
+async fn simple_reply(c: &mut DuplexStream) -> u32 {
+    let mut h = [0u8; p::SIMPLE_REPLY_LEN];
+    c.read_exact(&mut h).await.unwrap();
+    assert_eq!(p::be32(&h), p::SIMPLE_REPLY_MAGIC);
+    assert_eq!(p::be64(&h[8..]), 0x1234);
+    p::be32(&h[4..])
+}
+
+/// One structured reply chunk: flags, type, payload.
+async fn chunk(c: &mut DuplexStream) -> (u16, u16, Vec<u8>) {
+    let mut h = [0u8; p::STRUCTURED_REPLY_LEN];
+    c.read_exact(&mut h).await.unwrap();
+    assert_eq!(p::be32(&h), p::STRUCTURED_REPLY_MAGIC);
+    assert_eq!(p::be64(&h[8..]), 0x1234);
+    let mut data = vec![0u8; p::be32(&h[16..]) as usize];
+    c.read_exact(&mut data).await.unwrap();
+    (p::be16(&h[4..]), p::be16(&h[6..]), data)
+}
+
+#[tokio::test]
+async fn options_are_answered_as_the_protocol_says() {
+    let mut c = connect(config()).await;
+    // Unknown options and STARTTLS without TLS: unsupported.
+    send_option(&mut c, 99, b"junk").await;
+    assert_eq!(option_reply(&mut c, 99).await.0, rep::ERR_UNSUP);
+    send_option(&mut c, opt::STARTTLS, &[]).await;
+    assert_eq!(option_reply(&mut c, opt::STARTTLS).await.0, rep::ERR_UNSUP);
+    // Payloads where none belongs: invalid.
+    send_option(&mut c, opt::LIST, b"x").await;
+    assert_eq!(option_reply(&mut c, opt::LIST).await.0, rep::ERR_INVALID);
+    send_option(&mut c, opt::STRUCTURED_REPLY, b"x").await;
+    let (r, _) = option_reply(&mut c, opt::STRUCTURED_REPLY).await;
+    assert_eq!(r, rep::ERR_INVALID);
+    // Meta contexts need structured replies first.
+    let mut q = Vec::new();
+    p::put_string32(&mut q, "");
+    q.extend_from_slice(&0u32.to_be_bytes());
+    send_option(&mut c, opt::LIST_META_CONTEXT, &q).await;
+    let (r, _) = option_reply(&mut c, opt::LIST_META_CONTEXT).await;
+    assert_eq!(r, rep::ERR_INVALID);
+    // LIST: one export (the default, ""), then ACK.
+    send_option(&mut c, opt::LIST, &[]).await;
+    let (r, d) = option_reply(&mut c, opt::LIST).await;
+    assert_eq!((r, d), (rep::SERVER, vec![0, 0, 0, 0]));
+    assert_eq!(option_reply(&mut c, opt::LIST).await.0, rep::ACK);
+    // A truncated GO: invalid, and negotiation goes on.
+    send_option(&mut c, opt::GO, &[0, 0]).await;
+    assert_eq!(option_reply(&mut c, opt::GO).await.0, rep::ERR_INVALID);
+    send_option(&mut c, opt::STRUCTURED_REPLY, &[]).await;
+    let (r, _) = option_reply(&mut c, opt::STRUCTURED_REPLY).await;
+    assert_eq!(r, rep::ACK);
+    send_option(&mut c, opt::LIST_META_CONTEXT, &q).await;
+    let (r, d) = option_reply(&mut c, opt::LIST_META_CONTEXT).await;
+    assert_eq!(r, rep::META_CONTEXT);
+    assert_eq!(&d[4..], p::CONTEXT_BASE_ALLOCATION.as_bytes());
+    assert_eq!(
+        option_reply(&mut c, opt::LIST_META_CONTEXT).await.0,
+        rep::ACK
+    );
+    let flags = go(&mut c).await;
+    assert_ne!(flags & tflags::READ_ONLY, 0);
+    // In transmission, NBD_CMD_DISC ends the connection cleanly.
+    request(&mut c, cmd::DISC, 0, 0, 0).await;
+    assert_eq!(c.read(&mut [0u8; 1]).await.unwrap(), 0);
+}
+
+#[tokio::test]
+async fn abort_gets_an_ack_and_the_end() {
+    let mut c = connect(config()).await;
+    send_option(&mut c, opt::ABORT, &[]).await;
+    assert_eq!(option_reply(&mut c, opt::ABORT).await.0, rep::ACK);
+    assert_eq!(c.read(&mut [0u8; 1]).await.unwrap(), 0);
+}
+
+#[tokio::test]
+async fn bad_option_magic_closes_the_connection() {
+    let mut c = connect(config()).await;
+    c.write_all(&[0u8; 16]).await.unwrap();
+    assert_eq!(c.read(&mut [0u8; 1]).await.unwrap(), 0);
+}
+
+fn negotiated(flags: u16, structured: bool) -> Negotiated {
+    Negotiated {
+        handle: Arc::new(HalfHandle { size: SIZE }),
+        flags,
+        size: SIZE,
+        structured,
+        base_allocation: None,
+        export_name: String::new(),
+        disconnect: Default::default(),
+    }
+}
+
+fn req(typ: u16, flags: u16, offset: u64, count: u32) -> Request {
+    Request {
+        flags,
+        typ,
+        cookie: 1,
+        offset,
+        count,
+    }
+}
+
+#[test]
+fn requests_are_checked_against_the_negotiation() {
+    let ro = negotiated(tflags::HAS_FLAGS | tflags::READ_ONLY, false);
+    let sr = negotiated(tflags::HAS_FLAGS | tflags::SEND_FLUSH, true);
+    assert_eq!(validate(&req(cmd::READ, 0, 0, 512), &ro), Ok(()));
+    // Past the end, overflowing, empty.
+    assert_eq!(
+        validate(&req(cmd::READ, 0, SIZE - 1, 2), &ro),
+        Err(errno::EINVAL)
+    );
+    assert_eq!(
+        validate(&req(cmd::READ, 0, u64::MAX, 2), &ro),
+        Err(errno::EINVAL)
+    );
+    assert_eq!(validate(&req(cmd::READ, 0, 0, 0), &ro), Err(errno::EINVAL));
+    // Writes to a read-only export; past the end of a writable one.
+    assert_eq!(validate(&req(cmd::WRITE, 0, 0, 1), &ro), Err(errno::EPERM));
+    assert_eq!(
+        validate(&req(cmd::WRITE, 0, SIZE, 1), &sr),
+        Err(errno::ENOSPC)
+    );
+    // Flags: DF needs structured replies, FUA needs SEND_FUA, unknown
+    // flags and commands are invalid; trim needs SEND_TRIM.
+    assert_eq!(
+        validate(&req(cmd::READ, cmdflag::DF, 0, 1), &ro),
+        Err(errno::EINVAL)
+    );
+    assert_eq!(validate(&req(cmd::READ, cmdflag::DF, 0, 1), &sr), Ok(()));
+    assert_eq!(
+        validate(&req(cmd::WRITE, cmdflag::FUA, 0, 1), &sr),
+        Err(errno::EINVAL)
+    );
+    assert_eq!(
+        validate(&req(cmd::READ, 0x8000, 0, 1), &sr),
+        Err(errno::EINVAL)
+    );
+    assert_eq!(validate(&req(77, 0, 0, 1), &sr), Err(errno::EINVAL));
+    assert_eq!(validate(&req(cmd::TRIM, 0, 0, 1), &sr), Err(errno::EINVAL));
+    assert_eq!(validate(&req(cmd::FLUSH, 0, 0, 0), &sr), Ok(()));
+    // Too large a read: EOVERFLOW with DF, else EINVAL.
+    let big = p::MAX_REQUEST_SIZE + 1;
+    assert_eq!(
+        validate(&req(cmd::READ, cmdflag::DF, 0, big), &sr),
+        Err(errno::EOVERFLOW)
+    );
+    assert_eq!(
+        validate(&req(cmd::READ, 0, 0, big), &sr),
+        Err(errno::EINVAL)
+    );
+}
+
+#[tokio::test]
+async fn simple_replies_without_structured_replies() {
+    let mut c = connect(config()).await;
+    go(&mut c).await;
+    request(&mut c, cmd::READ, 0, SIZE / 2 - 2, 4).await;
+    assert_eq!(simple_reply(&mut c).await, 0);
+    let mut data = [9u8; 4];
+    c.read_exact(&mut data).await.unwrap();
+    assert_eq!(data, [0xAB, 0xAB, 0, 0]);
+    // An invalid request: the error alone, no data follows.
+    request(&mut c, cmd::READ, 0, SIZE, 4).await;
+    assert_eq!(simple_reply(&mut c).await, errno::EINVAL);
+    // A write to a read-only export: its payload is skipped, EPERM.
+    request(&mut c, cmd::WRITE, 0, 0, 3).await;
+    c.write_all(b"abc").await.unwrap();
+    assert_eq!(simple_reply(&mut c).await, errno::EPERM);
+    request(&mut c, cmd::CACHE, 0, 0, 1).await;
+    assert_eq!(simple_reply(&mut c).await, errno::EINVAL);
+    request(&mut c, cmd::FLUSH, 0, 0, 0).await;
+    assert_eq!(simple_reply(&mut c).await, 0);
+}
+
+#[tokio::test]
+async fn structured_replies_split_data_and_holes() {
+    let mut c = connect(config()).await;
+    send_option(&mut c, opt::STRUCTURED_REPLY, &[]).await;
+    option_reply(&mut c, opt::STRUCTURED_REPLY).await;
+    go(&mut c).await;
+    // 128 KiB of data then 128 KiB of zeroes: a data chunk and a hole.
+    let at = SIZE / 2 - (128 << 10);
+    request(&mut c, cmd::READ, 0, at, 256 << 10).await;
+    let (flags, typ, d) = chunk(&mut c).await;
+    assert_eq!((flags, typ), (0, reply::TYPE_OFFSET_DATA));
+    assert_eq!(p::be64(&d), at);
+    assert_eq!(d.len(), 8 + (128 << 10));
+    assert!(d[8..].iter().all(|&b| b == 0xAB));
+    let (flags, typ, d) = chunk(&mut c).await;
+    assert_eq!((flags, typ), (reply::FLAG_DONE, reply::TYPE_OFFSET_HOLE));
+    assert_eq!(p::be64(&d), SIZE / 2);
+    assert_eq!(p::be32(&d[8..]), 128 << 10);
+    // With DF the same read is one data chunk.
+    request(&mut c, cmd::READ, cmdflag::DF, at, 256 << 10).await;
+    let (flags, typ, d) = chunk(&mut c).await;
+    assert_eq!((flags, typ), (reply::FLAG_DONE, reply::TYPE_OFFSET_DATA));
+    assert_eq!(d.len(), 8 + (256 << 10));
+    // An invalid request: an error chunk with errno and message.
+    request(&mut c, cmd::READ, 0, SIZE, 1).await;
+    let (flags, typ, d) = chunk(&mut c).await;
+    assert_eq!((flags, typ), (reply::FLAG_DONE, reply::TYPE_ERROR));
+    assert_eq!(p::be32(&d), errno::EINVAL);
+    assert_eq!(&d[6..], b"invalid request");
+    // Success without data: one NONE chunk.
+    request(&mut c, cmd::FLUSH, 0, 0, 0).await;
+    let (flags, typ, d) = chunk(&mut c).await;
+    assert_eq!(
+        (flags, typ, d.len()),
+        (reply::FLAG_DONE, reply::TYPE_NONE, 0)
+    );
+}
+
+#[tokio::test]
+async fn shutdown_ends_transmission() {
+    let cfg = config();
+    let server = cfg.server.clone();
+    let mut c = connect(cfg).await;
+    go(&mut c).await;
+    assert_eq!(server.connections(), 1);
+    server.request_shutdown();
+    assert_eq!(c.read(&mut [0u8; 1]).await.unwrap(), 0);
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    assert_eq!(server.connections(), 0);
+}

@@ -1,0 +1,282 @@
+//! The transmission phase: read requests, check each against what was
+//! negotiated, run the valid ones on the layers concurrently (bounded in
+//! number and in bytes held), and hand each outcome to the reply writer.
+
+use std::sync::{Arc, Mutex};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::sync::Semaphore;
+
+use super::reply::{write_reply, ReadData, Reply};
+use super::{Close, Negotiated, ServerConfig, Writer};
+use crate::backend::{Error, Extents, Flags};
+use crate::protocol::{self as p, cmd, cmdflag, errno, tflags};
+
+/// A read buffer pool, so steady-state reads do not allocate.
+#[derive(Default)]
+pub(super) struct BufPool {
+    free: Mutex<Vec<Vec<u8>>>,
+}
+
+impl BufPool {
+    pub(super) fn get(&self, len: usize) -> Vec<u8> {
+        let mut b = self.free.lock().unwrap().pop().unwrap_or_default();
+        // The bytes are overwritten by the plugin but must be initialised;
+        // a recycled buffer keeps its old contents, so only growth is
+        // zeroed.
+        b.resize(len, 0);
+        b
+    }
+    pub(super) fn put(&self, b: Vec<u8>) {
+        let mut free = self.free.lock().unwrap();
+        if free.len() < 16 && b.capacity() <= 8 * 1024 * 1024 {
+            free.push(b);
+        }
+    }
+}
+
+/// Check a request and say which error it earns, if any.
+pub(super) fn validate(req: &p::Request, neg: &Negotiated) -> Result<(), u32> {
+    let f = req.flags;
+    let write = neg.flags & tflags::READ_ONLY == 0;
+    let allowed = match req.typ {
+        cmd::READ => cmdflag::DF,
+        cmd::WRITE | cmd::TRIM => cmdflag::FUA,
+        cmd::WRITE_ZEROES => cmdflag::FUA | cmdflag::NO_HOLE | cmdflag::FAST_ZERO,
+        cmd::BLOCK_STATUS => cmdflag::REQ_ONE,
+        cmd::FLUSH | cmd::CACHE => 0,
+        _ => return Err(errno::EINVAL),
+    };
+    if f & !allowed != 0 {
+        return Err(errno::EINVAL);
+    }
+    if f & cmdflag::FUA != 0 && neg.flags & tflags::SEND_FUA == 0 {
+        return Err(errno::EINVAL);
+    }
+    if f & cmdflag::FAST_ZERO != 0 && neg.flags & tflags::SEND_FAST_ZERO == 0 {
+        return Err(errno::EINVAL);
+    }
+    if f & cmdflag::DF != 0 && !neg.structured {
+        return Err(errno::EINVAL);
+    }
+    let needs = |flag: u16| {
+        if neg.flags & flag == 0 {
+            Err(errno::EINVAL)
+        } else {
+            Ok(())
+        }
+    };
+    match req.typ {
+        cmd::WRITE | cmd::TRIM | cmd::WRITE_ZEROES if !write => return Err(errno::EPERM),
+        cmd::TRIM => needs(tflags::SEND_TRIM)?,
+        cmd::WRITE_ZEROES => needs(tflags::SEND_WRITE_ZEROES)?,
+        cmd::FLUSH => needs(tflags::SEND_FLUSH)?,
+        cmd::CACHE => needs(tflags::SEND_CACHE)?,
+        cmd::BLOCK_STATUS if neg.base_allocation.is_none() => return Err(errno::EINVAL),
+        _ => {}
+    }
+    if req.typ == cmd::FLUSH {
+        // Offset and count of flush must be zero, but be lenient as nbdkit is.
+        return Ok(());
+    }
+    if req.count == 0 {
+        return Err(errno::EINVAL);
+    }
+    if matches!(req.typ, cmd::READ | cmd::WRITE) && req.count > p::MAX_REQUEST_SIZE {
+        return Err(if req.typ == cmd::READ && f & cmdflag::DF != 0 {
+            errno::EOVERFLOW
+        } else {
+            errno::EINVAL
+        });
+    }
+    let end = req.offset.checked_add(req.count as u64);
+    if end.is_none_or(|e| e > neg.size) {
+        return Err(match req.typ {
+            cmd::WRITE | cmd::WRITE_ZEROES => errno::ENOSPC,
+            _ => errno::EINVAL,
+        });
+    }
+    Ok(())
+}
+
+fn to_flags(req: &p::Request) -> Flags {
+    let mut f = Flags::NONE;
+    if req.flags & cmdflag::FUA != 0 {
+        f = f | Flags::FUA;
+    }
+    if req.typ == cmd::WRITE_ZEROES && req.flags & cmdflag::NO_HOLE == 0 {
+        f = f | Flags::MAY_TRIM;
+    }
+    if req.flags & cmdflag::REQ_ONE != 0 {
+        f = f | Flags::REQ_ONE;
+    }
+    if req.flags & cmdflag::FAST_ZERO != 0 {
+        f = f | Flags::FAST_ZERO;
+    }
+    f
+}
+
+/// Serve requests until the client disconnects or the server shuts down.
+pub(super) async fn transmission<R, W>(
+    cfg: &Arc<ServerConfig>,
+    mut r: BufReader<R>,
+    w: Writer<W>,
+    neg: Negotiated,
+) -> Result<(), Close>
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let neg = Arc::new(neg);
+    let pool = Arc::new(BufPool::default());
+    // Budget in KiB units: bounds the memory held by requests in flight.
+    let budget_units = (cfg.max_inflight_bytes / 1024).max(p::MAX_REQUEST_SIZE as usize / 1024);
+    let budget = Arc::new(Semaphore::new(budget_units));
+    let slots = Arc::new(Semaphore::new(cfg.threads.max(1)));
+    let mut tasks = tokio::task::JoinSet::new();
+    let result = loop {
+        // Reap finished tasks so the set does not grow.
+        while tasks.try_join_next().is_some() {}
+        let mut hdr = [0u8; p::REQUEST_LEN];
+        tokio::select! {
+            r = r.read_exact(&mut hdr) => {
+                if let Err(e) = r {
+                    break if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                        Err(Close::Done)
+                    } else {
+                        Err(Close::Io(e))
+                    };
+                }
+            }
+            _ = cfg.server.shutdown_requested() => break Err(Close::Done),
+            _ = neg.disconnect.requested() => break Err(Close::Done),
+        }
+        let Some(req) = p::Request::decode(&hdr) else {
+            break Err(Close::Protocol(
+                "client sent a request with bad magic".into(),
+            ));
+        };
+        cfg.server.debug(format_args!(
+            "{} flags={:#x} offset={} count={}",
+            cmd::name(req.typ),
+            req.flags,
+            req.offset,
+            req.count
+        ));
+        if req.typ == cmd::DISC {
+            break Ok(());
+        }
+        let verdict = validate(&req, &neg);
+        let mut payload = None;
+        let units = if matches!(req.typ, cmd::READ | cmd::WRITE) {
+            (req.count as usize).min(p::MAX_REQUEST_SIZE as usize) / 1024 + 1
+        } else {
+            1
+        };
+        let permit = budget
+            .clone()
+            .acquire_many_owned(units as u32)
+            .await
+            .expect("semaphore never closed");
+        if req.typ == cmd::WRITE {
+            // The payload follows the header whatever we think of the
+            // request; consume it to stay in sync.
+            if verdict.is_ok() {
+                let mut buf = pool.get(req.count as usize);
+                r.read_exact(&mut buf).await?;
+                payload = Some(buf);
+            } else {
+                let mut left = req.count as u64;
+                let mut junk = vec![0u8; 64 * 1024];
+                while left > 0 {
+                    let n = left.min(junk.len() as u64) as usize;
+                    r.read_exact(&mut junk[..n]).await?;
+                    left -= n as u64;
+                }
+            }
+        }
+        let slot = slots.clone().acquire_owned().await.expect("never closed");
+        let (w, neg, pool, server) = (w.clone(), neg.clone(), pool.clone(), cfg.server.clone());
+        tasks.spawn(async move {
+            let res = match verdict {
+                Err(e) => Reply::Invalid(e),
+                Ok(()) => run_request(&req, &neg, payload, &pool).await,
+            };
+            let r = write_reply(&server, &w, &req, &neg, res, &pool).await;
+            drop(slot);
+            drop(permit);
+            r
+        });
+    };
+    // Let requests in flight finish and reply before closing.
+    while let Some(r) = tasks.join_next().await {
+        if let Ok(Err(e)) = r {
+            cfg.server.debug(format_args!("writing reply: {e}"));
+        }
+    }
+    let _ = w.lock().await.flush().await;
+    result
+}
+
+/// Run a valid request on the layers.
+async fn run_request(
+    req: &p::Request,
+    neg: &Negotiated,
+    payload: Option<Vec<u8>>,
+    pool: &BufPool,
+) -> Reply {
+    let h = &*neg.handle;
+    let flags = to_flags(req);
+    let count = req.count as u64;
+    let r = match req.typ {
+        cmd::READ => {
+            match h.pread_shared(req.count, req.offset, flags).await {
+                Ok(Some(s)) if s.len() == req.count as usize => {
+                    return Reply::Data(ReadData::Shared(s))
+                }
+                Ok(Some(_)) => return Reply::Error(Error::eio("shared read of the wrong length")),
+                Ok(None) => {}
+                Err(e) => return Reply::Error(e),
+            }
+            let mut buf = pool.get(req.count as usize);
+            match h.pread(&mut buf, req.offset, flags).await {
+                Ok(()) => return Reply::Data(ReadData::Pooled(buf)),
+                Err(e) => {
+                    pool.put(buf);
+                    Err(e)
+                }
+            }
+        }
+        cmd::WRITE => {
+            let buf = payload.expect("write has payload");
+            let r = h.pwrite(&buf, req.offset, flags).await;
+            pool.put(buf);
+            r
+        }
+        cmd::FLUSH => h.flush(Flags::NONE).await,
+        cmd::TRIM => h.trim(count, req.offset, flags).await,
+        cmd::WRITE_ZEROES => h.zero(count, req.offset, flags).await,
+        cmd::CACHE => h.cache(count, req.offset, flags).await,
+        cmd::BLOCK_STATUS => {
+            let mut ext = Extents::new(req.offset, req.offset + count);
+            match h.extents(count, req.offset, flags, &mut ext).await {
+                Ok(()) if ext.list().is_empty() => {
+                    Err(Error::eio("extents callback returned no extents"))
+                }
+                Ok(()) => {
+                    let mut list = ext.into_list();
+                    if flags.contains(Flags::REQ_ONE) {
+                        list.truncate(1);
+                    }
+                    return Reply::Extents(list);
+                }
+                Err(e) => Err(e),
+            }
+        }
+        _ => Err(Error::einval("unknown command")),
+    };
+    match r {
+        Ok(()) => Reply::Ok,
+        Err(e) => Reply::Error(e),
+    }
+}
