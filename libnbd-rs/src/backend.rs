@@ -556,9 +556,21 @@ pub trait Plugin: Send + Sync + 'static {
     fn thread_model(&self) -> ThreadModel {
         ThreadModel::Parallel
     }
-    /// Extra `key=value` lines for `--dump-plugin`.
+    /// Extra `key=value` lines for `--dump-plugin`; a pair with an empty
+    /// key is printed as its value alone (a line a script printed).
     fn dump(&self) -> Vec<(String, String)> {
         Vec::new()
+    }
+    /// Called once the command line is complete, before the server binds
+    /// its sockets and forks, but not for `--dump-plugin` (nbdkit's
+    /// `config_complete` and `get_ready`): an error stops the server.
+    fn get_ready(&self) -> Result<(), crate::config::ConfigError> {
+        Ok(())
+    }
+    /// Called for each new connection before the handshake (nbdkit's
+    /// `preconnect`); an error drops the connection.
+    async fn preconnect(&self, _readonly: bool) -> Result<()> {
+        Ok(())
     }
     /// Called once the server has forked into the background (or decided
     /// not to), inside the async runtime: start background tasks and
@@ -709,6 +721,11 @@ impl Stack {
     pub async fn open(&self, ctx: &OpenContext) -> Result<Box<dyn Handle>> {
         self.top().open(ctx).await
     }
+    /// Ask the plugin whether a new connection may go on (see
+    /// [`Plugin::preconnect`]).
+    pub async fn preconnect(&self, readonly: bool) -> Result<()> {
+        self.plugin.preconnect(readonly).await
+    }
     /// The strictest thread model of the plugin and every filter.
     pub fn thread_model(&self) -> ThreadModel {
         self.filters
@@ -769,8 +786,11 @@ impl Emulated {
     pub fn new(inner: Box<dyn Handle>) -> Result<Self> {
         let plugin = inner.caps()?;
         let write = plugin.write;
+        // As nbdkit: a plugin that says "emulate" gets emulated FUA (a
+        // flush after the write) even if it does not advertise flush.
         let fua = match plugin.fua {
             Fua::Native => Fua::Native,
+            Fua::Emulate if write => Fua::Emulate,
             _ if plugin.flush && write => Fua::Emulate,
             _ => Fua::None,
         };
@@ -856,11 +876,18 @@ impl Handle for Emulated {
             return Err(Error::enotsup("fast zero not supported"));
         }
         let zeroes = vec![0u8; (count as usize).min(ZERO_CHUNK)];
+        // A plugin with native FUA gets it on the writes that stand in
+        // for the zero (emulated FUA is the flush after them).
+        let wflags = if flags.contains(Flags::FUA) && self.caps.fua == Fua::Native {
+            Flags::FUA
+        } else {
+            Flags::NONE
+        };
         let mut done = 0u64;
         while done < count {
             let n = ((count - done) as usize).min(ZERO_CHUNK);
             self.inner
-                .pwrite(&zeroes[..n], offset + done, Flags::NONE)
+                .pwrite(&zeroes[..n], offset + done, wflags)
                 .await?;
             done += n as u64;
         }

@@ -34,24 +34,20 @@ impl Params {
     pub fn new(items: Vec<(String, String)>) -> Self {
         Params { items }
     }
-    /// Parse `key=value` words; the first word may lack `=` and then
-    /// becomes `magic=word` (nbdkit's magic config key), if the plugin has
-    /// one.
+    /// Parse `key=value` words; a word without `=` becomes `magic=word`
+    /// (nbdkit's magic config key), if the plugin has one. As nbdkit,
+    /// that holds for any word, not only the first (`nbdkit memory 1G 2G`
+    /// is `size=1G size=2G`, and the last wins).
     pub fn parse<S: AsRef<str>>(words: &[S], magic: Option<&str>) -> ConfigResult<Self> {
         let mut items = Vec::new();
-        for (i, w) in words.iter().enumerate() {
+        for w in words {
             let w = w.as_ref();
             match w.split_once('=') {
                 // Only a word starting with a key name is key=value, so
                 // "./a=b" or "\"a=b\"" is a magic value.
                 Some((k, v)) if is_key(k) => items.push((k.to_string(), v.to_string())),
                 _ => match magic {
-                    Some(m) if i == 0 => items.push((m.to_string(), w.to_string())),
-                    Some(_) => {
-                        return Err(ConfigError::new(format!(
-                            "parameter '{w}' must be key=value (only the first parameter may omit the key)"
-                        )))
-                    }
+                    Some(m) => items.push((m.to_string(), w.to_string())),
                     None => {
                         return Err(ConfigError::new(format!(
                             "parameter '{w}' must be key=value (this plugin has no magic parameter)"
@@ -103,6 +99,11 @@ impl Params {
                     .map_err(|e| ConfigError::new(format!("{key}: could not parse '{v}': {e}")))
             })
             .transpose()
+    }
+    /// Remove and return every parameter left, in command-line order
+    /// (for plugins that hand keys they do not know on, as `sh` does).
+    pub fn take_rest(&mut self) -> Vec<(String, String)> {
+        std::mem::take(&mut self.items)
     }
     /// Is `key` present?
     pub fn has(&self, key: &str) -> bool {
@@ -317,7 +318,17 @@ mod tests {
         assert_eq!(p.take_size("size"), Ok(Some(1 << 30)));
         assert_eq!(p.take_all("a"), vec!["1", "2"]);
         assert!(p.finish("memory").is_ok());
-        assert!(Params::parse(&["x", "y"], Some("size")).is_err());
+        let mut p = Params::parse(&["x", "a=1", "y"], Some("size")).unwrap();
+        assert_eq!(
+            p.take_rest(),
+            vec![
+                ("size".to_string(), "x".to_string()),
+                ("a".into(), "1".into()),
+                ("size".into(), "y".into())
+            ]
+        );
+        assert!(p.finish("memory").is_ok());
+        assert!(Params::parse(&["x"], None).is_err());
         let p = Params::parse(&["b=1"], None).unwrap();
         assert!(p.finish("null").is_err());
         let mut p = Params::parse(&["./x=y"], Some("file")).unwrap();

@@ -13,19 +13,25 @@
 //! | `sparse-random` | [`sparse_random`]     | sparse runs of random data              |
 //! | `curl`          | [`curl`]              | an image on an HTTP(S) server           |
 //! | `S3`            | [`s3`]                | an object, or chunk objects, in S3      |
+//! | `sh`            | [`sh`]                | a shell script (or any executable)      |
+//! | `eval`          | [`eval`]              | shell snippets on the command line      |
 //!
 //! [`registry`] lists them for the server; [`sparse`] is the in-memory
-//! store shared by `memory` and `data`.
+//! store shared by `memory` and `data`, [`script`] the engine shared by
+//! `sh` and `eval`.
 #![warn(missing_docs)]
 
 pub mod curl;
 pub mod data;
+pub mod eval;
 pub mod file;
 pub mod full;
 pub mod memory;
 pub mod null;
 pub mod pattern;
 pub mod s3;
+pub mod script;
+pub mod sh;
 pub mod slab;
 pub mod sparse;
 pub mod sparse_random;
@@ -46,6 +52,8 @@ pub fn registry() -> Vec<PluginEntry> {
         sparse_random::ENTRY,
         curl::ENTRY,
         s3::ENTRY,
+        sh::ENTRY,
+        eval::ENTRY,
     ]
 }
 
@@ -71,12 +79,15 @@ mod tests {
             ("pattern", Some("size")),
             ("data", Some("data")),
             ("sparse-random", Some("size")),
+            ("sh", Some("script")),
+            ("eval", None),
         ] {
             let e = find(name);
             assert_eq!(e.magic, magic, "{name}");
             // Unknown parameters are rejected (data takes any key as a
-            // variable for `$VAR`, so it is exempt).
-            if name != "data" {
+            // variable for `$VAR`, and sh and eval pass them to their
+            // scripts, so they are exempt).
+            if !matches!(name, "data" | "sh" | "eval") {
                 let mut p = Params::new(vec![("no-such-key".into(), "1".into())]);
                 assert!(e.configure(&mut p).is_err(), "{name}");
             }

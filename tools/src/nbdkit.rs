@@ -438,8 +438,12 @@ fn run(args: Vec<OsString>) -> Result<i32> {
         if let Some(m) = plugin.magic {
             println!("magic_config_key={m}");
         }
-        for (k, v) in built.map(|p| p.dump()).unwrap_or_default() {
-            println!("{k}={v}");
+        for (k, v) in built.as_ref().map(|p| p.dump()).unwrap_or_default() {
+            if k.is_empty() {
+                println!("{v}");
+            } else {
+                println!("{k}={v}");
+            }
         }
         return Ok(0);
     }
@@ -448,6 +452,7 @@ fn run(args: Vec<OsString>) -> Result<i32> {
         built_filters.push((f.create)(&mut params)?);
     }
     let built_plugin = plugin.configure(&mut params)?;
+    built_plugin.get_ready()?;
     let stack = Stack {
         filters: built_filters,
         plugin: built_plugin,

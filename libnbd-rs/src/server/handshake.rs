@@ -23,6 +23,9 @@ pub(super) struct OptState {
     pub(super) tls: bool,
     /// Options received so far (before and after TLS).
     count: u32,
+    /// The name the empty export name stands for, asked once per
+    /// connection (as nbdkit), when first needed.
+    default_export: Option<String>,
 }
 
 /// Context id we give `base:allocation`.
@@ -88,6 +91,7 @@ where
         structured: false,
         no_zeroes: cflags & p::FLAG_C_NO_ZEROES != 0,
         base_allocation: None,
+        default_export: None,
         tls: false,
         count: 0,
     })
@@ -148,7 +152,7 @@ where
                     Ok(n) if n.len() <= p::MAX_STRING => n,
                     _ => return Err(Close::Protocol("bad export name".into())),
                 };
-                let neg = match open_export(cfg, &name, peer, id, st).await {
+                let neg = match open_export(cfg, &name, peer, id, &mut *st).await {
                     Ok(n) => n,
                     Err(e) => {
                         return Err(Close::Protocol(format!(
@@ -247,7 +251,7 @@ where
                     .await?;
                     continue;
                 };
-                let neg = match open_export(cfg, &name, peer, id, st).await {
+                let neg = match open_export(cfg, &name, peer, id, &mut *st).await {
                     Ok(n) => n,
                     Err(e) => {
                         let code = if e.errno == errno::EPERM {
@@ -404,10 +408,12 @@ async fn open_export(
     name: &str,
     peer: Option<SocketAddr>,
     id: u64,
-    st: &OptState,
+    st: &mut OptState,
 ) -> Result<Negotiated, Error> {
     let export_name = if name.is_empty() {
-        cfg.stack.top().default_export()
+        st.default_export
+            .get_or_insert_with(|| cfg.stack.top().default_export())
+            .clone()
     } else {
         name.to_string()
     };

@@ -262,6 +262,9 @@ where
         Box::new(writer),
     )));
     let r = async {
+        if let Err(e) = cfg.stack.preconnect(cfg.readonly).await {
+            return Err(Close::Protocol(format!("preconnect: {}", e.msg)));
+        }
         let (neg, reader, writer) = negotiate(&cfg, reader, writer, peer, id).await?;
         let r = transmission::transmission(&cfg, reader, writer.clone(), neg).await;
         // The end of a TLS session (close_notify), or of our side of the

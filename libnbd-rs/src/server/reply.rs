@@ -50,6 +50,17 @@ impl ReadData {
         }
     }
 }
+/// The error a client gets, as nbdkit sends it: ENOTSUP only to a fast
+/// zero (the answer that tells it to write zeroes itself) and EOVERFLOW
+/// only to a read with DF; both are EINVAL to anything else.
+pub(super) fn wire_errno(e: u32, flags: u16) -> u32 {
+    match e {
+        errno::ENOTSUP if flags & cmdflag::FAST_ZERO == 0 => errno::EINVAL,
+        errno::EOVERFLOW if flags & cmdflag::DF == 0 => errno::EINVAL,
+        e => e,
+    }
+}
+
 /// Write the reply to `req`: simple or structured as negotiated.
 pub(super) async fn write_reply<W: AsyncWrite + Unpin>(
     server: &ServerContext,
@@ -62,6 +73,10 @@ pub(super) async fn write_reply<W: AsyncWrite + Unpin>(
     if neg.disconnect.is_requested() {
         // A layer dropped the connection: no more replies.
         return Ok(());
+    }
+    let mut res = res;
+    if let Reply::Error(e) = &mut res {
+        e.errno = wire_errno(e.errno, req.flags);
     }
     match &res {
         Reply::Error(e) => {

@@ -354,3 +354,18 @@ async fn shutdown_ends_transmission() {
     tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     assert_eq!(server.connections(), 0);
 }
+
+#[test]
+fn errors_on_the_wire_as_nbdkit_sends_them() {
+    use super::reply::wire_errno;
+    use crate::protocol::{cmdflag, errno};
+    assert_eq!(wire_errno(errno::ENOTSUP, 0), errno::EINVAL);
+    assert_eq!(
+        wire_errno(errno::ENOTSUP, cmdflag::FAST_ZERO),
+        errno::ENOTSUP
+    );
+    assert_eq!(wire_errno(errno::EOVERFLOW, 0), errno::EINVAL);
+    assert_eq!(wire_errno(errno::EOVERFLOW, cmdflag::DF), errno::EOVERFLOW);
+    assert_eq!(wire_errno(errno::ENOSPC, 0), errno::ENOSPC);
+    assert_eq!(wire_errno(errno::EPERM, cmdflag::FUA), errno::EPERM);
+}
