@@ -185,8 +185,22 @@ fn certs(path: &Path) -> TlsResult<Vec<CertificateDer<'static>>> {
     Ok(certs)
 }
 
+/// The private key in `path`, as PKCS#8 that rustls takes. GnuTLS's
+/// certtool writes an EC key's scalar as a minimal integer (31 or 33
+/// bytes about one time in 256 and half the time), which ring refuses in
+/// the SEC1 form; OpenSSL reads every form and writes the canonical one.
 fn key(path: &Path) -> TlsResult<PrivateKeyDer<'static>> {
-    PrivateKeyDer::from_pem_file(path).map_err(|e| TlsError(format!("{}: {e}", path.display())))
+    let fail = |e: &dyn std::fmt::Display| TlsError(format!("{}: {e}", path.display()));
+    let pem = std::fs::read(path).map_err(|e| fail(&e))?;
+    let der = match openssl::pkey::PKey::private_key_from_pem(&pem) {
+        Ok(k) => PrivateKeyDer::Pkcs8(k.private_key_to_pkcs8().map_err(|e| fail(&e))?.into()),
+        Err(_) => PrivateKeyDer::from_pem_slice(&pem).map_err(|e| fail(&e))?,
+    };
+    provider()
+        .key_provider
+        .load_private_key(der.clone_key())
+        .map_err(|e| fail(&e))?;
+    Ok(der)
 }
 
 fn roots(path: &Path) -> TlsResult<rustls::RootCertStore> {
@@ -685,6 +699,30 @@ impl ServerCertVerifier for NoVerifier {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An EC key as certtool writes it one time in 256: a 31-byte scalar
+    /// in SEC1, which ring alone refuses.
+    const SHORT_SCALAR_EC_KEY: &str = "-----BEGIN EC PRIVATE KEY-----
+MHYCAQEEHwj2MhRR2iyFYiT/0pvghR1OY71EXmOiXLOL5Vs1fWSgCgYIKoZIzj0D
+AQehRANCAAR6V/cPOSgt2gYomIeSAG7PatDRFyPP/3wJsn0HKLLCzEZBpRMec4F+
+nqVCyRiBL3vNFX0vOSbKNR+pVcAQWkOK
+-----END EC PRIVATE KEY-----
+";
+
+    #[test]
+    fn keys_in_any_gnutls_form_load_and_bad_keys_name_their_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("client-key.pem");
+        std::fs::write(&f, SHORT_SCALAR_EC_KEY).unwrap();
+        assert!(matches!(key(&f).unwrap(), PrivateKeyDer::Pkcs8(_)));
+        std::fs::write(
+            &f,
+            "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
+        )
+        .unwrap();
+        let e = key(&f).unwrap_err().to_string();
+        assert!(e.contains("client-key.pem"), "{e}");
+    }
 
     #[test]
     fn psk_files_are_parsed_and_checked() {
