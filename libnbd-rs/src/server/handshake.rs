@@ -430,8 +430,11 @@ async fn open_export(
     let size = h.size()?;
     let caps = h.caps()?;
     let write = !cfg.readonly && caps.write;
-    let mut flags = tflags::HAS_FLAGS | tflags::SEND_DF;
+    let mut flags = tflags::HAS_FLAGS;
     for (on, flag) in [
+        // The spec: MUST NOT set SEND_DF unless structured replies were
+        // negotiated (DF asks for one data chunk).
+        (st.structured, tflags::SEND_DF),
         (!write, tflags::READ_ONLY),
         (caps.flush, tflags::SEND_FLUSH),
         (write && caps.fua != Fua::None, tflags::SEND_FUA),

@@ -285,7 +285,8 @@ fn requests_are_checked_against_the_negotiation() {
 #[tokio::test]
 async fn simple_replies_without_structured_replies() {
     let mut c = connect(config()).await;
-    go(&mut c).await;
+    let flags = go(&mut c).await;
+    assert_eq!(flags & tflags::SEND_DF, 0, "SEND_DF without structured replies");
     request(&mut c, cmd::READ, 0, SIZE / 2 - 2, 4).await;
     assert_eq!(simple_reply(&mut c).await, 0);
     let mut data = [9u8; 4];
@@ -309,7 +310,7 @@ async fn structured_replies_split_data_and_holes() {
     let mut c = connect(config()).await;
     send_option(&mut c, opt::STRUCTURED_REPLY, &[]).await;
     option_reply(&mut c, opt::STRUCTURED_REPLY).await;
-    go(&mut c).await;
+    assert_ne!(go(&mut c).await & tflags::SEND_DF, 0);
     // 128 KiB of data then 128 KiB of zeroes: a data chunk and a hole.
     let at = SIZE / 2 - (128 << 10);
     request(&mut c, cmd::READ, 0, at, 256 << 10).await;
