@@ -91,7 +91,11 @@ impl StateMap {
     }
 
     fn page(&self, p: u64) -> Option<Page> {
-        self.pages.read().unwrap().get(&p).cloned()
+        self.pages
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&p)
+            .cloned()
     }
 
     fn page_mut(&self, p: u64) -> Page {
@@ -143,7 +147,10 @@ impl StateMap {
     /// The state of `blk` and the end of the run of blocks from `blk`
     /// with that state, at most `limit`.
     pub(crate) fn run(&self, blk: u64, limit: u64) -> (u8, u64) {
-        let pages = self.pages.read().unwrap();
+        let pages = self
+            .pages
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let get = |b: u64| -> u8 {
             match pages.get(&(b / PAGE_BLOCKS)) {
                 None => 0,
@@ -181,7 +188,10 @@ impl StateMap {
     /// (never 0).
     pub(crate) fn find(&self, from: u64, want: u8) -> Option<u64> {
         debug_assert!(want != 0);
-        let pages = self.pages.read().unwrap();
+        let pages = self
+            .pages
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         for (&p, pg) in pages.range(from / PAGE_BLOCKS..) {
             let base = p * PAGE_BLOCKS;
             let start = from.saturating_sub(base).min(PAGE_BLOCKS) as usize;

@@ -445,8 +445,12 @@ mod tests {
             filter(&["minblock=512", "maxdata=4k", "maxlen=8k"]),
             100_000,
         );
-        *mem.require_align.lock().unwrap() = 512;
-        *mem.max_io.lock().unwrap() = 4096;
+        *mem.require_align
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = 512;
+        *mem.max_io
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = 4096;
         let h = stack.open(&OpenContext::default()).await.unwrap();
         assert_eq!(h.size().unwrap(), 99_840);
         let bs = h.block_size().unwrap().unwrap();
@@ -480,7 +484,9 @@ mod tests {
     #[tokio::test]
     async fn defaults_follow_the_plugin() {
         let (stack, log, mem) = mem_stack(filter(&[]), 1 << 20);
-        *mem.block_size.lock().unwrap() = Some(BlockSize {
+        *mem.block_size
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(BlockSize {
             minimum: 4096,
             preferred: 65536,
             maximum: 65536,

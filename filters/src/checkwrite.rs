@@ -181,7 +181,12 @@ mod tests {
     #[tokio::test]
     async fn checkwrite_checks_writes() {
         let (h, mem) = open().await;
-        assert_eq!(*mem.opened_readonly.lock().unwrap(), vec![true]);
+        assert_eq!(
+            *mem.opened_readonly
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+            vec![true]
+        );
         let c = h.caps().unwrap();
         assert!(c.write && c.flush && c.trim && c.zero && c.fast_zero);
         h.pwrite(&[1, 2, 3], 0, Flags::FUA).await.unwrap();
@@ -212,7 +217,10 @@ mod tests {
             errno::EIO
         );
         // Data that reads as zeroes passes.
-        mem.data.lock().unwrap()[..3].fill(0);
+        mem.data
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)[..3]
+            .fill(0);
         h.trim(4096, 0, Flags::NONE).await.unwrap();
     }
 }

@@ -412,7 +412,12 @@ mod tests {
         let base = mem.snapshot();
         let h = stack.open(&OpenContext::default()).await.unwrap();
         assert!(h.caps().unwrap().write);
-        assert_eq!(*mem.opened_readonly.lock().unwrap(), vec![true]);
+        assert_eq!(
+            *mem.opened_readonly
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+            vec![true]
+        );
         // Unaligned write across blocks, whole blocks, zero, trim.
         h.pwrite(&[0xAA; 5000], 1000, Flags::NONE).await.unwrap();
         h.pwrite(&[0xBB; 8192], 65536, Flags::NONE).await.unwrap();

@@ -223,7 +223,12 @@ mod tests {
         let s = stack(vec![create(&mut params(&[&word])).unwrap()], &mem);
         let h = s.open(&ctx(1)).await.unwrap();
         assert!(!h.caps().unwrap().write);
-        assert_eq!(*mem.opened_readonly.lock().unwrap(), vec![true]);
+        assert_eq!(
+            *mem.opened_readonly
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+            vec![true]
+        );
         for (offset, len, ok) in [
             (0, 4096, true),
             (0x1000, 512, false),

@@ -94,7 +94,12 @@ mod tests {
         assert_eq!(h.size().unwrap(), 2048);
         assert_eq!(try_read(&*h, 0, 512).await.unwrap(), vec![7; 512]);
         h.pwrite(&[9; 512], 1536, Flags::FUA).await.unwrap();
-        assert_eq!(mem.data.lock().unwrap()[2560..3072], [9; 512]);
+        assert_eq!(
+            mem.data
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)[2560..3072],
+            [9; 512]
+        );
         assert_eq!(
             try_extents(&*h, 0, 2048).await.unwrap(),
             vec![(0, 512, 0), (512, 1024, HOLE_ZERO), (1536, 512, 0)]

@@ -292,8 +292,18 @@ mod tests {
         assert!(h.trim(2, 0x1002, Flags::NONE).await.is_err());
         h.trim(8, 0x1ff8, Flags::NONE).await.unwrap();
         // The complement protects everything from 0x2000 on (none here).
-        assert_eq!(mem.data.lock().unwrap()[0x1003], 4);
-        assert_eq!(mem.data.lock().unwrap()[0x1200], 9);
+        assert_eq!(
+            mem.data
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)[0x1003],
+            4
+        );
+        assert_eq!(
+            mem.data
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)[0x1200],
+            9
+        );
     }
 
     #[tokio::test]

@@ -229,7 +229,7 @@ impl Shared {
         if let Some(r) = self.rate_file.as_deref().and_then(read_rate) {
             let now = Instant::now();
             for b in [&self.read, &self.write] {
-                let mut b = b.lock().unwrap();
+                let mut b = b.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
                 if b.rate != r as f64 {
                     b.set_rate(r, now);
                 }
@@ -281,8 +281,14 @@ impl RateHandle {
         if self.gen.swap(g, Ordering::AcqRel) != g {
             let r = self.shared.conn_rate.load(Ordering::Acquire);
             let now = Instant::now();
-            self.read.lock().unwrap().set_rate(r, now);
-            self.write.lock().unwrap().set_rate(r, now);
+            self.read
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .set_rate(r, now);
+            self.write
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .set_rate(r, now);
         }
     }
 

@@ -81,7 +81,10 @@ impl Global {
     /// being prefetched until the returned guard is dropped.
     fn begin_write(self: &Arc<Self>, s: u64, e: u64) -> WriteGuard {
         let id = self.next_write.fetch_add(1, Ordering::Relaxed);
-        self.writes.lock().unwrap().push((id, s, e));
+        self.writes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push((id, s, e));
         let conns: Vec<Arc<Conn>> = self
             .conns
             .lock()
@@ -90,7 +93,9 @@ impl Global {
             .filter_map(Weak::upgrade)
             .collect();
         for c in conns {
-            c.st.lock().unwrap().invalidate(s, e);
+            c.st.lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .invalidate(s, e);
         }
         WriteGuard {
             global: self.clone(),
@@ -136,7 +141,11 @@ impl Filter for ReadaheadFilter {
             size,
             st: Mutex::new(State::new()),
         });
-        let mut conns = self.global.conns.lock().unwrap();
+        let mut conns = self
+            .global
+            .conns
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         conns.retain(|w| w.strong_count() > 0);
         conns.push(Arc::downgrade(&conn));
         drop(conns);
@@ -244,7 +253,10 @@ impl ReadaheadHandle {
     /// say how to serve it.
     fn plan(&self, off: u64, end: u64) -> Vec<Piece> {
         let conn = &self.conn;
-        let mut st = conn.st.lock().unwrap();
+        let mut st = conn
+            .st
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let sequential = st.last_end == Some(off) || st.covered(off);
         if sequential {
             st.streak = st.streak.saturating_add(1);
@@ -299,7 +311,10 @@ impl ReadaheadHandle {
         if st.streak >= STREAK {
             let mut from = st.ahead.max(end);
             let to = (end + st.window).min(conn.size);
-            let mut tasks = self.tasks.lock().unwrap();
+            let mut tasks = self
+                .tasks
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             while tasks.try_join_next().is_some() {}
             while from < to && st.held < MAX_HELD && tasks.len() < MAX_TASKS {
                 let n = (to - from).min(CHUNK).min(MAX_HELD - st.held);
@@ -329,7 +344,11 @@ impl ReadaheadHandle {
 
     /// Count bytes taken from a segment; drop it once all are taken.
     fn consumed(&self, start: u64, n: u64) {
-        let mut st = self.conn.st.lock().unwrap();
+        let mut st = self
+            .conn
+            .st
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some(g) = st.segs.get_mut(&start) {
             g.consumed += n;
             if g.consumed >= g.end - start {
@@ -344,7 +363,10 @@ impl ReadaheadHandle {
 async fn prefetch(conn: Arc<Conn>, off: u64, n: u64, id: u64, tx: watch::Sender<Outcome>) {
     let mut buf = vec![0u8; n as usize];
     let ok = conn.next.pread(&mut buf, off, Flags::NONE).await.is_ok();
-    let mut st = conn.st.lock().unwrap();
+    let mut st = conn
+        .st
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let live = st.segs.get(&off).is_some_and(|g| g.id == id);
     if ok && live {
         let _ = tx.send(Some(Some(Arc::new(buf))));
@@ -428,7 +450,9 @@ mod tests {
     #[tokio::test]
     async fn sequential_reads_are_prefetched_and_correct() {
         let (stack, log, mem) = mem_stack(filter(), 32 * MB);
-        *mem.read_delay.lock().unwrap() = Duration::from_millis(20);
+        *mem.read_delay
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Duration::from_millis(20);
         let want = mem.snapshot();
         let h = stack.open(&OpenContext::default()).await.unwrap();
         let t = Instant::now();
@@ -502,7 +526,9 @@ mod tests {
     #[tokio::test]
     async fn write_during_prefetch_is_not_lost() {
         let (stack, _, mem) = mem_stack(filter(), 8 * MB);
-        *mem.read_delay.lock().unwrap() = Duration::from_millis(100);
+        *mem.read_delay
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Duration::from_millis(100);
         let h: Arc<dyn Handle> = Arc::from(stack.open(&OpenContext::default()).await.unwrap());
         for i in 0..4u64 {
             read(&*h, i * 4096, 4096).await;
@@ -521,8 +547,16 @@ mod tests {
         let (stack, _, _) = mem_stack(f.clone(), 256 * MB);
         let h = stack.open(&OpenContext::default()).await.unwrap();
         let held = || {
-            let c = f.global.conns.lock().unwrap()[0].upgrade().unwrap();
-            let st = c.st.lock().unwrap();
+            let c = f
+                .global
+                .conns
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)[0]
+                .upgrade()
+                .unwrap();
+            let st =
+                c.st.lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
             (st.held, st.segs.len(), st.window)
         };
         let mut max = 0;
@@ -540,6 +574,12 @@ mod tests {
         // Closing the connection stops its prefetches.
         drop(h);
         tokio::time::sleep(Duration::from_millis(20)).await;
-        assert!(f.global.conns.lock().unwrap()[0].upgrade().is_none());
+        assert!(f
+            .global
+            .conns
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)[0]
+            .upgrade()
+            .is_none());
     }
 }

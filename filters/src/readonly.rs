@@ -138,7 +138,12 @@ mod tests {
         let s = stack(vec![create(&mut params(&[])).unwrap()], &mem);
         let h = s.open(&ctx(1)).await.unwrap();
         assert!(!h.caps().unwrap().write);
-        assert_eq!(*mem.opened_readonly.lock().unwrap(), vec![true]);
+        assert_eq!(
+            *mem.opened_readonly
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+            vec![true]
+        );
         let e = h.pwrite(&[1], 0, Flags::NONE).await.unwrap_err();
         assert_eq!(e.errno, errno::EPERM);
         h.flush(Flags::NONE).await.unwrap();
@@ -154,7 +159,12 @@ mod tests {
         let s = stack(vec![create(&mut params(&[&word])).unwrap()], &mem);
         let h = s.open(&ctx(1)).await.unwrap();
         assert!(h.caps().unwrap().write);
-        assert_eq!(*mem.opened_readonly.lock().unwrap(), vec![false]);
+        assert_eq!(
+            *mem.opened_readonly
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+            vec![false]
+        );
         h.pwrite(&[1], 0, Flags::NONE).await.unwrap();
         std::fs::write(&file, b"").unwrap();
         for e in [

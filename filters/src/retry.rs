@@ -386,7 +386,12 @@ mod tests {
         h.pwrite(&[1; 16], 0, Flags::NONE).await.unwrap();
         mem.fail.store(1, Ordering::SeqCst);
         try_read(&*h, 0, 16).await.unwrap();
-        assert_eq!(*mem.opened_readonly.lock().unwrap(), vec![false, true]);
+        assert_eq!(
+            *mem.opened_readonly
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+            vec![false, true]
+        );
         let e = h.pwrite(&[1; 16], 0, Flags::NONE).await.unwrap_err();
         assert_eq!(e.errno, libnbd::protocol::errno::EPERM);
         assert_eq!(mem.opens.load(Ordering::SeqCst), 2);

@@ -238,11 +238,21 @@ mod tests {
     async fn settle(mem: &Mem) -> Vec<String> {
         for _ in 0..200 {
             tokio::time::sleep(Duration::from_millis(5)).await;
-            let calls = mem.calls.lock().unwrap().clone();
+            let calls = mem
+                .calls
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone();
             let caches = calls.iter().filter(|c| c.starts_with("cache")).count();
             if caches > 0 && calls.len() == caches {
                 tokio::time::sleep(Duration::from_millis(20)).await;
-                if mem.calls.lock().unwrap().len() == calls.len() {
+                if mem
+                    .calls
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .len()
+                    == calls.len()
+                {
                     break;
                 }
             }

@@ -145,7 +145,10 @@ struct Shared {
 impl Shared {
     fn record(&self, op: Op, count: u64, offset: u64, t: Instant) {
         let usecs = t.elapsed().as_micros() as u64;
-        let mut s = self.stats.lock().unwrap();
+        let mut s = self
+            .stats
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let st = &mut s.ops[op as usize];
         st.ops += 1;
         st.bytes += count;
@@ -180,10 +183,20 @@ impl Filter for StatsFilter {
     fn unload(&self) {
         let usecs = self.shared.start.elapsed().as_micros() as u64;
         let text = {
-            let s = self.shared.stats.lock().unwrap();
+            let s = self
+                .shared
+                .stats
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             format_stats(&s, usecs.max(1), self.shared.threshold)
         };
-        if let Some(mut f) = self.shared.file.lock().unwrap().take() {
+        if let Some(mut f) = self
+            .shared
+            .file
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+        {
             if let Err(e) = f.write_all(text.as_bytes()).and_then(|_| f.flush()) {
                 eprintln!("nbdkit: stats: writing the stats file: {e}");
             }
@@ -417,7 +430,10 @@ mod tests {
             s.record(Op::Write, 4096, 0, t);
         }
         let mut out = String::new();
-        let st = s.stats.lock().unwrap();
+        let st = s
+            .stats
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         format_histogram(&mut out, &st.ops[Op::Read as usize].hist, 0.95);
         assert_eq!(
             out,
@@ -450,7 +466,15 @@ mod tests {
         s.record(Op::Write, 4096, 65536, t);
         s.record(Op::Write, 4096, 3 * 65536, t);
         let mut out = String::new();
-        format_histogram(&mut out, &s.stats.lock().unwrap().ops[1].hist, 0.95);
+        format_histogram(
+            &mut out,
+            &s.stats
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .ops[1]
+                .hist,
+            0.95,
+        );
         assert_eq!(
             out,
             "    12 bits: 100.0% (102 reqs, 408.00 KiB total)
@@ -468,7 +492,13 @@ mod tests {
         s.record(Op::Read, 512, 3072, t);
         s.record(Op::Flush, 0, 0, t);
         s.record(Op::Cache, 4096, 0, t);
-        let text = format_stats(&s.stats.lock().unwrap(), 2_000_000, 0.95);
+        let text = format_stats(
+            &s.stats
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+            2_000_000,
+            0.95,
+        );
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines[0], "total: 3 ops, 2.000000 s, 1.00 KiB, 512 bytes/s");
         assert!(lines[1].starts_with("read: 2 ops, "), "{text}");
@@ -483,7 +513,13 @@ mod tests {
         assert!(lines.last().unwrap().starts_with("flush: 1 ops, "));
         assert!(text.ends_with(" total\n"));
         // No breakdown at all with a zero threshold.
-        let text = format_stats(&s.stats.lock().unwrap(), 2_000_000, 0.0);
+        let text = format_stats(
+            &s.stats
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+            2_000_000,
+            0.0,
+        );
         assert!(!text.contains("breakdown"));
         assert_eq!(human_size(1536), "1.50 KiB");
         assert_eq!(human_size(3 << 30), "3.00 GiB");

@@ -206,7 +206,12 @@ mod tests {
         let (s, mem) = open_with("32", vec![0; 64]);
         let h = s.open(&ctx(1)).await.unwrap();
         h.pwrite(&[1, 2, 3, 4], 4, Flags::NONE).await.unwrap();
-        assert_eq!(mem.data.lock().unwrap()[4..8], [4, 3, 2, 1]);
+        assert_eq!(
+            mem.data
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)[4..8],
+            [4, 3, 2, 1]
+        );
         assert_eq!(read(&*h, 4, 4).await, vec![1, 2, 3, 4]);
         mem.take_calls();
         for e in [

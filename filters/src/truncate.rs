@@ -254,10 +254,20 @@ mod tests {
         let mut w = vec![7u8; 100];
         w[50..].fill(0);
         h.pwrite(&w, 950, Flags::NONE).await.unwrap();
-        assert_eq!(mem.data.lock().unwrap()[950..1000], [7; 50]);
+        assert_eq!(
+            mem.data
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)[950..1000],
+            [7; 50]
+        );
         let e = h.pwrite(&[1; 100], 950, Flags::NONE).await.unwrap_err();
         assert_eq!(e.errno, libnbd::protocol::errno::ENOSPC);
-        assert_eq!(mem.data.lock().unwrap()[950..1000], [7; 50]);
+        assert_eq!(
+            mem.data
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)[950..1000],
+            [7; 50]
+        );
         h.zero(1000, 500, Flags::NONE).await.unwrap();
         h.trim(1000, 900, Flags::NONE).await.unwrap();
         h.zero(100, 1800, Flags::NONE).await.unwrap();

@@ -160,7 +160,10 @@ impl Filter for XzFilter {
             eprintln!("nbdkit: xz[{}]: error: {}", ctx.id, e.msg);
         })?;
         let file = {
-            let mut files = self.files.lock().unwrap();
+            let mut files = self
+                .files
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             match files.get(&ctx.export_name) {
                 Some(f) if f.index == index => f.clone(),
                 _ => {
@@ -205,12 +208,18 @@ impl<T> Pool<T> {
     }
 
     fn take(&self) -> Option<T> {
-        self.items.lock().unwrap().pop()
+        self.items
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .pop()
     }
 
     /// Keep `item` for reuse, if the pool has room.
     fn give_back(&self, item: T) {
-        let mut items = self.items.lock().unwrap();
+        let mut items = self
+            .items
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if items.len() < self.max {
             items.push(item);
         }
@@ -442,7 +451,10 @@ impl XzFile {
         if i == 0 {
             return true;
         }
-        let mut lru = self.lru.lock().unwrap();
+        let mut lru = self
+            .lru
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if !lru.map.contains_key(&(i - 1)) {
             return false;
         }
@@ -462,7 +474,10 @@ impl XzFile {
     /// (evicting the least recently used cells nobody is decoding or
     /// waiting for).
     fn cell(&self, i: usize) -> Cell {
-        let mut lru = self.lru.lock().unwrap();
+        let mut lru = self
+            .lru
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         lru.tick += 1;
         let tick = lru.tick;
         if let Some(e) = lru.map.get_mut(&i) {
@@ -503,7 +518,10 @@ impl XzFile {
     /// of the next one, which another connection has read), and there is
     /// room without dropping blocks decoded ahead.
     fn ahead_cell(&self, i: usize) -> Option<Cell> {
-        let mut lru = self.lru.lock().unwrap();
+        let mut lru = self
+            .lru
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if lru.map.contains_key(&i) || lru.gone[i] {
             return None;
         }
@@ -729,7 +747,10 @@ impl Run {
     /// run, if it has read its way through block `i - 2`. (Reads in
     /// flight may complete a block behind.)
     fn visit(&self, i: usize) -> Option<usize> {
-        let mut run = self.0.lock().unwrap();
+        let mut run = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let start = match *run {
             Some((last, start)) if i + 1 == last => start,
             Some((last, start)) if i == last || i == last + 1 => {

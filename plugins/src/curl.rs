@@ -989,7 +989,11 @@ impl Inner {
             cookies.push(c.clone());
         }
         if let Some(jar) = &self.jar {
-            if let Some(c) = jar.lock().unwrap().header_for(url) {
+            if let Some(c) = jar
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .header_for(url)
+            {
                 cookies.push(c);
             }
         }
@@ -1062,7 +1066,9 @@ impl Inner {
                 .await
                 .map_err(|e| Error::eio(format!("curl: {url}: {}", describe(&e))))?;
             if let Some(jar) = &self.jar {
-                let mut jar = jar.lock().unwrap();
+                let mut jar = jar
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
                 for v in resp.headers().get_all(reqwest::header::SET_COOKIE) {
                     if let Ok(s) = v.to_str() {
                         jar.store(&url, s);
@@ -1183,7 +1189,10 @@ impl Inner {
 
     fn save_cookies(&self) {
         if let (Some(path), Some(jar)) = (&self.cfg.cookiejar, &self.jar) {
-            let text = jar.lock().unwrap().to_text();
+            let text = jar
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .to_text();
             if let Err(e) = std::fs::write(path, text) {
                 eprintln!("nbdkit: curl: cookiejar {}: {e}", path.display());
             }

@@ -165,7 +165,10 @@ impl Spill {
     }
 
     fn plan(&self, pos: usize, b: &Block, lo: usize, hi: usize) -> Plan {
-        let mut m = self.meta.lock().unwrap();
+        let mut m = self
+            .meta
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let bc = m.block(pos, b);
         if bc.chunks[lo..=hi].iter().any(|c| missing(c.state)) {
             return Plan::Missing;
@@ -178,7 +181,10 @@ impl Spill {
     }
 
     fn unchanged(&self, pos: usize, lo: usize, gens: &[u32]) -> bool {
-        let m = self.meta.lock().unwrap();
+        let m = self
+            .meta
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let chunks = &m.blocks[&pos].chunks[lo..];
         gens.iter()
             .zip(chunks)
@@ -186,7 +192,10 @@ impl Spill {
     }
 
     fn first_missing(&self, pos: usize, b: &Block, lo: usize, hi: usize) -> Option<usize> {
-        let mut m = self.meta.lock().unwrap();
+        let mut m = self
+            .meta
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let bc = m.block(pos, b);
         (lo..=hi).find(|&c| missing(bc.chunks[c].state))
     }
@@ -194,7 +203,14 @@ impl Spill {
     /// Keep decoded chunk `c` of block `pos`, unless it is kept already;
     /// then drop the least recently used chunks to stay within the limit.
     fn commit(&self, pos: usize, b: &Block, c: usize, data: &[u8]) -> std::io::Result<()> {
-        let needed = missing(self.meta.lock().unwrap().block(pos, b).chunks[c].state);
+        let needed = missing(
+            self.meta
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .block(pos, b)
+                .chunks[c]
+                .state,
+        );
         if !needed {
             return Ok(());
         }
@@ -202,7 +218,10 @@ impl Spill {
         if !zero {
             self.file.write_all_at(data, b.uoffset + c as u64 * CHUNK)?;
         }
-        let mut m = self.meta.lock().unwrap();
+        let mut m = self
+            .meta
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let m = &mut *m;
         let ch = &mut m.block(pos, b).chunks[c];
         if zero {
@@ -295,7 +314,11 @@ impl SpillBlock {
     }
 
     fn poisoned(&self) -> Result<()> {
-        match &*self.poison.lock().unwrap() {
+        match &*self
+            .poison
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        {
             Some(m) => Err(self.err(m)),
             None => Ok(()),
         }
@@ -428,7 +451,10 @@ impl SpillBlock {
             }
             Err(Fail::Io(e)) => Err(self.err(format!("writing the spill file: {e}"))),
             Err(Fail::Data(m)) => {
-                *self.poison.lock().unwrap() = Some(m.clone());
+                *self
+                    .poison
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(m.clone());
                 Err(self.err(m))
             }
         }

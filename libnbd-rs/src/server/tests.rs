@@ -40,6 +40,7 @@ impl Handle for HalfHandle {
         })
     }
     async fn pread(&self, buf: &mut [u8], offset: u64, _: Flags) -> Result<()> {
+        assert_ne!(offset, PANIC_AT, "a plugin bug");
         for (i, b) in buf.iter_mut().enumerate() {
             *b = if offset + (i as u64) < self.size / 2 {
                 0xAB
@@ -52,6 +53,8 @@ impl Handle for HalfHandle {
 }
 
 const SIZE: u64 = 1 << 20;
+/// A read here panics in the plugin.
+const PANIC_AT: u64 = 12345;
 
 fn config() -> ServerConfig {
     ServerConfig::new(Stack {
@@ -286,7 +289,11 @@ fn requests_are_checked_against_the_negotiation() {
 async fn simple_replies_without_structured_replies() {
     let mut c = connect(config()).await;
     let flags = go(&mut c).await;
-    assert_eq!(flags & tflags::SEND_DF, 0, "SEND_DF without structured replies");
+    assert_eq!(
+        flags & tflags::SEND_DF,
+        0,
+        "SEND_DF without structured replies"
+    );
     request(&mut c, cmd::READ, 0, SIZE / 2 - 2, 4).await;
     assert_eq!(simple_reply(&mut c).await, 0);
     let mut data = [9u8; 4];
@@ -301,8 +308,24 @@ async fn simple_replies_without_structured_replies() {
     assert_eq!(simple_reply(&mut c).await, errno::EPERM);
     request(&mut c, cmd::CACHE, 0, 0, 1).await;
     assert_eq!(simple_reply(&mut c).await, errno::EINVAL);
+    // A plugin that panics: EIO, and the connection goes on.
+    request(&mut c, cmd::READ, 0, PANIC_AT, 4).await;
+    assert_eq!(simple_reply(&mut c).await, errno::EIO);
+    request(&mut c, cmd::READ, 0, 0, 1).await;
+    assert_eq!(simple_reply(&mut c).await, 0);
+    c.read_exact(&mut data[..1]).await.unwrap();
+    assert_eq!(data[0], 0xAB);
     request(&mut c, cmd::FLUSH, 0, 0, 0).await;
     assert_eq!(simple_reply(&mut c).await, 0);
+}
+
+#[tokio::test]
+async fn an_invalid_write_too_large_to_skip_ends_the_connection() {
+    let mut c = connect(config()).await;
+    go(&mut c).await;
+    request(&mut c, cmd::WRITE, 0, 0, u32::MAX).await;
+    // No reply: the connection is closed rather than 4 GiB read.
+    assert_eq!(c.read(&mut [0u8; 16]).await.unwrap(), 0);
 }
 
 #[tokio::test]

@@ -2,8 +2,10 @@
 //! negotiated, run the valid ones on the layers concurrently (bounded in
 //! number and in bytes held), and hand each outcome to the reply writer.
 
+use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex};
 
+use futures::FutureExt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::Semaphore;
 
@@ -20,7 +22,12 @@ pub(super) struct BufPool {
 
 impl BufPool {
     pub(super) fn get(&self, len: usize) -> Vec<u8> {
-        let mut b = self.free.lock().unwrap().pop().unwrap_or_default();
+        let mut b = self
+            .free
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .pop()
+            .unwrap_or_default();
         // The bytes are overwritten by the plugin but must be initialised;
         // a recycled buffer keeps its old contents, so only growth is
         // zeroed.
@@ -28,7 +35,10 @@ impl BufPool {
         b
     }
     pub(super) fn put(&self, b: Vec<u8>) {
-        let mut free = self.free.lock().unwrap();
+        let mut free = self
+            .free
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if free.len() < 16 && b.capacity() <= 8 * 1024 * 1024 {
             free.push(b);
         }
@@ -185,6 +195,13 @@ where
                 let mut buf = pool.get(req.count as usize);
                 r.read_exact(&mut buf).await?;
                 payload = Some(buf);
+            } else if req.count as u64 > 2 * p::MAX_REQUEST_SIZE as u64 {
+                // Skipping that much would let a client keep us reading
+                // garbage; past twice the limit the connection ends.
+                break Err(Close::Protocol(format!(
+                    "client sent an invalid write of {} bytes, too large to skip",
+                    req.count
+                )));
             } else {
                 let mut left = req.count as u64;
                 let mut junk = vec![0u8; 64 * 1024];
@@ -200,7 +217,17 @@ where
         tasks.spawn(async move {
             let res = match verdict {
                 Err(e) => Reply::Invalid(e),
-                Ok(()) => run_request(&req, &neg, payload, &pool).await,
+                // A layer that panics fails its request with EIO; the
+                // client is answered and the connection goes on.
+                Ok(()) => AssertUnwindSafe(run_request(&req, &neg, payload, &pool))
+                    .catch_unwind()
+                    .await
+                    .unwrap_or_else(|_| {
+                        Reply::Error(Error::eio(format!(
+                            "{} request panicked in the plugin or a filter",
+                            cmd::name(req.typ)
+                        )))
+                    }),
             };
             let r = write_reply(&server, &w, &req, &neg, res, &pool).await;
             drop(slot);
