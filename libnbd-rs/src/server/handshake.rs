@@ -124,10 +124,19 @@ where
         let option = r.read_u32().await?;
         let len = r.read_u32().await?;
         if len > p::MAX_OPTION_LEN {
-            return Err(Close::Protocol(format!(
-                "client sent {} with oversized payload ({len} bytes)",
-                opt::name(option)
-            )));
+            // Well formed but larger than any real client sends: skipped
+            // (never held in memory) and refused, and the negotiation goes
+            // on, as upstream; EXPORT_NAME cannot be refused, and past
+            // the hard cap the client is only wasting our time.
+            if len > p::MAX_REQUEST_SIZE || option == opt::EXPORT_NAME {
+                return Err(Close::Protocol(format!(
+                    "client sent {} with oversized payload ({len} bytes)",
+                    opt::name(option)
+                )));
+            }
+            tokio::io::copy(&mut (&mut *r).take(len as u64), &mut tokio::io::sink()).await?;
+            send_error(cfg, w, option, rep::ERR_TOO_BIG, "option payload too large").await?;
+            continue;
         }
         let mut data = vec![0u8; len as usize];
         r.read_exact(&mut data).await?;

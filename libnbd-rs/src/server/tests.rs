@@ -320,6 +320,17 @@ async fn simple_replies_without_structured_replies() {
 }
 
 #[tokio::test]
+async fn an_oversized_option_is_refused_and_negotiation_goes_on() {
+    let mut c = connect(config()).await;
+    // A 1 MB export name in GO: NBD_REP_ERR_TOO_BIG, then a normal GO.
+    let mut data = vec![0u8; 4 + (1 << 20) + 2];
+    data[..4].copy_from_slice(&(1u32 << 20).to_be_bytes());
+    send_option(&mut c, opt::GO, &data).await;
+    assert_eq!(option_reply(&mut c, opt::GO).await.0, rep::ERR_TOO_BIG);
+    go(&mut c).await;
+}
+
+#[tokio::test]
 async fn an_invalid_write_too_large_to_skip_ends_the_connection() {
     let mut c = connect(config()).await;
     go(&mut c).await;
