@@ -11,6 +11,8 @@
 //! | `pattern`       | [`pattern`]           | each word holds its own offset          |
 //! | `data`          | [`data`]              | data written on the command line        |
 //! | `sparse-random` | [`sparse_random`]     | sparse runs of random data              |
+//! | `random`        | [`random`]            | random data, the same for a seed        |
+//! | `info`          | [`info`]              | the export name, address or time        |
 //! | `curl`          | [`curl`]              | an image on an HTTP(S) server           |
 //! | `S3`            | [`s3`]                | an object, or chunk objects, in S3      |
 //!
@@ -22,9 +24,11 @@ pub mod curl;
 pub mod data;
 pub mod file;
 pub mod full;
+pub mod info;
 pub mod memory;
 pub mod null;
 pub mod pattern;
+pub mod random;
 pub mod s3;
 pub mod slab;
 pub mod sparse;
@@ -44,6 +48,8 @@ pub fn registry() -> Vec<PluginEntry> {
         pattern::ENTRY,
         data::ENTRY,
         sparse_random::ENTRY,
+        random::ENTRY,
+        info::ENTRY,
         curl::ENTRY,
         s3::ENTRY,
     ]
@@ -71,6 +77,8 @@ mod tests {
             ("pattern", Some("size")),
             ("data", Some("data")),
             ("sparse-random", Some("size")),
+            ("random", Some("size")),
+            ("info", Some("mode")),
         ] {
             let e = find(name);
             assert_eq!(e.magic, magic, "{name}");
