@@ -61,6 +61,8 @@ mod nbdkit_dump_config;
 mod nbdkit_version;
 mod nginx;
 mod plugin_file_directory;
+mod plugin_info;
+mod plugin_random;
 mod plugin_s3;
 mod server_bad_input;
 mod server_captive;
