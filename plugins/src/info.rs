@@ -163,6 +163,13 @@ impl Plugin for InfoPlugin {
             opened: Instant::now(),
         }))
     }
+    /// As upstream's: both optional modes are available.
+    fn dump(&self) -> Vec<(String, String)> {
+        vec![
+            ("info_address".into(), "yes".into()),
+            ("info_base64".into(), "yes".into()),
+        ]
+    }
 }
 
 /// A connection to the info plugin.

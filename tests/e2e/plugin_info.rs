@@ -65,6 +65,12 @@ fn plugin_info_export_names() {
             assert!(!st.status.success(), "{bad:?} opened");
         }
     }
+    // --dump-plugin says both optional modes are there, as upstream's.
+    let dump = run_ok(Command::new(nbdkit()).args(["info", "--dump-plugin"]));
+    assert!(
+        dump.contains("\ninfo_address=yes\n") && dump.contains("\ninfo_base64=yes"),
+        "{dump}"
+    );
     // An unknown mode is refused.
     let st = run(Command::new(nbdkit()).args(["-U", "-", "info", "mode=nope", "--run", "true"]));
     assert!(!st.status.success());
