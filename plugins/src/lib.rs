@@ -11,6 +11,8 @@
 //! | `pattern`       | [`pattern`]           | each word holds its own offset          |
 //! | `data`          | [`data`]              | data written on the command line        |
 //! | `sparse-random` | [`sparse_random`]     | sparse runs of random data              |
+//! | `random`        | [`random`]            | random data, the same for a seed        |
+//! | `info`          | [`info`]              | the export name, address or time        |
 //! | `curl`          | [`curl`]              | an image on an HTTP(S) server           |
 //! | `S3`            | [`s3`]                | an object, or chunk objects, in S3      |
 //! | `sh`            | [`sh`]                | a shell script (or any executable)      |
@@ -26,9 +28,11 @@ pub mod data;
 pub mod eval;
 pub mod file;
 pub mod full;
+pub mod info;
 pub mod memory;
 pub mod null;
 pub mod pattern;
+pub mod random;
 pub mod s3;
 pub mod script;
 pub mod sh;
@@ -50,6 +54,8 @@ pub fn registry() -> Vec<PluginEntry> {
         pattern::ENTRY,
         data::ENTRY,
         sparse_random::ENTRY,
+        random::ENTRY,
+        info::ENTRY,
         curl::ENTRY,
         s3::ENTRY,
         sh::ENTRY,
@@ -81,6 +87,8 @@ mod tests {
             ("sparse-random", Some("size")),
             ("sh", Some("script")),
             ("eval", None),
+            ("random", Some("size")),
+            ("info", Some("mode")),
         ] {
             let e = find(name);
             assert_eq!(e.magic, magic, "{name}");

@@ -62,6 +62,8 @@ mod nbdkit_version;
 mod nginx;
 mod plugin_eval;
 mod plugin_file_directory;
+mod plugin_info;
+mod plugin_random;
 mod plugin_s3;
 mod plugin_sh;
 mod server_bad_input;
