@@ -162,39 +162,16 @@ impl Plugin for DataPlugin {
 
 /// Decode standard base64 (whitespace ignored, padding optional).
 pub fn base64_decode(s: &str) -> Result<Vec<u8>, String> {
-    let mut out = Vec::with_capacity(s.len() * 3 / 4);
-    let mut acc = 0u32;
-    let mut bits = 0;
-    let mut padding = false;
-    for (i, c) in s.bytes().enumerate() {
-        let v = match c {
-            b'A'..=b'Z' => c - b'A',
-            b'a'..=b'z' => c - b'a' + 26,
-            b'0'..=b'9' => c - b'0' + 52,
-            b'+' => 62,
-            b'/' => 63,
-            b'=' => {
-                padding = true;
-                continue;
-            }
-            c if c.is_ascii_whitespace() => continue,
-            _ => return Err(format!("invalid character at offset {i}")),
-        };
-        if padding {
-            return Err(format!("data after padding at offset {i}"));
-        }
-        acc = (acc << 6) | v as u32;
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((acc >> bits) as u8);
-            acc &= (1 << bits) - 1;
-        }
-    }
-    if bits >= 6 {
-        return Err("truncated input".into());
-    }
-    Ok(out)
+    use base64::engine::{general_purpose::GeneralPurposeConfig, DecodePaddingMode};
+    use base64::{alphabet, engine::GeneralPurpose, Engine};
+    const LENIENT: GeneralPurpose = GeneralPurpose::new(
+        &alphabet::STANDARD,
+        GeneralPurposeConfig::new()
+            .with_decode_padding_mode(DecodePaddingMode::Indifferent)
+            .with_decode_allow_trailing_bits(true),
+    );
+    let chars: Vec<u8> = s.bytes().filter(|c| !c.is_ascii_whitespace()).collect();
+    LENIENT.decode(chars).map_err(|e| e.to_string())
 }
 
 // ---------------------------------------------------------------------

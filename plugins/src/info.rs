@@ -100,39 +100,9 @@ pub fn create(params: &mut Params) -> ConfigResult<Arc<dyn Plugin>> {
 /// rest must be whole groups of 4 with `=` padding only at the end and
 /// unused bits zero.
 pub fn base64_decode(s: &str) -> Option<Vec<u8>> {
-    let val = |c: u8| -> Option<u32> {
-        Some(match c {
-            b'A'..=b'Z' => c - b'A',
-            b'a'..=b'z' => c - b'a' + 26,
-            b'0'..=b'9' => c - b'0' + 52,
-            b'+' => 62,
-            b'/' => 63,
-            _ => return None,
-        } as u32)
-    };
+    use base64::Engine;
     let chars: Vec<u8> = s.bytes().filter(|c| !c.is_ascii_whitespace()).collect();
-    if !chars.len().is_multiple_of(4) {
-        return None;
-    }
-    let mut out = Vec::with_capacity(chars.len() / 4 * 3);
-    let groups = chars.len() / 4;
-    for (g, q) in chars.chunks_exact(4).enumerate() {
-        let pad = q.iter().rev().take_while(|&&c| c == b'=').count();
-        if pad > 2 || (pad > 0 && g + 1 != groups) {
-            return None;
-        }
-        let mut n = 0u32;
-        for &c in &q[..4 - pad] {
-            n = n << 6 | val(c)?;
-        }
-        n <<= 6 * pad as u32;
-        let bytes = [(n >> 16) as u8, (n >> 8) as u8, n as u8];
-        if bytes[3 - pad..].iter().any(|&b| b != 0) {
-            return None;
-        }
-        out.extend_from_slice(&bytes[..3 - pad]);
-    }
-    Some(out)
+    base64::engine::general_purpose::STANDARD.decode(chars).ok()
 }
 
 /// A duration as the 12 bytes of the time modes.

@@ -767,28 +767,22 @@ fn make_uri(info: &UriInfo, export: &str, tls: bool) -> String {
     }
 }
 
+/// Everything but unreserved characters and `/` is escaped in the path
+/// of `$uri`; the query (the socket path) keeps `:` too.
+const PATH: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~')
+    .remove(b'/');
+const QUERY: &percent_encoding::AsciiSet = &PATH.remove(b':');
+
 fn percent_encode(s: &str) -> String {
-    let mut out = String::new();
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~/".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
+    percent_encoding::utf8_percent_encode(s, PATH).to_string()
 }
 
 fn percent_encode_query(s: &str) -> String {
-    let mut out = String::new();
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~/:".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
+    percent_encoding::utf8_percent_encode(s, QUERY).to_string()
 }
 
 async fn serve(
