@@ -13,6 +13,8 @@
 //! | `sparse-random` | [`sparse_random`]     | sparse runs of random data              |
 //! | `curl`          | [`curl`]              | an image on an HTTP(S) server           |
 //! | `S3`            | [`s3`]                | an object, or chunk objects, in S3      |
+//! | `split`         | [`split`]             | several files concatenated into one     |
+//! | `tmpdisk`       | [`tmpdisk`]           | a fresh temporary filesystem per client |
 //!
 //! [`registry`] lists them for the server; [`sparse`] is the in-memory
 //! store shared by `memory` and `data`.
@@ -29,6 +31,8 @@ pub mod s3;
 pub mod slab;
 pub mod sparse;
 pub mod sparse_random;
+pub mod split;
+pub mod tmpdisk;
 pub mod zero;
 
 use libnbd::PluginEntry;
@@ -46,6 +50,8 @@ pub fn registry() -> Vec<PluginEntry> {
         sparse_random::ENTRY,
         curl::ENTRY,
         s3::ENTRY,
+        split::ENTRY,
+        tmpdisk::ENTRY,
     ]
 }
 
