@@ -62,6 +62,8 @@ mod nbdkit_version;
 mod nginx;
 mod plugin_file_directory;
 mod plugin_s3;
+mod plugin_split;
+mod plugin_tmpdisk;
 mod server_bad_input;
 mod server_captive;
 mod server_commands;
