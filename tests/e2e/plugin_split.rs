@@ -31,9 +31,8 @@ def f(metacontext, offset, entries, err):
     print(metacontext, offset, entries)
 h.block_status(h.get_size(), 0, f)
 h.block_status(h.get_size() - 1000, 1000, f, nbd.CMD_FLAG_REQ_ONE)
-print(h.pread(10, 1048576 - 3))
-print(h.pread(4, 512 * 1024 - 2))
-h.cache(1048581, 0)
+print(bytes(h.pread(10, 1048576 - 3)))
+print(bytes(h.pread(4, 512 * 1024 - 2)))
 "#;
 
 #[test]
@@ -94,6 +93,8 @@ fn plugin_split_writes_cross_files() {
         r#"
 h.pwrite(b"ABCDEFGHIJ", 1048576 - 3)
 h.zero(4, 512 * 1024 + 1)
+# (upstream 1.32 hangs on a cache of the whole disk: ours only)
+h.cache(1048581, 0)
 try:
     h.zero(4, 0, nbd.CMD_FLAG_FAST_ZERO)
 except nbd.Error as e:
@@ -102,7 +103,7 @@ try:
     h.trim(4, 0)
 except nbd.Error as e:
     print("trim", e.errno)
-print(h.pread(12, 1048576 - 4))
+print(bytes(h.pread(12, 1048576 - 4)))
 "#,
     );
     assert!(out.contains("fast ENOTSUP"), "{out}");
@@ -124,7 +125,7 @@ fn plugin_split_under_offset_filter() {
     args.extend(files.iter().map(|s| s.as_str()));
     args.extend(["offset=1048574", "range=9"]);
     let script = r#"
-print(h.get_size(), h.pread(9, 0))
+print(h.get_size(), bytes(h.pread(9, 0)))
 def f(metacontext, offset, entries, err):
     print(metacontext, offset, entries)
 h.block_status(9, 0, f)

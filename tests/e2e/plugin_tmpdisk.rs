@@ -18,7 +18,7 @@ fn plugin_tmpdisk_default_ext4_with_label() {
         return;
     }
     let script = format!(
-        "{CAPS}sb = h.pread(1024, 1024)\nprint(sb[56:58], sb[120:128])\n"
+        "{CAPS}sb = bytes(h.pread(1024, 1024))\nprint(sb[56:58], sb[120:128])\n"
     );
     let Some(out) = same_as_upstream(&["tmpdisk", "2M", "label=SCRATCH"], &script) else {
         return;
@@ -36,7 +36,7 @@ fn plugin_tmpdisk_vfat() {
     if !require(&["mkfs.vfat"]) {
         return;
     }
-    let script = "b = h.pread(512, 0)\nprint(h.get_size(), b[510:512], b[54:59])\n";
+    let script = "b = bytes(h.pread(512, 0))\nprint(h.get_size(), b[510:512], b[54:59])\n";
     let Some(out) = same_as_upstream(&["tmpdisk", "size=4M", "type=vfat"], script) else {
         return;
     };
@@ -70,7 +70,7 @@ echo "$disk" >> {}"#,
         "q=it's $HOME",
         "type=none",
     ];
-    let script = "print(h.get_size(), h.pread(32, 0).rstrip(b'\\0'))\n";
+    let script = "print(h.get_size(), bytes(h.pread(32, 0)).rstrip(b'\\0'))\n";
     let Some(out) = same_as_upstream(&args, script) else {
         return;
     };
@@ -104,12 +104,12 @@ h2.connect_uri(sys.argv[1])
 h.pwrite(b"mine", 0, nbd.CMD_FLAG_FUA)
 h.trim(4096, 4096)
 h.flush()
-print(h.pread(4, 0), h2.pread(4, 0))
+print(bytes(h.pread(4, 0)), bytes(h2.pread(4, 0)))
 "#;
     assert_eq!(nbdpy(&s.uri(), first), "b'mine' b'\\x00\\x00\\x00\\x00'\n");
     // A new connection sees a new, empty disk.
     assert_eq!(
-        nbdpy(&s.uri(), "print(h.pread(4, 0))\n"),
+        nbdpy(&s.uri(), "print(bytes(h.pread(4, 0)))\n"),
         "b'\\x00\\x00\\x00\\x00'\n"
     );
     // A failing command refuses that connection only.
@@ -128,7 +128,7 @@ fn plugin_tmpdisk_under_offset_filter() {
         "offset=2",
         "range=4",
     ];
-    let Some(out) = same_as_upstream(&args, "print(h.get_size(), h.pread(4, 0))\n") else {
+    let Some(out) = same_as_upstream(&args, "print(h.get_size(), bytes(h.pread(4, 0)))\n") else {
         return;
     };
     assert_eq!(out, "4 b'cdef'\n");
