@@ -17,6 +17,8 @@
 //! | `S3`            | [`s3`]                | an object, or chunk objects, in S3      |
 //! | `sh`            | [`sh`]                | a shell script (or any executable)      |
 //! | `eval`          | [`eval`]              | shell snippets on the command line      |
+//! | `split`         | [`split`]             | several files concatenated into one     |
+//! | `tmpdisk`       | [`tmpdisk`]           | a fresh temporary filesystem per client |
 //!
 //! [`registry`] lists them for the server; [`sparse`] is the in-memory
 //! store shared by `memory` and `data`, [`script`] the engine shared by
@@ -39,6 +41,8 @@ pub mod sh;
 pub mod slab;
 pub mod sparse;
 pub mod sparse_random;
+pub mod split;
+pub mod tmpdisk;
 pub mod zero;
 
 use libnbd::PluginEntry;
@@ -60,6 +64,8 @@ pub fn registry() -> Vec<PluginEntry> {
         s3::ENTRY,
         sh::ENTRY,
         eval::ENTRY,
+        split::ENTRY,
+        tmpdisk::ENTRY,
     ]
 }
 

@@ -66,6 +66,8 @@ mod plugin_info;
 mod plugin_random;
 mod plugin_s3;
 mod plugin_sh;
+mod plugin_split;
+mod plugin_tmpdisk;
 mod server_bad_input;
 mod server_captive;
 mod server_commands;
