@@ -129,7 +129,11 @@ impl SplitHandle {
                 .metadata()
                 .map_err(|e| Error::io(format!("stat: {name}"), e))?
                 .len();
-            let can_extents = lseek(file.as_raw_fd(), 0, Whence::SeekData).is_ok();
+            // ENXIO: no data at all (a wholly sparse file), which is an answer.
+            let can_extents = matches!(
+                lseek(file.as_raw_fd(), 0, Whence::SeekData),
+                Ok(_) | Err(Errno::ENXIO)
+            );
             parts.push(Part {
                 name: name.clone(),
                 file,

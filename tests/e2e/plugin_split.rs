@@ -52,7 +52,10 @@ fn plugin_split_same_as_upstream() {
         "{out}"
     );
     assert!(out.contains("b'\\x00\\x00\\x00hello\\x00\\x00'"), "{out}");
-    assert!(out.contains("[524288, 3, 4096, 0, 520192, 3, 5, 0, 65536, 3]"), "{out}");
+    assert!(
+        out.contains("[524288, 3, 4096, 0, 520192, 3, 5, 0, 65536, 3]"),
+        "{out}"
+    );
 }
 
 #[test]

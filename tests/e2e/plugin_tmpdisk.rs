@@ -17,9 +17,7 @@ fn plugin_tmpdisk_default_ext4_with_label() {
     if !require(&["mkfs.ext4"]) {
         return;
     }
-    let script = format!(
-        "{CAPS}sb = bytes(h.pread(1024, 1024))\nprint(sb[56:58], sb[120:128])\n"
-    );
+    let script = format!("{CAPS}sb = bytes(h.pread(1024, 1024))\nprint(sb[56:58], sb[120:128])\n");
     let Some(out) = same_as_upstream(&["tmpdisk", "2M", "label=SCRATCH"], &script) else {
         return;
     };
