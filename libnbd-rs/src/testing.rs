@@ -30,3 +30,19 @@ pub fn require(peers: &[&str]) -> bool {
     }
     true
 }
+
+/// A plugin configured from command-line words (`entry`'s magic key as
+/// nbdkit takes it) and opened as a plain client would: what a plugin's
+/// unit tests start from.
+pub async fn open_plugin<S: AsRef<str>>(
+    entry: &crate::PluginEntry,
+    args: &[S],
+) -> Box<dyn crate::Handle> {
+    let mut p = crate::Params::parse(args, entry.magic).unwrap();
+    entry
+        .configure(&mut p)
+        .unwrap()
+        .open(&crate::OpenContext::default())
+        .await
+        .unwrap()
+}

@@ -86,13 +86,8 @@ impl Plugin for MemoryPlugin {
 mod tests {
     use super::*;
     use libnbd::backend::HOLE_ZERO;
+    use libnbd::testing::open_plugin;
     use libnbd::{Cache, Extents, Flags, Fua};
-
-    async fn open(args: &[&str]) -> Box<dyn Handle> {
-        let mut p = Params::parse(args, Some("size")).unwrap();
-        let plugin = ENTRY.configure(&mut p).unwrap();
-        plugin.open(&OpenContext::default()).await.unwrap()
-    }
 
     fn map_of(e: &Extents) -> Vec<(u64, u64, u32)> {
         e.list()
@@ -116,7 +111,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread")]
     async fn capabilities() {
         for alloc in ["allocator=sparse", "allocator=malloc", "allocator=zstd"] {
-            let h = open(&["1M", alloc]).await;
+            let h = open_plugin(&ENTRY, &["1M", alloc]).await;
             assert_eq!(h.size().unwrap(), 1 << 20);
             assert!(h.caps().unwrap().write);
             assert!(h.caps().unwrap().flush);
@@ -133,7 +128,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread")]
     async fn read_write_zero_extents() {
-        let h = open(&["size=1M"]).await;
+        let h = open_plugin(&ENTRY, &["size=1M"]).await;
         let mut e = Extents::new(0, 1 << 20);
         h.extents(1 << 20, 0, Flags::NONE, &mut e).await.unwrap();
         assert_eq!(map_of(&e), vec![(0, 1 << 20, HOLE_ZERO)]);
@@ -185,7 +180,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread")]
     async fn largest_size() {
         let size = i64::MAX as u64;
-        let h = open(&[&size.to_string()]).await;
+        let h = open_plugin(&ENTRY, &[&size.to_string()]).await;
         assert_eq!(h.size().unwrap(), size);
         // Write at the very end and read it back.
         h.pwrite(b"end!", size - 4, Flags::NONE).await.unwrap();

@@ -101,21 +101,12 @@ impl Handle for NullHandle {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use libnbd::testing::open_plugin;
     use libnbd::{Cache, Fua};
-
-    async fn open(args: &[&str]) -> Box<dyn Handle> {
-        let mut p = Params::parse(args, Some("size")).unwrap();
-        ENTRY
-            .configure(&mut p)
-            .unwrap()
-            .open(&OpenContext::default())
-            .await
-            .unwrap()
-    }
 
     #[tokio::test]
     async fn null_disk() {
-        let h = open(&["1M"]).await;
+        let h = open_plugin(&ENTRY, &["1M"]).await;
         assert_eq!(h.size().unwrap(), 1 << 20);
         assert!(h.caps().unwrap().write && h.caps().unwrap().flush && h.caps().unwrap().trim);
         assert!(h.caps().unwrap().zero && h.caps().unwrap().fast_zero && h.caps().unwrap().extents);
@@ -138,8 +129,8 @@ mod tests {
 
     #[tokio::test]
     async fn default_size_and_errors() {
-        assert_eq!(open(&[]).await.size().unwrap(), 0);
-        assert_eq!(open(&["size=5"]).await.size().unwrap(), 5);
+        assert_eq!(open_plugin::<&str>(&ENTRY, &[]).await.size().unwrap(), 0);
+        assert_eq!(open_plugin(&ENTRY, &["size=5"]).await.size().unwrap(), 5);
         let mut p = Params::parse(&["1M", "x=1"], Some("size")).unwrap();
         assert!(ENTRY.configure(&mut p).is_err());
         let mut p = Params::parse(&["lots"], Some("size")).unwrap();

@@ -198,28 +198,19 @@ impl Handle for RandomHandle {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    async fn open(args: &[&str]) -> Box<dyn Handle> {
-        let mut p = Params::parse(args, Some("size")).unwrap();
-        ENTRY
-            .configure(&mut p)
-            .unwrap()
-            .open(&OpenContext::default())
-            .await
-            .unwrap()
-    }
+    use libnbd::testing::open_plugin;
 
     #[tokio::test]
     async fn same_bytes_as_nbdkit() {
         // `nbdkit random 1M seed=1`, read at 0 and at 512 by nbdsh.
-        let h = open(&["1M", "seed=1"]).await;
+        let h = open_plugin(&ENTRY, &["1M", "seed=1"]).await;
         let mut b = [0u8; 16];
         h.pread(&mut b, 0, Flags::NONE).await.unwrap();
         assert_eq!(b[..8], [0x14, 0x05, 0x51, 0x7e, 0xae, 0x48, 0x96, 0x06]);
         h.pread(&mut b, 512, Flags::NONE).await.unwrap();
         assert_eq!(b[..4], [0x3d, 0xf9, 0x02, 0x99]);
         // The seed shifts the data: seed 8 at 0 is seed 1 at 7.
-        let h8 = open(&["1M", "seed=010"]).await;
+        let h8 = open_plugin(&ENTRY, &["1M", "seed=010"]).await;
         let mut c = [0u8; 4];
         h8.pread(&mut c, 0, Flags::NONE).await.unwrap();
         assert_eq!(c, [0x06, 0x17, 0x72, 0xad]);
@@ -227,7 +218,7 @@ mod tests {
 
     #[tokio::test]
     async fn writes_must_match() {
-        let h = open(&["size=4096", "seed=7"]).await;
+        let h = open_plugin(&ENTRY, &["size=4096", "seed=7"]).await;
         let mut b = vec![0u8; 1000];
         h.pread(&mut b, 100, Flags::NONE).await.unwrap();
         h.pwrite(&b, 100, Flags::NONE).await.unwrap();

@@ -426,17 +426,8 @@ impl Handle for SparseRandomHandle {
 mod tests {
     use super::*;
     use libnbd::protocol::errno;
+    use libnbd::testing::open_plugin;
     use libnbd::Cache;
-
-    async fn open(args: &[&str]) -> Box<dyn Handle> {
-        let mut p = Params::parse(args, Some("size")).unwrap();
-        ENTRY
-            .configure(&mut p)
-            .unwrap()
-            .open(&OpenContext::default())
-            .await
-            .unwrap()
-    }
 
     /// All extents of `[0, size)`, fetched as a client would.
     async fn all_extents(h: &dyn Handle) -> Vec<(u64, u64, u32)> {
@@ -462,7 +453,7 @@ mod tests {
 
     #[tokio::test]
     async fn capabilities() {
-        let h = open(&["1G", "seed=1"]).await;
+        let h = open_plugin(&ENTRY, &["1G", "seed=1"]).await;
         assert_eq!(h.size().unwrap(), 1 << 30);
         assert!(h.caps().unwrap().write && h.caps().unwrap().flush && h.caps().unwrap().trim);
         assert!(h.caps().unwrap().zero && !h.caps().unwrap().fast_zero);
@@ -472,7 +463,7 @@ mod tests {
 
     #[tokio::test]
     async fn shape_and_content() {
-        let h = open(&["4G", "seed=2", "runlength=1M"]).await;
+        let h = open_plugin(&ENTRY, &["4G", "seed=2", "runlength=1M"]).await;
         let map = all_extents(&*h).await;
         let data: u64 = map.iter().filter(|e| e.2 == 0).map(|e| e.1).sum();
         let pct = data as f64 * 100.0 / (4u64 << 30) as f64;
@@ -491,17 +482,17 @@ mod tests {
             }
         }
         // Same seed, same disk; another seed, another disk.
-        let again = open(&["4G", "seed=2", "runlength=1M"]).await;
+        let again = open_plugin(&ENTRY, &["4G", "seed=2", "runlength=1M"]).await;
         assert_eq!(all_extents(&*again).await, map);
-        let other = open(&["4G", "seed=3", "runlength=1M"]).await;
+        let other = open_plugin(&ENTRY, &["4G", "seed=3", "runlength=1M"]).await;
         assert_ne!(all_extents(&*other).await, map);
     }
 
     #[tokio::test]
     async fn percent_limits() {
-        let h = open(&["1G", "percent=0"]).await;
+        let h = open_plugin(&ENTRY, &["1G", "percent=0"]).await;
         assert_eq!(all_extents(&*h).await, vec![(0, 1 << 30, HOLE_ZERO)]);
-        let h = open(&["1G", "percent=100"]).await;
+        let h = open_plugin(&ENTRY, &["1G", "percent=100"]).await;
         assert_eq!(all_extents(&*h).await, vec![(0, 1 << 30, 0)]);
         let mut b = [0u8; 16];
         h.pread(&mut b, 4090, Flags::NONE).await.unwrap();
@@ -510,7 +501,11 @@ mod tests {
 
     #[tokio::test]
     async fn random_content_and_writes() {
-        let h = open(&["1G", "seed=7", "random-content=true", "percent=50"]).await;
+        let h = open_plugin(
+            &ENTRY,
+            &["1G", "seed=7", "random-content=true", "percent=50"],
+        )
+        .await;
         let map = all_extents(&*h).await;
         let (d, dlen, _) = *map.iter().find(|e| e.2 == 0).unwrap();
         let (z, _, _) = *map.iter().find(|e| e.2 != 0).unwrap();
@@ -553,13 +548,13 @@ mod tests {
 
     #[tokio::test]
     async fn odd_and_huge_sizes() {
-        let h = open(&["10000", "percent=100"]).await;
+        let h = open_plugin(&ENTRY, &["10000", "percent=100"]).await;
         assert_eq!(all_extents(&*h).await, vec![(0, 10000, 0)]);
         let mut b = [0u8; 10];
         h.pread(&mut b, 9990, Flags::NONE).await.unwrap();
         assert!(b.iter().all(|&x| x != 0));
         let size = i64::MAX as u64;
-        let h = open(&[&size.to_string(), "seed=9"]).await;
+        let h = open_plugin(&ENTRY, &[&size.to_string(), "seed=9"]).await;
         let mut e = Extents::new(size - (1 << 30), size);
         h.extents(1 << 30, size - (1 << 30), Flags::NONE, &mut e)
             .await

@@ -296,17 +296,8 @@ impl Handle for SplitHandle {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use libnbd::testing::open_plugin;
     use libnbd::Fua;
-
-    async fn open(args: &[String]) -> Box<dyn Handle> {
-        let mut p = Params::parse(args, Some("file")).unwrap();
-        ENTRY
-            .configure(&mut p)
-            .unwrap()
-            .open(&OpenContext::default())
-            .await
-            .unwrap()
-    }
 
     #[tokio::test]
     async fn concatenated_and_split_writes() {
@@ -316,7 +307,7 @@ mod tests {
         std::fs::write(&a, b"hello").unwrap();
         std::fs::write(&b, b"world!").unwrap();
         let args = [a.display().to_string(), format!("file={}", b.display())];
-        let h = open(&args).await;
+        let h = open_plugin(&ENTRY, &args).await;
         assert_eq!(h.size().unwrap(), 11);
         let c = h.caps().unwrap();
         assert!(c.write && !c.flush && !c.trim && !c.zero && c.extents);

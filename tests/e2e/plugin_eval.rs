@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::Command;
 
 use crate::common::{nbdkit, random_file, require, require_nbdsh, run_ok, PYTHON};
-use crate::plugin_sh::{cap_lines, captive, ok, upstream};
+use crate::plugin_sh::{calls_but_close, cap_lines, captive, ok, upstream};
 
 const MB: usize = 1 << 20;
 
@@ -190,13 +190,7 @@ fn eval_missing_unload_and_tmpdir() {
         let theirs = ok(captive(&up, dir.path(), &args, &cmd, None));
         assert_eq!(theirs.trim(), "ENOSPC");
         let their_log = std::fs::read_to_string(dir.path().join("missing.log")).unwrap();
-        let calls = |l: &str| -> Vec<String> {
-            l.lines()
-                .filter(|c| !c.starts_with("close"))
-                .map(str::to_string)
-                .collect()
-        };
-        assert_eq!(calls(&log), calls(&their_log));
+        assert_eq!(calls_but_close(&log), calls_but_close(&their_log));
     }
 }
 
