@@ -18,6 +18,7 @@
 //! | `sh`            | [`sh`]                | a shell script (or any executable)      |
 //! | `eval`          | [`eval`]              | shell snippets on the command line      |
 //! | `split`         | [`split`]             | several files concatenated into one     |
+//! | `nbd`           | [`nbd`]               | another NBD server, proxied             |
 //! | `tmpdisk`       | [`tmpdisk`]           | a fresh temporary filesystem per client |
 //!
 //! [`registry`] lists them for the server; [`sparse`] is the in-memory
@@ -32,6 +33,7 @@ pub mod file;
 pub mod full;
 pub mod info;
 pub mod memory;
+pub mod nbd;
 pub mod null;
 pub mod pattern;
 pub mod random;
@@ -66,6 +68,7 @@ pub fn registry() -> Vec<PluginEntry> {
         eval::ENTRY,
         split::ENTRY,
         tmpdisk::ENTRY,
+        nbd::ENTRY,
     ]
 }
 
@@ -95,6 +98,7 @@ mod tests {
             ("eval", None),
             ("random", Some("size")),
             ("info", Some("mode")),
+            ("nbd", Some("uri")),
         ] {
             let e = find(name);
             assert_eq!(e.magic, magic, "{name}");
