@@ -1193,15 +1193,20 @@ impl Plugin for CurlPlugin {
         ThreadModel::Parallel
     }
     fn dump(&self) -> Vec<(String, String)> {
-        vec![
-            ("curl_version".into(), "reqwest/0.12 rustls (ring)".into()),
-            ("curl_protocol_http".into(), "yes".into()),
-            ("curl_protocol_https".into(), "yes".into()),
-        ]
+        dump_lines()
     }
     fn unload(&self) {
         self.inner.save_cookies();
     }
+}
+
+/// The `--dump-plugin` lines, which need no configuration.
+pub fn dump_lines() -> Vec<(String, String)> {
+    vec![
+        ("curl_version".into(), "reqwest/0.12 rustls (ring)".into()),
+        ("curl_protocol_http".into(), "yes".into()),
+        ("curl_protocol_https".into(), "yes".into()),
+    ]
 }
 
 /// A connection: the shared state and the size found when it opened.

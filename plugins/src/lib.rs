@@ -72,6 +72,16 @@ pub fn registry() -> Vec<PluginEntry> {
     ]
 }
 
+/// The `--dump-plugin` lines of a plugin that come without configuring
+/// it (upstream prints them for `nbdkit --dump-plugin NAME` alone).
+pub fn dump_unconfigured(name: &str) -> Vec<(String, String)> {
+    match name {
+        "curl" => curl::dump_lines(),
+        "nbd" => nbd::dump_lines(),
+        _ => Vec::new(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -407,16 +407,7 @@ impl Plugin for NbdPlugin {
     }
 
     fn dump(&self) -> Vec<(String, String)> {
-        [
-            ("libnbd_version", env!("CARGO_PKG_VERSION")),
-            ("libnbd_tls", "1"),
-            ("libnbd_uri", "1"),
-            ("libnbd_vsock", "1"),
-            ("libnbd_dynamic_list", "1"),
-        ]
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
+        dump_lines()
     }
 
     fn after_fork(&self, _server: &Arc<ServerContext>) -> Result<()> {
@@ -446,6 +437,21 @@ impl Plugin for NbdPlugin {
             c.kill();
         }
     }
+}
+
+/// The `--dump-plugin` lines, which need no configuration (scripts look
+/// for `libnbd_uri=1` and the like).
+pub fn dump_lines() -> Vec<(String, String)> {
+    [
+        ("libnbd_version", env!("CARGO_PKG_VERSION")),
+        ("libnbd_tls", "1"),
+        ("libnbd_uri", "1"),
+        ("libnbd_vsock", "1"),
+        ("libnbd_dynamic_list", "1"),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect()
 }
 
 /// A client's view of the server: its own connection, or the shared one.

@@ -195,7 +195,7 @@ fn plugin_nbd_shared_retries_until_the_server_is_up() {
         .spawn()
         .unwrap();
     std::thread::sleep(Duration::from_millis(1500));
-    let _backend = Command::new(nbdkit())
+    let mut backend = Command::new(nbdkit())
         .args(["-f", "-U"])
         .arg(&sock)
         .args(["memory", "3M"])
@@ -212,9 +212,8 @@ fn plugin_nbd_shared_retries_until_the_server_is_up() {
     let mut out = String::new();
     std::io::Read::read_to_string(proxy.stdout.as_mut().unwrap(), &mut out).unwrap();
     assert!(st.success() && out.trim() == "3145728", "{st} {out}");
-    let _ = Command::new("pkill")
-        .args(["-f", &sock.display().to_string()])
-        .status();
+    let _ = backend.kill();
+    let _ = backend.wait();
 
     // Without retry a missing server fails at once, with the reason.
     let o = run(Command::new(nbdkit())
@@ -256,6 +255,20 @@ fn plugin_nbd_tls_psk_to_the_server() {
     assert!(!run(Command::new("nbdinfo").args(["--size", &plain.uri()]))
         .status
         .success());
+}
+
+#[test]
+fn plugin_nbd_dump_plugin_without_parameters() {
+    // Scripts probe for URI and TLS support this way.
+    let out = run_ok(Command::new(nbdkit()).args(["--dump-plugin", "nbd"]));
+    for line in [
+        "magic_config_key=uri",
+        "libnbd_tls=1",
+        "libnbd_uri=1",
+        "libnbd_vsock=1",
+    ] {
+        assert!(out.lines().any(|l| l == line), "{line}: {out}");
+    }
 }
 
 #[test]

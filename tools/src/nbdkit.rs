@@ -438,7 +438,11 @@ fn run(args: Vec<OsString>) -> Result<i32> {
         if let Some(m) = plugin.magic {
             println!("magic_config_key={m}");
         }
-        for (k, v) in built.as_ref().map(|p| p.dump()).unwrap_or_default() {
+        for (k, v) in built
+            .as_ref()
+            .map(|p| p.dump())
+            .unwrap_or_else(|| nbdkit_plugins::dump_unconfigured(plugin.name))
+        {
             if k.is_empty() {
                 println!("{v}");
             } else {
