@@ -107,6 +107,10 @@ struct ExitLast {
 
 #[async_trait]
 impl Filter for ExitLast {
+    fn passes_meta_contexts(&self) -> bool {
+        // Same offsets and data: the plugin's other contexts stay true.
+        true
+    }
     fn after_fork(&self, server: &Arc<ServerContext>) -> Result<()> {
         self.shared.server.set(server);
         Ok(())

@@ -231,6 +231,10 @@ struct ExitWhen {
 
 #[async_trait]
 impl Filter for ExitWhen {
+    fn passes_meta_contexts(&self) -> bool {
+        // Same offsets and data: the plugin's other contexts stay true.
+        true
+    }
     async fn open(&self, next: Next<'_>, ctx: &OpenContext) -> Result<Box<dyn Handle>> {
         let s = self.shared.clone();
         if !s.events.is_empty() {

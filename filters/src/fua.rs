@@ -82,6 +82,10 @@ struct FuaFilter {
 
 #[async_trait]
 impl Filter for FuaFilter {
+    fn passes_meta_contexts(&self) -> bool {
+        // Same offsets and data: the plugin's other contexts stay true.
+        true
+    }
     async fn open(&self, next: Next<'_>, ctx: &OpenContext) -> Result<Box<dyn Handle>> {
         let h = next.open(ctx).await?;
         let below = h.caps()?;

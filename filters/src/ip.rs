@@ -230,6 +230,10 @@ fn check(allow: &[Rule], deny: &[Rule], peer: Option<&SocketAddr>) -> Result<()>
 
 #[async_trait]
 impl Filter for IpFilter {
+    fn passes_meta_contexts(&self) -> bool {
+        // Same offsets and data: the plugin's other contexts stay true.
+        true
+    }
     async fn open(&self, next: Next<'_>, ctx: &OpenContext) -> Result<Box<dyn Handle>> {
         if let Err(e) = check(&self.allow, &self.deny, ctx.peer.as_ref()) {
             eprintln!("nbdkit: ip: {}", e.msg);

@@ -45,6 +45,10 @@ struct LimitFilter {
 
 #[async_trait]
 impl Filter for LimitFilter {
+    fn passes_meta_contexts(&self) -> bool {
+        // Same offsets and data: the plugin's other contexts stay true.
+        true
+    }
     async fn open(&self, next: Next<'_>, ctx: &OpenContext) -> Result<Box<dyn Handle>> {
         if self.limit == 0 {
             return next.open(ctx).await;

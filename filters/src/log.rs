@@ -387,6 +387,10 @@ fn b(v: bool) -> u8 {
 
 #[async_trait]
 impl Filter for LogFilter {
+    fn passes_meta_contexts(&self) -> bool {
+        // Same offsets and data: the plugin's other contexts stay true.
+        true
+    }
     async fn open(&self, next: Next<'_>, ctx: &OpenContext) -> Result<Box<dyn Handle>> {
         let log = &self.log;
         if log.file.is_none() && log.script.is_none() {

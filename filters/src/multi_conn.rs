@@ -163,6 +163,10 @@ struct MultiConn {
 
 #[async_trait]
 impl Filter for MultiConn {
+    fn passes_meta_contexts(&self) -> bool {
+        // Same offsets and data: the plugin's other contexts stay true.
+        true
+    }
     async fn open(&self, next: Next<'_>, ctx: &OpenContext) -> Result<Box<dyn Handle>> {
         let model = next.thread_model();
         let h = next.open(ctx).await?;

@@ -32,6 +32,10 @@ struct NoFilter;
 
 #[async_trait]
 impl Filter for NoFilter {
+    fn passes_meta_contexts(&self) -> bool {
+        // Same offsets and data: the plugin's other contexts stay true.
+        true
+    }
     async fn open(&self, next: Next<'_>, ctx: &OpenContext) -> Result<Box<dyn Handle>> {
         // The layers' own handle is this filter's: every Handle method
         // of it already is what passing through would be.

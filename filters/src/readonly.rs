@@ -63,6 +63,10 @@ struct ReadOnly {
 
 #[async_trait]
 impl Filter for ReadOnly {
+    fn passes_meta_contexts(&self) -> bool {
+        // Same offsets and data: the plugin's other contexts stay true.
+        true
+    }
     async fn open(&self, next: Next<'_>, ctx: &OpenContext) -> Result<Box<dyn Handle>> {
         // Permanently read-only: the layers below may do better knowing
         // it. With a switch file they must stay writable.

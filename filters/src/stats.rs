@@ -173,6 +173,10 @@ struct StatsFilter {
 
 #[async_trait]
 impl Filter for StatsFilter {
+    fn passes_meta_contexts(&self) -> bool {
+        // Same offsets and data: the plugin's other contexts stay true.
+        true
+    }
     async fn open(&self, next: Next<'_>, ctx: &OpenContext) -> Result<Box<dyn Handle>> {
         Ok(Box::new(StatsHandle {
             next: next.open(ctx).await?,

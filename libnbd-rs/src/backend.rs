@@ -388,6 +388,10 @@ pub struct OpenContext {
     pub id: u64,
     /// Drops this connection when a layer asks (see [`Disconnect`]).
     pub disconnect: Disconnect,
+    /// The meta contexts other than `base:allocation` that the client
+    /// selected ([`Plugin::meta_contexts`]), which it will ask
+    /// [`Handle::meta_extents`] about.
+    pub meta_contexts: Vec<String>,
 }
 
 /// An export in a listing (`NBD_OPT_LIST`).
@@ -498,6 +502,25 @@ pub trait Handle: Send + Sync {
             None => Ok(()),
         }
     }
+    /// Report the status of `[ext.start(), ext.end())` in meta context
+    /// `context` (one the plugin offered in [`Plugin::meta_contexts`],
+    /// other than `base:allocation`), with that context's flags. Only
+    /// asked through filters that [pass meta
+    /// contexts](Filter::passes_meta_contexts), so the default passes the
+    /// call down unchanged.
+    async fn meta_extents(
+        &self,
+        context: &str,
+        count: u64,
+        offset: u64,
+        flags: Flags,
+        ext: &mut Extents,
+    ) -> Result<()> {
+        match self.next() {
+            Some(n) => n.meta_extents(context, count, offset, flags, ext).await,
+            None => Err(Error::enotsup(format!("no meta context {context}"))),
+        }
+    }
 }
 
 /// Bytes of a reference-counted buffer that a layer holds (see
@@ -551,6 +574,20 @@ pub trait Plugin: Send + Sync + 'static {
     /// The name the empty export name stands for.
     fn default_export(&self) -> String {
         String::new()
+    }
+    /// The meta contexts besides `base:allocation` (which the server
+    /// answers from [`Handle::extents`]) that export `export` has and
+    /// that match `queries`: for `NBD_OPT_LIST_META_CONTEXT` (`list`),
+    /// an empty list asks for all of them and a query ending in `:` for a
+    /// whole namespace; for `NBD_OPT_SET_META_CONTEXT`, only exact names.
+    /// The default is none (as every nbdkit 1.32 plugin).
+    async fn meta_contexts(
+        &self,
+        _export: &str,
+        _queries: &[String],
+        _list: bool,
+    ) -> Result<Vec<String>> {
+        Ok(Vec::new())
     }
     /// How the plugin may be called concurrently.
     fn thread_model(&self) -> ThreadModel {
@@ -614,6 +651,19 @@ pub trait Filter: Send + Sync + 'static {
     }
     /// Called once when the server exits cleanly.
     fn unload(&self) {}
+    /// Does this filter leave the plugin's meta contexts other than
+    /// `base:allocation` meaningful (same offsets, same data)? If any
+    /// filter of the stack says no (the default, as a filter that moves,
+    /// changes or caches data would make them lie), the server offers
+    /// only `base:allocation`.
+    fn passes_meta_contexts(&self) -> bool {
+        false
+    }
+}
+
+/// Does meta context `name` match `query` (see [`Plugin::meta_contexts`])?
+pub fn meta_context_matches(name: &str, query: &str, list: bool) -> bool {
+    name == query || (list && query.ends_with(':') && name.starts_with(query))
 }
 
 /// A plugin with its filters, outermost filter first: what the server
@@ -720,6 +770,19 @@ impl Stack {
     /// Open a connection's handle through every layer.
     pub async fn open(&self, ctx: &OpenContext) -> Result<Box<dyn Handle>> {
         self.top().open(ctx).await
+    }
+    /// The plugin's meta contexts besides `base:allocation` (see
+    /// [`Plugin::meta_contexts`]), if every filter passes them.
+    pub async fn meta_contexts(
+        &self,
+        export: &str,
+        queries: &[String],
+        list: bool,
+    ) -> Result<Vec<String>> {
+        if !self.filters.iter().all(|f| f.passes_meta_contexts()) {
+            return Ok(Vec::new());
+        }
+        self.plugin.meta_contexts(export, queries, list).await
     }
     /// Ask the plugin whether a new connection may go on (see
     /// [`Plugin::preconnect`]).

@@ -128,7 +128,7 @@ pub struct NbdPlugin {
     /// The captive server of `command=`.
     captive: Mutex<Option<Arc<CaptiveServer>>>,
     /// The connection all clients share (`shared=true`), made in
-    /// `after_fork`.
+    /// `after_fork`, with every meta context the server has.
     conn: OnceLock<Arc<Connection>>,
 }
 
@@ -347,10 +347,23 @@ impl NbdPlugin {
 
     /// Connect with `opts`, retrying as `retry=` says (a socket fd is
     /// only tried once).
-    async fn connect(&self, opts: &ConnectOptions) -> Result<Connection> {
+    /// With `all_contexts`, every meta context the server lists is
+    /// selected (for the shared connection, made before any client says
+    /// which it wants).
+    async fn connect(&self, opts: &ConnectOptions, all_contexts: bool) -> Result<Connection> {
         let mut tries = 0;
         loop {
             let r = match self.negotiate_once(opts).await {
+                Ok(mut n) if all_contexts => {
+                    match n.list_meta_contexts(&opts.export_name, &[]).await {
+                        Ok(names) => {
+                            n.options_mut().meta_contexts = names;
+                            n.go().await
+                        }
+                        // A server without structured replies has none.
+                        Err(_) => n.go().await,
+                    }
+                }
                 Ok(mut n) => n.go().await,
                 Err(e) => Err(e),
             };
@@ -383,7 +396,10 @@ impl Plugin for NbdPlugin {
         if self.dynamic_export {
             opts.export_name = ctx.export_name.clone();
         }
-        let conn = Arc::new(self.connect(&opts).await?);
+        for c in &ctx.meta_contexts {
+            opts = opts.meta_context(c.clone());
+        }
+        let conn = Arc::new(self.connect(&opts, false).await?);
         Ok(Box::new(NbdHandle { conn, owned: true }))
     }
 
@@ -406,6 +422,41 @@ impl Plugin for NbdPlugin {
         Ok(list)
     }
 
+    async fn meta_contexts(
+        &self,
+        export: &str,
+        queries: &[String],
+        list: bool,
+    ) -> Result<Vec<String>> {
+        if let Some(conn) = self.conn.get() {
+            // Shared: what the one connection selected.
+            let names = conn.meta_contexts().iter().map(|c| c.name.clone());
+            return Ok(names
+                .filter(|n| {
+                    (list && queries.is_empty())
+                        || queries
+                            .iter()
+                            .any(|q| libnbd::backend::meta_context_matches(n, q, list))
+                })
+                .collect());
+        }
+        let mut opts = self.opts.clone();
+        if self.dynamic_export {
+            opts.export_name = export.to_string();
+        }
+        let mut n = self
+            .negotiate_once(&opts)
+            .await
+            .map_err(|e| from_client("connecting to the NBD server", e))?;
+        let queries: Vec<&str> = queries.iter().map(String::as_str).collect();
+        let names = n
+            .list_meta_contexts(&opts.export_name, &queries)
+            .await
+            .map_err(|e| from_client("listing the NBD server's meta contexts", e));
+        let _ = n.abort().await;
+        names
+    }
+
     fn dump(&self) -> Vec<(String, String)> {
         dump_lines()
     }
@@ -421,7 +472,7 @@ impl Plugin for NbdPlugin {
         }
         if self.shared {
             let rt = tokio::runtime::Handle::current();
-            let conn = rt.block_on(self.connect(&self.opts))?;
+            let conn = rt.block_on(self.connect(&self.opts, true))?;
             let _ = self.conn.set(Arc::new(conn));
         }
         Ok(())
@@ -472,6 +523,46 @@ impl Drop for NbdHandle {
                 let _ = conn.disconnect().await;
             });
         }
+    }
+}
+
+impl NbdHandle {
+    /// Block status of one meta context, from the server.
+    async fn status(
+        &self,
+        context: &str,
+        count: u64,
+        offset: u64,
+        flags: Flags,
+        ext: &mut Extents,
+    ) -> Result<()> {
+        let f = if flags.contains(Flags::REQ_ONE) {
+            cmdflag::REQ_ONE
+        } else {
+            0
+        };
+        let status = self
+            .conn
+            .block_status(count, offset, f)
+            .await
+            .map_err(request_error)?;
+        let list = status
+            .contexts
+            .iter()
+            .find(|c| c.name == context)
+            .map(|c| c.extents.as_slice())
+            .unwrap_or_default();
+        if list.is_empty() {
+            return Err(Error::eio(format!(
+                "block status: the server sent no {context} extents"
+            )));
+        }
+        let mut at = offset;
+        for e in list {
+            ext.add(at, u64::from(e.length), e.flags)?;
+            at += u64::from(e.length);
+        }
+        Ok(())
     }
 }
 
@@ -557,33 +648,18 @@ impl Handle for NbdHandle {
         flags: Flags,
         ext: &mut Extents,
     ) -> Result<()> {
-        let f = if flags.contains(Flags::REQ_ONE) {
-            cmdflag::REQ_ONE
-        } else {
-            0
-        };
-        let status = self
-            .conn
-            .block_status(count, offset, f)
+        self.status(CONTEXT_BASE_ALLOCATION, count, offset, flags, ext)
             .await
-            .map_err(request_error)?;
-        let list = status
-            .contexts
-            .iter()
-            .find(|c| c.name == CONTEXT_BASE_ALLOCATION)
-            .map(|c| c.extents.as_slice())
-            .unwrap_or_default();
-        if list.is_empty() {
-            return Err(Error::eio(
-                "block status: the server sent no base:allocation extents",
-            ));
-        }
-        let mut at = offset;
-        for e in list {
-            ext.add(at, u64::from(e.length), e.flags)?;
-            at += u64::from(e.length);
-        }
-        Ok(())
+    }
+    async fn meta_extents(
+        &self,
+        context: &str,
+        count: u64,
+        offset: u64,
+        flags: Flags,
+        ext: &mut Extents,
+    ) -> Result<()> {
+        self.status(context, count, offset, flags, ext).await
     }
     async fn cache(&self, count: u64, offset: u64, _flags: Flags) -> Result<()> {
         self.conn

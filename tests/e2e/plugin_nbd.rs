@@ -293,3 +293,132 @@ fn plugin_nbd_bad_parameters() {
         assert!(err.contains(msg), "{args:?}: {err}");
     }
 }
+
+/// A qcow2 over a qcow2 backing file, with an enabled dirty bitmap `b0`
+/// that saw one write: something in each of qemu's meta contexts.
+fn qcow2_with_bitmap(dir: &std::path::Path) -> std::path::PathBuf {
+    let base = dir.join("base.qcow2");
+    let top = dir.join("top.qcow2");
+    let qemu_img = |args: &[&str]| run_ok(Command::new("qemu-img").args(args));
+    qemu_img(&["create", "-q", "-f", "qcow2", base.to_str().unwrap(), "4M"]);
+    let qemu_io = |file: &std::path::Path, cmd: &str| {
+        run_ok(
+            Command::new("qemu-io")
+                .args(["-f", "qcow2", "-c", cmd])
+                .arg(file),
+        )
+    };
+    qemu_io(&base, "write -P 1 0 1M");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        base.to_str().unwrap(),
+        "-F",
+        "qcow2",
+        top.to_str().unwrap(),
+    ]);
+    qemu_img(&["bitmap", "--add", "--enable", top.to_str().unwrap(), "b0"]);
+    qemu_io(&top, "write -P 2 2M 64k");
+    top
+}
+
+#[test]
+fn plugin_nbd_passes_qemu_meta_contexts() {
+    if !require(&["qemu-img", "qemu-io", "qemu-nbd", "nbdinfo"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let top = qcow2_with_bitmap(dir.path());
+    let top = top.to_str().unwrap();
+    let qemu_nbd = ["qemu-nbd", "-f", "qcow2", "-A", "-B", "b0", top];
+    let map = |ctx: &str| format!("--map={ctx}");
+    // What qemu-nbd says itself.
+    let direct = |ctx: &str| {
+        let mut c = Command::new("nbdinfo");
+        c.args([&map(ctx), "--", "["]).args(qemu_nbd).arg("]");
+        run_ok(&mut c)
+    };
+    // The same through our proxy, qemu-nbd captive (shared connection).
+    let mut command = vec!["nbd".to_string()];
+    command.push(format!("command={}", qemu_nbd[0]));
+    command.extend(qemu_nbd[1..].iter().map(|a| format!("arg={a}")));
+    let proxied = |filters: &[&str], ctx: &str| {
+        let mut c = Command::new(nbdkit());
+        c.args(["-U", "-"]).args(filters).args(&command);
+        c.args(["--run", &format!("nbdinfo {} \"$uri\"", map(ctx))]);
+        run(&mut c)
+    };
+    for ctx in [
+        "qemu:allocation-depth",
+        "qemu:dirty-bitmap:b0",
+        "base:allocation",
+    ] {
+        let want = direct(ctx);
+        let got = proxied(&[], ctx);
+        assert!(got.status.success(), "{ctx}: {got:?}");
+        assert_eq!(String::from_utf8_lossy(&got.stdout), want, "{ctx}");
+        // Through a filter that keeps offsets and data, too.
+        let got = proxied(&["--filter=readonly"], ctx);
+        assert_eq!(
+            String::from_utf8_lossy(&got.stdout),
+            want,
+            "{ctx} under readonly"
+        );
+    }
+    let bitmap = direct("qemu:dirty-bitmap:b0");
+    assert!(
+        bitmap.contains("2097152       65536    1  dirty"),
+        "{bitmap}"
+    );
+    let depth = direct("qemu:allocation-depth");
+    assert!(
+        depth.contains("backing depth 2") && depth.contains("local"),
+        "{depth}"
+    );
+
+    // A filter that moves offsets hides them (they would lie).
+    let got = proxied(&["--filter=offset", "offset=512"], "qemu:dirty-bitmap:b0");
+    assert!(!got.status.success(), "{got:?}");
+
+    // Listed by nbdinfo; and per-client connections (socket=) pass
+    // them too, all three in one block status request.
+    let sock = dir.path().join("q.sock");
+    let mut q = Command::new("qemu-nbd")
+        .args(["-t", "-e", "4", "-k"])
+        .arg(&sock)
+        .args(&qemu_nbd[1..])
+        .spawn()
+        .unwrap();
+    let t = std::time::Instant::now();
+    while !sock.exists() && t.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let proxy = Server::ours(&["nbd", &format!("socket={}", sock.display())]);
+    let info = run_ok(Command::new("nbdinfo").arg(proxy.uri()));
+    assert!(
+        info.contains("\t\tbase:allocation\n\t\tqemu:allocation-depth\n\t\tqemu:dirty-bitmap:b0\n"),
+        "{info}"
+    );
+    if require_nbdsh() {
+        let out = nbdpy(
+            &proxy.uri(),
+            "h2 = nbd.NBD()\nh2.add_meta_context('qemu:dirty-bitmap:b0')\n\
+             h2.add_meta_context('qemu:allocation-depth')\nh2.add_meta_context('base:allocation')\n\
+             h2.connect_uri(sys.argv[1])\nm = {}\n\
+             h2.block_status(4 << 20, 0, lambda c, o, e, err: m.__setitem__(c, list(e)))\n\
+             print(sorted(m.items()))\n",
+        );
+        assert_eq!(
+            out,
+            "[('base:allocation', [1048576, 0, 1048576, 3, 65536, 0, 2031616, 3]), \
+             ('qemu:allocation-depth', [1048576, 2, 1048576, 0, 65536, 1, 2031616, 0]), \
+             ('qemu:dirty-bitmap:b0', [2097152, 0, 65536, 1, 2031616, 0])]\n"
+        );
+    }
+    drop(proxy);
+    let _ = q.kill();
+    let _ = q.wait();
+}

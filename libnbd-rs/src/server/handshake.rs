@@ -19,6 +19,9 @@ pub(super) struct OptState {
     no_zeroes: bool,
     /// Context id of `base:allocation` if the client selected it.
     base_allocation: Option<u32>,
+    /// The plugin's other meta contexts the client selected, with the
+    /// ids we gave them.
+    contexts: Vec<(u32, String)>,
     /// TLS is running.
     pub(super) tls: bool,
     /// Options received so far (before and after TLS).
@@ -91,6 +94,7 @@ where
         structured: false,
         no_zeroes: cflags & p::FLAG_C_NO_ZEROES != 0,
         base_allocation: None,
+        contexts: Vec::new(),
         default_export: None,
         tls: false,
         count: 0,
@@ -341,7 +345,7 @@ async fn meta_context<W: AsyncWrite + Unpin>(
     }
     let mut rd = p::Reader::new(data);
     let parsed = (|| {
-        let _export = rd.string32()?;
+        let export = rd.string32()?;
         let n = rd.u32()?;
         let mut queries = Vec::new();
         for _ in 0..n {
@@ -350,9 +354,9 @@ async fn meta_context<W: AsyncWrite + Unpin>(
         if rd.remaining() != 0 {
             return None;
         }
-        Some(queries)
+        Some((export, queries))
     })();
-    let Some(queries) = parsed else {
+    let Some(parsed) = parsed else {
         return send_error(
             cfg,
             w,
@@ -362,6 +366,7 @@ async fn meta_context<W: AsyncWrite + Unpin>(
         )
         .await;
     };
+    let (export, queries) = parsed;
     let set = option == opt::SET_META_CONTEXT;
     let wanted = if set {
         queries.iter().any(|q| q == p::CONTEXT_BASE_ALLOCATION)
@@ -371,13 +376,53 @@ async fn meta_context<W: AsyncWrite + Unpin>(
                 .iter()
                 .any(|q| q == "base:" || q == p::CONTEXT_BASE_ALLOCATION)
     };
+    // The plugin's own contexts (queries outside `base:`; none asked
+    // for is all of them when listing, nothing when setting).
+    let others: Vec<String> = queries
+        .iter()
+        .filter(|q| !q.starts_with("base:"))
+        .cloned()
+        .collect();
+    let extra = if others.is_empty() && (set || !queries.is_empty()) {
+        Vec::new()
+    } else {
+        let export = if export.is_empty() {
+            st.default_export
+                .get_or_insert_with(|| cfg.stack.top().default_export())
+                .clone()
+        } else {
+            export
+        };
+        match cfg.stack.meta_contexts(&export, &others, !set).await {
+            Ok(names) => names
+                .into_iter()
+                .filter(|n| n != p::CONTEXT_BASE_ALLOCATION && n.len() <= p::MAX_STRING)
+                .collect(),
+            Err(e) => {
+                cfg.server
+                    .debug(format_args!("{}: {}", opt::name(option), e.msg));
+                Vec::new()
+            }
+        }
+    };
+    let extra: Vec<(u32, String)> = extra
+        .into_iter()
+        .enumerate()
+        .map(|(i, n)| (BASE_ALLOCATION_ID + 1 + i as u32, n))
+        .collect();
     if set {
         st.base_allocation = wanted.then_some(BASE_ALLOCATION_ID);
+        st.contexts = extra.clone();
     }
+    let mut replies: Vec<(u32, &str)> = Vec::new();
     if wanted {
-        let mut pl = Vec::new();
-        pl.extend_from_slice(&BASE_ALLOCATION_ID.to_be_bytes());
-        pl.extend_from_slice(p::CONTEXT_BASE_ALLOCATION.as_bytes());
+        replies.push((BASE_ALLOCATION_ID, p::CONTEXT_BASE_ALLOCATION));
+    }
+    replies.extend(extra.iter().map(|(id, n)| (*id, n.as_str())));
+    for (id, name) in replies {
+        let mut pl = Vec::with_capacity(4 + name.len());
+        pl.extend_from_slice(&id.to_be_bytes());
+        pl.extend_from_slice(name.as_bytes());
         send_reply(w, option, rep::META_CONTEXT, &pl).await?;
     }
     send_reply(w, option, rep::ACK, &[]).await
@@ -434,6 +479,7 @@ async fn open_export(
         tls: st.tls,
         id,
         disconnect: Disconnect::default(),
+        meta_contexts: st.contexts.iter().map(|(_, n)| n.clone()).collect(),
     };
     let h: Arc<dyn Handle> = Arc::from(cfg.stack.open(&ctx).await?);
     let size = h.size()?;
@@ -468,6 +514,7 @@ async fn open_export(
         size,
         structured: st.structured,
         base_allocation: st.base_allocation,
+        contexts: st.contexts.clone(),
         export_name: ctx.export_name,
         disconnect: ctx.disconnect,
     })

@@ -231,6 +231,8 @@ struct Negotiated {
     size: u64,
     structured: bool,
     base_allocation: Option<u32>,
+    /// The plugin's other meta contexts selected, with their ids.
+    contexts: Vec<(u32, String)>,
     /// The export opened: the default export's own name when the client
     /// asked for "" (NBD_INFO_NAME tells it, as nbdkit does).
     export_name: String,

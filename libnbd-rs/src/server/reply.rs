@@ -4,7 +4,6 @@
 
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
-use super::handshake::BASE_ALLOCATION_ID;
 use super::transmission::BufPool;
 use super::{Negotiated, ServerContext, Writer};
 use crate::backend::Error;
@@ -16,8 +15,8 @@ pub(super) enum Reply {
     Ok,
     /// Read data.
     Data(ReadData),
-    /// Block status extents.
-    Extents(Vec<crate::backend::Extent>),
+    /// Block status extents, for each meta context id.
+    Extents(Vec<(u32, Vec<crate::backend::Extent>)>),
     /// The request broke the protocol's rules (bad flags, past the end,
     /// not allowed on this export): this error, told to the client but
     /// only logged with `-v`, as nbdkit does.
@@ -119,22 +118,25 @@ pub(super) async fn write_reply<W: AsyncWrite + Unpin>(
             write_data_chunks(&mut *w, c, req.offset, &buf, &runs).await?;
             buf.recycle(pool);
         }
-        Reply::Extents(list) => {
-            let id = neg.base_allocation.unwrap_or(BASE_ALLOCATION_ID);
-            let mut pl = Vec::with_capacity(4 + 8 * list.len());
-            pl.extend_from_slice(&id.to_be_bytes());
-            for e in &list {
-                pl.extend_from_slice(&(e.length.min(u32::MAX as u64) as u32).to_be_bytes());
-                pl.extend_from_slice(&e.flags.to_be_bytes());
+        Reply::Extents(contexts) => {
+            let last = contexts.len().saturating_sub(1);
+            for (i, (id, list)) in contexts.iter().enumerate() {
+                let mut pl = Vec::with_capacity(4 + 8 * list.len());
+                pl.extend_from_slice(&id.to_be_bytes());
+                for e in list {
+                    pl.extend_from_slice(&(e.length.min(u32::MAX as u64) as u32).to_be_bytes());
+                    pl.extend_from_slice(&e.flags.to_be_bytes());
+                }
+                let done = if i == last { r::FLAG_DONE } else { 0 };
+                w.write_all(&p::structured_reply(
+                    c,
+                    done,
+                    r::TYPE_BLOCK_STATUS,
+                    pl.len() as u32,
+                ))
+                .await?;
+                w.write_all(&pl).await?;
             }
-            w.write_all(&p::structured_reply(
-                c,
-                r::FLAG_DONE,
-                r::TYPE_BLOCK_STATUS,
-                pl.len() as u32,
-            ))
-            .await?;
-            w.write_all(&pl).await?;
         }
         Reply::Error(Error { errno: code, msg }) => {
             write_error_chunk(&mut *w, c, code, &msg).await?

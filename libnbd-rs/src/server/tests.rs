@@ -219,6 +219,7 @@ fn negotiated(flags: u16, structured: bool) -> Negotiated {
         size: SIZE,
         structured,
         base_allocation: None,
+        contexts: Vec::new(),
         export_name: String::new(),
         disconnect: Default::default(),
     }
@@ -403,4 +404,118 @@ fn errors_on_the_wire_as_nbdkit_sends_them() {
     assert_eq!(wire_errno(errno::EOVERFLOW, cmdflag::DF), errno::EOVERFLOW);
     assert_eq!(wire_errno(errno::ENOSPC, 0), errno::ENOSPC);
     assert_eq!(wire_errno(errno::EPERM, cmdflag::FUA), errno::EPERM);
+}
+
+/// `Half` with a meta context of its own, `test:half`: status 1 over the
+/// first half, 0 over the rest.
+struct HalfWithContext;
+
+#[async_trait]
+impl Plugin for HalfWithContext {
+    async fn open(&self, ctx: &OpenContext) -> Result<Box<dyn Handle>> {
+        assert_eq!(ctx.meta_contexts, ["test:half"]);
+        Ok(Box::new(HalfCtxHandle(HalfHandle { size: SIZE })))
+    }
+    async fn meta_contexts(&self, _: &str, queries: &[String], list: bool) -> Result<Vec<String>> {
+        let name = "test:half";
+        let all = list && queries.is_empty();
+        Ok((all
+            || queries
+                .iter()
+                .any(|q| crate::backend::meta_context_matches(name, q, list)))
+        .then(|| vec![name.to_string()])
+        .unwrap_or_default())
+    }
+}
+
+struct HalfCtxHandle(HalfHandle);
+
+#[async_trait]
+impl Handle for HalfCtxHandle {
+    fn next(&self) -> Option<&dyn Handle> {
+        Some(&self.0)
+    }
+    async fn meta_extents(
+        &self,
+        context: &str,
+        _: u64,
+        _: u64,
+        _: Flags,
+        ext: &mut crate::backend::Extents,
+    ) -> Result<()> {
+        assert_eq!(context, "test:half");
+        ext.add(0, SIZE / 2, 1)?;
+        ext.add(SIZE / 2, SIZE / 2, 0)
+    }
+}
+
+/// Meta context replies up to the ACK: (id, name).
+async fn meta_replies(c: &mut DuplexStream, option: u32) -> Vec<(u32, String)> {
+    let mut out = Vec::new();
+    loop {
+        match option_reply(c, option).await {
+            (rep::META_CONTEXT, d) => {
+                out.push((p::be32(&d), String::from_utf8(d[4..].to_vec()).unwrap()))
+            }
+            (rep::ACK, _) => return out,
+            (r, _) => panic!("reply {r:#x}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_plugins_own_meta_context_is_listed_set_and_answered() {
+    let mut c = connect(ServerConfig::new(Stack {
+        filters: Vec::new(),
+        plugin: Arc::new(HalfWithContext),
+    }))
+    .await;
+    send_option(&mut c, opt::STRUCTURED_REPLY, &[]).await;
+    option_reply(&mut c, opt::STRUCTURED_REPLY).await;
+    let query = |names: &[&str]| {
+        let mut q = Vec::new();
+        p::put_string32(&mut q, "");
+        q.extend_from_slice(&(names.len() as u32).to_be_bytes());
+        for n in names {
+            p::put_string32(&mut q, n);
+        }
+        q
+    };
+    // Listing all, by namespace, and a name nobody has.
+    send_option(&mut c, opt::LIST_META_CONTEXT, &query(&[])).await;
+    let all = meta_replies(&mut c, opt::LIST_META_CONTEXT).await;
+    let names: Vec<&str> = all.iter().map(|(_, n)| n.as_str()).collect();
+    assert_eq!(names, ["base:allocation", "test:half"]);
+    send_option(&mut c, opt::LIST_META_CONTEXT, &query(&["test:"])).await;
+    assert_eq!(meta_replies(&mut c, opt::LIST_META_CONTEXT).await.len(), 1);
+    send_option(&mut c, opt::SET_META_CONTEXT, &query(&["test:"])).await;
+    assert!(meta_replies(&mut c, opt::SET_META_CONTEXT).await.is_empty());
+    send_option(&mut c, opt::LIST_META_CONTEXT, &query(&["other:x"])).await;
+    assert!(meta_replies(&mut c, opt::LIST_META_CONTEXT)
+        .await
+        .is_empty());
+    // Select both: two ids; block status answers one chunk for each,
+    // DONE on the last.
+    send_option(
+        &mut c,
+        opt::SET_META_CONTEXT,
+        &query(&["base:allocation", "test:half"]),
+    )
+    .await;
+    let set = meta_replies(&mut c, opt::SET_META_CONTEXT).await;
+    assert_eq!(set.len(), 2);
+    go(&mut c).await;
+    request(&mut c, cmd::BLOCK_STATUS, 0, 0, SIZE as u32).await;
+    let (flags, typ, d) = chunk(&mut c).await;
+    assert_eq!((flags, typ), (0, reply::TYPE_BLOCK_STATUS));
+    assert_eq!(p::be32(&d), set[0].0);
+    let (flags, typ, d) = chunk(&mut c).await;
+    assert_eq!((flags, typ), (reply::FLAG_DONE, reply::TYPE_BLOCK_STATUS));
+    assert_eq!(p::be32(&d), set[1].0);
+    let ext: Vec<u32> = d[4..].chunks(4).map(p::be32).collect();
+    assert_eq!(ext, [SIZE as u32 / 2, 1, SIZE as u32 / 2, 0]);
+    // With REQ_ONE, one extent of each.
+    request(&mut c, cmd::BLOCK_STATUS, cmdflag::REQ_ONE, 0, SIZE as u32).await;
+    assert_eq!(chunk(&mut c).await.2.len(), 12);
+    assert_eq!(chunk(&mut c).await.2.len(), 12);
 }

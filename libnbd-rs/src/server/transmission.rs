@@ -82,7 +82,9 @@ pub(super) fn validate(req: &p::Request, neg: &Negotiated) -> Result<(), u32> {
         cmd::WRITE_ZEROES => needs(tflags::SEND_WRITE_ZEROES)?,
         cmd::FLUSH => needs(tflags::SEND_FLUSH)?,
         cmd::CACHE => needs(tflags::SEND_CACHE)?,
-        cmd::BLOCK_STATUS if neg.base_allocation.is_none() => return Err(errno::EINVAL),
+        cmd::BLOCK_STATUS if neg.base_allocation.is_none() && neg.contexts.is_empty() => {
+            return Err(errno::EINVAL)
+        }
         _ => {}
     }
     if req.typ == cmd::FLUSH {
@@ -284,26 +286,48 @@ async fn run_request(
         cmd::TRIM => h.trim(count, req.offset, flags).await,
         cmd::WRITE_ZEROES => h.zero(count, req.offset, flags).await,
         cmd::CACHE => h.cache(count, req.offset, flags).await,
-        cmd::BLOCK_STATUS => {
-            let mut ext = Extents::new(req.offset, req.offset + count);
-            match h.extents(count, req.offset, flags, &mut ext).await {
-                Ok(()) if ext.list().is_empty() => {
-                    Err(Error::eio("extents callback returned no extents"))
-                }
-                Ok(()) => {
-                    let mut list = ext.into_list();
-                    if flags.contains(Flags::REQ_ONE) {
-                        list.truncate(1);
-                    }
-                    return Reply::Extents(list);
-                }
-                Err(e) => Err(e),
-            }
-        }
+        cmd::BLOCK_STATUS => match block_status(h, neg, count, req.offset, flags).await {
+            Ok(replies) => return Reply::Extents(replies),
+            Err(e) => Err(e),
+        },
         _ => Err(Error::einval("unknown command")),
     };
     match r {
         Ok(()) => Reply::Ok,
         Err(e) => Reply::Error(e),
     }
+}
+
+/// The extents of every selected meta context, with its id:
+/// `base:allocation` from `extents`, the plugin's others from
+/// `meta_extents`.
+async fn block_status(
+    h: &dyn crate::backend::Handle,
+    neg: &Negotiated,
+    count: u64,
+    offset: u64,
+    flags: Flags,
+) -> Result<Vec<(u32, Vec<crate::backend::Extent>)>, Error> {
+    let mut out = Vec::with_capacity(1 + neg.contexts.len());
+    let finish = |ext: Extents, what: &str| {
+        let mut list = ext.into_list();
+        if list.is_empty() {
+            return Err(Error::eio(format!("{what}: no extents returned")));
+        }
+        if flags.contains(Flags::REQ_ONE) {
+            list.truncate(1);
+        }
+        Ok(list)
+    };
+    if let Some(id) = neg.base_allocation {
+        let mut ext = Extents::new(offset, offset + count);
+        h.extents(count, offset, flags, &mut ext).await?;
+        out.push((id, finish(ext, "extents")?));
+    }
+    for (id, name) in &neg.contexts {
+        let mut ext = Extents::new(offset, offset + count);
+        h.meta_extents(name, count, offset, flags, &mut ext).await?;
+        out.push((*id, finish(ext, name)?));
+    }
+    Ok(out)
 }
