@@ -419,12 +419,14 @@ impl Plugin for HalfWithContext {
     async fn meta_contexts(&self, _: &str, queries: &[String], list: bool) -> Result<Vec<String>> {
         let name = "test:half";
         let all = list && queries.is_empty();
-        Ok((all
-            || queries
-                .iter()
-                .any(|q| crate::backend::meta_context_matches(name, q, list)))
-        .then(|| vec![name.to_string()])
-        .unwrap_or_default())
+        let asked = queries
+            .iter()
+            .any(|q| crate::backend::meta_context_matches(name, q, list));
+        Ok(if all || asked {
+            vec![name.to_string()]
+        } else {
+            Vec::new()
+        })
     }
 }
 
