@@ -160,7 +160,7 @@ impl Filter for Policy {
     async fn open(&self, next: Next<'_>, ctx: &OpenContext) -> Result<Box<dyn Handle>> {
         let next = next.open(ctx).await?;
         let block = compute(&self.0, next.block_size()?).inspect_err(|e| {
-            eprintln!("nbdkit: blocksize-policy[{}]: error: {}", ctx.id, e.msg);
+            libnbd::elog!("nbdkit: blocksize-policy[{}]: error: {}", ctx.id, e.msg);
         })?;
         Ok(Box::new(PolicyHandle {
             next,
@@ -224,7 +224,7 @@ impl Handle for PolicyHandle {
                 "blocksize-policy: disconnecting client due to oversize write request ({} > {limit})",
                 buf.len()
             );
-            eprintln!("nbdkit: {msg}");
+            libnbd::elog!("nbdkit: {msg}");
             self.disconnect.request();
             return Err(Error::eio(msg));
         }

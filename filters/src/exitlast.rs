@@ -97,7 +97,7 @@ fn exit_when_idle(s: Arc<Shared>) {
         .name("exitlast".into())
         .spawn(watch)
     {
-        eprintln!("nbdkit: exitlast: cannot start a thread: {e}");
+        libnbd::elog!("nbdkit: exitlast: cannot start a thread: {e}");
     }
 }
 

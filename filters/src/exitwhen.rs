@@ -177,21 +177,25 @@ fn happened(e: &Event) -> bool {
                 Ok(Some(0)) => false,
                 Ok(Some(88)) => true,
                 Ok(Some(c @ 1..=87)) => {
-                    eprintln!("nbdkit: exitwhen: exit-when-script: script exited with code {c}");
+                    libnbd::elog!(
+                        "nbdkit: exitwhen: exit-when-script: script exited with code {c}"
+                    );
                     false
                 }
                 Ok(Some(c)) => {
-                    eprintln!(
+                    libnbd::elog!(
                         "nbdkit: exitwhen: exit-when-script: script exited with reserved code {c}"
                     );
                     false
                 }
                 Ok(None) => {
-                    eprintln!("nbdkit: exitwhen: exit-when-script: script was killed by a signal");
+                    libnbd::elog!(
+                        "nbdkit: exitwhen: exit-when-script: script was killed by a signal"
+                    );
                     false
                 }
                 Err(e) => {
-                    eprintln!("nbdkit: exitwhen: exit-when-script: {e}");
+                    libnbd::elog!("nbdkit: exitwhen: exit-when-script: {e}");
                     false
                 }
             }
@@ -246,7 +250,7 @@ impl Filter for ExitWhen {
                     libnbd::protocol::errno::ESHUTDOWN,
                     "exitwhen: nbdkit is exiting: rejecting new connection",
                 );
-                eprintln!("nbdkit: {}", e.msg);
+                libnbd::elog!("nbdkit: {}", e.msg);
                 return Err(e);
             }
         }

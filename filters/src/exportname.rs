@@ -164,7 +164,7 @@ impl ExportName {
                         Some(s)
                     }
                     Err(e) => {
-                        eprintln!("nbdkit: exportname: exportdesc script: /bin/sh: {e}");
+                        libnbd::elog!("nbdkit: exportname: exportdesc script: /bin/sh: {e}");
                         None
                     }
                 }
@@ -189,7 +189,7 @@ impl Filter for ExportName {
             } else {
                 format!("export '{sent}' not found")
             };
-            eprintln!("nbdkit: exportname[{}]: error: {msg}", ctx.id);
+            libnbd::elog!("nbdkit: exportname[{}]: error: {msg}", ctx.id);
             return Err(Error::einval(msg));
         }
         let next = next.open(ctx).await?;
@@ -204,7 +204,7 @@ impl Filter for ExportName {
             ListMode::Keep => next.list_exports(readonly).await?,
             ListMode::Error => {
                 let msg = "export list restricted by policy";
-                eprintln!("nbdkit: exportname: error: {msg}");
+                libnbd::elog!("nbdkit: exportname: error: {msg}");
                 return Err(Error::eperm(msg));
             }
             ListMode::Empty => Vec::new(),

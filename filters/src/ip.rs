@@ -154,7 +154,7 @@ fn create(p: &mut Params) -> ConfigResult<Arc<dyn Filter>> {
     let allow = parse_list(p, "allow")?;
     let deny = parse_list(p, "deny")?;
     if allow.iter().chain(&deny).any(Rule::needs_credentials) {
-        eprintln!(
+        libnbd::elog!(
             "nbdkit: ip: warning: pid:, uid: and gid: rules cannot be checked by this server yet \
              (it does not pass Unix socket credentials to filters); Unix socket clients whose \
              verdict depends on them will be refused"
@@ -236,7 +236,7 @@ impl Filter for IpFilter {
     }
     async fn open(&self, next: Next<'_>, ctx: &OpenContext) -> Result<Box<dyn Handle>> {
         if let Err(e) = check(&self.allow, &self.deny, ctx.peer.as_ref()) {
-            eprintln!("nbdkit: ip: {}", e.msg);
+            libnbd::elog!("nbdkit: ip: {}", e.msg);
             return Err(e);
         }
         next.open(ctx).await

@@ -60,7 +60,7 @@ impl Filter for LimitFilter {
             });
         if took.is_err() {
             let e = Error::eperm("limit: too many clients connected, connection rejected");
-            eprintln!("nbdkit: {}", e.msg);
+            libnbd::elog!("nbdkit: {}", e.msg);
             return Err(e);
         }
         // The place is given back when the handle (or this guard) drops.

@@ -272,7 +272,7 @@ fn run_scripts(rx: mpsc::Receiver<String>) {
                 shell = "sh";
                 let _ = run(shell);
             }
-            Err(e) => eprintln!("nbdkit: log: logscript: {e}"),
+            Err(e) => libnbd::elog!("nbdkit: log: logscript: {e}"),
             Ok(_) => {}
         }
     }
@@ -334,7 +334,7 @@ impl Logger {
             {
                 Ok(thread) => *runner = Some(Runner { tx, thread }),
                 Err(e) => {
-                    eprintln!("nbdkit: log: cannot start the logscript thread: {e}");
+                    libnbd::elog!("nbdkit: log: cannot start the logscript thread: {e}");
                     return;
                 }
             }

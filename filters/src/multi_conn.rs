@@ -179,7 +179,7 @@ impl Filter for MultiConn {
         };
         if mode == Mode::Emulate && !caps.flush {
             let msg = "emulating multi-conn requires working flush";
-            eprintln!("nbdkit: multi-conn[{}]: error: {msg}", ctx.id);
+            libnbd::elog!("nbdkit: multi-conn[{}]: error: {msg}", ctx.id);
             return Err(Error::einval(msg));
         }
         let conn = Arc::new(Conn {

@@ -168,7 +168,7 @@ impl Filter for Scan {
         let model = next.thread_model();
         let default = ctx.default_export || ctx.export_name == next.default_export();
         let h: Arc<dyn Handle> = Arc::from(next.open(ctx).await?);
-        let warn = |m: &str| eprintln!("nbdkit: scan[{}]: warning: {m}", ctx.id);
+        let warn = |m: &str| libnbd::elog!("nbdkit: scan[{}]: warning: {m}", ctx.id);
         let scanning = if h.caps()?.cache == Cache::None {
             warn(
                 "underlying plugin does not support NBD_CMD_CACHE, not scanning; \

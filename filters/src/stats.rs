@@ -202,7 +202,7 @@ impl Filter for StatsFilter {
             .take()
         {
             if let Err(e) = f.write_all(text.as_bytes()).and_then(|_| f.flush()) {
-                eprintln!("nbdkit: stats: writing the stats file: {e}");
+                libnbd::elog!("nbdkit: stats: writing the stats file: {e}");
             }
         }
     }

@@ -157,7 +157,7 @@ impl Filter for XzFilter {
         let size = next.size()?;
         let index = index::parse(&*next, size).await.inspect_err(|e| {
             // As nbdkit_error does: the reason goes to the server's log.
-            eprintln!("nbdkit: xz[{}]: error: {}", ctx.id, e.msg);
+            libnbd::elog!("nbdkit: xz[{}]: error: {}", ctx.id, e.msg);
         })?;
         let file = {
             let mut files = self

@@ -686,16 +686,27 @@ pub struct Next<'a> {
 impl<'a> Next<'a> {
     /// Open the layers below with the given context.
     pub async fn open(self, ctx: &OpenContext) -> Result<Box<dyn Handle>> {
+        // Under `nbdkit -v`, every layer's calls are printed.
+        let traced = crate::trace::layer_name(self.level);
+        if let Some(name) = traced {
+            crate::trace::Traced::opening(name, ctx);
+        }
+        let wrap = |h: Box<dyn Handle>| -> Box<dyn Handle> {
+            match traced {
+                Some(name) => Box::new(crate::trace::Traced::new(name, ctx.id, h)),
+                None => h,
+            }
+        };
         match self.stack.filters.get(self.level) {
             Some(f) => {
                 let below = Next {
                     stack: self.stack,
                     level: self.level + 1,
                 };
-                f.open(below, ctx).await
+                Ok(wrap(f.open(below, ctx).await?))
             }
             None => {
-                let h = self.stack.plugin.open(ctx).await?;
+                let h = wrap(self.stack.plugin.open(ctx).await?);
                 Ok(Box::new(Emulated::new(h)?))
             }
         }

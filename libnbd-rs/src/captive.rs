@@ -641,7 +641,7 @@ mod tests {
             .await
             .expect("connect must not hang")
             .unwrap_err();
-        eprintln!("dead server: {e}");
+        crate::elog!("dead server: {e}");
     }
 
     #[test]

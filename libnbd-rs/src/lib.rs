@@ -13,6 +13,28 @@
 //! - [`testing`]: what the test suites share (is a peer installed?).
 #![warn(missing_docs)]
 
+/// Print a line on stderr in one write, as `eprintln!` does but without
+/// its piecewise writes (stderr is unbuffered, so `eprintln!` writes each
+/// piece of its format on its own, and a `--run` command's output or
+/// another process's log could land in the middle of our line).
+#[macro_export]
+macro_rules! elog {
+    () => {
+        $crate::stderr_line(::std::format_args!(""))
+    };
+    ($($arg:tt)*) => {
+        $crate::stderr_line(::std::format_args!($($arg)*))
+    };
+}
+
+/// The line [`elog!`] prints.
+pub fn stderr_line(args: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut s = args.to_string();
+    s.push('\n');
+    let _ = std::io::stderr().lock().write_all(s.as_bytes());
+}
+
 pub mod backend;
 pub mod captive;
 pub mod client;
@@ -22,6 +44,7 @@ pub mod protocol;
 pub mod server;
 pub mod testing;
 pub mod tls;
+pub mod trace;
 pub mod uri;
 pub mod zeroes;
 

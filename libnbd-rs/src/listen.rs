@@ -71,7 +71,7 @@ impl Listener {
                 _ = cfg.server.shutdown_requested() => return,
             };
             if let Err(e) = accepted {
-                eprintln!("nbdkit: accept: {e}");
+                crate::elog!("nbdkit: accept: {e}");
                 tokio::time::sleep(std::time::Duration::from_millis(100)).await;
             }
         }

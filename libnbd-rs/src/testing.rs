@@ -24,7 +24,7 @@ pub fn require(peers: &[&str]) -> bool {
             if std::env::var("CI").as_deref() == Ok("true") {
                 panic!("peer '{p}' is missing (CI=true: .ci/run must install it)");
             }
-            eprintln!("SKIP: peer '{p}' is not installed");
+            crate::elog!("SKIP: peer '{p}' is not installed");
             return false;
         }
     }

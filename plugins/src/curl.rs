@@ -211,7 +211,7 @@ fn read_from_tty(key: &str) -> ConfigResult<String> {
     if let Some(t) = &saved {
         let _ = tcsetattr(&stdin, SetArg::TCSAFLUSH, t);
     }
-    eprintln!();
+    libnbd::elog!();
     r.map_err(|e| cerr(format!("{key}: reading stdin: {e}")))?;
     Ok(line.trim_end_matches(['\n', '\r']).to_string())
 }
@@ -1169,7 +1169,7 @@ impl Inner {
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .to_text();
             if let Err(e) = std::fs::write(path, text) {
-                eprintln!("nbdkit: curl: cookiejar {}: {e}", path.display());
+                libnbd::elog!("nbdkit: curl: cookiejar {}: {e}", path.display());
             }
         }
     }
@@ -1181,7 +1181,7 @@ impl Plugin for CurlPlugin {
         // As nbdkit_error does: the reason goes to the server's log (the
         // client only learns that the export could not be opened).
         let size = self.inner.probe().await.inspect_err(|e| {
-            eprintln!("nbdkit: curl[{}]: error: {}", ctx.id, e.msg);
+            libnbd::elog!("nbdkit: curl[{}]: error: {}", ctx.id, e.msg);
         })?;
         Ok(Box::new(CurlHandle {
             inner: self.inner.clone(),

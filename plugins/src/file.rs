@@ -699,7 +699,7 @@ mod tests {
         let p = plugin(&[&format!("file={}", path.display())]).unwrap();
         let h = p.open(&ctx("", false)).await.unwrap();
         if !h.caps().unwrap().extents {
-            eprintln!("SEEK_HOLE not supported here: skipping");
+            libnbd::elog!("SEEK_HOLE not supported here: skipping");
             return;
         }
         let size = 10 << 20;

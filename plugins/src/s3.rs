@@ -541,7 +541,7 @@ impl Drop for S3Handle {
             }
         };
         if let Err(e) = flush() {
-            eprintln!(
+            libnbd::elog!(
                 "nbdkit: S3: error: writes not flushed before the connection closed were lost: {}",
                 e.msg
             );

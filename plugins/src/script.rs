@@ -355,7 +355,7 @@ impl Plugin for ScriptPlugin {
             Err(e) => {
                 // As nbdkit_error: the reason goes to the log; the client
                 // only learns that the export could not be opened.
-                eprintln!("nbdkit: {}[{}]: error: {}", self.engine.name, ctx.id, e.msg);
+                libnbd::elog!("nbdkit: {}[{}]: error: {}", self.engine.name, ctx.id, e.msg);
                 Err(e)
             }
         }
@@ -391,7 +391,7 @@ impl Plugin for ScriptPlugin {
             Ok((Status::Ok, out)) => first_name(&out),
             Ok((Status::Missing, _)) => String::new(),
             Ok((st, _)) => {
-                eprintln!(
+                libnbd::elog!(
                     "nbdkit: {}: error: {}",
                     e.name,
                     e.unexpected("default_export", st).msg
@@ -399,7 +399,7 @@ impl Plugin for ScriptPlugin {
                 String::new()
             }
             Err(err) => {
-                eprintln!("nbdkit: {}: error: {}", e.name, err.msg);
+                libnbd::elog!("nbdkit: {}: error: {}", e.name, err.msg);
                 String::new()
             }
         }
@@ -419,7 +419,7 @@ impl Plugin for ScriptPlugin {
                     .map(|l| (String::new(), l.to_string())),
             ),
             Ok(None) => {}
-            Err(err) => eprintln!("nbdkit: error: {err}"),
+            Err(err) => libnbd::elog!("nbdkit: error: {err}"),
         }
         lines
     }
@@ -595,7 +595,7 @@ impl Drop for Conn {
             .spawn(move || {
                 let guard = engine.lock_all_blocking();
                 if let Err(e) = engine.call_blocking("close", &[&handle]) {
-                    eprintln!("nbdkit: {}: error: {}", engine.name, e.msg);
+                    libnbd::elog!("nbdkit: {}: error: {}", engine.name, e.msg);
                 }
                 drop(guard);
                 drop(permit);
@@ -734,11 +734,11 @@ impl Handle for ScriptHandle {
                     Ok((Status::Missing, _)) => None,
                     Ok((st, _)) => {
                         let msg = e.unexpected("export_description", st).msg;
-                        eprintln!("nbdkit: {}: error: {msg}", e.name);
+                        libnbd::elog!("nbdkit: {}: error: {msg}", e.name);
                         None
                     }
                     Err(err) => {
-                        eprintln!("nbdkit: {}: error: {}", e.name, err.msg);
+                        libnbd::elog!("nbdkit: {}: error: {}", e.name, err.msg);
                         None
                     }
                 }

@@ -57,6 +57,7 @@ mod filter_truncate;
 mod nbddump;
 mod nbdinfo;
 mod nbdkit_cli;
+mod nbdkit_debug;
 mod nbdkit_dump_config;
 mod nbdkit_version;
 mod nginx;

@@ -103,7 +103,7 @@ pub(crate) fn finish<T>(tool: &Tool, action: Action<T>) -> Result<Box<T>, i32> {
 
 /// Print an error as `PROG: message` on stderr.
 pub(crate) fn fail(prog: &str, e: &anyhow::Error) {
-    eprintln!("{prog}: {}", error_message(e));
+    libnbd::elog!("{prog}: {}", error_message(e));
 }
 
 /// The message of a command-line error from clap, in one line and in

@@ -1099,7 +1099,7 @@ async fn vsock_connect_fails_cleanly() {
     match r {
         Err(e @ Error::Io { .. }) => assert!(e.to_string().contains("vsock 1:10997"), "{e}"),
         Err(e) => panic!("{e:?}"),
-        Ok(_) => eprintln!("a vsock NBD server answered on CID 1 port 10997"),
+        Ok(_) => crate::elog!("a vsock NBD server answered on CID 1 port 10997"),
     }
 }
 

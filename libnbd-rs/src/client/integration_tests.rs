@@ -244,7 +244,7 @@ async fn nbdkit_tcp_ipv4_and_ipv6() {
     if free_port("::1").is_some() {
         addrs.push(("::1", "[::1]".to_string()));
     } else {
-        eprintln!("skipping IPv6: cannot bind [::1]");
+        crate::elog!("skipping IPv6: cannot bind [::1]");
     }
     for (ip, host) in addrs {
         let s = nbdkit_tcp(ip, &["memory", "1M"]);
@@ -361,7 +361,7 @@ async fn nbdkit_errors() {
     let e = c.pread_vec(512, 1 << 20, 0).await.unwrap_err();
     assert!(matches!(e, Error::Server { .. }), "{e:?}");
     assert_eq!(e.errno(), Some(errno::EINVAL), "{e}");
-    eprintln!("read past the end: {e}");
+    crate::elog!("read past the end: {e}");
     // The connection survives a server error.
     c.pread_vec(512, 0, 0).await.unwrap();
 
@@ -372,7 +372,7 @@ async fn nbdkit_errors() {
     assert!(c.is_read_only());
     let e = c.pwrite(&[1; 512], 0, 0).await.unwrap_err();
     assert_eq!(e.errno(), Some(errno::EPERM), "{e}");
-    eprintln!("write to read-only: {e}");
+    crate::elog!("write to read-only: {e}");
 
     let port = free_port("127.0.0.1").unwrap();
     let e = Connection::connect_uri(&format!("nbd://127.0.0.1:{port}/"), &ConnectOptions::new())

@@ -109,7 +109,7 @@ impl ServerContext {
     /// Print a debug message on stderr when `-v` is on.
     pub fn debug(&self, msg: std::fmt::Arguments<'_>) {
         if self.verbose {
-            eprintln!("nbdkit: debug: {msg}");
+            crate::elog!("nbdkit: debug: {msg}");
         }
     }
 
@@ -191,7 +191,7 @@ pub fn verbose() -> bool {
 macro_rules! debug {
     ($($arg:tt)*) => {
         if $crate::server::verbose() {
-            eprintln!("nbdkit: debug: {}", format_args!($($arg)*));
+            $crate::elog!("nbdkit: debug: {}", format_args!($($arg)*));
         }
     };
 }
@@ -280,7 +280,7 @@ where
     match r {
         Ok(()) | Err(Close::Done) => server.debug(format_args!("connection {id} closed")),
         Err(Close::Io(e)) => server.debug(format_args!("connection {id}: {e}")),
-        Err(Close::Protocol(m)) => eprintln!("nbdkit: connection {id}: {m}"),
+        Err(Close::Protocol(m)) => crate::elog!("nbdkit: connection {id}: {m}"),
     }
     drop(conn);
 }

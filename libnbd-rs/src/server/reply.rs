@@ -79,7 +79,7 @@ pub(super) async fn write_reply<W: AsyncWrite + Unpin>(
     }
     match &res {
         Reply::Error(e) => {
-            eprintln!("nbdkit: {}: {}", cmd::name(req.typ).to_lowercase(), e.msg)
+            crate::elog!("nbdkit: {}: {}", cmd::name(req.typ).to_lowercase(), e.msg)
         }
         Reply::Invalid(code) => server.debug(format_args!(
             "{}: invalid request: {}",

@@ -652,7 +652,7 @@ mod tests {
             libc::statfs(path.as_ptr(), &mut st) == 0 && st.f_type == libc::TMPFS_MAGIC
         };
         if tmpfs {
-            eprintln!("skipped: $TMPDIR is a tmpfs, whose pages are never dropped");
+            libnbd::elog!("skipped: $TMPDIR is a tmpfs, whose pages are never dropped");
             return None;
         }
         let file = File::options()

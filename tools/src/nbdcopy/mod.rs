@@ -420,12 +420,12 @@ fn human(n: u64) -> String {
 }
 
 fn describe_endpoint(side: &str, e: &dyn Endpoint) {
-    eprintln!("nbdcopy: {side}: {} \"{}\"", e.kind(), e.name());
+    libnbd::elog!("nbdcopy: {side}: {} \"{}\"", e.kind(), e.name());
     let size = match e.size() {
         Some(s) => format!("{s} ({})", human(s)),
         None => "unknown (stream)".into(),
     };
-    eprintln!(
+    libnbd::elog!(
         "nbdcopy: {side}: size={size}, preferred block size={}",
         e.preferred_block_size()
     );
@@ -539,7 +539,7 @@ async fn copy(opts: Options, threads: usize, src: Spec, dst: Spec) -> Result<()>
     if opts.verbose {
         describe_endpoint("src", &*src);
         describe_endpoint("dst", &*dst);
-        eprintln!(
+        libnbd::elog!(
             "nbdcopy: connections={width} requests={} threads={threads} synchronous={} \
              request-size={request_size} queue-size={} sparse={sparse_size} extents={} \
              destination-is-zero={}",

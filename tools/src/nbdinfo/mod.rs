@@ -346,7 +346,7 @@ pub fn main(args: Vec<OsString>) -> i32 {
         Ok(status) => {
             if let Err(e) = flushed {
                 if e.kind() != io::ErrorKind::BrokenPipe {
-                    eprintln!("nbdinfo: write: {e}");
+                    libnbd::elog!("nbdinfo: write: {e}");
                     return 1;
                 }
             }
@@ -478,7 +478,7 @@ async fn list(cli: &Cli, w: &mut dyn Write) -> Result<i32> {
         match r {
             Ok(report) => reports.push(report),
             Err(err) => {
-                eprintln!("nbdinfo: {err} for {}", export_label(&e.name));
+                libnbd::elog!("nbdinfo: {err} for {}", export_label(&e.name));
                 status = 1;
             }
         }
