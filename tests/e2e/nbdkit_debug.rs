@@ -55,8 +55,17 @@ fn nbdkit_debug_calls_into_each_layer_as_upstream() {
     if !require(&["nbdkit"]) || !require_nbdsh() {
         return;
     }
+    // Upstream may exit at the end of --run before its close lines.
+    let no_close = |v: Vec<String>| -> Vec<String> {
+        v.into_iter().filter(|l| !l.ends_with(": close")).collect()
+    };
     let ours = call_lines(&nbdkit(), &[]);
-    let theirs = call_lines(Path::new("nbdkit"), &[]);
+    assert!(
+        ours.ends_with(&["offset: close".into(), "null: close".into()]),
+        "{ours:?}"
+    );
+    let ours = no_close(ours);
+    let theirs = no_close(call_lines(Path::new("nbdkit"), &[]));
     assert_eq!(ours, theirs);
     // Both layers, the offsets moved by the filter.
     assert!(ours.contains(&"offset: pwrite count=512 offset=1024 fua=1".to_string()));
@@ -64,8 +73,11 @@ fn nbdkit_debug_calls_into_each_layer_as_upstream() {
     assert!(ours.contains(&"null: zero count=4096 offset=512 may_trim=0 fua=0 fast=1".to_string()));
 
     // The data path silenced; open and close remain.
-    let quiet = call_lines(&nbdkit(), &["-D", "nbdkit.backend.datapath=0"]);
-    let theirs = call_lines(Path::new("nbdkit"), &["-D", "nbdkit.backend.datapath=0"]);
+    let quiet = no_close(call_lines(&nbdkit(), &["-D", "nbdkit.backend.datapath=0"]));
+    let theirs = no_close(call_lines(
+        Path::new("nbdkit"),
+        &["-D", "nbdkit.backend.datapath=0"],
+    ));
     assert_eq!(quiet, theirs);
     assert!(
         quiet
