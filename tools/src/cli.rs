@@ -73,7 +73,7 @@ pub(crate) fn finish<T>(tool: &Tool, action: Action<T>) -> Result<Box<T>, i32> {
             Err(0)
         }
         Action::Version => {
-            print!("{}", (tool.version)());
+            outln(format_args!("{}", (tool.version)().trim_end_matches('\n')));
             Err(0)
         }
         Action::LongOptions | Action::ShortOptions => {
@@ -82,7 +82,7 @@ pub(crate) fn finish<T>(tool: &Tool, action: Action<T>) -> Result<Box<T>, i32> {
                 _ => tool.short_options,
             };
             for o in list {
-                println!("{o}");
+                outln(format_args!("{o}"));
             }
             Err(0)
         }
@@ -193,6 +193,19 @@ pub(crate) fn error_message(e: &anyhow::Error) -> String {
     }
     out.push_str(rest);
     out
+}
+
+/// Print a line on stdout as `println!` does, except that a closed pipe
+/// (`nbdkit --dump-plugin memory | head -1`) ends the program with
+/// status 141, as SIGPIPE ends a C program, instead of a panic.
+pub(crate) fn outln(args: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut out = io::stdout().lock();
+    if let Err(e) = writeln!(out, "{args}").and_then(|()| out.flush()) {
+        if e.kind() == io::ErrorKind::BrokenPipe {
+            std::process::exit(141);
+        }
+    }
 }
 
 /// Did this error come from writing to a closed pipe

@@ -275,9 +275,9 @@ fn version(cli: &Cli) -> Result<i32> {
     print!("{}", (TOOL.version)());
     if let Some(p) = plugin {
         for f in &filters {
-            println!("{} {COMPAT_VERSION}", f.name);
+            crate::cli::outln(format_args!("{} {COMPAT_VERSION}", f.name));
         }
-        println!("{} {COMPAT_VERSION}", p.name);
+        crate::cli::outln(format_args!("{} {COMPAT_VERSION}", p.name));
     }
     Ok(0)
 }
@@ -356,7 +356,7 @@ fn dump_config() {
         ("zstd", "yes".into()),
     ];
     for (k, v) in lines {
-        println!("{k}={v}");
+        crate::cli::outln(format_args!("{k}={v}"));
     }
 }
 
@@ -402,9 +402,13 @@ fn run(args: Vec<OsString>) -> Result<i32> {
     if cli.help {
         print!("{USAGE}");
         for f in &filters {
-            println!("\nfilter: {}\n{}", f.name, f.help.trim_end());
+            crate::cli::outln(format_args!("\nfilter: {}\n{}", f.name, f.help.trim_end()));
         }
-        println!("\nplugin: {}\n{}", plugin.name, plugin.help.trim_end());
+        crate::cli::outln(format_args!(
+            "\nplugin: {}\n{}",
+            plugin.name,
+            plugin.help.trim_end()
+        ));
         return Ok(0);
     }
     let (tls, tls_mode) = tls_setup(&cli)?;
@@ -422,17 +426,17 @@ fn run(args: Vec<OsString>) -> Result<i32> {
     if cli.dump_plugin {
         // Like upstream, this works without the plugin's required
         // parameters; the plugin's own lines need a configured plugin.
-        println!("name={}", plugin.name);
-        println!("version={COMPAT_VERSION}");
-        println!("api_version=2");
+        crate::cli::outln(format_args!("name={}", plugin.name));
+        crate::cli::outln(format_args!("version={COMPAT_VERSION}"));
+        crate::cli::outln(format_args!("api_version=2"));
         let built = (plugin.create)(&mut params).ok();
         let model = built
             .as_ref()
             .map_or(ThreadModel::Parallel, |p| p.thread_model());
-        println!("max_thread_model=parallel");
-        println!("thread_model={}", model.name());
+        crate::cli::outln(format_args!("max_thread_model=parallel"));
+        crate::cli::outln(format_args!("thread_model={}", model.name()));
         if let Some(m) = plugin.magic {
-            println!("magic_config_key={m}");
+            crate::cli::outln(format_args!("magic_config_key={m}"));
         }
         for (k, v) in built
             .as_ref()
@@ -440,9 +444,9 @@ fn run(args: Vec<OsString>) -> Result<i32> {
             .unwrap_or_else(|| nbdkit_plugins::dump_unconfigured(plugin.name))
         {
             if k.is_empty() {
-                println!("{v}");
+                crate::cli::outln(format_args!("{v}"));
             } else {
-                println!("{k}={v}");
+                crate::cli::outln(format_args!("{k}={v}"));
             }
         }
         return Ok(0);
