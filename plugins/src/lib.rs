@@ -19,10 +19,12 @@
 //! | `eval`          | [`eval`]              | shell snippets on the command line      |
 //! | `split`         | [`split`]             | several files concatenated into one     |
 //! | `tmpdisk`       | [`tmpdisk`]           | a fresh temporary filesystem per client |
+//! | `partitioning`  | [`partitioning`]      | a partitioned disk made of files        |
 //!
 //! [`registry`] lists them for the server; [`sparse`] is the in-memory
 //! store shared by `memory` and `data`, [`script`] the engine shared by
-//! `sh` and `eval`.
+//! `sh` and `eval`, [`ptable`] the partition tables of `partitioning`,
+//! `linuxdisk` and `floppy`.
 #![warn(missing_docs)]
 
 pub mod curl;
@@ -33,7 +35,9 @@ pub mod full;
 pub mod info;
 pub mod memory;
 pub mod null;
+pub mod partitioning;
 pub mod pattern;
+pub mod ptable;
 pub mod random;
 pub mod s3;
 pub mod script;
@@ -66,6 +70,7 @@ pub fn registry() -> Vec<PluginEntry> {
         eval::ENTRY,
         split::ENTRY,
         tmpdisk::ENTRY,
+        partitioning::ENTRY,
     ]
 }
 
@@ -95,6 +100,7 @@ mod tests {
             ("eval", None),
             ("random", Some("size")),
             ("info", Some("mode")),
+            ("partitioning", Some("file")),
         ] {
             let e = find(name);
             assert_eq!(e.magic, magic, "{name}");

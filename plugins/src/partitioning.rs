@@ -1,0 +1,382 @@
+//! # partitioning: a partitioned virtual disk made of files
+//!
+//! Each file given becomes one partition of a virtual disk, in order,
+//! behind a partition table made up in memory: an MBR (with an extended
+//! partition and logical partitions beyond four) or a GPT. Clients may
+//! read everything and write to the partitions, which writes the files;
+//! the tables and the padding between partitions are read-only.
+//!
+//! ```text
+//! nbdkit partitioning ext4fs.img
+//! nbdkit partitioning boot.img mbr-id=0x82 swap.img mbr-id=default root.img
+//! nbdkit partitioning partition-type=gpt alignment=4K a.img b.img
+//! nbdkit --filter=partition partitioning file.raw partition=1
+//! ```
+//!
+//! ## Parameters
+//!
+//! - `[file=]FILENAME` (required, repeatable): a file holding one
+//!   partition's data. Empty files are refused.
+//! - `partition-type=mbr|gpt`: the table. Without it: GPT for more than
+//!   four files or a disk too large for MBR (sector numbers beyond 32
+//!   bits), else MBR.
+//! - `alignment=N` (default `1M`): the start of every following file is
+//!   aligned to `N` bytes, a multiple of 512.
+//! - `mbr-id=0xN|default`: the MBR type byte of every following file
+//!   (hex with `0x`, octal with `0`, else decimal); `default` is 0x83.
+//! - `type-guid=GUID|default`: the GPT type GUID of every following file;
+//!   `default` is `0FC63DAF-8483-4772-8E79-3D69D8477DE4` (Linux data).
+//!
+//! ## Behaviour
+//!
+//! As upstream nbdkit 1.32's partitioning plugin:
+//!
+//! - The layout is upstream's (see [`crate::ptable`]): with the default
+//!   alignment the first partition starts at sector 2048; each file's
+//!   size is rounded up to whole 512-byte sectors (the tail reads as
+//!   zeroes); the first partition is flagged bootable (MBR 0x80, GPT
+//!   "legacy BIOS bootable"); GPT partitions are named after their file
+//!   (as given) and get random unique GUIDs, the disk GUID is zero, and
+//!   the table has 128 entries (more in steps of 128 beyond that).
+//! - Files are opened read-write (read-only if that is refused, and then
+//!   writes to them fail). A write that would change a table, padding
+//!   or a sector tail fails with EIO (rewriting the same bytes succeeds).
+//! - Flush `fdatasync`s every file; FUA and zero are emulated by the
+//!   server; no trim; no extents (all data); multi-conn is safe; cache is
+//!   emulated by reads; thread model parallel.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use libnbd::backend::run_blocking;
+use libnbd::{
+    Cache, Caps, ConfigError, ConfigResult, Error, Flags, Fua, Handle, OpenContext, Params, Plugin,
+    PluginEntry, Result,
+};
+
+use crate::ptable::{self, Kind, Layout, PartSpec};
+
+/// The registry entry of the partitioning plugin.
+pub const ENTRY: PluginEntry = PluginEntry {
+    name: "partitioning",
+    help: "file=<FILENAME>  (required) File(s) containing partitions\n\
+           partition-type=mbr|gpt      Partition type",
+    magic: Some("file"),
+    create,
+};
+
+/// One partition's file.
+struct Part {
+    name: String,
+    file: File,
+    writable: bool,
+}
+
+/// The configured partitioning plugin: the files and the layout.
+pub struct PartitioningPlugin {
+    parts: Arc<Vec<Part>>,
+    layout: Arc<Layout>,
+}
+
+/// Parse an `mbr-id=` value as nbdkit parses a `uint8_t`.
+fn parse_mbr_id(v: &str) -> ConfigResult<u8> {
+    if v == "default" {
+        return Ok(ptable::MBR_LINUX);
+    }
+    let t = v.trim();
+    let r = if let Some(h) = t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
+        u64::from_str_radix(h, 16)
+    } else if t.len() > 1 && t.starts_with('0') {
+        u64::from_str_radix(&t[1..], 8)
+    } else {
+        t.parse::<u64>()
+    };
+    match r {
+        Ok(n) if n <= 0xff => Ok(n as u8),
+        Ok(_) => Err(ConfigError::new(format!(
+            "mbr-id: could not parse number: \"{v}\": Numerical result out of range"
+        ))),
+        Err(_) => Err(ConfigError::new(format!(
+            "mbr-id: could not parse number: \"{v}\": Invalid argument"
+        ))),
+    }
+}
+
+/// Build the plugin: the files in order with the settings in force where
+/// each appears, then the layout.
+pub fn create(params: &mut Params) -> ConfigResult<Arc<dyn Plugin>> {
+    let mut kind = None;
+    let mut alignment = 1u64 << 20;
+    let mut mbr_id = ptable::MBR_LINUX;
+    let mut type_guid = ptable::parse_guid(ptable::GUID_LINUX).expect("valid GUID");
+    let mut specs = Vec::new();
+    let mut parts = Vec::new();
+    for (k, v) in params.take_rest() {
+        match k.as_str() {
+            "file" => {
+                let (file, writable) =
+                    match std::fs::OpenOptions::new().read(true).write(true).open(&v) {
+                        Ok(f) => (f, true),
+                        Err(e)
+                            if matches!(
+                                e.raw_os_error(),
+                                Some(libc::EACCES | libc::EROFS | libc::EPERM)
+                            ) =>
+                        {
+                            let f = File::open(&v)
+                                .map_err(|e| ConfigError::new(format!("{v}: {e}")))?;
+                            (f, false)
+                        }
+                        Err(e) => return Err(ConfigError::new(format!("{v}: {}", io_msg(&e)))),
+                    };
+                let meta = file
+                    .metadata()
+                    .map_err(|e| ConfigError::new(format!("{v}: {e}")))?;
+                let size = if meta.is_file() {
+                    meta.len()
+                } else {
+                    // A block device: its size is where the end is.
+                    use std::io::Seek;
+                    (&file)
+                        .seek(std::io::SeekFrom::End(0))
+                        .map_err(|e| ConfigError::new(format!("{v}: {e}")))?
+                };
+                if size == 0 {
+                    return Err(ConfigError::new(format!(
+                        "{v}: zero length partitions are not allowed"
+                    )));
+                }
+                specs.push(PartSpec {
+                    size,
+                    alignment,
+                    mbr_id,
+                    type_guid,
+                    guid: rand::random(),
+                    name: v.clone(),
+                    bootable: specs.is_empty(),
+                });
+                parts.push(Part {
+                    name: v,
+                    file,
+                    writable,
+                });
+            }
+            "partition-type" => {
+                kind = Some(match v.to_ascii_lowercase().as_str() {
+                    "mbr" | "dos" => Kind::Mbr,
+                    "gpt" => Kind::Gpt,
+                    _ => {
+                        return Err(ConfigError::new(format!("unknown partition-type: {v}")));
+                    }
+                })
+            }
+            "alignment" => {
+                let a = libnbd::parse_size(&v)
+                    .map_err(|_| ConfigError::new(format!("could not parse size string ({v})")))?;
+                if a == 0 || a % ptable::SECTOR != 0 {
+                    return Err(ConfigError::new(format!(
+                        "partition alignment {a} should be a multiple of sector size {}",
+                        ptable::SECTOR
+                    )));
+                }
+                alignment = a;
+            }
+            "mbr-id" => mbr_id = parse_mbr_id(&v)?,
+            "type-guid" => {
+                type_guid = if v == "default" {
+                    ptable::parse_guid(ptable::GUID_LINUX).expect("valid GUID")
+                } else {
+                    ptable::parse_guid(&v)
+                        .ok_or_else(|| ConfigError::new(format!("could not validate GUID: {v}")))?
+                }
+            }
+            _ => {
+                return Err(ConfigError::new(format!(
+                    "unknown parameter '{k}' (see 'nbdkit partitioning --help')"
+                )))
+            }
+        }
+    }
+    if specs.is_empty() {
+        return Err(ConfigError::new(
+            "at least one file= parameter must be supplied",
+        ));
+    }
+    let layout = match kind {
+        Some(k) => ptable::layout(&specs, k),
+        None if specs.len() > 4 => ptable::layout(&specs, Kind::Gpt),
+        None => ptable::layout(&specs, Kind::Mbr).or_else(|_| ptable::layout(&specs, Kind::Gpt)),
+    }
+    .map_err(ConfigError::new)?;
+    Ok(Arc::new(PartitioningPlugin {
+        parts: Arc::new(parts),
+        layout: Arc::new(layout),
+    }))
+}
+
+fn io_msg(e: &std::io::Error) -> String {
+    // "No such file or directory", without Rust's " (os error 2)".
+    let s = e.to_string();
+    match s.find(" (os error") {
+        Some(i) => s[..i].to_string(),
+        None => s,
+    }
+}
+
+#[async_trait]
+impl Plugin for PartitioningPlugin {
+    async fn open(&self, _ctx: &OpenContext) -> Result<Box<dyn Handle>> {
+        Ok(Box::new(PartitioningHandle {
+            parts: self.parts.clone(),
+            layout: self.layout.clone(),
+        }))
+    }
+}
+
+/// A connection to the partitioning plugin.
+pub struct PartitioningHandle {
+    parts: Arc<Vec<Part>>,
+    layout: Arc<Layout>,
+}
+
+#[async_trait]
+impl Handle for PartitioningHandle {
+    fn size(&self) -> Result<u64> {
+        Ok(self.layout.size)
+    }
+    fn caps(&self) -> Result<Caps> {
+        Ok(Caps {
+            write: true,
+            flush: true,
+            fua: Fua::Emulate,
+            multi_conn: true,
+            cache: Cache::Emulate,
+            ..Caps::READ_ONLY
+        })
+    }
+    async fn pread(&self, buf: &mut [u8], offset: u64, _flags: Flags) -> Result<()> {
+        run_blocking(|| {
+            self.layout
+                .read(buf, offset, |i, b, o| {
+                    self.parts[i].file.read_exact_at(b, o)
+                })
+                .map_err(|e| Error::io("pread", e))
+        })
+    }
+    async fn pwrite(&self, buf: &[u8], offset: u64, _flags: Flags) -> Result<()> {
+        run_blocking(|| {
+            match self.layout.write(buf, offset, |i, b, o| {
+                let p = &self.parts[i];
+                if !p.writable {
+                    return Err(std::io::Error::from_raw_os_error(libc::EROFS));
+                }
+                p.file.write_all_at(b, o)
+            }) {
+                Ok(r) => r.map_err(|e| Error::io("pwrite", e)),
+                Err(at) => Err(Error::eio(format!(
+                    "attempt to change partition table or padding of virtual disk at offset {at}"
+                ))),
+            }
+        })
+    }
+    async fn flush(&self, _flags: Flags) -> Result<()> {
+        run_blocking(|| {
+            for p in self.parts.iter().filter(|p| p.writable) {
+                p.file
+                    .sync_data()
+                    .map_err(|e| Error::io(format!("fdatasync: {}", p.name), e))?;
+            }
+            Ok(())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use libnbd::testing::open_plugin;
+
+    fn files(dir: &std::path::Path, sizes: &[usize]) -> Vec<String> {
+        sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &s)| {
+                let p = dir.join(format!("p{}", i + 1));
+                std::fs::write(&p, vec![i as u8 + 1; s]).unwrap();
+                p.to_string_lossy().into_owned()
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn mbr_reads_and_writes() {
+        let d = tempfile::tempdir().unwrap();
+        let f = files(d.path(), &[1000, 2000]);
+        let h = open_plugin(&ENTRY, &[f[0].as_str(), "mbr-id=0x82", f[1].as_str()]).await;
+        let size = h.size().unwrap();
+        assert_eq!(size, (4096 + 4) * 512);
+        let mut disk = vec![0u8; size as usize];
+        h.pread(&mut disk, 0, Flags::NONE).await.unwrap();
+        let p = ptable::parse_mbr(&disk).unwrap();
+        assert_eq!((p[0].start, p[0].len, p[0].id), (2048, 2, 0x83));
+        assert_eq!((p[1].start, p[1].len, p[1].id), (4096, 4, 0x82));
+        assert_eq!(disk[2048 * 512], 1);
+        assert_eq!(disk[4096 * 512 + 1999], 2);
+        assert_eq!(disk[4096 * 512 + 2000], 0);
+        // Data goes to the file; the table only takes its own bytes.
+        h.pwrite(b"xyz", 4096 * 512 + 10, Flags::NONE)
+            .await
+            .unwrap();
+        assert_eq!(&std::fs::read(&f[1]).unwrap()[10..13], b"xyz");
+        h.pwrite(&disk[..512], 0, Flags::NONE).await.unwrap();
+        let e = h.pwrite(&[9; 512], 0, Flags::NONE).await.unwrap_err();
+        assert_eq!(e.errno, libnbd::protocol::errno::EIO);
+        assert!(h
+            .pwrite(&[1; 4], 2048 * 512 + 998, Flags::NONE)
+            .await
+            .is_err());
+        h.flush(Flags::NONE).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn default_table_and_errors() {
+        let d = tempfile::tempdir().unwrap();
+        let f = files(d.path(), &[512, 512, 512, 512, 512]);
+        let args: Vec<&str> = f.iter().map(|s| s.as_str()).collect();
+        let h = open_plugin(&ENTRY, &args).await;
+        let mut disk = vec![0u8; h.size().unwrap() as usize];
+        h.pread(&mut disk, 0, Flags::NONE).await.unwrap();
+        let p = ptable::parse_gpt(&disk).unwrap();
+        assert_eq!(p.len(), 5);
+        assert_eq!(p[4].name, f[4]);
+        let h = open_plugin(
+            &ENTRY,
+            &[&f[0], "partition-type=mbr", &f[1], &f[2], &f[3], &f[4]],
+        )
+        .await;
+        let mut disk = vec![0u8; h.size().unwrap() as usize];
+        h.pread(&mut disk, 0, Flags::NONE).await.unwrap();
+        assert_eq!(ptable::parse_mbr(&disk).unwrap().len(), 5);
+
+        let bad = |args: &[&str]| {
+            let mut p = Params::parse(args, Some("file")).unwrap();
+            ENTRY.configure(&mut p).err().unwrap().to_string()
+        };
+        assert!(bad(&[]).contains("at least one file"));
+        assert!(bad(&[&f[0], "alignment=3000"]).contains("multiple of sector size"));
+        assert!(bad(&["alignment=foo", &f[0]]).contains("could not parse size"));
+        assert!(bad(&["mbr-id=0x182", &f[0]]).contains("out of range"));
+        assert!(bad(&["type-guid=xyz", &f[0]]).contains("GUID"));
+        assert!(bad(&[&f[0], "partition-type=foo"]).contains("partition-type"));
+        assert!(bad(&["/nonexistent/x"]).contains("No such file"));
+        let empty = d.path().join("empty");
+        std::fs::write(&empty, b"").unwrap();
+        assert!(bad(&[empty.to_str().unwrap()]).contains("zero length"));
+        assert_eq!(parse_mbr_id("83").unwrap(), 83);
+        assert_eq!(parse_mbr_id("0x0c").unwrap(), 12);
+        assert_eq!(parse_mbr_id("010").unwrap(), 8);
+        assert_eq!(parse_mbr_id("default").unwrap(), 0x83);
+    }
+}
