@@ -20,11 +20,13 @@
 //! | `split`         | [`split`]             | several files concatenated into one     |
 //! | `tmpdisk`       | [`tmpdisk`]           | a fresh temporary filesystem per client |
 //! | `partitioning`  | [`partitioning`]      | a partitioned disk made of files        |
+//! | `iso`           | [`iso`]               | an ISO 9660 image made from directories |
 //!
 //! [`registry`] lists them for the server; [`sparse`] is the in-memory
 //! store shared by `memory` and `data`, [`script`] the engine shared by
 //! `sh` and `eval`, [`ptable`] the partition tables of `partitioning`,
-//! `linuxdisk` and `floppy`.
+//! `linuxdisk` and `floppy`, [`tempdisk`] the temporary images and
+//! commands of the plugins that run mkfs or an ISO maker.
 #![warn(missing_docs)]
 
 pub mod curl;
@@ -33,6 +35,7 @@ pub mod eval;
 pub mod file;
 pub mod full;
 pub mod info;
+pub mod iso;
 pub mod memory;
 pub mod null;
 pub mod partitioning;
@@ -46,6 +49,7 @@ pub mod slab;
 pub mod sparse;
 pub mod sparse_random;
 pub mod split;
+pub mod tempdisk;
 pub mod tmpdisk;
 pub mod zero;
 
@@ -71,6 +75,7 @@ pub fn registry() -> Vec<PluginEntry> {
         split::ENTRY,
         tmpdisk::ENTRY,
         partitioning::ENTRY,
+        iso::ENTRY,
     ]
 }
 
@@ -101,6 +106,7 @@ mod tests {
             ("random", Some("size")),
             ("info", Some("mode")),
             ("partitioning", Some("file")),
+            ("iso", Some("dir")),
         ] {
             let e = find(name);
             assert_eq!(e.magic, magic, "{name}");

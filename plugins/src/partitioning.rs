@@ -46,17 +46,12 @@
 //!   emulated by reads; thread model parallel.
 
 use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use libnbd::backend::run_blocking;
-use libnbd::{
-    Cache, Caps, ConfigError, ConfigResult, Error, Flags, Fua, Handle, OpenContext, Params, Plugin,
-    PluginEntry, Result,
-};
+use libnbd::{ConfigError, ConfigResult, Handle, OpenContext, Params, Plugin, PluginEntry, Result};
 
-use crate::ptable::{self, Kind, Layout, PartSpec};
+use crate::ptable::{self, Disk, DiskFile, Kind, PartSpec};
 
 /// The registry entry of the partitioning plugin.
 pub const ENTRY: PluginEntry = PluginEntry {
@@ -67,17 +62,9 @@ pub const ENTRY: PluginEntry = PluginEntry {
     create,
 };
 
-/// One partition's file.
-struct Part {
-    name: String,
-    file: File,
-    writable: bool,
-}
-
 /// The configured partitioning plugin: the files and the layout.
 pub struct PartitioningPlugin {
-    parts: Arc<Vec<Part>>,
-    layout: Arc<Layout>,
+    disk: Disk,
 }
 
 /// Parse an `mbr-id=` value as nbdkit parses a `uint8_t`.
@@ -157,7 +144,7 @@ pub fn create(params: &mut Params) -> ConfigResult<Arc<dyn Plugin>> {
                     name: v.clone(),
                     bootable: specs.is_empty(),
                 });
-                parts.push(Part {
+                parts.push(DiskFile {
                     name: v,
                     file,
                     writable,
@@ -211,12 +198,11 @@ pub fn create(params: &mut Params) -> ConfigResult<Arc<dyn Plugin>> {
     }
     .map_err(ConfigError::new)?;
     Ok(Arc::new(PartitioningPlugin {
-        parts: Arc::new(parts),
-        layout: Arc::new(layout),
+        disk: Disk::new(layout, parts, true),
     }))
 }
 
-fn io_msg(e: &std::io::Error) -> String {
+pub(crate) fn io_msg(e: &std::io::Error) -> String {
     // "No such file or directory", without Rust's " (os error 2)".
     let s = e.to_string();
     match s.find(" (os error") {
@@ -228,68 +214,7 @@ fn io_msg(e: &std::io::Error) -> String {
 #[async_trait]
 impl Plugin for PartitioningPlugin {
     async fn open(&self, _ctx: &OpenContext) -> Result<Box<dyn Handle>> {
-        Ok(Box::new(PartitioningHandle {
-            parts: self.parts.clone(),
-            layout: self.layout.clone(),
-        }))
-    }
-}
-
-/// A connection to the partitioning plugin.
-pub struct PartitioningHandle {
-    parts: Arc<Vec<Part>>,
-    layout: Arc<Layout>,
-}
-
-#[async_trait]
-impl Handle for PartitioningHandle {
-    fn size(&self) -> Result<u64> {
-        Ok(self.layout.size)
-    }
-    fn caps(&self) -> Result<Caps> {
-        Ok(Caps {
-            write: true,
-            flush: true,
-            fua: Fua::Emulate,
-            multi_conn: true,
-            cache: Cache::Emulate,
-            ..Caps::READ_ONLY
-        })
-    }
-    async fn pread(&self, buf: &mut [u8], offset: u64, _flags: Flags) -> Result<()> {
-        run_blocking(|| {
-            self.layout
-                .read(buf, offset, |i, b, o| {
-                    self.parts[i].file.read_exact_at(b, o)
-                })
-                .map_err(|e| Error::io("pread", e))
-        })
-    }
-    async fn pwrite(&self, buf: &[u8], offset: u64, _flags: Flags) -> Result<()> {
-        run_blocking(|| {
-            match self.layout.write(buf, offset, |i, b, o| {
-                let p = &self.parts[i];
-                if !p.writable {
-                    return Err(std::io::Error::from_raw_os_error(libc::EROFS));
-                }
-                p.file.write_all_at(b, o)
-            }) {
-                Ok(r) => r.map_err(|e| Error::io("pwrite", e)),
-                Err(at) => Err(Error::eio(format!(
-                    "attempt to change partition table or padding of virtual disk at offset {at}"
-                ))),
-            }
-        })
-    }
-    async fn flush(&self, _flags: Flags) -> Result<()> {
-        run_blocking(|| {
-            for p in self.parts.iter().filter(|p| p.writable) {
-                p.file
-                    .sync_data()
-                    .map_err(|e| Error::io(format!("fdatasync: {}", p.name), e))?;
-            }
-            Ok(())
-        })
+        Ok(Box::new(self.disk.clone()))
     }
 }
 
@@ -297,6 +222,7 @@ impl Handle for PartitioningHandle {
 mod tests {
     use super::*;
     use libnbd::testing::open_plugin;
+    use libnbd::Flags;
 
     fn files(dir: &std::path::Path, sizes: &[usize]) -> Vec<String> {
         sizes

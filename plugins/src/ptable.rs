@@ -19,7 +19,13 @@
 //! the last partition ends; the GPT disk has 32 or more sectors of
 //! secondary entries and the secondary header after it.
 
+use std::fs::File;
+use std::os::unix::fs::FileExt;
 use std::sync::Arc;
+
+use async_trait::async_trait;
+use libnbd::backend::run_blocking;
+use libnbd::{Cache, Caps, Error, Flags, Fua, Handle, Result};
 
 /// The sector size.
 pub const SECTOR: u64 = 512;
@@ -450,6 +456,109 @@ impl Layout {
             }
         }
         Ok(Ok(()))
+    }
+}
+
+impl Layout {
+    /// A disk that is one file of `size` bytes, with no table.
+    pub fn whole(size: u64) -> Layout {
+        Layout {
+            regions: vec![Region {
+                start: 0,
+                len: size,
+                piece: Piece::Part(0),
+            }],
+            size,
+            starts: vec![0],
+        }
+    }
+}
+
+/// A file backing a partition.
+pub struct DiskFile {
+    /// Its name, for messages.
+    pub name: String,
+    /// The open file.
+    pub file: File,
+    /// Opened for writing.
+    pub writable: bool,
+}
+
+/// A laid-out disk over its files, and the handle of every connection
+/// to it (clones share the files): reads fill tables and padding from
+/// the layout; writes (when `write`) go to the files, and fail with EIO
+/// where they would change a table or padding.
+#[derive(Clone)]
+pub struct Disk {
+    layout: Arc<Layout>,
+    files: Arc<Vec<DiskFile>>,
+    write: bool,
+}
+
+impl Disk {
+    /// A disk of `layout` whose partition `i` is `files[i]`; writable
+    /// when `write`.
+    pub fn new(layout: Layout, files: Vec<DiskFile>, write: bool) -> Disk {
+        Disk {
+            layout: Arc::new(layout),
+            files: Arc::new(files),
+            write,
+        }
+    }
+}
+
+#[async_trait]
+impl Handle for Disk {
+    fn size(&self) -> Result<u64> {
+        Ok(self.layout.size)
+    }
+    fn caps(&self) -> Result<Caps> {
+        Ok(Caps {
+            write: self.write,
+            flush: self.write,
+            fua: if self.write { Fua::Emulate } else { Fua::None },
+            multi_conn: true,
+            cache: Cache::Emulate,
+            ..Caps::READ_ONLY
+        })
+    }
+    async fn pread(&self, buf: &mut [u8], offset: u64, _flags: Flags) -> Result<()> {
+        run_blocking(|| {
+            self.layout
+                .read(buf, offset, |i, b, o| {
+                    self.files[i].file.read_exact_at(b, o)
+                })
+                .map_err(|e| Error::io("pread", e))
+        })
+    }
+    async fn pwrite(&self, buf: &[u8], offset: u64, _flags: Flags) -> Result<()> {
+        if !self.write {
+            return Err(Error::eperm("the export is read-only"));
+        }
+        run_blocking(|| {
+            match self.layout.write(buf, offset, |i, b, o| {
+                let p = &self.files[i];
+                if !p.writable {
+                    return Err(std::io::Error::from_raw_os_error(libc::EROFS));
+                }
+                p.file.write_all_at(b, o)
+            }) {
+                Ok(r) => r.map_err(|e| Error::io("pwrite", e)),
+                Err(at) => Err(Error::eio(format!(
+                    "attempt to change partition table or padding of virtual disk at offset {at}"
+                ))),
+            }
+        })
+    }
+    async fn flush(&self, _flags: Flags) -> Result<()> {
+        run_blocking(|| {
+            for p in self.files.iter().filter(|p| p.writable) {
+                p.file
+                    .sync_data()
+                    .map_err(|e| Error::io(format!("fdatasync: {}", p.name), e))?;
+            }
+            Ok(())
+        })
     }
 }
 

@@ -61,6 +61,8 @@ use libnbd::{
 use nix::fcntl::{fallocate, FallocateFlags};
 use nix::unistd::{lseek, Whence};
 
+use crate::tempdisk::{shell_quote, tmpdir};
+
 /// The registry entry of the tmpdisk plugin.
 pub const ENTRY: PluginEntry = PluginEntry {
     name: "tmpdisk",
@@ -135,25 +137,6 @@ pub fn create(params: &mut Params) -> ConfigResult<Arc<dyn Plugin>> {
     }))
 }
 
-/// Quote `s` for the shell as nbdkit's `shell_quote` does: as-is when
-/// made of safe characters only, else in single quotes.
-fn shell_quote(s: &str, out: &mut String) {
-    const SAFE: &str = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-_=,:/";
-    if s.chars().all(|c| SAFE.contains(c)) {
-        out.push_str(s);
-        return;
-    }
-    out.push('\'');
-    for c in s.chars() {
-        if c == '\'' {
-            out.push_str("'\\''");
-        } else {
-            out.push(c);
-        }
-    }
-    out.push('\'');
-}
-
 impl TmpdiskPlugin {
     /// The script run for `disk`.
     fn script(&self, disk: &Path) -> String {
@@ -175,8 +158,7 @@ impl TmpdiskPlugin {
 
     /// Make the private directory, run the command, open the disk.
     fn make(&self, readonly: bool) -> Result<TmpdiskHandle> {
-        let tmpdir = std::env::var_os("TMPDIR").unwrap_or_else(|| "/var/tmp".into());
-        let template = Path::new(&tmpdir).join("tmpdiskXXXXXX");
+        let template = tmpdir().join("tmpdiskXXXXXX");
         let dir: PathBuf = nix::unistd::mkdtemp(&template).map_err(|e| {
             Error::io(
                 format!("{}", template.display()),

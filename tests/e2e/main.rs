@@ -63,6 +63,7 @@ mod nginx;
 mod plugin_eval;
 mod plugin_file_directory;
 mod plugin_info;
+mod plugin_iso;
 mod plugin_partitioning;
 mod plugin_random;
 mod plugin_s3;
