@@ -21,6 +21,7 @@
 //! | `tmpdisk`       | [`tmpdisk`]           | a fresh temporary filesystem per client |
 //! | `partitioning`  | [`partitioning`]      | a partitioned disk made of files        |
 //! | `iso`           | [`iso`]               | an ISO 9660 image made from directories |
+//! | `linuxdisk`     | [`linuxdisk`]         | an ext2/3/4 disk made from a directory  |
 //!
 //! [`registry`] lists them for the server; [`sparse`] is the in-memory
 //! store shared by `memory` and `data`, [`script`] the engine shared by
@@ -36,6 +37,7 @@ pub mod file;
 pub mod full;
 pub mod info;
 pub mod iso;
+pub mod linuxdisk;
 pub mod memory;
 pub mod null;
 pub mod partitioning;
@@ -76,6 +78,7 @@ pub fn registry() -> Vec<PluginEntry> {
         tmpdisk::ENTRY,
         partitioning::ENTRY,
         iso::ENTRY,
+        linuxdisk::ENTRY,
     ]
 }
 
@@ -107,6 +110,7 @@ mod tests {
             ("info", Some("mode")),
             ("partitioning", Some("file")),
             ("iso", Some("dir")),
+            ("linuxdisk", Some("dir")),
         ] {
             let e = find(name);
             assert_eq!(e.magic, magic, "{name}");

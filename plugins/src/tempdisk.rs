@@ -114,6 +114,23 @@ pub fn run_sh(script: &str, stdout: Option<&File>, what: &str) -> Result<(), Str
     }
 }
 
+/// Run `script` under `/bin/sh` as [`run_sh`] does, returning what it
+/// printed on stdout.
+pub fn sh_output(script: &str, what: &str) -> Result<String, String> {
+    let out = Command::new("/bin/sh")
+        .arg("-c")
+        .arg(script)
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit())
+        .output()
+        .map_err(|e| format!("{what}: cannot run /bin/sh: {e}"))?;
+    match out.status.code() {
+        Some(0) => Ok(String::from_utf8_lossy(&out.stdout).into_owned()),
+        Some(n) => Err(format!("{what}: command failed with exit code {n}")),
+        None => Err(format!("{what}: command was killed by a signal")),
+    }
+}
+
 /// Is `prog` an executable on `$PATH` (or a path to one)?
 pub fn on_path(prog: &str) -> bool {
     use std::os::unix::fs::PermissionsExt;
