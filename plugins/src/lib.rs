@@ -22,6 +22,7 @@
 //! | `partitioning`  | [`partitioning`]      | a partitioned disk made of files        |
 //! | `iso`           | [`iso`]               | an ISO 9660 image made from directories |
 //! | `linuxdisk`     | [`linuxdisk`]         | an ext2/3/4 disk made from a directory  |
+//! | `ondemand`      | [`ondemand`]          | a kept filesystem per export name       |
 //!
 //! [`registry`] lists them for the server; [`sparse`] is the in-memory
 //! store shared by `memory` and `data`, [`script`] the engine shared by
@@ -40,6 +41,7 @@ pub mod iso;
 pub mod linuxdisk;
 pub mod memory;
 pub mod null;
+pub mod ondemand;
 pub mod partitioning;
 pub mod pattern;
 pub mod ptable;
@@ -79,6 +81,7 @@ pub fn registry() -> Vec<PluginEntry> {
         partitioning::ENTRY,
         iso::ENTRY,
         linuxdisk::ENTRY,
+        ondemand::ENTRY,
     ]
 }
 
@@ -111,6 +114,8 @@ mod tests {
             ("partitioning", Some("file")),
             ("iso", Some("dir")),
             ("linuxdisk", Some("dir")),
+            ("tmpdisk", Some("size")),
+            ("ondemand", Some("size")),
         ] {
             let e = find(name);
             assert_eq!(e.magic, magic, "{name}");

@@ -3,8 +3,16 @@
 //! `ondemand`, `iso`, `linuxdisk`, `floppy`).
 
 use std::fs::File;
+use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+
+use async_trait::async_trait;
+use libnbd::backend::run_blocking;
+use libnbd::{Caps, ConfigError, ConfigResult, Error, Flags, Fua, Handle, Params, Result};
+use nix::fcntl::{fallocate, FallocateFlags};
+use nix::unistd::{lseek, Whence};
 
 /// Where temporary images go: `$TMPDIR`, else `/var/tmp` (as upstream:
 /// images can be large, and `/tmp` is often a small tmpfs).
@@ -145,6 +153,219 @@ pub fn on_path(prog: &str) -> bool {
     std::env::var_os("PATH")
         .map(|paths| std::env::split_paths(&paths).any(|d| exec(&d.join(prog))))
         .unwrap_or(false)
+}
+
+/// Upstream's default command of tmpdisk and ondemand
+/// (`default-command.sh`): `mkfs` of `$type` (default ext4) with `$label`.
+pub const MKFS_COMMAND: &str = r#"type="${type:-ext4}"
+labelopt='-L'
+case "$type" in
+    ext?)
+        extra='-F' ;;
+    *fat|msdos)
+        extra='-I' ;;
+    ntfs)
+        extra='-Q -F'
+        labelopt='-n' ;;
+    xfs)
+        extra='-f' ;;
+esac
+truncate -s $size "$disk"
+if [ "x$label" = "x" ]; then
+    mkfs -t "$type" $extra "$disk"
+else
+    mkfs -t "$type" $extra $labelopt "$label" "$disk"
+fi
+"#;
+
+/// A command that makes a disk file: `command=` (or [`MKFS_COMMAND`]),
+/// run with `$disk`, `$size` and the other parameters as variables.
+#[derive(Debug, Clone)]
+pub struct DiskCommand {
+    /// The `size=` suggested to the command.
+    pub size: u64,
+    /// The script fragment.
+    pub command: String,
+    /// The shell variables, in command-line order.
+    pub vars: Vec<(String, String)>,
+}
+
+impl DiskCommand {
+    /// Take `size=`, `command=` and every other parameter (as a
+    /// variable; `disk=` is refused) from `params`. `None` when there is
+    /// no `size=`.
+    pub fn from_params(params: &mut Params) -> ConfigResult<Option<DiskCommand>> {
+        let mut size = None;
+        let mut command = None;
+        let mut vars = Vec::new();
+        for (k, v) in params.take_rest() {
+            match k.as_str() {
+                "command" => command = Some(v),
+                "size" => {
+                    size = Some(
+                        libnbd::parse_size(&v)
+                            .map_err(|e| ConfigError::new(format!("size: {e}")))?,
+                    )
+                }
+                "disk" => {
+                    return Err(ConfigError::new(
+                        "'disk' parameter cannot be set on the command line",
+                    ))
+                }
+                _ => vars.push((k, v)),
+            }
+        }
+        let Some(size) = size else {
+            return Ok(None);
+        };
+        if size > i64::MAX as u64 {
+            return Err(ConfigError::new("size: too large"));
+        }
+        Ok(Some(DiskCommand {
+            size,
+            command: command.unwrap_or_else(|| MKFS_COMMAND.to_string()),
+            vars,
+        }))
+    }
+
+    /// The script run for `disk`.
+    pub fn script(&self, disk: &Path) -> String {
+        let mut s = String::from("exec </dev/null >/dev/null\n");
+        s.push_str("disk=");
+        shell_quote(&disk.to_string_lossy(), &mut s);
+        s.push('\n');
+        s.push_str(&format!("size={}\n\n", self.size));
+        for (k, v) in &self.vars {
+            shell_quote(k, &mut s);
+            s.push('=');
+            shell_quote(v, &mut s);
+            s.push('\n');
+        }
+        s.push('\n');
+        s.push_str(&self.command);
+        s
+    }
+
+    /// Run the script for `disk` ("command exited with code N" when it
+    /// fails).
+    pub fn run(&self, disk: &Path) -> Result<()> {
+        use std::os::unix::process::ExitStatusExt;
+        let status = Command::new("/bin/sh")
+            .arg("-c")
+            .arg(self.script(disk))
+            .status()
+            .map_err(|e| Error::io("failed to execute command", e))?;
+        if let Some(code) = status.code() {
+            if code != 0 {
+                return Err(Error::eio(format!("command exited with code {code}")));
+            }
+        } else if let Some(sig) = status.signal() {
+            return Err(Error::eio(format!("command killed by signal {sig}")));
+        }
+        Ok(())
+    }
+}
+
+impl FileDisk {
+    /// Open `disk` (read-only when `readonly`) and take its size.
+    pub fn open(disk: &Path, readonly: bool) -> Result<FileDisk> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(!readonly)
+            .open(disk)
+            .map_err(|e| Error::io(format!("open: {}", disk.display()), e))?;
+        let meta = file
+            .metadata()
+            .map_err(|e| Error::io(format!("fstat: {}", disk.display()), e))?;
+        let size = if meta.file_type().is_block_device() {
+            lseek(file.as_raw_fd(), 0, Whence::SeekEnd)
+                .map_err(|e| Error::io("lseek", std::io::Error::from_raw_os_error(e as i32)))?
+                as u64
+        } else if meta.is_dir() {
+            return Err(Error::io(
+                format!("open: {}", disk.display()),
+                std::io::Error::from_raw_os_error(libc::EISDIR),
+            ));
+        } else {
+            meta.len()
+        };
+        Ok(FileDisk {
+            file,
+            size,
+            writable: !readonly,
+        })
+    }
+}
+
+/// A disk file open for one connection (tmpdisk's unlinked disk,
+/// ondemand's filesystem): writable unless read-only, flush and FUA by
+/// `fdatasync`, trim by punching holes.
+pub struct FileDisk {
+    pub(crate) file: File,
+    size: u64,
+    writable: bool,
+}
+
+impl FileDisk {
+    fn sync(&self) -> Result<()> {
+        self.file.sync_data().map_err(|e| Error::io("fdatasync", e))
+    }
+}
+
+#[async_trait]
+impl Handle for FileDisk {
+    fn size(&self) -> Result<u64> {
+        Ok(self.size)
+    }
+    fn caps(&self) -> Result<Caps> {
+        Ok(Caps {
+            write: self.writable,
+            flush: true,
+            trim: true,
+            fua: Fua::Native,
+            ..Caps::READ_ONLY
+        })
+    }
+    async fn pread(&self, buf: &mut [u8], offset: u64, _flags: Flags) -> Result<()> {
+        run_blocking(|| {
+            self.file.read_exact_at(buf, offset).map_err(|e| {
+                if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                    Error::eio("pread: unexpected end of file")
+                } else {
+                    Error::io("pread", e)
+                }
+            })
+        })
+    }
+    async fn pwrite(&self, buf: &[u8], offset: u64, flags: Flags) -> Result<()> {
+        run_blocking(|| {
+            self.file
+                .write_all_at(buf, offset)
+                .map_err(|e| Error::io("pwrite", e))?;
+            if flags.contains(Flags::FUA) {
+                self.sync()?;
+            }
+            Ok(())
+        })
+    }
+    async fn flush(&self, _flags: Flags) -> Result<()> {
+        run_blocking(|| self.sync())
+    }
+    async fn trim(&self, count: u64, offset: u64, flags: Flags) -> Result<()> {
+        run_blocking(|| {
+            // As upstream: a failed hole punch is only worth a debug line.
+            let _ = fallocate(
+                self.file.as_raw_fd(),
+                FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE,
+                offset as i64,
+                count as i64,
+            );
+            if flags.contains(Flags::FUA) {
+                self.sync()?;
+            }
+            Ok(())
+        })
+    }
 }
 
 #[cfg(test)]

@@ -65,6 +65,7 @@ mod plugin_file_directory;
 mod plugin_info;
 mod plugin_iso;
 mod plugin_linuxdisk;
+mod plugin_ondemand;
 mod plugin_partitioning;
 mod plugin_random;
 mod plugin_s3;
