@@ -23,6 +23,7 @@
 //! | `iso`           | [`iso`]               | an ISO 9660 image made from directories |
 //! | `linuxdisk`     | [`linuxdisk`]         | an ext2/3/4 disk made from a directory  |
 //! | `ondemand`      | [`ondemand`]          | a kept filesystem per export name       |
+//! | `floppy`        | [`floppy`]            | a FAT32 disk made from a directory      |
 //!
 //! [`registry`] lists them for the server; [`sparse`] is the in-memory
 //! store shared by `memory` and `data`, [`script`] the engine shared by
@@ -35,6 +36,7 @@ pub mod curl;
 pub mod data;
 pub mod eval;
 pub mod file;
+pub mod floppy;
 pub mod full;
 pub mod info;
 pub mod iso;
@@ -82,6 +84,7 @@ pub fn registry() -> Vec<PluginEntry> {
         iso::ENTRY,
         linuxdisk::ENTRY,
         ondemand::ENTRY,
+        floppy::ENTRY,
     ]
 }
 
@@ -116,6 +119,7 @@ mod tests {
             ("linuxdisk", Some("dir")),
             ("tmpdisk", Some("size")),
             ("ondemand", Some("size")),
+            ("floppy", Some("dir")),
         ] {
             let e = find(name);
             assert_eq!(e.magic, magic, "{name}");

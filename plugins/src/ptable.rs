@@ -460,6 +460,28 @@ impl Layout {
 }
 
 impl Layout {
+    /// Replace the region of partition `part` by `inner`, regions that
+    /// start at 0 and cover it exactly (a filesystem laid out in pieces).
+    pub fn splice(&mut self, part: usize, inner: Vec<Region>) {
+        let Some(i) = self
+            .regions
+            .iter()
+            .position(|r| matches!(r.piece, Piece::Part(p) if p == part))
+        else {
+            return;
+        };
+        let base = self.regions[i].start;
+        debug_assert_eq!(
+            inner.iter().map(|r| r.len).sum::<u64>(),
+            self.regions[i].len
+        );
+        let shifted = inner.into_iter().map(|r| Region {
+            start: base + r.start,
+            ..r
+        });
+        self.regions.splice(i..=i, shifted);
+    }
+
     /// A disk that is one file of `size` bytes, with no table.
     pub fn whole(size: u64) -> Layout {
         Layout {

@@ -62,6 +62,7 @@ mod nbdkit_version;
 mod nginx;
 mod plugin_eval;
 mod plugin_file_directory;
+mod plugin_floppy;
 mod plugin_info;
 mod plugin_iso;
 mod plugin_linuxdisk;
