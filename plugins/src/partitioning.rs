@@ -18,8 +18,8 @@
 //! - `[file=]FILENAME` (required, repeatable): a file holding one
 //!   partition's data. Empty files are refused.
 //! - `partition-type=mbr|gpt`: the table. Without it: GPT for more than
-//!   four files or a disk too large for MBR (sector numbers beyond 32
-//!   bits), else MBR.
+//!   four files or files totalling more than MBR's limit (2 TiB less
+//!   5M, as upstream), else MBR.
 //! - `alignment=N` (default `1M`): the start of every following file is
 //!   aligned to `N` bytes, a multiple of 512.
 //! - `mbr-id=0xN|default`: the MBR type byte of every following file
@@ -66,6 +66,10 @@ pub const ENTRY: PluginEntry = PluginEntry {
 pub struct PartitioningPlugin {
     disk: Disk,
 }
+
+/// The largest total of the files' sizes upstream puts under an MBR
+/// (2^32 - 1 sectors less 5M of room for the tables and alignment).
+const MBR_MAX: u64 = u32::MAX as u64 * 512 - 5 * (1 << 20);
 
 /// Parse an `mbr-id=` value as nbdkit parses a `uint8_t`.
 fn parse_mbr_id(v: &str) -> ConfigResult<u8> {
@@ -191,12 +195,21 @@ pub fn create(params: &mut Params) -> ConfigResult<Arc<dyn Plugin>> {
             "at least one file= parameter must be supplied",
         ));
     }
-    let layout = match kind {
-        Some(k) => ptable::layout(&specs, k),
-        None if specs.len() > 4 => ptable::layout(&specs, Kind::Gpt),
-        None => ptable::layout(&specs, Kind::Mbr).or_else(|_| ptable::layout(&specs, Kind::Gpt)),
-    }
-    .map_err(ConfigError::new)?;
+    let total: u64 = specs.iter().map(|p| p.size).sum();
+    let kind = match kind {
+        Some(Kind::Mbr) if total > MBR_MAX => {
+            return Err(ConfigError::new(format!(
+                "MBR partition table type supports a maximum virtual disk size of about 2 TB, \
+                 but you requested {} partition(s) and a total size of {total} bytes (> {MBR_MAX}).  \
+                 Try using: partition-type=gpt",
+                specs.len()
+            )))
+        }
+        Some(k) => k,
+        None if specs.len() > 4 || total > MBR_MAX => Kind::Gpt,
+        None => Kind::Mbr,
+    };
+    let layout = ptable::layout(&specs, kind).map_err(ConfigError::new)?;
     Ok(Arc::new(PartitioningPlugin {
         disk: Disk::new(layout, parts, true),
     }))
@@ -304,5 +317,18 @@ mod tests {
         assert_eq!(parse_mbr_id("0x0c").unwrap(), 12);
         assert_eq!(parse_mbr_id("010").unwrap(), 8);
         assert_eq!(parse_mbr_id("default").unwrap(), 0x83);
+        assert_eq!(MBR_MAX, 2_199_018_012_160, "upstream's limit");
+        // Beyond it: GPT by default, an error with partition-type=mbr.
+        let huge = d.path().join("huge");
+        std::fs::File::create(&huge)
+            .unwrap()
+            .set_len(MBR_MAX + 512)
+            .unwrap();
+        let huge = huge.to_str().unwrap();
+        assert!(bad(&[huge, "partition-type=mbr"]).contains("maximum virtual disk size"));
+        let h = open_plugin(&ENTRY, &[huge]).await;
+        let mut b = [0u8; 8];
+        h.pread(&mut b, 512, Flags::NONE).await.unwrap();
+        assert_eq!(&b, b"EFI PART");
     }
 }
