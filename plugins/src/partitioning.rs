@@ -36,7 +36,8 @@
 //!   size is rounded up to whole 512-byte sectors (the tail reads as
 //!   zeroes); the first partition is flagged bootable (MBR 0x80, GPT
 //!   "legacy BIOS bootable"); GPT partitions are named after their file
-//!   (as given) and get random unique GUIDs, the disk GUID is zero, and
+//!   as given (when that is ASCII and at most 35 characters, else they
+//!   are unnamed) and get random unique GUIDs, the disk GUID is zero, and
 //!   the table has 128 entries (more in steps of 128 beyond that).
 //! - Files are opened read-write (read-only if that is refused, and then
 //!   writes to them fail). A write that would change a table, padding
@@ -145,7 +146,13 @@ pub fn create(params: &mut Params) -> ConfigResult<Arc<dyn Plugin>> {
                     mbr_id,
                     type_guid,
                     guid: rand::random(),
-                    name: v.clone(),
+                    // As upstream: named only when the name fits in
+                    // ASCII with its terminating zero.
+                    name: if v.is_ascii() && v.len() < 36 {
+                        v.clone()
+                    } else {
+                        String::new()
+                    },
                     bootable: specs.is_empty(),
                 });
                 parts.push(DiskFile {

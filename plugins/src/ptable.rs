@@ -372,6 +372,26 @@ pub fn layout(parts: &[PartSpec], kind: Kind) -> Result<Layout, String> {
     })
 }
 
+/// A write refused because it would change a table or padding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Refused {
+    /// Where the first changed piece starts.
+    pub offset: u64,
+    /// A table (else padding).
+    pub table: bool,
+}
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Upstream's words.
+        if self.table {
+            write!(f, "attempt to change partition table of virtual disk")
+        } else {
+            write!(f, "write non-zeroes to padding region")
+        }
+    }
+}
+
 /// What a request touches in one region.
 pub struct Span<'a> {
     /// The region.
@@ -429,13 +449,13 @@ impl Layout {
 
     /// Do a write: partition pieces go to `part`; table and padding
     /// pieces must hold what is already there, else the write fails
-    /// (`Err(offset)` of the first changed piece, nothing written).
+    /// (`Err` of the first changed piece, nothing written).
     pub fn write(
         &self,
         buf: &[u8],
         offset: u64,
         mut part: impl FnMut(usize, &[u8], u64) -> std::io::Result<()>,
-    ) -> Result<std::io::Result<()>, u64> {
+    ) -> Result<std::io::Result<()>, Refused> {
         let spans = self.spans(offset, buf.len());
         for s in &spans {
             let b = &buf[s.buf_at..s.buf_at + s.len];
@@ -445,7 +465,10 @@ impl Layout {
                 Piece::Part(_) => true,
             };
             if !same {
-                return Err(s.region.start + s.offset);
+                return Err(Refused {
+                    offset: s.region.start + s.offset,
+                    table: matches!(s.region.piece, Piece::Bytes(_)),
+                });
             }
         }
         for s in &spans {
@@ -566,9 +589,7 @@ impl Handle for Disk {
                 p.file.write_all_at(b, o)
             }) {
                 Ok(r) => r.map_err(|e| Error::io("pwrite", e)),
-                Err(at) => Err(Error::eio(format!(
-                    "attempt to change partition table or padding of virtual disk at offset {at}"
-                ))),
+                Err(r) => Err(Error::eio(format!("{r} (at offset {})", r.offset))),
             }
         })
     }
@@ -854,7 +875,10 @@ mod tests {
             Ok(())
         };
         assert!(l.write(&d[..512], 0, &mut part).is_ok());
-        assert_eq!(l.write(&[1; 512], 0, &mut part).err(), Some(0));
+        let r = l.write(&[1; 512], 0, &mut part).err().unwrap();
+        assert_eq!((r.offset, r.table), (0, true));
+        let r = l.write(&[1; 512], 1024, &mut part).err().unwrap();
+        assert_eq!((r.offset, r.table), (1024, false));
         assert!(l.write(&[0; 512], 4096, &mut part).is_ok());
         assert!(l.write(&[1; 24], 2048 * 512 + 1000, &mut part).is_err());
         assert!(l.write(&[1; 1000], 2048 * 512, &mut part).is_ok());
