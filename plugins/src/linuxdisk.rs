@@ -115,6 +115,11 @@ pub fn create(params: &mut Params) -> ConfigResult<Arc<dyn Plugin>> {
             "you must supply the dir=<DIRECTORY> parameter after the plugin name on the command line",
         )
     })?;
+    // Made absolute now, in case the server changes directory later.
+    let dir = match std::env::current_dir() {
+        Ok(cwd) if !dir.starts_with('/') => cwd.join(&dir).to_string_lossy().into_owned(),
+        _ => dir,
+    };
     Ok(Arc::new(LinuxdiskPlugin {
         dir,
         label,
