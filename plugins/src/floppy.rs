@@ -95,7 +95,7 @@ pub fn create(params: &mut Params) -> ConfigResult<Arc<dyn Plugin>> {
     })?;
     let label = params.take("label").unwrap_or_else(|| "NBDKITFLOPY".into());
     let size = params.take_size("size")?;
-    let dir = crate::iso::real_dir(&dir)?;
+    let dir = crate::tempdisk::real_dir(&dir)?;
     let tree = Tree::walk(&dir).map_err(ConfigError::new)?;
     let (layout, files) = build(tree, &label, size).map_err(ConfigError::new)?;
     Ok(Arc::new(FloppyPlugin {

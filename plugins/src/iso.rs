@@ -44,7 +44,7 @@ use libnbd::{
 };
 
 use crate::ptable::{Disk, DiskFile, Layout};
-use crate::tempdisk::{on_path, quoted, run_sh, TempImage};
+use crate::tempdisk::{on_path, quoted, real_dir, run_sh, TempImage};
 
 /// The registry entry of the iso plugin.
 pub const ENTRY: PluginEntry = PluginEntry {
@@ -61,17 +61,6 @@ pub struct IsoPlugin {
     command: String,
     prog: String,
     disk: OnceLock<Disk>,
-}
-
-/// The absolute form of a directory given on the command line.
-pub(crate) fn real_dir(d: &str) -> ConfigResult<std::path::PathBuf> {
-    let p = std::fs::canonicalize(d).map_err(|e| {
-        ConfigError::new(format!(
-            "realpath: {d}: {}",
-            crate::partitioning::io_msg(&e)
-        ))
-    })?;
-    Ok(p)
 }
 
 /// Build the iso plugin from `dir=`, `params=` and `prog=`.

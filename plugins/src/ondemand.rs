@@ -91,7 +91,7 @@ pub fn create(params: &mut Params) -> ConfigResult<Arc<dyn Plugin>> {
     let (Some(dir), Some(command)) = (dir, command) else {
         return Err(ConfigError::new("dir and size parameters are required"));
     };
-    let dir = crate::iso::real_dir(&dir)?;
+    let dir = crate::tempdisk::real_dir(&dir)?;
     Ok(Arc::new(OndemandPlugin { dir, wait, command }))
 }
 

@@ -53,6 +53,7 @@ use async_trait::async_trait;
 use libnbd::{ConfigError, ConfigResult, Handle, OpenContext, Params, Plugin, PluginEntry, Result};
 
 use crate::ptable::{self, Disk, DiskFile, Kind, PartSpec};
+use crate::tempdisk::io_msg;
 
 /// The registry entry of the partitioning plugin.
 pub const ENTRY: PluginEntry = PluginEntry {
@@ -96,6 +97,32 @@ fn parse_mbr_id(v: &str) -> ConfigResult<u8> {
     }
 }
 
+/// Open a partition's file, read-write if allowed, and take its size.
+fn open_part(v: &str) -> ConfigResult<(File, bool, u64)> {
+    let err = |e: std::io::Error| ConfigError::new(format!("{v}: {}", io_msg(&e)));
+    let (file, writable) = match std::fs::OpenOptions::new().read(true).write(true).open(v) {
+        Ok(f) => (f, true),
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::EACCES | libc::EROFS | libc::EPERM)
+            ) =>
+        {
+            (File::open(v).map_err(err)?, false)
+        }
+        Err(e) => return Err(err(e)),
+    };
+    let meta = file.metadata().map_err(err)?;
+    let size = if meta.is_file() {
+        meta.len()
+    } else {
+        // A block device: its size is where its end is.
+        use std::io::Seek;
+        (&file).seek(std::io::SeekFrom::End(0)).map_err(err)?
+    };
+    Ok((file, writable, size))
+}
+
 /// Build the plugin: the files in order with the settings in force where
 /// each appears, then the layout.
 pub fn create(params: &mut Params) -> ConfigResult<Arc<dyn Plugin>> {
@@ -108,33 +135,7 @@ pub fn create(params: &mut Params) -> ConfigResult<Arc<dyn Plugin>> {
     for (k, v) in params.take_rest() {
         match k.as_str() {
             "file" => {
-                let (file, writable) =
-                    match std::fs::OpenOptions::new().read(true).write(true).open(&v) {
-                        Ok(f) => (f, true),
-                        Err(e)
-                            if matches!(
-                                e.raw_os_error(),
-                                Some(libc::EACCES | libc::EROFS | libc::EPERM)
-                            ) =>
-                        {
-                            let f = File::open(&v)
-                                .map_err(|e| ConfigError::new(format!("{v}: {e}")))?;
-                            (f, false)
-                        }
-                        Err(e) => return Err(ConfigError::new(format!("{v}: {}", io_msg(&e)))),
-                    };
-                let meta = file
-                    .metadata()
-                    .map_err(|e| ConfigError::new(format!("{v}: {e}")))?;
-                let size = if meta.is_file() {
-                    meta.len()
-                } else {
-                    // A block device: its size is where the end is.
-                    use std::io::Seek;
-                    (&file)
-                        .seek(std::io::SeekFrom::End(0))
-                        .map_err(|e| ConfigError::new(format!("{v}: {e}")))?
-                };
+                let (file, writable, size) = open_part(&v)?;
                 if size == 0 {
                     return Err(ConfigError::new(format!(
                         "{v}: zero length partitions are not allowed"
@@ -220,15 +221,6 @@ pub fn create(params: &mut Params) -> ConfigResult<Arc<dyn Plugin>> {
     Ok(Arc::new(PartitioningPlugin {
         disk: Disk::new(layout, parts, true),
     }))
-}
-
-pub(crate) fn io_msg(e: &std::io::Error) -> String {
-    // "No such file or directory", without Rust's " (os error 2)".
-    let s = e.to_string();
-    match s.find(" (os error") {
-        Some(i) => s[..i].to_string(),
-        None => s,
-    }
 }
 
 #[async_trait]

@@ -1,6 +1,7 @@
 //! Temporary disk images and the shell commands that fill them, shared
 //! by the plugins that build a disk with an outside program (`tmpdisk`,
-//! `ondemand`, `iso`, `linuxdisk`, `floppy`).
+//! `ondemand`, `iso`, `linuxdisk`), and the checks of the directories
+//! given to them.
 
 use std::fs::File;
 use std::os::unix::fs::{FileExt, FileTypeExt};
@@ -40,6 +41,22 @@ pub fn shell_quote(s: &str, out: &mut String) {
         }
     }
     out.push('\'');
+}
+
+/// An I/O error's message without Rust's " (os error N)" tail, as C
+/// programs print it.
+pub fn io_msg(e: &std::io::Error) -> String {
+    let s = e.to_string();
+    match s.find(" (os error") {
+        Some(i) => s[..i].to_string(),
+        None => s,
+    }
+}
+
+/// The absolute form of a directory given on the command line
+/// ("realpath: DIR: No such file or directory" when it is missing).
+pub fn real_dir(d: &str) -> ConfigResult<PathBuf> {
+    std::fs::canonicalize(d).map_err(|e| ConfigError::new(format!("realpath: {d}: {}", io_msg(&e))))
 }
 
 /// `s` quoted for the shell.
