@@ -1,7 +1,7 @@
 //! The floppy plugin against upstream's: the same disk size, partition
 //! table and FAT32 parameters with and without `size=`; the FAT32 in the
 //! partition (taken out with the partition filter) checked clean by
-//! fsck.fat with the long names; on a disk large enough for mtools
+//! fsck.fat with the same long names as upstream's; on a disk large enough for mtools
 //! (which wants 65525 clusters in a FAT32), the label, the tree and the
 //! files' contents read back by mdir/mtype; read-only; bad parameters.
 
@@ -66,7 +66,7 @@ fn plugin_floppy_layout_as_upstream() {
 
 #[test]
 fn plugin_floppy_filesystem_contents() {
-    if !require(&["nbdcopy", "fsck.fat", "mdir", "mtype"]) {
+    if !require(&["nbdkit", "nbdcopy", "fsck.fat", "mdir", "mtype"]) {
         return;
     }
     let d = tempfile::tempdir().unwrap();
@@ -96,6 +96,25 @@ fn plugin_floppy_filesystem_contents() {
     }
     assert!(!listing.contains("/link"), "{listing}");
     assert!(!listing.contains("Fixing"), "{listing}");
+    // The same long names as in upstream's.
+    {
+        let theirs = d.path().join("theirs.img");
+        copy(
+            &Server::upstream(&["--filter=partition", "floppy", t, "partition=1"]),
+            &theirs,
+        );
+        let names = |img: &Path| {
+            let out = run(Command::new("fsck.fat").args(["-n", "-l"]).arg(img));
+            let mut v: Vec<String> = String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .filter_map(|l| l.strip_prefix("Checking file "))
+                .map(|l| l.split(" (").next().unwrap().to_string())
+                .collect();
+            v.sort();
+            v
+        };
+        assert_eq!(names(&fs), names(&theirs));
+    }
 
     // Big enough for mtools (sparse: nbdcopy skips the zeroes).
     let fs = d.path().join("big.img");
