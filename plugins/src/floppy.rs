@@ -34,7 +34,8 @@
 //!   in a contiguous run of clusters; times are the files' modification
 //!   times (UTC). Only regular files and directories are taken (symbolic
 //!   links, devices, sockets are left out). A file of 4G or more, a name
-//!   longer than 255 UTF-16 units, or a disk beyond FAT32's limits stops
+//!   longer than 255 UTF-16 units, a directory of more than 65536 slots
+//!   (entries and their long names), or a disk beyond FAT32's limits stops
 //!   the server with an error, as does `size=` too small for the files.
 //! - Unlike upstream, the boot sector records the partition's start as
 //!   its hidden sectors and a 64-head, 32-sector geometry, so that tools
@@ -415,7 +416,12 @@ fn build(
     // Clusters: the directories first (the root at 2), then the files.
     let mut next: u64 = 2;
     for d in 0..t.dirs.len() {
-        let n = dir_bytes(&t, d).div_ceil(CLUSTER).max(1);
+        let bytes = dir_bytes(&t, d);
+        // FAT readers stop at 65536 slots in a directory.
+        if bytes > 65536 * 32 {
+            return Err("a directory has too many entries for FAT32".into());
+        }
+        let n = bytes.div_ceil(CLUSTER).max(1);
         t.dirs[d].first_cluster = next as u32;
         t.dirs[d].clusters = n;
         next += n;
