@@ -20,22 +20,35 @@
 //! | `split`         | [`split`]             | several files concatenated into one     |
 //! | `nbd`           | [`nbd`]               | another NBD server, proxied             |
 //! | `tmpdisk`       | [`tmpdisk`]           | a fresh temporary filesystem per client |
+//! | `partitioning`  | [`partitioning`]      | a partitioned disk made of files        |
+//! | `iso`           | [`iso`]               | an ISO 9660 image made from directories |
+//! | `linuxdisk`     | [`linuxdisk`]         | an ext2/3/4 disk made from a directory  |
+//! | `ondemand`      | [`ondemand`]          | a kept filesystem per export name       |
+//! | `floppy`        | [`floppy`]            | a FAT32 disk made from a directory      |
 //!
 //! [`registry`] lists them for the server; [`sparse`] is the in-memory
 //! store shared by `memory` and `data`, [`script`] the engine shared by
-//! `sh` and `eval`.
+//! `sh` and `eval`, [`ptable`] the partition tables of `partitioning`,
+//! `linuxdisk` and `floppy`, [`tempdisk`] the temporary images and
+//! commands of the plugins that run mkfs or an ISO maker.
 #![warn(missing_docs)]
 
 pub mod curl;
 pub mod data;
 pub mod eval;
 pub mod file;
+pub mod floppy;
 pub mod full;
 pub mod info;
+pub mod iso;
+pub mod linuxdisk;
 pub mod memory;
 pub mod nbd;
 pub mod null;
+pub mod ondemand;
+pub mod partitioning;
 pub mod pattern;
+pub mod ptable;
 pub mod random;
 pub mod s3;
 pub mod script;
@@ -44,6 +57,7 @@ pub mod slab;
 pub mod sparse;
 pub mod sparse_random;
 pub mod split;
+pub mod tempdisk;
 pub mod tmpdisk;
 pub mod zero;
 
@@ -69,6 +83,11 @@ pub fn registry() -> Vec<PluginEntry> {
         split::ENTRY,
         tmpdisk::ENTRY,
         nbd::ENTRY,
+        partitioning::ENTRY,
+        iso::ENTRY,
+        linuxdisk::ENTRY,
+        ondemand::ENTRY,
+        floppy::ENTRY,
     ]
 }
 
@@ -109,6 +128,12 @@ mod tests {
             ("random", Some("size")),
             ("info", Some("mode")),
             ("nbd", Some("uri")),
+            ("partitioning", Some("file")),
+            ("iso", Some("dir")),
+            ("linuxdisk", Some("dir")),
+            ("tmpdisk", Some("size")),
+            ("ondemand", Some("size")),
+            ("floppy", Some("dir")),
         ] {
             let e = find(name);
             assert_eq!(e.magic, magic, "{name}");

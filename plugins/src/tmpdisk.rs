@@ -46,20 +46,16 @@
 //!   failure is ignored); zero is emulated by the server; no extents
 //!   (all data); not advertised as multi-conn; thread model parallel.
 
-use std::fs::File;
-use std::os::unix::fs::{FileExt, FileTypeExt};
-use std::os::unix::io::AsRawFd;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use libnbd::backend::run_blocking;
 use libnbd::{
-    Caps, ConfigError, ConfigResult, Error, Flags, Fua, Handle, OpenContext, Params, Plugin,
-    PluginEntry, Result,
+    ConfigError, ConfigResult, Error, Handle, OpenContext, Params, Plugin, PluginEntry, Result,
 };
-use nix::fcntl::{fallocate, FallocateFlags};
-use nix::unistd::{lseek, Whence};
+
+use crate::tempdisk::{tmpdir, DiskCommand, FileDisk};
 
 /// The registry entry of the tmpdisk plugin.
 pub const ENTRY: PluginEntry = PluginEntry {
@@ -72,111 +68,22 @@ pub const ENTRY: PluginEntry = PluginEntry {
     create,
 };
 
-/// Upstream's default command (`default-command.sh`).
-const DEFAULT_COMMAND: &str = r#"type="${type:-ext4}"
-labelopt='-L'
-case "$type" in
-    ext?)
-        extra='-F' ;;
-    *fat|msdos)
-        extra='-I' ;;
-    ntfs)
-        extra='-Q -F'
-        labelopt='-n' ;;
-    xfs)
-        extra='-f' ;;
-esac
-truncate -s $size "$disk"
-if [ "x$label" = "x" ]; then
-    mkfs -t "$type" $extra "$disk"
-else
-    mkfs -t "$type" $extra $labelopt "$label" "$disk"
-fi
-"#;
-
 /// The configured tmpdisk plugin.
 pub struct TmpdiskPlugin {
-    size: u64,
-    command: String,
-    /// The shell variables, in command-line order.
-    vars: Vec<(String, String)>,
+    command: DiskCommand,
 }
 
 /// Build the tmpdisk plugin from `size=`, `command=` and variables.
 pub fn create(params: &mut Params) -> ConfigResult<Arc<dyn Plugin>> {
-    let mut size = None;
-    let mut command = None;
-    let mut vars = Vec::new();
-    for (k, v) in params.items().to_vec() {
-        match k.as_str() {
-            "command" => command = Some(v),
-            "size" => {
-                size = Some(
-                    libnbd::parse_size(&v).map_err(|e| ConfigError::new(format!("size: {e}")))?,
-                )
-            }
-            "disk" => {
-                return Err(ConfigError::new(
-                    "'disk' parameter cannot be set on the command line",
-                ))
-            }
-            _ => vars.push((k, v)),
-        }
-    }
-    *params = Params::new(Vec::new());
-    let size = size.ok_or_else(|| ConfigError::new("size parameter is required"))?;
-    if size > i64::MAX as u64 {
-        return Err(ConfigError::new("size: too large"));
-    }
-    Ok(Arc::new(TmpdiskPlugin {
-        size,
-        command: command.unwrap_or_else(|| DEFAULT_COMMAND.to_string()),
-        vars,
-    }))
-}
-
-/// Quote `s` for the shell as nbdkit's `shell_quote` does: as-is when
-/// made of safe characters only, else in single quotes.
-fn shell_quote(s: &str, out: &mut String) {
-    const SAFE: &str = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-_=,:/";
-    if s.chars().all(|c| SAFE.contains(c)) {
-        out.push_str(s);
-        return;
-    }
-    out.push('\'');
-    for c in s.chars() {
-        if c == '\'' {
-            out.push_str("'\\''");
-        } else {
-            out.push(c);
-        }
-    }
-    out.push('\'');
+    let command = DiskCommand::from_params(params)?
+        .ok_or_else(|| ConfigError::new("size parameter is required"))?;
+    Ok(Arc::new(TmpdiskPlugin { command }))
 }
 
 impl TmpdiskPlugin {
-    /// The script run for `disk`.
-    fn script(&self, disk: &Path) -> String {
-        let mut s = String::from("exec </dev/null >/dev/null\n");
-        s.push_str("disk=");
-        shell_quote(&disk.to_string_lossy(), &mut s);
-        s.push('\n');
-        s.push_str(&format!("size={}\n\n", self.size));
-        for (k, v) in &self.vars {
-            shell_quote(k, &mut s);
-            s.push('=');
-            shell_quote(v, &mut s);
-            s.push('\n');
-        }
-        s.push('\n');
-        s.push_str(&self.command);
-        s
-    }
-
     /// Make the private directory, run the command, open the disk.
-    fn make(&self, readonly: bool) -> Result<TmpdiskHandle> {
-        let tmpdir = std::env::var_os("TMPDIR").unwrap_or_else(|| "/var/tmp".into());
-        let template = Path::new(&tmpdir).join("tmpdiskXXXXXX");
+    fn make(&self, readonly: bool) -> Result<FileDisk> {
+        let template = tmpdir().join("tmpdiskXXXXXX");
         let dir: PathBuf = nix::unistd::mkdtemp(&template).map_err(|e| {
             Error::io(
                 format!("{}", template.display()),
@@ -184,52 +91,14 @@ impl TmpdiskPlugin {
             )
         })?;
         let disk = dir.join("disk");
-        let r = self.run_and_open(&disk, readonly);
+        let r = self
+            .command
+            .run(&disk)
+            .and_then(|()| FileDisk::open(&disk, readonly));
         // The handle keeps the descriptor: the names can go now.
         let _ = std::fs::remove_file(&disk);
         let _ = std::fs::remove_dir_all(&dir);
         r
-    }
-
-    fn run_and_open(&self, disk: &Path, readonly: bool) -> Result<TmpdiskHandle> {
-        use std::os::unix::process::ExitStatusExt;
-        let status = std::process::Command::new("/bin/sh")
-            .arg("-c")
-            .arg(self.script(disk))
-            .status()
-            .map_err(|e| Error::io("failed to execute command", e))?;
-        if let Some(code) = status.code() {
-            if code != 0 {
-                return Err(Error::eio(format!("command exited with code {code}")));
-            }
-        } else if let Some(sig) = status.signal() {
-            return Err(Error::eio(format!("command killed by signal {sig}")));
-        }
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(!readonly)
-            .open(disk)
-            .map_err(|e| Error::io(format!("open: {}", disk.display()), e))?;
-        let meta = file
-            .metadata()
-            .map_err(|e| Error::io(format!("fstat: {}", disk.display()), e))?;
-        let size = if meta.file_type().is_block_device() {
-            lseek(file.as_raw_fd(), 0, Whence::SeekEnd)
-                .map_err(|e| Error::io("lseek", std::io::Error::from_raw_os_error(e as i32)))?
-                as u64
-        } else if meta.is_dir() {
-            return Err(Error::io(
-                format!("open: {}", disk.display()),
-                std::io::Error::from_raw_os_error(libc::EISDIR),
-            ));
-        } else {
-            meta.len()
-        };
-        Ok(TmpdiskHandle {
-            file,
-            size,
-            writable: !readonly,
-        })
     }
 }
 
@@ -241,78 +110,10 @@ impl Plugin for TmpdiskPlugin {
     }
 }
 
-/// A connection's private disk (already unlinked).
-pub struct TmpdiskHandle {
-    file: File,
-    size: u64,
-    writable: bool,
-}
-
-impl TmpdiskHandle {
-    fn sync(&self) -> Result<()> {
-        self.file.sync_data().map_err(|e| Error::io("fdatasync", e))
-    }
-}
-
-#[async_trait]
-impl Handle for TmpdiskHandle {
-    fn size(&self) -> Result<u64> {
-        Ok(self.size)
-    }
-    fn caps(&self) -> Result<Caps> {
-        Ok(Caps {
-            write: self.writable,
-            flush: true,
-            trim: true,
-            fua: Fua::Native,
-            ..Caps::READ_ONLY
-        })
-    }
-    async fn pread(&self, buf: &mut [u8], offset: u64, _flags: Flags) -> Result<()> {
-        run_blocking(|| {
-            self.file.read_exact_at(buf, offset).map_err(|e| {
-                if e.kind() == std::io::ErrorKind::UnexpectedEof {
-                    Error::eio("pread: unexpected end of file")
-                } else {
-                    Error::io("pread", e)
-                }
-            })
-        })
-    }
-    async fn pwrite(&self, buf: &[u8], offset: u64, flags: Flags) -> Result<()> {
-        run_blocking(|| {
-            self.file
-                .write_all_at(buf, offset)
-                .map_err(|e| Error::io("pwrite", e))?;
-            if flags.contains(Flags::FUA) {
-                self.sync()?;
-            }
-            Ok(())
-        })
-    }
-    async fn flush(&self, _flags: Flags) -> Result<()> {
-        run_blocking(|| self.sync())
-    }
-    async fn trim(&self, count: u64, offset: u64, flags: Flags) -> Result<()> {
-        run_blocking(|| {
-            // As upstream: a failed hole punch is only worth a debug line.
-            let _ = fallocate(
-                self.file.as_raw_fd(),
-                FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE,
-                offset as i64,
-                count as i64,
-            );
-            if flags.contains(Flags::FUA) {
-                self.sync()?;
-            }
-            Ok(())
-        })
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use libnbd::Flags;
 
     fn plugin(args: &[&str]) -> ConfigResult<Arc<dyn Plugin>> {
         let mut p = Params::parse(args, Some("size"))?;
@@ -333,12 +134,12 @@ mod tests {
             vars.push((k.clone(), v.clone()));
         }
         assert!(ENTRY.configure(&mut p).is_ok());
-        let t = TmpdiskPlugin {
+        let t = DiskCommand {
             size: 1 << 20,
             command: "true".into(),
             vars,
         };
-        let s = t.script(Path::new("/t/disk"));
+        let s = t.script(std::path::Path::new("/t/disk"));
         assert!(s.contains("disk=/t/disk\nsize=1048576\n"), "{s}");
         assert!(s.contains("a='x y'\nb='it'\\''s'\n"), "{s}");
     }
