@@ -1,0 +1,490 @@
+//! The FUSE file system: one file (in a directory, or mounted over a
+//! regular file) whose reads and writes are NBD requests.
+//!
+//! Every request that talks to the server is handed to a tokio task
+//! and answered from there, so the FUSE threads only read requests
+//! from `/dev/fuse` and never wait for the server: many requests are
+//! in flight at once, spread over the connections of a
+//! [`MultiConn`].
+
+use std::ffi::{OsStr, OsString};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use fuser::{
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, INodeNo, InitFlags,
+    KernelConfig, LockOwner, OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory,
+    ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, Request, TimeOrNow,
+    WriteFlags,
+};
+use libnbd::client::{Error, MultiConn};
+use libnbd::protocol::{alloc, errno};
+use tokio::runtime::Handle;
+
+/// How long the kernel may cache attributes and names (libfuse's
+/// default).
+const TTL: Duration = Duration::from_secs(1);
+/// The inode of the directory (or of the file, mounted over a file).
+const ROOT: INodeNo = INodeNo(1);
+/// The inode of the file inside the directory.
+const FILE: INodeNo = INodeNo(2);
+/// The largest write the kernel is asked to send in one request.
+const MAX_WRITE: u32 = 1 << 20;
+
+/// What the file system shows and how.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// The file's name inside the mount point directory; `None` when
+    /// mounted over a regular file.
+    pub file_name: Option<OsString>,
+    /// Read-only (`-r`, or a read-only server).
+    pub readonly: bool,
+    /// Owner of the file.
+    pub uid: u32,
+    /// Group of the file.
+    pub gid: u32,
+    /// Permission bits to take away (`-o umask=`).
+    pub umask: u16,
+    /// `-o kernel_cache`: keep the page cache across opens.
+    pub kernel_cache: bool,
+    /// `-o direct_io`: bypass the page cache.
+    pub direct_io: bool,
+    /// `-v`: trace requests on stderr.
+    pub verbose: bool,
+}
+
+/// The file system over an NBD export.
+pub struct NbdFs {
+    nbd: Arc<MultiConn>,
+    rt: Handle,
+    s: Settings,
+    size: u64,
+    started: SystemTime,
+}
+
+impl NbdFs {
+    /// Serve `nbd`; requests run on `rt`.
+    pub fn new(nbd: Arc<MultiConn>, rt: Handle, s: Settings) -> NbdFs {
+        let size = nbd.size();
+        NbdFs {
+            nbd,
+            rt,
+            s,
+            size,
+            started: SystemTime::now(),
+        }
+    }
+
+    fn file_ino(&self) -> INodeNo {
+        if self.s.file_name.is_some() {
+            FILE
+        } else {
+            ROOT
+        }
+    }
+
+    fn attr(&self, ino: INodeNo) -> Option<FileAttr> {
+        let t = self.started;
+        let (kind, perm, nlink, size) = if ino == self.file_ino() {
+            let perm = if self.s.readonly { 0o444 } else { 0o666 };
+            (FileType::RegularFile, perm, 1, self.size)
+        } else if ino == ROOT {
+            (FileType::Directory, 0o555, 2, 0)
+        } else {
+            return None;
+        };
+        Some(FileAttr {
+            ino,
+            size,
+            blocks: size.div_ceil(512),
+            atime: t,
+            mtime: t,
+            ctime: t,
+            crtime: t,
+            kind,
+            perm: perm & !self.s.umask,
+            nlink,
+            uid: self.s.uid,
+            gid: self.s.gid,
+            rdev: 0,
+            blksize: 4096,
+            flags: 0,
+        })
+    }
+
+    /// Run `f` on the runtime and answer from there.
+    fn spawn<F>(&self, f: F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        self.rt.spawn(f);
+    }
+
+    /// The part of `[offset, offset + len)` within the export.
+    fn clamp(&self, offset: u64, len: u64) -> u64 {
+        len.min(self.size.saturating_sub(offset))
+    }
+
+    fn trace(&self, what: std::fmt::Arguments<'_>) {
+        if self.s.verbose {
+            eprintln!("nbdfuse: {what}");
+        }
+    }
+}
+
+/// The errno a failed request gives the caller: the server's, or `EIO`
+/// (a dead server or connection included).
+fn errno_of(e: &Error) -> Errno {
+    match e {
+        Error::Server { errno: n, .. } => Errno::from_i32(errno::to_host(*n)),
+        Error::InvalidArgument(_) => Errno::EINVAL,
+        Error::Unsupported(_) => Errno::from_i32(libc::EOPNOTSUPP),
+        _ => Errno::EIO,
+    }
+}
+
+fn fail(verbose: bool, op: &str, e: &Error) -> Errno {
+    if verbose {
+        eprintln!("nbdfuse: {op}: {e}");
+    }
+    errno_of(e)
+}
+
+/// Where SEEK_DATA or SEEK_HOLE from `offset` lands, from block status.
+async fn seek(nbd: &MultiConn, size: u64, offset: u64, data: bool) -> Result<u64, Errno> {
+    if offset >= size {
+        return Err(Errno::ENXIO);
+    }
+    let mut at = offset;
+    while at < size {
+        let bs = match nbd.block_status(size - at, at, 0).await {
+            Ok(bs) => bs,
+            // No block status: all data, as the kernel's default.
+            Err(Error::Unsupported(_)) => {
+                return Ok(if data { offset } else { size });
+            }
+            Err(e) => return Err(errno_of(&e)),
+        };
+        let extents = bs.get(libnbd::protocol::CONTEXT_BASE_ALLOCATION);
+        let Some(extents) = extents.filter(|e| !e.is_empty()) else {
+            return Ok(if data { offset } else { size });
+        };
+        for e in extents {
+            let hole = e.flags & alloc::HOLE != 0;
+            if hole != data {
+                return Ok(at.min(size));
+            }
+            at += u64::from(e.length);
+            if at >= size {
+                break;
+            }
+        }
+    }
+    if data {
+        Err(Errno::ENXIO)
+    } else {
+        Ok(size)
+    }
+}
+
+impl Filesystem for NbdFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        // Large requests, and many in flight.
+        let _ = config.add_capabilities(InitFlags::FUSE_MAX_PAGES);
+        let _ = config.set_max_write(MAX_WRITE);
+        let _ = config.set_max_background(64);
+        let _ = config.set_congestion_threshold(48);
+        let _ = config.set_max_readahead(MAX_WRITE);
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        match &self.s.file_name {
+            Some(n) if parent == ROOT && n == name => {
+                let a = self.attr(FILE).expect("the file has attributes");
+                reply.entry(&TTL, &a, fuser::Generation(0));
+            }
+            _ => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.attr(ino) {
+            Some(a) => reply.attr(&TTL, &a),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        _atime: Option<TimeOrNow>,
+        _mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let Some(a) = self.attr(ino) else {
+            return reply.error(Errno::ENOENT);
+        };
+        // The size of an NBD export is fixed, and so are the owner and
+        // mode; times are accepted and not kept (`touch` works).
+        if mode.is_some() || uid.is_some() || gid.is_some() {
+            return reply.error(Errno::EPERM);
+        }
+        match size {
+            Some(s) if s != a.size => reply.error(Errno::from_i32(libc::ENOSYS)),
+            _ => reply.attr(&TTL, &a),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        if ino != self.file_ino() {
+            return reply.error(Errno::EISDIR);
+        }
+        if self.s.readonly && flags.acc_mode() != OpenAccMode::O_RDONLY {
+            return reply.error(Errno::EROFS);
+        }
+        let mut f = FopenFlags::empty();
+        if self.s.kernel_cache {
+            f |= FopenFlags::FOPEN_KEEP_CACHE;
+        }
+        if self.s.direct_io {
+            f |= FopenFlags::FOPEN_DIRECT_IO | FopenFlags::FOPEN_PARALLEL_DIRECT_WRITES;
+        }
+        reply.opened(FileHandle(0), f);
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let len = self.clamp(offset, u64::from(size)) as usize;
+        if len == 0 {
+            return reply.data(&[]);
+        }
+        self.trace(format_args!("read {len} @ {offset}"));
+        let nbd = self.nbd.clone();
+        let v = self.s.verbose;
+        self.spawn(async move {
+            match nbd.pread_owned(vec![0u8; len], offset, 0).await {
+                Ok(buf) => reply.data(&buf),
+                Err(e) => reply.error(fail(v, "read", &e)),
+            }
+        });
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        if self.s.readonly {
+            return reply.error(Errno::EROFS);
+        }
+        if offset >= self.size && !data.is_empty() {
+            return reply.error(Errno::from_i32(libc::ENOSPC));
+        }
+        // A write past the end is cut at the end, as a block device's.
+        let len = self.clamp(offset, data.len() as u64) as usize;
+        self.trace(format_args!("write {len} @ {offset}"));
+        let data = data[..len].to_vec();
+        let nbd = self.nbd.clone();
+        let v = self.s.verbose;
+        self.spawn(async move {
+            match nbd.pwrite(&data, offset, 0).await {
+                Ok(()) => reply.written(len as u32),
+                Err(e) => reply.error(fail(v, "write", &e)),
+            }
+        });
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        // close(2): nothing to do (fsync flushes the server).
+        reply.ok();
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        if self.s.readonly || !self.nbd.info().can_flush() {
+            return reply.ok();
+        }
+        self.trace(format_args!("flush"));
+        let nbd = self.nbd.clone();
+        let v = self.s.verbose;
+        self.spawn(async move {
+            match nbd.flush().await {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(fail(v, "flush", &e)),
+            }
+        });
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        if ino == ROOT && self.s.file_name.is_some() {
+            reply.opened(FileHandle(0), FopenFlags::empty());
+        } else {
+            reply.error(Errno::ENOTDIR);
+        }
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let Some(name) = self.s.file_name.as_ref().filter(|_| ino == ROOT) else {
+            return reply.error(Errno::ENOTDIR);
+        };
+        let entries = [
+            (ROOT, FileType::Directory, OsStr::new(".")),
+            (ROOT, FileType::Directory, OsStr::new("..")),
+            (FILE, FileType::RegularFile, name.as_os_str()),
+        ];
+        for (i, (ino, kind, name)) in entries.iter().enumerate().skip(offset as usize) {
+            if reply.add(*ino, (i + 1) as u64, *kind, name) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let blocks = self.size.div_ceil(4096);
+        reply.statfs(blocks, 0, 0, 1, 0, 4096, 255, 4096);
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        if self.s.readonly {
+            return reply.error(Errno::EROFS);
+        }
+        let len = self.clamp(offset, length);
+        let info = self.nbd.info();
+        let (can_trim, can_zero) = (info.can_trim(), info.can_zero());
+        let punch = mode & libc::FALLOC_FL_PUNCH_HOLE != 0;
+        let zero = mode & libc::FALLOC_FL_ZERO_RANGE != 0;
+        if punch && mode & libc::FALLOC_FL_KEEP_SIZE == 0 {
+            return reply.error(Errno::from_i32(libc::EOPNOTSUPP));
+        }
+        if !punch && !zero {
+            // Plain allocation: every byte of an export is there already.
+            return if mode & !libc::FALLOC_FL_KEEP_SIZE == 0 && offset + length <= self.size {
+                reply.ok()
+            } else {
+                reply.error(Errno::from_i32(libc::EOPNOTSUPP))
+            };
+        }
+        if len == 0 {
+            return reply.ok();
+        }
+        self.trace(format_args!(
+            "{} {len} @ {offset}",
+            if punch { "trim" } else { "zero" }
+        ));
+        let nbd = self.nbd.clone();
+        let v = self.s.verbose;
+        self.spawn(async move {
+            let r = if punch && can_trim {
+                nbd.trim(len, offset, 0).await
+            } else if can_zero {
+                nbd.zero(len, offset, 0).await
+            } else {
+                // No zero command: write zeroes.
+                write_zeroes(&nbd, len, offset).await
+            };
+            match r {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(fail(v, "fallocate", &e)),
+            }
+        });
+    }
+
+    fn lseek(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        offset: i64,
+        whence: i32,
+        reply: ReplyLseek,
+    ) {
+        let data = match whence {
+            libc::SEEK_DATA => true,
+            libc::SEEK_HOLE => false,
+            // The kernel does the others itself.
+            _ => return reply.error(Errno::EINVAL),
+        };
+        if offset < 0 {
+            return reply.error(Errno::ENXIO);
+        }
+        let nbd = self.nbd.clone();
+        let size = self.size;
+        self.spawn(async move {
+            match seek(&nbd, size, offset as u64, data).await {
+                Ok(o) => reply.offset(o as i64),
+                Err(e) => reply.error(e),
+            }
+        });
+    }
+}
+
+/// Zeroes written as data, for a server without a zero command.
+async fn write_zeroes(nbd: &MultiConn, len: u64, offset: u64) -> Result<(), Error> {
+    const STEP: u64 = 1 << 20;
+    let zeroes = vec![0u8; STEP.min(len) as usize];
+    let mut at = 0;
+    while at < len {
+        let n = STEP.min(len - at) as usize;
+        nbd.pwrite(&zeroes[..n], offset + at, 0).await?;
+        at += n as u64;
+    }
+    Ok(())
+}
