@@ -49,6 +49,10 @@ pub struct Settings {
     pub kernel_cache: bool,
     /// `-o direct_io`: bypass the page cache.
     pub direct_io: bool,
+    /// `-o writeback_cache`: the kernel gathers writes in the page
+    /// cache and sends them later, many at once (errors then show at
+    /// `fsync` or `close`).
+    pub writeback_cache: bool,
     /// `-v`: trace requests on stderr.
     pub verbose: bool,
 }
@@ -195,6 +199,9 @@ impl Filesystem for NbdFs {
         let _ = config.set_max_background(64);
         let _ = config.set_congestion_threshold(48);
         let _ = config.set_max_readahead(MAX_WRITE);
+        if self.s.writeback_cache && !self.s.readonly && !self.s.direct_io {
+            let _ = config.add_capabilities(InitFlags::FUSE_WRITEBACK_CACHE);
+        }
         Ok(())
     }
 

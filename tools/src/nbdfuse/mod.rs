@@ -116,6 +116,9 @@ FUSE options (-o OPT[,OPT...]):
     -o gid=N               set file group
     -o max_threads=N       FUSE threads (default: 2; -s: 1)
     -o clone_fd            use separate fuse device fd for each thread
+    -o writeback_cache     let the kernel gather writes (errors show at
+                           fsync or close)
+    -o max_readahead=N     kernel read-ahead in bytes (default: 1M)
     -o debug               the same as -v
   accepted and ignored: attr_timeout=T, entry_timeout=T,
     negative_timeout=T, ac_attr_timeout=T, [no]auto_cache,
@@ -148,7 +151,15 @@ struct FuseOptions {
     clone_fd: bool,
     readonly: bool,
     debug: bool,
+    writeback_cache: bool,
+    /// Read-ahead in bytes.
+    readahead: Option<u32>,
 }
+
+/// The kernel's read-ahead on the mount (its default is 128K; the
+/// largest FUSE read is 1M): sequential reads come in large requests,
+/// several at once.
+const READAHEAD: u32 = 1 << 20;
 
 /// A parsed command line.
 #[derive(Debug)]
@@ -407,6 +418,9 @@ fn fuse_options(f: &mut FuseOptions, list: &str) -> Result<()> {
             ("gid", Some(v)) => f.gid = Some(num(k, v, 10)?),
             ("max_threads", Some(v)) => f.threads = Some(num(k, v, 10)?.clamp(1, 64) as usize),
             ("clone_fd", None) => f.clone_fd = true,
+            ("writeback_cache", None) => f.writeback_cache = true,
+            ("no_writeback_cache", None) => f.writeback_cache = false,
+            ("max_readahead", Some(v)) => f.readahead = Some(num(k, v, 10)?),
             ("debug", None) => f.debug = true,
             ("auto_cache" | "noauto_cache" | "no_rofd_flush" | "noforget", None) => {}
             (
@@ -537,6 +551,33 @@ fn write_pidfile(path: &Path) -> Result<()> {
         .with_context(|| format!("{}", path.display()))
 }
 
+/// Let the kernel read ahead `kb` KiB on this mount: the setting of the
+/// backing device info the kernel made for it (128K by default), found
+/// in `/proc/self/mountinfo` (a `stat` of the mount point would wait
+/// for the session, which is not serving yet).
+fn raise_readahead(mountpoint: &Path, kb: u32) {
+    let Ok(mp) = mountpoint.canonicalize() else {
+        return;
+    };
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return;
+    };
+    // The last mount on that path is ours.
+    let dev = info
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            (f.len() > 4 && Path::new(f[4]) == mp).then(|| f[2].to_string())
+        })
+        .next_back();
+    if let Some(dev) = dev {
+        let _ = std::fs::write(
+            format!("/sys/class/bdi/{dev}/read_ahead_kb"),
+            kb.to_string(),
+        );
+    }
+}
+
 fn run(job: Job) -> Result<()> {
     let (mountpoint, file_name) = mount_target(&job.mountpoint)?;
     let mut b = if job.single {
@@ -569,6 +610,7 @@ fn run(job: Job) -> Result<()> {
         umask: job.fuse.umask,
         kernel_cache: job.fuse.kernel_cache,
         direct_io: job.fuse.direct_io,
+        writeback_cache: job.fuse.writeback_cache,
         verbose: job.verbose,
     };
     let mut config = Config::default();
@@ -587,6 +629,7 @@ fn run(job: Job) -> Result<()> {
     let fs = NbdFs::new(nbd.clone(), rt.handle().clone(), settings);
     let mut session = fuser::Session::new(fs, &mountpoint, &config)
         .map_err(|e| anyhow!("fuse: mount {}: {e}", mountpoint.display()))?;
+    raise_readahead(&mountpoint, job.fuse.readahead.unwrap_or(READAHEAD) / 1024);
     // Mounted and past the kernel's INIT: ready.
     if let Some(p) = &job.pidfile {
         write_pidfile(p)?;
