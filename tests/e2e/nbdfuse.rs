@@ -530,3 +530,75 @@ fn nbdfuse_options_as_upstream() {
         assert!(!e.contains("panicked"), "{args:?}: {e}");
     }
 }
+
+/// Writes are answered before the server has them (write-behind); a
+/// failed one shows at fsync, and at once for O_DSYNC files. What was
+/// written reads back at once, also past the page cache.
+#[test]
+fn nbdfuse_write_behind_errors_and_ordering() {
+    if !require_fuse() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mp = dir.path().join("mp");
+    std::fs::create_dir(&mp).unwrap();
+    let server = Server::ours(&["memory", "4M"]);
+    let mut m = Mount::dir(&mp, &[], &[&server.uri()]);
+    // Many overlapping writes, then a read past the page cache.
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&m.file)
+        .unwrap();
+    for i in 0..64u8 {
+        f.write_all_at(&vec![i; 65536], u64::from(i) * 4096)
+            .unwrap();
+    }
+    let mut d = std::fs::OpenOptions::new();
+    use std::os::unix::fs::OpenOptionsExt;
+    d.read(true).custom_flags(libc::O_DIRECT);
+    let direct = d.open(&m.file).unwrap();
+    let mut buf = vec![0u8; 1 << 20];
+    // O_DIRECT wants an aligned buffer: read through an aligned window.
+    let layout = std::alloc::Layout::from_size_align(1 << 20, 4096).unwrap();
+    // SAFETY: a fresh allocation of that layout, freed below.
+    let p = unsafe { std::alloc::alloc_zeroed(layout) };
+    let aligned = unsafe { std::slice::from_raw_parts_mut(p, 1 << 20) };
+    direct.read_exact_at(aligned, 0).unwrap();
+    buf.copy_from_slice(aligned);
+    unsafe { std::alloc::dealloc(p, layout) };
+    for i in 0..64usize {
+        // Each 4K block holds the last write that covered it.
+        assert_eq!(buf[i * 4096], i as u8, "block {i}");
+    }
+    assert_eq!(buf[(63 + 16) * 4096 - 1], 63);
+    f.sync_all().unwrap();
+    drop((f, direct));
+    assert!(m.unmount().success());
+
+    // Against a server whose writes fail: write() succeeds, fsync says.
+    let server = Server::ours(&[
+        "--filter=error",
+        "memory",
+        "4M",
+        "error-pwrite-rate=100%",
+        "error=ENOSPC",
+    ]);
+    let mut m = Mount::dir(&mp, &[], &[&server.uri()]);
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&m.file)
+        .unwrap();
+    f.write_all_at(&[1u8; 4096], 0).unwrap();
+    let e = f.sync_all().unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "{e}");
+    drop(f);
+    let mut o = std::fs::OpenOptions::new();
+    o.write(true).custom_flags(libc::O_DSYNC);
+    let f = o.open(&m.file).unwrap();
+    let e = f.write_at(&[1u8; 4096], 0).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "{e}");
+    drop(f);
+    // nbdfuse says the writes failed when it ends.
+    assert!(!m.unmount().success());
+}

@@ -6,6 +6,17 @@
 //! from `/dev/fuse` and never wait for the server: many requests are
 //! in flight at once, spread over the connections of a
 //! [`MultiConn`].
+//!
+//! Writes are answered once they are queued (write-behind, as a local
+//! file's page cache does), up to [`WRITE_BEHIND`] bytes at a time: a
+//! sequential writer then keeps several NBD writes in flight instead of
+//! waiting for each. A request touching bytes still being written waits
+//! for that write (NBD orders nothing between requests in flight, nor
+//! between connections); `fsync` and `close` wait for every write and
+//! report a failed one (`EIO`, or the server's error), as a local file
+//! reports write-back errors. Files opened `O_SYNC`, `O_DSYNC` or
+//! `O_DIRECT` get synchronous writes (`FUA` for the first two when the
+//! server has it).
 
 use std::ffi::{OsStr, OsString};
 use std::sync::Arc;
@@ -20,6 +31,7 @@ use fuser::{
 use libnbd::client::{Error, MultiConn};
 use libnbd::protocol::{alloc, errno};
 use tokio::runtime::Handle;
+use tokio::sync::{Notify, Semaphore};
 
 /// How long the kernel may cache attributes and names (libfuse's
 /// default).
@@ -30,6 +42,8 @@ const ROOT: INodeNo = INodeNo(1);
 const FILE: INodeNo = INodeNo(2);
 /// The largest write the kernel is asked to send in one request.
 const MAX_WRITE: u32 = 1 << 20;
+/// Bytes of answered writes that may still be on their way.
+pub const WRITE_BEHIND: u32 = 32 << 20;
 
 /// What the file system shows and how.
 #[derive(Debug, Clone)]
@@ -60,6 +74,7 @@ pub struct Settings {
 /// The file system over an NBD export.
 pub struct NbdFs {
     nbd: Arc<MultiConn>,
+    writes: Arc<Writes>,
     rt: Handle,
     s: Settings,
     size: u64,
@@ -72,11 +87,17 @@ impl NbdFs {
         let size = nbd.size();
         NbdFs {
             nbd,
+            writes: Arc::new(Writes::new()),
             rt,
             s,
             size,
             started: SystemTime::now(),
         }
+    }
+
+    /// The writes in flight, for waiting on them at the end.
+    pub fn writes(&self) -> Arc<Writes> {
+        self.writes.clone()
     }
 
     fn file_ino(&self) -> INodeNo {
@@ -132,6 +153,90 @@ impl NbdFs {
     fn trace(&self, what: std::fmt::Arguments<'_>) {
         if self.s.verbose {
             eprintln!("nbdfuse: {what}");
+        }
+    }
+}
+
+/// Writes in flight: their ranges, the byte budget, and the first
+/// error of a write already answered.
+pub struct Writes {
+    state: std::sync::Mutex<WriteState>,
+    done: Notify,
+    budget: Semaphore,
+}
+
+#[derive(Default)]
+struct WriteState {
+    next: u64,
+    ranges: Vec<(u64, u64, u64)>,
+    error: Option<Errno>,
+    /// Has any write answered early failed (for the exit status)?
+    failed: bool,
+}
+
+impl Writes {
+    fn new() -> Writes {
+        Writes {
+            state: Default::default(),
+            done: Notify::new(),
+            budget: Semaphore::new(WRITE_BEHIND as usize),
+        }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, WriteState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Wait until no write in flight overlaps `[offset, offset + len)`
+    /// (every write: `len` = `u64::MAX`); then, with `register`, record
+    /// this range as a write in flight (under the same lock) and return
+    /// its id.
+    async fn wait_clear(&self, offset: u64, len: u64, register: bool) -> u64 {
+        let end = offset.saturating_add(len);
+        loop {
+            let notified = self.done.notified();
+            {
+                let mut st = self.state();
+                let busy = st.ranges.iter().any(|&(_, o, l)| o < end && offset < o + l);
+                if !busy {
+                    if !register {
+                        return 0;
+                    }
+                    st.next += 1;
+                    let id = st.next;
+                    st.ranges.push((id, offset, len));
+                    return id;
+                }
+            }
+            notified.await;
+        }
+    }
+
+    fn finish(&self, id: u64, error: Option<Errno>) {
+        let mut st = self.state();
+        st.ranges.retain(|&(i, _, _)| i != id);
+        if error.is_some() {
+            st.failed = true;
+        }
+        if st.error.is_none() {
+            st.error = error;
+        }
+        drop(st);
+        self.done.notify_waiters();
+    }
+
+    /// Has any write answered before it landed failed?
+    pub fn any_failed(&self) -> bool {
+        self.state().failed
+    }
+
+    /// Wait for every write in flight; the first failure since the last
+    /// call, if any.
+    pub async fn drain(&self) -> Result<(), Errno> {
+        self.wait_clear(0, u64::MAX, false).await;
+        match self.state().error.take() {
+            Some(e) => Err(e),
+            None => Ok(()),
         }
     }
 }
@@ -288,8 +393,10 @@ impl Filesystem for NbdFs {
         }
         self.trace(format_args!("read {len} @ {offset}"));
         let nbd = self.nbd.clone();
+        let writes = self.writes.clone();
         let v = self.s.verbose;
         self.spawn(async move {
+            writes.wait_clear(offset, len as u64, false).await;
             match nbd.pread_owned(vec![0u8; len], offset, 0).await {
                 Ok(buf) => reply.data(&buf),
                 Err(e) => reply.error(fail(v, "read", &e)),
@@ -305,7 +412,7 @@ impl Filesystem for NbdFs {
         offset: u64,
         data: &[u8],
         _write_flags: WriteFlags,
-        _flags: OpenFlags,
+        flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
@@ -320,12 +427,37 @@ impl Filesystem for NbdFs {
         self.trace(format_args!("write {len} @ {offset}"));
         let data = data[..len].to_vec();
         let nbd = self.nbd.clone();
+        let writes = self.writes.clone();
         let v = self.s.verbose;
+        let sync = flags.0 & (libc::O_SYNC | libc::O_DSYNC | libc::O_DIRECT) != 0;
+        let fua = flags.0 & (libc::O_SYNC | libc::O_DSYNC) != 0 && nbd.info().can_fua();
         self.spawn(async move {
-            match nbd.pwrite(&data, offset, 0).await {
-                Ok(()) => reply.written(len as u32),
-                Err(e) => reply.error(fail(v, "write", &e)),
+            let permit = match writes.budget.acquire_many(len.max(1) as u32).await {
+                Ok(p) => p,
+                Err(_) => return reply.error(Errno::EIO),
+            };
+            let id = writes.wait_clear(offset, len as u64, true).await;
+            if sync {
+                let flags = if fua {
+                    libnbd::protocol::cmdflag::FUA
+                } else {
+                    0
+                };
+                let r = nbd.pwrite(&data, offset, flags).await;
+                writes.finish(id, None);
+                drop(permit);
+                match r {
+                    Ok(()) => reply.written(len as u32),
+                    Err(e) => reply.error(fail(v, "write", &e)),
+                }
+                return;
             }
+            reply.written(len as u32);
+            let r = nbd.pwrite(&data, offset, 0).await;
+            drop(data);
+            let err = r.err().map(|e| fail(true, "write", &e));
+            writes.finish(id, err);
+            drop(permit);
         });
     }
 
@@ -337,8 +469,15 @@ impl Filesystem for NbdFs {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        // close(2): nothing to do (fsync flushes the server).
-        reply.ok();
+        // close(2): the writes must have landed (a failed one is
+        // reported here); fsync flushes the server.
+        let writes = self.writes.clone();
+        self.spawn(async move {
+            match writes.drain().await {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(e),
+            }
+        });
     }
 
     fn fsync(
@@ -349,13 +488,18 @@ impl Filesystem for NbdFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        if self.s.readonly || !self.nbd.info().can_flush() {
-            return reply.ok();
-        }
+        let can_flush = !self.s.readonly && self.nbd.info().can_flush();
         self.trace(format_args!("flush"));
         let nbd = self.nbd.clone();
+        let writes = self.writes.clone();
         let v = self.s.verbose;
         self.spawn(async move {
+            if let Err(e) = writes.drain().await {
+                return reply.error(e);
+            }
+            if !can_flush {
+                return reply.ok();
+            }
             match nbd.flush().await {
                 Ok(()) => reply.ok(),
                 Err(e) => reply.error(fail(v, "flush", &e)),
@@ -438,7 +582,9 @@ impl Filesystem for NbdFs {
         ));
         let nbd = self.nbd.clone();
         let v = self.s.verbose;
+        let writes = self.writes.clone();
         self.spawn(async move {
+            writes.wait_clear(offset, len, false).await;
             let r = if punch && can_trim {
                 nbd.trim(len, offset, 0).await
             } else if can_zero {
@@ -474,7 +620,9 @@ impl Filesystem for NbdFs {
         }
         let nbd = self.nbd.clone();
         let size = self.size;
+        let writes = self.writes.clone();
         self.spawn(async move {
+            writes.wait_clear(0, u64::MAX, false).await;
             match seek(&nbd, size, offset as u64, data).await {
                 Ok(o) => reply.offset(o as i64),
                 Err(e) => reply.error(e),

@@ -627,6 +627,7 @@ fn run(job: Job) -> Result<()> {
     });
     config.clone_fd = job.fuse.clone_fd || !job.single;
     let fs = NbdFs::new(nbd.clone(), rt.handle().clone(), settings);
+    let writes = fs.writes();
     let mut session = fuser::Session::new(fs, &mountpoint, &config)
         .map_err(|e| anyhow!("fuse: mount {}: {e}", mountpoint.display()))?;
     raise_readahead(&mountpoint, job.fuse.readahead.unwrap_or(READAHEAD) / 1024);
@@ -670,22 +671,27 @@ fn run(job: Job) -> Result<()> {
     // Unmounted: flush what was written, close, stop a captive server.
     let end = rt.block_on(async {
         let flush = async {
+            let _ = writes.drain().await;
             if !readonly && nbd.info().can_flush() {
-                nbd.flush().await?;
+                nbd.flush().await.map_err(|e| anyhow!("flush: {e}"))?;
             }
-            nbd.disconnect().await
+            nbd.disconnect()
+                .await
+                .map_err(|e| anyhow!("disconnect: {e}"))
         };
-        tokio::time::timeout(Duration::from_secs(30), flush).await
+        tokio::time::timeout(Duration::from_secs(30), flush)
+            .await
+            .unwrap_or_else(|_| Err(anyhow!("flush: timed out")))
     });
     drop(nbd);
     captive::kill_all();
     rt.shutdown_timeout(Duration::from_secs(1));
     served.map_err(|e| anyhow!("fuse: {e}"))?;
-    match end {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(anyhow!("flush: {e}")),
-        Err(_) => Err(anyhow!("flush: timed out")),
+    end?;
+    if writes.any_failed() {
+        bail!("some writes failed (see above)");
     }
+    Ok(())
 }
 
 #[cfg(test)]
