@@ -602,3 +602,91 @@ fn nbdfuse_write_behind_errors_and_ordering() {
     // nbdfuse says the writes failed when it ends.
     assert!(!m.unmount().success());
 }
+
+/// The other ways to name the server: `--unix`, `--fd`,
+/// `--socket-activation`, and multi-conn on a URI.
+#[test]
+fn nbdfuse_modes_unix_fd_socket_activation() {
+    if !require_fuse() {
+        return;
+    }
+    let server = Server::ours(&["memory", "2M"]);
+    let dir = tempfile::tempdir().unwrap();
+    let mp = dir.path().join("mp");
+    std::fs::create_dir(&mp).unwrap();
+    let sock = server.socket.to_str().unwrap().to_string();
+    let mut m = Mount::dir(&mp, &["-s"], &["--unix", &sock]);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&m.file)
+        .unwrap()
+        .write_all_at(b"unix", 0)
+        .unwrap();
+    assert!(m.unmount().success());
+
+    // --fd 0: the connected socket as nbdfuse's stdin.
+    let s = std::os::unix::net::UnixStream::connect(&server.socket).unwrap();
+    let pidfile = dir.path().join("fd.pid");
+    let child = nbdfuse()
+        .arg("-P")
+        .arg(&pidfile)
+        .arg(&mp)
+        .args(["--fd", "0"])
+        .stdin(std::process::Stdio::from(std::os::fd::OwnedFd::from(s)))
+        .spawn()
+        .unwrap();
+    let mut m = Mount {
+        child: Some(child),
+        on: mp.clone(),
+        file: mp.join("nbd"),
+    };
+    let t = Instant::now();
+    while !pidfile.exists() {
+        assert!(t.elapsed() < Duration::from_secs(30), "--fd: no pidfile");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(&std::fs::read(&m.file).unwrap()[..4], b"unix");
+    assert!(m.unmount().success());
+
+    // --socket-activation, with a file name of our own.
+    let nbdkit_s = nbdkit();
+    let on = mp.join("disk");
+    let args: Vec<&std::ffi::OsStr> = vec![
+        "-v".as_ref(),
+        on.as_os_str(),
+        "--socket-activation".as_ref(),
+        nbdkit_s.as_os_str(),
+        "memory".as_ref(),
+        "3M".as_ref(),
+    ];
+    let mut m = Mount::start(&mp, &on, &args);
+    assert_eq!(std::fs::metadata(&on).unwrap().len(), 3 << 20);
+    assert!(m.unmount().success());
+
+    // A URI to a multi-conn server: four connections.
+    let out = dir.path().join("v.log");
+    let log = std::fs::File::create(&out).unwrap();
+    let pidfile = dir.path().join("v.pid");
+    let child = nbdfuse()
+        .arg("-v")
+        .arg("-P")
+        .arg(&pidfile)
+        .arg(&mp)
+        .arg(server.uri())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let mut m = Mount {
+        child: Some(child),
+        on: mp.clone(),
+        file: mp.join("nbd"),
+    };
+    let t = Instant::now();
+    while !pidfile.exists() {
+        assert!(t.elapsed() < Duration::from_secs(30), "no pidfile");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(m.unmount().success());
+    let text = std::fs::read_to_string(&out).unwrap();
+    assert!(text.contains("4 connection(s)"), "{text}");
+}
