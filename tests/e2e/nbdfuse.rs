@@ -690,3 +690,32 @@ fn nbdfuse_modes_unix_fd_socket_activation() {
     let text = std::fs::read_to_string(&out).unwrap();
     assert!(text.contains("4 connection(s)"), "{text}");
 }
+
+/// fsync is an NBD flush (one: multi-conn makes it cover every
+/// connection), after the write it covers.
+#[test]
+fn nbdfuse_fsync_is_nbd_flush() {
+    if !require_fuse() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("log");
+    let logfile = format!("logfile={}", log.display());
+    let server = Server::ours(&["--filter=log", "memory", "1M", &logfile]);
+    let mp = dir.path().join("mp");
+    std::fs::create_dir(&mp).unwrap();
+    let mut m = Mount::dir(&mp, &[], &[&server.uri()]);
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&m.file)
+        .unwrap();
+    f.write_all_at(&[7u8; 4096], 8192).unwrap();
+    f.sync_all().unwrap();
+    let text = std::fs::read_to_string(&log).unwrap();
+    let write = text.find("Write id=").expect("no write");
+    let flush = text.find(" Flush id=").expect("no flush");
+    assert!(write < flush, "{text}");
+    assert_eq!(text.matches(" Flush id=").count(), 1, "{text}");
+    drop(f);
+    assert!(m.unmount().success());
+}

@@ -500,7 +500,7 @@ impl Filesystem for NbdFs {
             if !can_flush {
                 return reply.ok();
             }
-            match nbd.flush().await {
+            match flush_once(&nbd).await {
                 Ok(()) => reply.ok(),
                 Err(e) => reply.error(fail(v, "flush", &e)),
             }
@@ -642,4 +642,10 @@ async fn write_zeroes(nbd: &MultiConn, len: u64, offset: u64) -> Result<(), Erro
         at += n as u64;
     }
     Ok(())
+}
+
+/// Flush the server: on one connection, which covers the writes done on
+/// all of them (that is what multi-conn promises).
+pub async fn flush_once(nbd: &MultiConn) -> Result<(), Error> {
+    nbd.next().flush().await
 }

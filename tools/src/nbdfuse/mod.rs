@@ -673,7 +673,9 @@ fn run(job: Job) -> Result<()> {
         let flush = async {
             let _ = writes.drain().await;
             if !readonly && nbd.info().can_flush() {
-                nbd.flush().await.map_err(|e| anyhow!("flush: {e}"))?;
+                fs::flush_once(&nbd)
+                    .await
+                    .map_err(|e| anyhow!("flush: {e}"))?;
             }
             nbd.disconnect()
                 .await
