@@ -719,3 +719,47 @@ fn nbdfuse_fsync_is_nbd_flush() {
     drop(f);
     assert!(m.unmount().success());
 }
+
+/// Any size and alignment on a server that takes only whole 512-byte
+/// blocks and at most 64K a request (and fails anything else).
+#[test]
+fn nbdfuse_any_alignment_on_a_strict_server() {
+    if !require_fuse() {
+        return;
+    }
+    let server = Server::ours(&[
+        "--filter=blocksize-policy",
+        "memory",
+        "16M",
+        "blocksize-minimum=512",
+        "blocksize-maximum=65536",
+        "blocksize-error-policy=error",
+    ]);
+    let dir = tempfile::tempdir().unwrap();
+    let mp = dir.path().join("mp");
+    std::fs::create_dir(&mp).unwrap();
+    let mut m = Mount::dir(&mp, &[], &[&server.uri()]);
+    dd_round_trip(&m, dir.path(), 1001);
+    // Small unaligned writes, each on its own, then read back.
+    let mut o = std::fs::OpenOptions::new();
+    use std::os::unix::fs::OpenOptionsExt;
+    o.read(true).write(true).custom_flags(libc::O_DSYNC);
+    let f = o.open(&m.file).unwrap();
+    f.write_all_at(b"hello", 7).unwrap();
+    f.write_all_at(b"world", 510).unwrap();
+    run_ok(
+        Command::new("fallocate")
+            .args(["--zero-range", "-o", "1001", "-l", "3000"])
+            .arg(&m.file),
+    );
+    drop(f);
+    assert!(m.unmount().success());
+    let mut m = Mount::dir(&mp, &[], &[&server.uri()]);
+    let data = std::fs::read(&m.file).unwrap();
+    assert_eq!(&data[7..12], b"hello");
+    assert_eq!(&data[510..515], b"world");
+    assert!(data[1001..4001].iter().all(|&b| b == 0));
+    let src = std::fs::read(dir.path().join("src.bin")).unwrap();
+    assert_eq!(data[4001..1001 + src.len()], src[3000..]);
+    assert!(m.unmount().success());
+}

@@ -74,6 +74,9 @@ pub struct Settings {
 /// The file system over an NBD export.
 pub struct NbdFs {
     nbd: Arc<MultiConn>,
+    /// The server's minimum block size: requests are widened to it
+    /// (reads), or read, patched and written (writes).
+    align: u64,
     writes: Arc<Writes>,
     rt: Handle,
     s: Settings,
@@ -85,7 +88,12 @@ impl NbdFs {
     /// Serve `nbd`; requests run on `rt`.
     pub fn new(nbd: Arc<MultiConn>, rt: Handle, s: Settings) -> NbdFs {
         let size = nbd.size();
+        let align = nbd
+            .first()
+            .block_size()
+            .map_or(1, |b| u64::from(b.minimum.max(1)));
         NbdFs {
+            align,
             nbd,
             writes: Arc::new(Writes::new()),
             rt,
@@ -395,10 +403,15 @@ impl Filesystem for NbdFs {
         let nbd = self.nbd.clone();
         let writes = self.writes.clone();
         let v = self.s.verbose;
+        let align = self.align;
         self.spawn(async move {
             writes.wait_clear(offset, len as u64, false).await;
-            match nbd.pread_owned(vec![0u8; len], offset, 0).await {
-                Ok(buf) => reply.data(&buf),
+            let (a_off, a_len) = widen(align, offset, len as u64);
+            match nbd.pread_owned(vec![0u8; a_len as usize], a_off, 0).await {
+                Ok(buf) => {
+                    let at = (offset - a_off) as usize;
+                    reply.data(&buf[at..at + len])
+                }
                 Err(e) => reply.error(fail(v, "read", &e)),
             }
         });
@@ -429,6 +442,7 @@ impl Filesystem for NbdFs {
         let nbd = self.nbd.clone();
         let writes = self.writes.clone();
         let v = self.s.verbose;
+        let align = self.align;
         let sync = flags.0 & (libc::O_SYNC | libc::O_DSYNC | libc::O_DIRECT) != 0;
         let fua = flags.0 & (libc::O_SYNC | libc::O_DSYNC) != 0 && nbd.info().can_fua();
         self.spawn(async move {
@@ -436,14 +450,17 @@ impl Filesystem for NbdFs {
                 Ok(p) => p,
                 Err(_) => return reply.error(Errno::EIO),
             };
-            let id = writes.wait_clear(offset, len as u64, true).await;
+            // Whole blocks of the server's: a partial one is read and
+            // written back, and no other write may touch it meanwhile.
+            let (a_off, a_len) = widen(align, offset, len as u64);
+            let id = writes.wait_clear(a_off, a_len, true).await;
             if sync {
                 let flags = if fua {
                     libnbd::protocol::cmdflag::FUA
                 } else {
                     0
                 };
-                let r = nbd.pwrite(&data, offset, flags).await;
+                let r = write_aligned(&nbd, align, &data, offset, flags).await;
                 writes.finish(id, None);
                 drop(permit);
                 match r {
@@ -453,7 +470,7 @@ impl Filesystem for NbdFs {
                 return;
             }
             reply.written(len as u32);
-            let r = nbd.pwrite(&data, offset, 0).await;
+            let r = write_aligned(&nbd, align, &data, offset, 0).await;
             drop(data);
             let err = r.err().map(|e| fail(true, "write", &e));
             writes.finish(id, err);
@@ -583,16 +600,38 @@ impl Filesystem for NbdFs {
         let nbd = self.nbd.clone();
         let v = self.s.verbose;
         let writes = self.writes.clone();
+        let align = self.align;
         self.spawn(async move {
-            writes.wait_clear(offset, len, false).await;
-            let r = if punch && can_trim {
-                nbd.trim(len, offset, 0).await
-            } else if can_zero {
-                nbd.zero(len, offset, 0).await
-            } else {
-                // No zero command: write zeroes.
-                write_zeroes(&nbd, len, offset).await
-            };
+            let (a_off, a_len) = widen(align, offset, len);
+            let id = writes.wait_clear(a_off, a_len, true).await;
+            // The whole blocks inside, then zeroes written at the edges.
+            let end = offset + len;
+            let inner = offset.next_multiple_of(align);
+            let inner_end = (end / align * align).max(inner);
+            let mut r = Ok(());
+            if inner_end > inner {
+                let n = inner_end - inner;
+                r = if punch && can_trim {
+                    nbd.trim(n, inner, 0).await
+                } else if can_zero {
+                    nbd.zero(n, inner, 0).await
+                } else {
+                    // No zero command: write zeroes.
+                    write_zeroes(&nbd, n, inner).await
+                };
+            }
+            for (o, n) in [
+                (offset, inner.min(end) - offset),
+                (
+                    inner_end.max(offset),
+                    end.saturating_sub(inner_end.max(offset)),
+                ),
+            ] {
+                if r.is_ok() && n > 0 && (inner_end <= inner || o != inner) {
+                    r = write_aligned(&nbd, align, &vec![0u8; n as usize], o, 0).await;
+                }
+            }
+            writes.finish(id, None);
             match r {
                 Ok(()) => reply.ok(),
                 Err(e) => reply.error(fail(v, "fallocate", &e)),
@@ -629,6 +668,40 @@ impl Filesystem for NbdFs {
             }
         });
     }
+}
+
+/// `[offset, offset + len)` widened to whole blocks of `align` bytes.
+fn widen(align: u64, offset: u64, len: u64) -> (u64, u64) {
+    let start = offset / align * align;
+    let end = (offset + len).next_multiple_of(align);
+    (start, end - start)
+}
+
+/// Write `data` at `offset` on a server that takes only whole blocks of
+/// `align` bytes: the partial blocks at either end are read first and
+/// patched. (The caller has made sure no other write touches them.)
+async fn write_aligned(
+    nbd: &MultiConn,
+    align: u64,
+    data: &[u8],
+    offset: u64,
+    flags: u16,
+) -> Result<(), Error> {
+    let (a_off, a_len) = widen(align, offset, data.len() as u64);
+    if a_off == offset && a_len == data.len() as u64 {
+        return nbd.pwrite(data, offset, flags).await;
+    }
+    let mut buf = vec![0u8; a_len as usize];
+    let a = align as usize;
+    let head = nbd.pread_vec(a, a_off, 0).await?;
+    buf[..a].copy_from_slice(&head);
+    if a_len > align {
+        let tail = nbd.pread_vec(a, a_off + a_len - align, 0).await?;
+        buf[a_len as usize - a..].copy_from_slice(&tail);
+    }
+    let at = (offset - a_off) as usize;
+    buf[at..at + data.len()].copy_from_slice(data);
+    nbd.pwrite(&buf, a_off, flags).await
 }
 
 /// Zeroes written as data, for a server without a zero command.
