@@ -627,7 +627,7 @@ impl Filesystem for NbdFs {
                     end.saturating_sub(inner_end.max(offset)),
                 ),
             ] {
-                if r.is_ok() && n > 0 && (inner_end <= inner || o != inner) {
+                if r.is_ok() && n > 0 {
                     r = write_aligned(&nbd, align, &vec![0u8; n as usize], o, 0).await;
                 }
             }

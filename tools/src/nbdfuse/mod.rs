@@ -17,7 +17,8 @@
 //! mounted over).
 //!
 //! Options, as libnbd's: `-C N` (multi-conn: up to N connections where
-//! the server allows it, default 4), `-o FUSE-OPTION` (see
+//! the server allows it, default 4; unlike libnbd's, also to a
+//! `[ CMD ]` server; `--command` and `--fd` have one), `-o FUSE-OPTION` (see
 //! `--fuse-help`), `-P PIDFILE` (written once the mount is ready),
 //! `-r` (read-only; also when the server is), `-s` (one FUSE thread and
 //! one worker), `-v`/`-d` (trace requests on stderr). nbdfuse stays in
