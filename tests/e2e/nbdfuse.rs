@@ -763,3 +763,37 @@ fn nbdfuse_any_alignment_on_a_strict_server() {
     assert_eq!(data[4001..1001 + src.len()], src[3000..]);
     assert!(m.unmount().success());
 }
+
+/// Requests are not served one at a time: 16 readers of a server that
+/// takes 200ms a read finish in far less than 16 × 200ms.
+#[test]
+fn nbdfuse_many_requests_in_flight() {
+    if !require_fuse() {
+        return;
+    }
+    let server = Server::ours(&["--filter=delay", "memory", "16M", "rdelay=200ms"]);
+    let dir = tempfile::tempdir().unwrap();
+    let mp = dir.path().join("mp");
+    std::fs::create_dir(&mp).unwrap();
+    // One connection: the parallelism is nbdfuse's, not multi-conn's.
+    let mut m = Mount::dir(&mp, &["-C", "1"], &[&server.uri()]);
+    // O_DIRECT, so that the page cache neither shares nor repeats reads.
+    let t = Instant::now();
+    let readers: Vec<_> = (0..16u64)
+        .map(|i| {
+            Command::new("dd")
+                .arg(format!("if={}", m.file.display()))
+                .args(["iflag=direct", "bs=4096", "count=1", "of=/dev/null"])
+                .arg(format!("skip={}", i * 256))
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for mut r in readers {
+        assert!(r.wait().unwrap().success());
+    }
+    let took = t.elapsed();
+    assert!(took < Duration::from_millis(1600), "16 reads took {took:?}");
+    assert!(m.unmount().success());
+}
