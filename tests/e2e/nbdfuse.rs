@@ -477,7 +477,7 @@ fn nbdfuse_sigterm_unmounts() {
     unsafe {
         libc::kill(pid as i32, libc::SIGTERM);
     }
-    let mut child = m.child.take().unwrap();
+    let child = m.child.as_mut().unwrap();
     let t = Instant::now();
     let st = loop {
         if let Some(st) = child.try_wait().unwrap() {
