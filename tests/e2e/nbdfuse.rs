@@ -797,3 +797,28 @@ fn nbdfuse_many_requests_in_flight() {
     assert!(took < Duration::from_millis(1600), "16 reads took {took:?}");
     assert!(m.unmount().success());
 }
+
+/// `-o writeback_cache` (the kernel gathers writes) and `-o kernel_cache`:
+/// what is written is on the server after close, also after a remount.
+#[test]
+fn nbdfuse_writeback_cache_lands() {
+    if !require_fuse() {
+        return;
+    }
+    let server = Server::ours(&["memory", "32M"]);
+    let dir = tempfile::tempdir().unwrap();
+    let mp = dir.path().join("mp");
+    std::fs::create_dir(&mp).unwrap();
+    let mut m = Mount::dir(
+        &mp,
+        &["-o", "writeback_cache,kernel_cache"],
+        &[&server.uri()],
+    );
+    dd_round_trip(&m, dir.path(), 777);
+    assert!(m.unmount().success());
+    let mut m = Mount::dir(&mp, &["-r"], &[&server.uri()]);
+    let data = std::fs::read(&m.file).unwrap();
+    let src = std::fs::read(dir.path().join("src.bin")).unwrap();
+    assert!(data[777..777 + src.len()] == src[..]);
+    assert!(m.unmount().success());
+}
