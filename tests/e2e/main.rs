@@ -55,6 +55,7 @@ mod filter_swab;
 mod filter_tls_fallback;
 mod filter_truncate;
 mod nbddump;
+mod nbdfuse;
 mod nbdinfo;
 mod nbdkit_cli;
 mod nbdkit_debug;

@@ -51,6 +51,8 @@ pub(crate) enum Action<T> {
     LongOptions,
     /// `--short-options`: the short options, one a line, exit 0.
     ShortOptions,
+    /// Some other text on stdout (`nbdfuse --fuse-help`), exit 0.
+    Text(String),
     /// Bad usage: the message (if any), then the usage on stderr, exit 1.
     Usage(String),
     /// A bad value or a failure: the message alone, exit 1.
@@ -84,6 +86,10 @@ pub(crate) fn finish<T>(tool: &Tool, action: Action<T>) -> Result<Box<T>, i32> {
             for o in list {
                 outln(format_args!("{o}"));
             }
+            Err(0)
+        }
+        Action::Text(text) => {
+            print!("{text}");
             Err(0)
         }
         Action::Usage(msg) => {

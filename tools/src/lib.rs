@@ -3,5 +3,6 @@
 pub mod cli;
 pub mod nbdcopy;
 pub mod nbddump;
+pub mod nbdfuse;
 pub mod nbdinfo;
 pub mod nbdkit;
