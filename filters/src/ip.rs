@@ -30,17 +30,15 @@
 //!   clients, which this server does not accept, so these never match;
 //! - `A.B.C.D`, `A.B.C.D/NN`, `A:B:...`, `A:B:.../NN`: an IPv4 or IPv6
 //!   address or network (an IPv4-mapped IPv6 client matches IPv4 rules);
-//! - `pid:PID`, `uid:UID`, `gid:GID`: the process, user or group of a
-//!   client on a Unix domain socket.
+//! - `pid:PID`, `uid:UID`, `gid:GID`: the process, (effective) user or
+//!   group of a client on a Unix domain socket, from its credentials
+//!   (`SO_PEERCRED`); never a TCP client, nor `-s` on a pipe;
+//! - `security:LABEL`: a Unix socket client whose security label
+//!   (`SO_PEERSEC`, SELinux's for example) is LABEL (as nbdkit 1.34;
+//!   never matches on a system without labels).
 //!
-//! Limitation: this server does not yet pass the client's Unix socket
-//! credentials (`SO_PEERCRED`) to filters, so `pid:`, `uid:` and `gid:`
-//! rules cannot be evaluated. Rather than guess, the filter fails closed:
-//! a Unix socket client whose verdict would depend on such a rule (one in
-//! the deny list, or one in the allow list when a deny rule matches) is
-//! refused, with a message saying why. TCP clients are unaffected by
-//! these rules. Export listings (`NBD_OPT_LIST`) are not filtered, as the
-//! server gives filters no client address for them.
+//! Export listings (`NBD_OPT_LIST`) are not filtered, as the server
+//! gives filters no client address for them.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
@@ -48,7 +46,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use libnbd::{
     ConfigError, ConfigResult, Error, Filter, FilterEntry, Handle, Next, OpenContext, Params,
-    Result,
+    PeerCred, Result,
 };
 
 /// Registry entry.
@@ -73,15 +71,9 @@ enum Rule {
     Pid(u32),
     Uid(u32),
     Gid(u32),
+    Security(String),
     VsockCid(u32),
     VsockPort(u32),
-}
-
-impl Rule {
-    /// Does it need the client's Unix socket credentials?
-    fn needs_credentials(&self) -> bool {
-        matches!(self, Rule::Pid(_) | Rule::Uid(_) | Rule::Gid(_))
-    }
 }
 
 fn parse_rule(key: &str, list: &str, word: &str) -> ConfigResult<Rule> {
@@ -101,6 +93,11 @@ fn parse_rule(key: &str, list: &str, word: &str) -> ConfigResult<Rule> {
                 Rule::Uid(number(v)?)
             } else if let Some(v) = w.strip_prefix("gid:") {
                 Rule::Gid(number(v)?)
+            } else if let Some(v) = w.strip_prefix("security:") {
+                if v.is_empty() {
+                    return Err(bad());
+                }
+                Rule::Security(v.to_string())
             } else if let Some(v) = w.strip_prefix("vsock-cid:") {
                 Rule::VsockCid(number(v)?)
             } else if let Some(v) = w.strip_prefix("vsock-port:") {
@@ -153,13 +150,6 @@ fn parse_list(p: &mut Params, key: &str) -> ConfigResult<Vec<Rule>> {
 fn create(p: &mut Params) -> ConfigResult<Arc<dyn Filter>> {
     let allow = parse_list(p, "allow")?;
     let deny = parse_list(p, "deny")?;
-    if allow.iter().chain(&deny).any(Rule::needs_credentials) {
-        libnbd::elog!(
-            "nbdkit: ip: warning: pid:, uid: and gid: rules cannot be checked by this server yet \
-             (it does not pass Unix socket credentials to filters); Unix socket clients whose \
-             verdict depends on them will be refused"
-        );
-    }
     Ok(Arc::new(IpFilter { allow, deny }))
 }
 
@@ -176,15 +166,15 @@ fn prefix_match(a: u128, b: u128, bits: u8, width: u8) -> bool {
     (a >> shift) == (b >> shift)
 }
 
-/// Does `rule` match a client at `peer` (None: a Unix socket)? None when
-/// it cannot be known.
-fn matches(rule: &Rule, peer: Option<&SocketAddr>) -> Option<bool> {
+/// Does `rule` match a client at `peer` (None: a Unix socket or `-s`)
+/// with Unix socket credentials `cred`?
+fn matches(rule: &Rule, peer: Option<&SocketAddr>, cred: Option<&PeerCred>) -> bool {
     // An IPv4 client on an IPv6 socket shows as ::ffff:a.b.c.d.
     let ip = peer.map(|p| match p.ip() {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
         v4 => v4,
     });
-    Some(match (rule, ip) {
+    match (rule, ip) {
         (Rule::Any, _) => true,
         (Rule::AnyIpv4, Some(IpAddr::V4(_))) => true,
         (Rule::AnyIpv6, Some(IpAddr::V6(_))) => true,
@@ -195,34 +185,29 @@ fn matches(rule: &Rule, peer: Option<&SocketAddr>) -> Option<bool> {
         (Rule::Ipv6(net, bits), Some(IpAddr::V6(a))) => {
             prefix_match(u128::from(*net), u128::from(a), *bits, 128)
         }
-        (Rule::Pid(_) | Rule::Uid(_) | Rule::Gid(_), None) => return None,
+        (Rule::Pid(pid), None) => cred.is_some_and(|c| c.pid == *pid),
+        (Rule::Uid(uid), None) => cred.is_some_and(|c| c.uid == *uid),
+        (Rule::Gid(gid), None) => cred.is_some_and(|c| c.gid == *gid),
+        (Rule::Security(label), None) => {
+            cred.is_some_and(|c| c.security.as_deref() == Some(label.as_str()))
+        }
         _ => false,
-    })
+    }
 }
 
 /// The verdict for a client: Ok to let it in, else why not.
-fn check(allow: &[Rule], deny: &[Rule], peer: Option<&SocketAddr>) -> Result<()> {
-    let verdicts = |rules: &[Rule]| rules.iter().map(|r| matches(r, peer)).collect::<Vec<_>>();
-    let allowed = verdicts(allow);
-    if allowed.contains(&Some(true)) {
+fn check(
+    allow: &[Rule],
+    deny: &[Rule],
+    peer: Option<&SocketAddr>,
+    cred: Option<&PeerCred>,
+) -> Result<()> {
+    if allow.iter().any(|r| matches(r, peer, cred)) {
         return Ok(());
     }
-    let denied = verdicts(deny);
-    if denied.contains(&Some(true)) {
-        if allowed.contains(&None) {
-            return Err(Error::eperm(
-                "client not permitted to connect: a pid:/uid:/gid: allow rule cannot be checked \
-                 (this server does not pass Unix socket credentials to filters) and a deny rule matches",
-            ));
-        }
+    if deny.iter().any(|r| matches(r, peer, cred)) {
         return Err(Error::eperm(
             "client not permitted to connect because of source address restriction",
-        ));
-    }
-    if denied.contains(&None) {
-        return Err(Error::eperm(
-            "client not permitted to connect: a pid:/uid:/gid: deny rule cannot be checked \
-             (this server does not pass Unix socket credentials to filters)",
         ));
     }
     Ok(())
@@ -235,7 +220,12 @@ impl Filter for IpFilter {
         true
     }
     async fn open(&self, next: Next<'_>, ctx: &OpenContext) -> Result<Box<dyn Handle>> {
-        if let Err(e) = check(&self.allow, &self.deny, ctx.peer.as_ref()) {
+        if let Err(e) = check(
+            &self.allow,
+            &self.deny,
+            ctx.peer.as_ref(),
+            ctx.cred.as_ref(),
+        ) {
             libnbd::elog!("nbdkit: ip: {}", e.msg);
             return Err(e);
         }
@@ -267,7 +257,7 @@ mod tests {
         } else {
             rules(deny).unwrap()
         };
-        check(&a, &d, peer.map(tcp).as_ref()).is_ok()
+        check(&a, &d, peer.map(tcp).as_ref(), None).is_ok()
     }
 
     #[test]
@@ -331,17 +321,42 @@ mod tests {
     }
 
     #[test]
-    fn ip_credential_rules_fail_closed() {
+    fn ip_credential_rules() {
+        let cred = PeerCred {
+            pid: 42,
+            uid: 1000,
+            gid: 100,
+            security: Some("system_u:system_r:svirt_t:s0".into()),
+        };
+        let unix = |allow: &str, deny: &str, cred: Option<&PeerCred>| {
+            let list = |l: &str| {
+                if l.is_empty() {
+                    vec![]
+                } else {
+                    rules(l).unwrap()
+                }
+            };
+            check(&list(allow), &list(deny), None, cred).is_ok()
+        };
+        assert!(unix("uid:1000", "all", Some(&cred)));
+        assert!(!unix("uid:0", "all", Some(&cred)));
+        assert!(unix("gid:100", "all", Some(&cred)));
+        assert!(unix("pid:42", "all", Some(&cred)));
+        assert!(!unix("pid:43", "all", Some(&cred)));
+        assert!(!unix("", "uid:1000", Some(&cred)));
+        assert!(unix("", "uid:1001", Some(&cred)));
+        assert!(unix(
+            "security:system_u:system_r:svirt_t:s0",
+            "all",
+            Some(&cred)
+        ));
+        assert!(!unix("security:other", "all", Some(&cred)));
+        // -s on a pipe has no credentials: nothing to match.
+        assert!(!unix("uid:1000", "all", None));
         // TCP clients never match credential rules.
-        assert!(
-            verdict("uid:0", "all", Some("127.0.0.1")) == verdict("", "all", Some("127.0.0.1"))
-        );
+        assert!(!verdict("uid:0", "all", Some("127.0.0.1")));
         assert!(verdict("", "uid:0", Some("127.0.0.1")));
-        // Unix clients cannot be checked: refused when it matters.
-        assert!(!verdict("uid:0", "all", None));
-        assert!(!verdict("", "gid:0", None));
-        assert!(verdict("uid:0", "", None));
-        assert!(verdict("anyunix,uid:0", "all", None));
+        assert!(rules("security:").is_err());
     }
 
     #[tokio::test]

@@ -369,6 +369,71 @@ impl fmt::Debug for Disconnect {
     }
 }
 
+/// Who is at the other end of a Unix domain socket: its credentials
+/// (`SO_PEERCRED`) and security label (`SO_PEERSEC`, e.g. SELinux's).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PeerCred {
+    /// The client's process id.
+    pub pid: u32,
+    /// Its effective user id.
+    pub uid: u32,
+    /// Its effective group id.
+    pub gid: u32,
+    /// Its security label, where the system has labels.
+    pub security: Option<String>,
+}
+
+impl PeerCred {
+    /// The credentials of the peer of Unix socket `fd`; `None` when `fd`
+    /// is not a connected Unix socket.
+    pub fn of_socket(fd: std::os::fd::RawFd) -> Option<PeerCred> {
+        let mut cred = libc::ucred {
+            pid: 0,
+            uid: 0,
+            gid: 0,
+        };
+        let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+        // SAFETY: getsockopt writes at most `len` bytes into `cred`.
+        let r = unsafe {
+            libc::getsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_PEERCRED,
+                (&mut cred as *mut libc::ucred).cast(),
+                &mut len,
+            )
+        };
+        if r != 0 || cred.pid <= 0 {
+            return None;
+        }
+        let mut label = vec![0u8; 4096];
+        let mut len = label.len() as libc::socklen_t;
+        // SAFETY: as above, into `label`.
+        let r = unsafe {
+            libc::getsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_PEERSEC,
+                label.as_mut_ptr().cast(),
+                &mut len,
+            )
+        };
+        let security = (r == 0 && len > 0).then(|| {
+            label.truncate(len as usize);
+            while label.last() == Some(&0) {
+                label.pop();
+            }
+            String::from_utf8_lossy(&label).into_owned()
+        });
+        Some(PeerCred {
+            pid: cred.pid as u32,
+            uid: cred.uid,
+            gid: cred.gid,
+            security,
+        })
+    }
+}
+
 /// Who a connection is, as a layer sees it when opening.
 #[derive(Debug, Clone, Default)]
 pub struct OpenContext {
@@ -382,6 +447,8 @@ pub struct OpenContext {
     pub default_export: bool,
     /// The client's address (`ip:port`, or empty for Unix sockets).
     pub peer: Option<std::net::SocketAddr>,
+    /// A Unix socket client's credentials.
+    pub cred: Option<PeerCred>,
     /// Is the connection using TLS?
     pub tls: bool,
     /// Connection number, from 1, for logs.

@@ -50,7 +50,7 @@ pub mod zeroes;
 
 pub use backend::{
     run_blocking, BlockSize, Cache, Caps, Disconnect, Error, ExportEntry, Extent, Extents, Filter,
-    Flags, Fua, Handle, Next, OpenContext, OwnedNext, Plugin, Result, SharedData, Stack,
+    Flags, Fua, Handle, Next, OpenContext, OwnedNext, PeerCred, Plugin, Result, SharedData, Stack,
     ThreadModel,
 };
 pub use config::{

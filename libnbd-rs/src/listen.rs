@@ -83,12 +83,20 @@ impl Listener {
                 let (s, peer) = l.accept().await?;
                 let _ = s.set_nodelay(true);
                 let (r, w) = s.into_split();
-                tokio::spawn(server::serve(cfg, r, w, Some(peer)));
+                let peer = server::Peer {
+                    addr: Some(peer),
+                    cred: None,
+                };
+                tokio::spawn(server::serve(cfg, r, w, peer));
             }
             Listener::Unix(l) => {
                 let (s, _) = l.accept().await?;
+                let peer = server::Peer {
+                    addr: None,
+                    cred: crate::backend::PeerCred::of_socket(std::os::fd::AsRawFd::as_raw_fd(&s)),
+                };
                 let (r, w) = s.into_split();
-                tokio::spawn(server::serve(cfg, r, w, None));
+                tokio::spawn(server::serve(cfg, r, w, peer));
             }
         }
         Ok(())

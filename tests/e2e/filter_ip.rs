@@ -81,10 +81,41 @@ fn ip_unix_socket_clients() {
     assert!(unix(&["allow=allunix", "deny=any"]));
     assert!(unix(&["deny=anyipv4,anyipv6"]));
     assert!(!unix(&["allow=127.0.0.1,::1", "deny=all"]));
-    // Credentials are not available to filters yet: fail closed.
-    let uid = nix::unistd::getuid().to_string();
-    assert!(!unix(&[&format!("allow=uid:{uid}"), "deny=all"]));
-    assert!(!unix(&[&format!("deny=gid:{}", nix::unistd::getgid())]));
+    // The client's credentials (SO_PEERCRED), as upstream.
+    let uid = nix::unistd::getuid().as_raw();
+    let gid = nix::unistd::getgid().as_raw();
+    for (rules, want) in [
+        (vec![format!("allow=uid:{uid}"), "deny=all".into()], true),
+        (
+            vec![format!("allow=uid:{}", uid + 1), "deny=all".into()],
+            false,
+        ),
+        (vec![format!("deny=gid:{gid}")], false),
+        (vec![format!("deny=gid:{}", gid + 1)], true),
+        (
+            // (Upstream 1.32 cannot parse "gid:N,uid:M" in one list.)
+            vec![
+                format!("allow=gid:{gid}"),
+                format!("allow=uid:{}", uid + 1),
+                "deny=anyunix".into(),
+            ],
+            true,
+        ),
+    ] {
+        let rules: Vec<&str> = rules.iter().map(String::as_str).collect();
+        assert_eq!(unix(&rules), want, "{rules:?}");
+        if require(&["nbdkit"]) {
+            let mut args = vec!["--filter=ip", "memory", "1M"];
+            args.extend_from_slice(&rules);
+            let theirs = allowed(&Server::upstream(&args).uri());
+            assert_eq!(theirs, want, "upstream, {rules:?}");
+        }
+    }
+    // No security labels on this system: such a rule never matches.
+    assert!(!unix(&[
+        "allow=security:unconfined_u:unconfined_r:unconfined_t:s0",
+        "deny=all"
+    ]));
 }
 
 #[test]

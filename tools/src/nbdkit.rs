@@ -914,14 +914,19 @@ async fn serve_stdio(cfg: Arc<ServerConfig>) {
             let s = unsafe { std::os::unix::net::UnixStream::from_raw_fd(fd) };
             if s.set_nonblocking(true).is_ok() {
                 if let Ok(s) = tokio::net::UnixStream::from_std(s) {
+                    let peer = server::Peer {
+                        addr: None,
+                        cred: libnbd::PeerCred::of_socket(fd),
+                    };
                     let (r, w) = s.into_split();
-                    server::serve(cfg, r, w, None).await;
+                    server::serve(cfg, r, w, peer).await;
                     return;
                 }
             }
         }
     }
-    server::serve(cfg, tokio::io::stdin(), tokio::io::stdout(), None).await;
+    let peer = server::Peer::default();
+    server::serve(cfg, tokio::io::stdin(), tokio::io::stdout(), peer).await;
 }
 
 /// Run `--run CMD` under `sh -c` with the URI variables set; returns the

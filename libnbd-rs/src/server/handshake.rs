@@ -3,7 +3,6 @@
 //! `NBD_OPT_EXPORT_NAME`) or leaves; opening the export and working out
 //! its transmission flags.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -106,7 +105,7 @@ pub(super) async fn options<R, W>(
     cfg: &Arc<ServerConfig>,
     r: &mut R,
     w: &Writer<W>,
-    peer: Option<SocketAddr>,
+    peer: &super::Peer,
     id: u64,
     st: &mut OptState,
 ) -> Result<Outcome, Close>
@@ -460,7 +459,7 @@ async fn send_info<W: AsyncWrite + Unpin>(
 async fn open_export(
     cfg: &Arc<ServerConfig>,
     name: &str,
-    peer: Option<SocketAddr>,
+    peer: &super::Peer,
     id: u64,
     st: &mut OptState,
 ) -> Result<Negotiated, Error> {
@@ -475,7 +474,8 @@ async fn open_export(
         readonly: cfg.readonly,
         export_name,
         default_export: name.is_empty(),
-        peer,
+        peer: peer.addr,
+        cred: peer.cred.clone(),
         tls: st.tls,
         id,
         disconnect: Disconnect::default(),

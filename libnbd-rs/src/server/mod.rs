@@ -247,9 +247,19 @@ struct Negotiated {
 /// of all data written, 20% of the CPU of a file -> memory copy).
 const REQUEST_BUFFER: usize = 4 * 1024;
 
+/// Who a client is: its TCP address, or a Unix socket client's
+/// credentials (neither for `-s` on a pipe).
+#[derive(Debug, Clone, Default)]
+pub struct Peer {
+    /// A TCP client's address.
+    pub addr: Option<SocketAddr>,
+    /// A Unix socket client's credentials.
+    pub cred: Option<crate::backend::PeerCred>,
+}
+
 /// Serve one client on a reader and a writer (a socket's halves, or
 /// stdin/stdout for `-s`). Returns when the client disconnects.
-pub async fn serve<R, W>(cfg: Arc<ServerConfig>, reader: R, writer: W, peer: Option<SocketAddr>)
+pub async fn serve<R, W>(cfg: Arc<ServerConfig>, reader: R, writer: W, peer: Peer)
 where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
@@ -291,12 +301,12 @@ async fn negotiate(
     cfg: &Arc<ServerConfig>,
     mut reader: BufReader<BoxRead>,
     mut writer: Writer<BoxWrite>,
-    peer: Option<SocketAddr>,
+    peer: Peer,
     id: u64,
 ) -> Result<(Negotiated, BufReader<BoxRead>, Writer<BoxWrite>), Close> {
     let mut st = handshake::greet(&mut reader, &writer).await?;
     loop {
-        match handshake::options(cfg, &mut reader, &writer, peer, id, &mut st).await? {
+        match handshake::options(cfg, &mut reader, &writer, &peer, id, &mut st).await? {
             handshake::Outcome::Go(neg) => return Ok((neg, reader, writer)),
             handshake::Outcome::StartTls(tls) => {
                 // Bytes the client sent past STARTTLS belong to the TLS

@@ -68,7 +68,7 @@ fn config() -> ServerConfig {
 async fn connect(cfg: ServerConfig) -> DuplexStream {
     let (mut client, server) = tokio::io::duplex(4 << 20);
     let (r, w) = tokio::io::split(server);
-    tokio::spawn(serve(Arc::new(cfg), r, w, None));
+    tokio::spawn(serve(Arc::new(cfg), r, w, Peer::default()));
     let mut hello = [0u8; 18];
     client.read_exact(&mut hello).await.unwrap();
     assert_eq!(p::be64(&hello[..8]), p::NBDMAGIC);
