@@ -9,6 +9,7 @@ mod copy_common;
 mod copy_errors;
 mod copy_file_to_nbd;
 mod copy_lanes;
+mod copy_min_block_size;
 mod copy_nbd_to_file;
 mod copy_nbd_to_nbd;
 mod copy_nbd_to_null;

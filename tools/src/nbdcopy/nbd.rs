@@ -83,6 +83,10 @@ pub struct NbdEndpoint {
     fast_zero: AtomicBool,
     /// Flushing a destination during the copy.
     writeback: Writeback,
+    /// Held across the read-modify-write of a partial block (a server
+    /// with a minimum block size), so two requests that share a block
+    /// do not undo each other.
+    partial: tokio::sync::Mutex<()>,
 }
 
 /// A destination that the copy keeps waiting for data (a slow or
@@ -254,6 +258,7 @@ impl NbdEndpoint {
             extents,
             fast_zero: AtomicBool::new(true),
             writeback: Writeback::default(),
+            partial: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -265,6 +270,86 @@ impl NbdEndpoint {
         }
         let i = self.next.fetch_add(1, Ordering::Relaxed) % self.conns.len();
         &self.conns[i]
+    }
+
+    /// Is `[offset, offset + len)` not whole blocks of `m`?
+    fn unaligned(offset: u64, len: u64, m: u64) -> bool {
+        m > 1 && !(offset.is_multiple_of(m) && len.is_multiple_of(m))
+    }
+
+    /// The server's minimum block size: every request's offset and
+    /// length must be multiples of it (1 when it states none).
+    fn min_block(&self) -> u64 {
+        self.conns[0]
+            .block_size()
+            .map_or(1, |b| u64::from(b.minimum.max(1)))
+    }
+
+    /// `[offset, offset + len)` widened to whole blocks of `m` (clipped
+    /// to the export's end).
+    fn widen(&self, offset: u64, len: u64, m: u64) -> (u64, u64) {
+        let start = offset / m * m;
+        let end = (offset + len).div_ceil(m).saturating_mul(m);
+        (start, end.min(self.conns[0].size()))
+    }
+
+    /// Read a range that is not whole blocks of a server with a minimum
+    /// block size: the whole blocks, then the part wanted.
+    async fn read_unaligned(&self, mut buf: Vec<u8>, offset: u64, m: u64) -> io::Result<Vec<u8>> {
+        let (start, end) = self.widen(offset, buf.len() as u64, m);
+        let whole = self
+            .conn()
+            .pread_vec((end - start) as usize, start, 0)
+            .await
+            .map_err(io_err)?;
+        let at = (offset - start) as usize;
+        let len = buf.len();
+        buf.copy_from_slice(&whole[at..at + len]);
+        Ok(buf)
+    }
+
+    /// Write `data` (or zeroes, with `None`, of `len` bytes) where it is
+    /// not whole blocks of a server with a minimum block size: the
+    /// partial blocks at either end are read, patched and written back
+    /// with the rest, under [`NbdEndpoint::partial`]. (Upstream nbdcopy
+    /// fails such a copy: a source whose size is not a multiple of, say,
+    /// qemu-nbd's 64K over an image with 64K sectors.)
+    async fn write_unaligned(
+        &self,
+        data: Option<&[u8]>,
+        offset: u64,
+        len: u64,
+        m: u64,
+    ) -> io::Result<()> {
+        let (start, end) = self.widen(offset, len, m);
+        let c = self.conn();
+        let _partial = self.partial.lock().await;
+        let mut buf = vec![0u8; (end - start) as usize];
+        // The block holding the first byte, if the range starts inside it.
+        let head_end = (start + m).min(end);
+        if offset > start {
+            let head = c
+                .pread_vec((head_end - start) as usize, start, 0)
+                .await
+                .map_err(io_err)?;
+            buf[..head.len()].copy_from_slice(&head);
+        }
+        // The block holding the last byte, if the range ends inside it
+        // (and it is not the head block, read already).
+        let tail = (offset + len) / m * m;
+        if offset + len < end && !(offset > start && tail == start) {
+            let t = c
+                .pread_vec((end - tail) as usize, tail, 0)
+                .await
+                .map_err(io_err)?;
+            buf[(tail - start) as usize..].copy_from_slice(&t);
+        }
+        let at = (offset - start) as usize;
+        match data {
+            Some(d) => buf[at..at + d.len()].copy_from_slice(d),
+            None => buf[at..at + len as usize].fill(0),
+        }
+        c.pwrite(&buf, start, 0).await.map_err(io_err)
     }
 
     fn conn_error(&self, e: NbdError) -> io::Error {
@@ -424,6 +509,10 @@ impl Endpoint for NbdEndpoint {
     }
 
     async fn read(&self, buf: Vec<u8>, offset: u64) -> io::Result<Vec<u8>> {
+        let m = self.min_block();
+        if Self::unaligned(offset, buf.len() as u64, m) {
+            return self.read_unaligned(buf, offset, m).await;
+        }
         self.conn()
             .pread_owned(buf, offset, 0)
             .await
@@ -431,6 +520,10 @@ impl Endpoint for NbdEndpoint {
     }
 
     async fn read_sparse(&self, buf: Vec<u8>, offset: u64) -> io::Result<(Vec<u8>, Vec<Hole>)> {
+        let m = self.min_block();
+        if Self::unaligned(offset, buf.len() as u64, m) {
+            return Ok((self.read_unaligned(buf, offset, m).await?, Vec::new()));
+        }
         self.conn()
             .pread_sparse(buf, offset, 0)
             .await
@@ -441,7 +534,13 @@ impl Endpoint for NbdEndpoint {
         let c = self.conn();
         let wb = &self.writeback;
         let req = InFlight::new(&wb.writing);
-        c.pwrite(&data, offset, 0).await.map_err(io_err)?;
+        let m = self.min_block();
+        if Self::unaligned(offset, data.len() as u64, m) {
+            self.write_unaligned(Some(&data), offset, data.len() as u64, m)
+                .await?;
+        } else {
+            c.pwrite(&data, offset, 0).await.map_err(io_err)?;
+        }
         wb.wrote(c, data.len() as u64, req.others());
         Ok(())
     }
@@ -452,6 +551,26 @@ impl Endpoint for NbdEndpoint {
             return Ok(false);
         }
         let _req = InFlight::new(&self.writeback.writing);
+        let m = self.min_block();
+        if Self::unaligned(offset, length, m) {
+            // Zeroes written into the partial blocks at the ends, the
+            // whole blocks between zeroed.
+            let first = offset.div_ceil(m) * m;
+            let last = (offset + length) / m * m;
+            if first >= last {
+                self.write_unaligned(None, offset, length, m).await?;
+                return Ok(true);
+            }
+            if first > offset {
+                self.write_unaligned(None, offset, first - offset, m)
+                    .await?;
+            }
+            if offset + length > last {
+                self.write_unaligned(None, last, offset + length - last, m)
+                    .await?;
+            }
+            return Box::pin(self.zero(first, last - first, allocate)).await;
+        }
         let flags = if allocate { cmdflag::NO_HOLE } else { 0 };
         if c.can_fast_zero() && self.fast_zero.load(Ordering::Relaxed) {
             match c.zero(length, offset, flags | cmdflag::FAST_ZERO).await {
