@@ -5,8 +5,11 @@
 //! connection), so filters such as readahead and xz can keep several in
 //! flight. Writes are HTTP `PUT` requests with a `Content-Range` header,
 //! as libcurl sends them for uploads (most servers refuse them: use `-r`).
-//! Built on reqwest with rustls: no OpenSSL, and only `http://` and
-//! `https://` URLs (for `file://` use the file plugin).
+//! Built on reqwest with rustls: no OpenSSL. `http://` and `https://`
+//! URLs, and `file://` ones as libcurl takes them (`file:///path`,
+//! `file://localhost/path`, escapes decoded): the local file, read and
+//! written in place (upstream 1.32's writes to a `file:` URL truncate the
+//! file), a missing one failing the connection.
 //!
 //! ```text
 //! nbdkit -r curl https://example.com/disk.img
@@ -647,9 +650,9 @@ pub fn create(p: &mut Params) -> ConfigResult<Arc<dyn Plugin>> {
         .filter(|u| !u.is_empty())
         .ok_or_else(|| cerr("curl: you must supply the url=<URL> parameter"))?;
     let mut url = Url::parse(&url_s).map_err(|e| cerr(format!("curl: url '{url_s}': {e}")))?;
-    if !matches!(url.scheme(), "http" | "https") {
+    if !matches!(url.scheme(), "http" | "https" | "file") {
         return Err(cerr(format!(
-            "curl: url '{url_s}': protocol '{}' is not supported (only http and https; for local files use the file plugin)",
+            "curl: url '{url_s}': protocol '{}' is not supported (http, https and file are)",
             url.scheme()
         )));
     }
@@ -841,6 +844,14 @@ pub fn create(p: &mut Params) -> ConfigResult<Arc<dyn Plugin>> {
         None
     };
 
+    if url.scheme() == "file" {
+        // As libcurl: file:///path or file://localhost/path, escapes
+        // decoded; the HTTP parameters have nothing to act on.
+        let path = url
+            .to_file_path()
+            .map_err(|()| cerr(format!("curl: url '{url_s}': not a local file URL")))?;
+        return Ok(Arc::new(CurlFile { path }));
+    }
     Ok(Arc::new(CurlPlugin {
         inner: Arc::new(Inner {
             cfg: Config {
@@ -1200,12 +1211,91 @@ impl Plugin for CurlPlugin {
     }
 }
 
+/// `file:` URLs, which libcurl reads (and writes) as local files: the
+/// file is opened per connection (read-write unless the connection is
+/// read-only or the file is not writable), a missing file fails the
+/// connection, as upstream. Unlike upstream 1.32, whose writes to a
+/// `file:` URL truncate the file to the data written, writes land in
+/// place.
+pub struct CurlFile {
+    path: std::path::PathBuf,
+}
+
+#[async_trait]
+impl Plugin for CurlFile {
+    async fn open(&self, ctx: &OpenContext) -> Result<Box<dyn Handle>> {
+        let open = |write: bool| {
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(write)
+                .open(&self.path)
+        };
+        let (file, readonly) = match open(!ctx.readonly) {
+            Ok(f) => (f, ctx.readonly),
+            Err(_) if !ctx.readonly => (open(false).map_err(|e| self.error(ctx, e))?, true),
+            Err(e) => return Err(self.error(ctx, e)),
+        };
+        let size = file.metadata().map_err(|e| self.error(ctx, e))?.len();
+        Ok(Box::new(CurlFileHandle {
+            file,
+            size,
+            readonly,
+        }))
+    }
+    fn dump(&self) -> Vec<(String, String)> {
+        dump_lines()
+    }
+}
+
+impl CurlFile {
+    fn error(&self, ctx: &OpenContext, e: std::io::Error) -> Error {
+        let e = Error::io(format!("curl: file://{}", self.path.display()), e);
+        libnbd::elog!("nbdkit: curl[{}]: error: {}", ctx.id, e.msg);
+        e
+    }
+}
+
+/// A connection to a `file:` URL.
+struct CurlFileHandle {
+    file: std::fs::File,
+    size: u64,
+    readonly: bool,
+}
+
+#[async_trait]
+impl Handle for CurlFileHandle {
+    fn size(&self) -> Result<u64> {
+        Ok(self.size)
+    }
+    fn caps(&self) -> Result<Caps> {
+        Ok(Caps {
+            write: !self.readonly,
+            multi_conn: self.readonly,
+            ..Caps::READ_ONLY
+        })
+    }
+    async fn pread(&self, buf: &mut [u8], offset: u64, _flags: Flags) -> Result<()> {
+        use std::os::unix::fs::FileExt;
+        libnbd::run_blocking(|| self.file.read_exact_at(buf, offset))
+            .map_err(|e| Error::io(format!("curl: pread at {offset}"), e))
+    }
+    async fn pwrite(&self, buf: &[u8], offset: u64, _flags: Flags) -> Result<()> {
+        use std::os::unix::fs::FileExt;
+        if self.readonly {
+            return Err(Error::eperm("curl: the export is read-only"));
+        }
+        libnbd::run_blocking(|| self.file.write_all_at(buf, offset))
+            .map_err(|e| Error::io(format!("curl: pwrite at {offset}"), e))
+    }
+}
+
 /// The `--dump-plugin` lines, which need no configuration.
 pub fn dump_lines() -> Vec<(String, String)> {
     vec![
         ("curl_version".into(), "reqwest/0.12 rustls (ring)".into()),
         ("curl_protocol_http".into(), "yes".into()),
         ("curl_protocol_https".into(), "yes".into()),
+        ("curl_protocol_file".into(), "yes".into()),
     ]
 }
 

@@ -639,3 +639,52 @@ fn curl_writes_are_put_requests() {
     assert_eq!(puts.len(), 1);
     assert_eq!(puts[0].header("content-range"), Some("bytes 512-1023/8192"));
 }
+
+#[test]
+fn curl_file_urls_as_libcurl_takes_them() {
+    if !require(&["nbdinfo"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk f.img");
+    random_file(&img, 1 << 20, 9);
+    let path = img.display().to_string().replace(' ', "%20");
+    let script =
+        "import hashlib\nprint(h.get_size(), hashlib.sha256(h.pread(1 << 20, 0)).hexdigest())\n";
+    // file:///path and file://localhost/path, with escapes: the same
+    // bytes as upstream's (libcurl's) reading.
+    for url in [format!("file://{path}"), format!("file://localhost{path}")] {
+        let args = ["-r", "curl", url.as_str()];
+        if let Some(out) = crate::common::same_as_upstream(&args, script) {
+            assert!(out.starts_with("1048576 "), "{out}");
+        }
+    }
+    // Writes land in place (upstream's truncate the file).
+    let url = format!("file://{path}");
+    let s = Server::ours(&["curl", &url]);
+    if require_nbdsh() {
+        nbdpy(
+            &s.uri(),
+            "h.pwrite(b'hello', 4096)\nh.flush() if h.can_flush() else None\n",
+        );
+    }
+    drop(s);
+    let data = std::fs::read(&img).unwrap();
+    assert_eq!(data.len(), 1 << 20);
+    assert_eq!(&data[4096..4101], b"hello");
+    // A missing file fails the connection, with the reason in the log.
+    let missing = format!("file://{}/none.img", dir.path().display());
+    let o = run(Command::new(nbdkit()).args([
+        "-U",
+        "-",
+        "curl",
+        &missing,
+        "--run",
+        "nbdinfo --size \"$uri\"",
+    ]));
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("No such file"),
+        "{o:?}"
+    );
+}
