@@ -40,6 +40,7 @@ pub mod retry_request;
 pub mod scan;
 pub mod stats;
 pub mod swab;
+pub mod tar;
 #[cfg(test)]
 mod testkit;
 pub mod tls_fallback;
@@ -88,6 +89,7 @@ pub fn registry() -> Vec<FilterEntry> {
         scan::ENTRY,
         pause::ENTRY,
         tls_fallback::ENTRY,
+        tar::ENTRY,
     ]
 }
 

@@ -52,6 +52,7 @@ mod filter_retry_request;
 mod filter_scan;
 mod filter_stats;
 mod filter_swab;
+mod filter_tar;
 mod filter_tls_fallback;
 mod filter_truncate;
 mod nbddump;
