@@ -19,6 +19,7 @@ pub mod exitwhen;
 pub mod exportname;
 pub mod extentlist;
 pub mod fua;
+pub mod gzip;
 pub mod ip;
 pub mod limit;
 pub mod log;
@@ -90,6 +91,7 @@ pub fn registry() -> Vec<FilterEntry> {
         pause::ENTRY,
         tls_fallback::ENTRY,
         tar::ENTRY,
+        gzip::ENTRY,
     ]
 }
 

@@ -31,6 +31,7 @@ mod filter_exitwhen;
 mod filter_exportname;
 mod filter_extentlist;
 mod filter_fua;
+mod filter_gzip;
 mod filter_ip;
 mod filter_limit;
 mod filter_log;
