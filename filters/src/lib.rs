@@ -23,6 +23,7 @@ pub mod gzip;
 pub mod ip;
 pub mod limit;
 pub mod log;
+pub mod luks;
 pub mod multi_conn;
 pub mod nocache;
 pub mod noextents;
@@ -92,6 +93,7 @@ pub fn registry() -> Vec<FilterEntry> {
         tls_fallback::ENTRY,
         tar::ENTRY,
         gzip::ENTRY,
+        luks::ENTRY,
     ]
 }
 

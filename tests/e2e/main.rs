@@ -35,6 +35,7 @@ mod filter_gzip;
 mod filter_ip;
 mod filter_limit;
 mod filter_log;
+mod filter_luks;
 mod filter_multi_conn;
 mod filter_nocache;
 mod filter_noextents;
