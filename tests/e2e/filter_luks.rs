@@ -212,3 +212,39 @@ fn luks_inside_a_partition_with_the_partition_filter() {
         );
     }
 }
+
+#[test]
+fn luks_volume_made_by_qemu_img() {
+    if !require(&["qemu-img", "qemu-io", "nbdcopy"]) {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path();
+    let vol = dir.join("q.img");
+    run_ok(
+        Command::new("qemu-img")
+            .args(["create", "-q", "-f", "luks", "--object"])
+            .arg(format!("secret,id=sec0,data={PASS}"))
+            .args(["-o", "key-secret=sec0,iter-time=10"])
+            .arg(&vol)
+            .arg("4M"),
+    );
+    qemu_write(&vol, "write -P 0x77 512 8192");
+    let want = qemu_plain(&vol, dir);
+    let secret = format!("passphrase={PASS}");
+    let args = [
+        "-r",
+        "file",
+        vol.to_str().unwrap(),
+        "--filter=luks",
+        &secret,
+    ];
+    let ours = copy_out(&Server::ours(&args).uri(), dir);
+    assert!(ours == want, "ours differs from qemu");
+    if require(&["nbdkit"]) {
+        assert!(
+            copy_out(&Server::upstream(&args).uri(), dir) == ours,
+            "upstream differs"
+        );
+    }
+}
