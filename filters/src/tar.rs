@@ -42,8 +42,9 @@
 //! the end of the archive or a GNU sparse member fail the connection with
 //! a message saying so. Upstream serves the wrong bytes for a member
 //! with a GNU long name (GNU tar's block number is that of the long-name
-//! header) and for a sparse member; we serve the member's own bytes, and
-//! refuse sparse ones.
+//! header: the gnu format, `tar cf`'s default, with a name over 100
+//! bytes) and crashes on a GNU sparse member; we serve the long-named
+//! member's own bytes, and refuse sparse ones.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
