@@ -19,9 +19,11 @@ pub mod exitwhen;
 pub mod exportname;
 pub mod extentlist;
 pub mod fua;
+pub mod gzip;
 pub mod ip;
 pub mod limit;
 pub mod log;
+pub mod luks;
 pub mod multi_conn;
 pub mod nocache;
 pub mod noextents;
@@ -40,6 +42,7 @@ pub mod retry_request;
 pub mod scan;
 pub mod stats;
 pub mod swab;
+pub mod tar;
 #[cfg(test)]
 mod testkit;
 pub mod tls_fallback;
@@ -88,6 +91,9 @@ pub fn registry() -> Vec<FilterEntry> {
         scan::ENTRY,
         pause::ENTRY,
         tls_fallback::ENTRY,
+        tar::ENTRY,
+        gzip::ENTRY,
+        luks::ENTRY,
     ]
 }
 

@@ -235,6 +235,73 @@ pub struct FilterEntry {
     pub create: fn(&mut Params) -> ConfigResult<Arc<dyn Filter>>,
 }
 
+/// Read a secret the way `nbdkit_read_password` does: the value itself,
+/// `-` (typed on the terminal), `+FILE`, or `-FD`.
+pub fn read_password(key: &str, value: &str) -> ConfigResult<String> {
+    if value == "-" {
+        return read_from_tty(key);
+    }
+    if let Some(path) = value.strip_prefix('+') {
+        let s = std::fs::read(path).map_err(|e| ConfigError::new(format!("{key}: {path}: {e}")))?;
+        return Ok(strip_newlines(s));
+    }
+    if let Some(fd) = value.strip_prefix('-') {
+        let fd: i32 = fd.parse().map_err(|_| {
+            ConfigError::new(format!(
+                "{key}: could not parse file descriptor in '{value}'"
+            ))
+        })?;
+        if fd <= 2 {
+            return Err(ConfigError::new(format!(
+                "{key}: cannot use stdin, stdout or stderr (-{fd}) to read a password"
+            )));
+        }
+        use std::os::fd::FromRawFd;
+        // Safety: the user handed this descriptor to us to read and close,
+        // as with nbdkit; a bad number fails at the fcntl check below.
+        nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFD)
+            .map_err(|e| ConfigError::new(format!("{key}: file descriptor {fd}: {e}")))?;
+        let mut f = unsafe { std::fs::File::from_raw_fd(fd) };
+        let mut s = Vec::new();
+        std::io::Read::read_to_end(&mut f, &mut s)
+            .map_err(|e| ConfigError::new(format!("{key}: reading file descriptor {fd}: {e}")))?;
+        return Ok(strip_newlines(s));
+    }
+    Ok(value.to_string())
+}
+
+fn strip_newlines(mut s: Vec<u8>) -> String {
+    while s.last() == Some(&b'\n') {
+        s.pop();
+    }
+    String::from_utf8_lossy(&s).into_owned()
+}
+
+fn read_from_tty(key: &str) -> ConfigResult<String> {
+    use nix::sys::termios::{tcgetattr, tcsetattr, LocalFlags, SetArg};
+    let stdin = std::io::stdin();
+    if !nix::unistd::isatty(0).unwrap_or(false) {
+        return Err(ConfigError::new(format!(
+            "{key}=-: stdin is not a tty, cannot read password interactively"
+        )));
+    }
+    eprint!("{key}: ");
+    let saved = tcgetattr(&stdin).ok();
+    if let Some(t) = &saved {
+        let mut quiet = t.clone();
+        quiet.local_flags.remove(LocalFlags::ECHO);
+        let _ = tcsetattr(&stdin, SetArg::TCSAFLUSH, &quiet);
+    }
+    let mut line = String::new();
+    let r = stdin.read_line(&mut line);
+    if let Some(t) = &saved {
+        let _ = tcsetattr(&stdin, SetArg::TCSAFLUSH, t);
+    }
+    crate::elog!();
+    r.map_err(|e| ConfigError::new(format!("{key}: reading stdin: {e}")))?;
+    Ok(line.trim_end_matches(['\n', '\r']).to_string())
+}
+
 /// Check that a plugin's or filter's source file opens with its manual
 /// in the shape all of them share: `//! # NAME: what it does`, an example
 /// command line in a `text` block, and a `## Parameters` section naming

@@ -83,7 +83,6 @@
 //! with a message saying which.
 
 use std::collections::HashSet;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -152,72 +151,7 @@ fn cerr(msg: impl Into<String>) -> ConfigError {
 // ---------------------------------------------------------------------
 // Configuration helpers.
 
-/// Read a secret the way `nbdkit_read_password` does: the value itself,
-/// `-` (typed on the terminal), `+FILE`, or `-FD`.
-pub fn read_password(key: &str, value: &str) -> ConfigResult<String> {
-    if value == "-" {
-        return read_from_tty(key);
-    }
-    if let Some(path) = value.strip_prefix('+') {
-        let s = std::fs::read(path).map_err(|e| cerr(format!("{key}: {path}: {e}")))?;
-        return Ok(strip_newlines(s));
-    }
-    if let Some(fd) = value.strip_prefix('-') {
-        let fd: i32 = fd.parse().map_err(|_| {
-            cerr(format!(
-                "{key}: could not parse file descriptor in '{value}'"
-            ))
-        })?;
-        if fd <= 2 {
-            return Err(cerr(format!(
-                "{key}: cannot use stdin, stdout or stderr (-{fd}) to read a password"
-            )));
-        }
-        use std::os::fd::FromRawFd;
-        // Safety: the user handed this descriptor to us to read and close,
-        // as with nbdkit; a bad number fails at the fcntl check below.
-        nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFD)
-            .map_err(|e| cerr(format!("{key}: file descriptor {fd}: {e}")))?;
-        let mut f = unsafe { std::fs::File::from_raw_fd(fd) };
-        let mut s = Vec::new();
-        f.read_to_end(&mut s)
-            .map_err(|e| cerr(format!("{key}: reading file descriptor {fd}: {e}")))?;
-        return Ok(strip_newlines(s));
-    }
-    Ok(value.to_string())
-}
-
-fn strip_newlines(mut s: Vec<u8>) -> String {
-    while s.last() == Some(&b'\n') {
-        s.pop();
-    }
-    String::from_utf8_lossy(&s).into_owned()
-}
-
-fn read_from_tty(key: &str) -> ConfigResult<String> {
-    use nix::sys::termios::{tcgetattr, tcsetattr, LocalFlags, SetArg};
-    let stdin = std::io::stdin();
-    if !nix::unistd::isatty(0).unwrap_or(false) {
-        return Err(cerr(format!(
-            "{key}=-: stdin is not a tty, cannot read password interactively"
-        )));
-    }
-    eprint!("{key}: ");
-    let saved = tcgetattr(&stdin).ok();
-    if let Some(t) = &saved {
-        let mut quiet = t.clone();
-        quiet.local_flags.remove(LocalFlags::ECHO);
-        let _ = tcsetattr(&stdin, SetArg::TCSAFLUSH, &quiet);
-    }
-    let mut line = String::new();
-    let r = stdin.read_line(&mut line);
-    if let Some(t) = &saved {
-        let _ = tcsetattr(&stdin, SetArg::TCSAFLUSH, t);
-    }
-    libnbd::elog!();
-    r.map_err(|e| cerr(format!("{key}: reading stdin: {e}")))?;
-    Ok(line.trim_end_matches(['\n', '\r']).to_string())
-}
+pub use libnbd::config::read_password;
 
 /// A `header=` line.
 #[derive(Debug, Clone, PartialEq, Eq)]
