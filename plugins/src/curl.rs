@@ -45,6 +45,12 @@
 //! - `cainfo=FILE`: trust only the CA certificates in this PEM file
 //!   (`cainfo=` with no value: trust none of the system's);
 //!   `capath=DIR`: also trust the PEM certificates in this directory.
+//! - `http-version=none|1.0|1.1|2.0|2TLS|2-prior-knowledge` (as newer
+//!   nbdkit's, which takes libcurl's names): `1.0` and `1.1` speak
+//!   HTTP/1 only; `2-prior-knowledge` HTTP/2 from the first byte (to a
+//!   cleartext server that speaks it); `none`, `2.0` and `2TLS` let TLS
+//!   negotiate HTTP/2 (ALPN), else HTTP/1.1. `3` and `3ONLY` are refused
+//!   (no HTTP/3 here).
 //! - `ssl-version=tlsv1.2|tlsv1.3|...`: the lowest TLS version allowed
 //!   (rustls speaks TLS 1.2 and 1.3 only; `sslv2`/`sslv3` are refused).
 //!   `ssl-cipher-list=` and `tls13-ciphers=` are refused: rustls chooses
@@ -126,6 +132,7 @@ proxy-password=<PASSWORD>  The proxy password.
 proxy-user=<USER>          The proxy user.
 timeout=<TIMEOUT>          Set the timeout for requests (seconds).
 sslverify=false            Do not verify SSL certificate of remote host.
+http-version=<VERSION>     Force a particular HTTP protocol.
 ssl-version=<VERSION>      Specify preferred TLS/SSL version.
 tcp-keepalive=true         Enable TCP keepalives.
 tcp-nodelay=false          Disable Nagle’s algorithm.
@@ -648,6 +655,7 @@ pub fn create(p: &mut Params) -> ConfigResult<Arc<dyn Plugin>> {
     let cainfo = p.take("cainfo");
     let capath = p.take("capath");
     let ssl_version = p.take("ssl-version");
+    let http_version = p.take("http-version");
     for k in ["ssl-cipher-list", "tls13-ciphers"] {
         if p.take(k).is_some() {
             return Err(cerr(format!(
@@ -705,6 +713,24 @@ pub fn create(p: &mut Params) -> ConfigResult<Arc<dyn Plugin>> {
                 for c in reqwest::Certificate::from_pem_bundle(&pem).unwrap_or_default() {
                     b = b.add_root_certificate(c);
                 }
+            }
+        }
+    }
+    if let Some(v) = &http_version {
+        match v.to_ascii_lowercase().as_str() {
+            "none" | "2.0" | "2tls" => {}
+            "1.0" | "1.1" => b = b.http1_only(),
+            "2-prior-knowledge" => b = b.http2_prior_knowledge(),
+            "3" | "3only" => {
+                return Err(cerr(format!(
+                    "curl: http-version={v}: HTTP/3 is not supported"
+                )))
+            }
+            _ => {
+                return Err(cerr(format!(
+                    "curl: http-version={v}: unknown version (none, 1.0, 1.1, 2.0, 2TLS, \
+                     2-prior-knowledge)"
+                )))
             }
         }
     }

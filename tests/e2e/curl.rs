@@ -292,6 +292,34 @@ print("ok")
     assert_eq!(nbdpy(&srv.uri(), &script).trim(), "ok");
     // Reads really were ranges.
     assert!(ng.access_log().contains("\" 206 "));
+
+    // http-version=: HTTP/1.x works with nginx (which speaks HTTP/1.1
+    // in cleartext), prior-knowledge HTTP/2 does not, HTTP/3 is refused.
+    for v in ["1.1", "1.0", "none", "2.0"] {
+        let (ok, out, err) =
+            nbdinfo_size(&["curl", &ng.url("disk.img"), &format!("http-version={v}")]);
+        assert!(ok && out == ((3 << 20) + 4096).to_string(), "{v}: {err}");
+    }
+    let (ok, _, _) = nbdinfo_size(&[
+        "curl",
+        &ng.url("disk.img"),
+        "http-version=2-prior-knowledge",
+    ]);
+    assert!(!ok);
+    let o = run(Command::new(nbdkit()).args([
+        "-U",
+        "-",
+        "curl",
+        &ng.url("disk.img"),
+        "http-version=3",
+        "--run",
+        "true",
+    ]));
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("HTTP/3"),
+        "{o:?}"
+    );
 }
 
 #[test]
