@@ -17,6 +17,7 @@ mod copy_pipe;
 mod copy_progress;
 mod copy_request_size;
 mod copy_sparse;
+mod copy_verbose;
 mod curl;
 mod filter_blocksize;
 mod filter_blocksize_policy;

@@ -75,7 +75,8 @@ pub trait Endpoint: Send + Sync {
     /// for messages.
     fn name(&self) -> &str;
 
-    /// The kind, for `-v`: `nbd`, `file`, `pipe`, `null`.
+    /// The kind, for `-v`, in upstream's words: `nbd_ops`, `file_ops`,
+    /// `pipe_ops`, `null_ops`.
     fn kind(&self) -> &'static str;
 
     /// Size in bytes; `None` for a stream, whose end is found by

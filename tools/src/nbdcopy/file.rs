@@ -441,11 +441,8 @@ impl Endpoint for FileEndpoint {
     }
 
     fn kind(&self) -> &'static str {
-        if self.block_device {
-            "block device"
-        } else {
-            "file"
-        }
+        // Upstream's name for both (a block device is a file to it).
+        "file_ops"
     }
 
     fn size(&self) -> Option<u64> {

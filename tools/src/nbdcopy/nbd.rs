@@ -381,7 +381,7 @@ impl Endpoint for NbdEndpoint {
     }
 
     fn kind(&self) -> &'static str {
-        "nbd"
+        "nbd_ops"
     }
 
     fn size(&self) -> Option<u64> {

@@ -27,7 +27,7 @@ impl Endpoint for NullEndpoint {
     }
 
     fn kind(&self) -> &'static str {
-        "null"
+        "null_ops"
     }
 
     fn size(&self) -> Option<u64> {

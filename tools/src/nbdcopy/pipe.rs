@@ -80,7 +80,7 @@ impl Endpoint for PipeEndpoint {
     }
 
     fn kind(&self) -> &'static str {
-        "pipe"
+        "pipe_ops"
     }
 
     fn size(&self) -> Option<u64> {
