@@ -35,6 +35,18 @@ mod transmission;
 #[cfg(test)]
 mod tests;
 
+/// The memory all connections' requests in flight may hold together by
+/// default: eight largest requests (512 MiB), whatever the number of
+/// clients (each one may hold [`ServerConfig::max_inflight_bytes`]).
+pub const DEFAULT_TOTAL_INFLIGHT: usize = 8 * p::MAX_REQUEST_SIZE as usize;
+
+/// A server-wide budget of `bytes` for [`ServerConfig::total_inflight`]
+/// (in KiB units; never less than one largest request).
+pub fn inflight_budget(bytes: usize) -> Arc<tokio::sync::Semaphore> {
+    let units = (bytes / 1024).max(p::MAX_REQUEST_SIZE as usize / 1024 + 1);
+    Arc::new(tokio::sync::Semaphore::new(units))
+}
+
 /// Server-wide settings shared by every connection.
 pub struct ServerConfig {
     /// The plugin and its filters.
@@ -50,6 +62,10 @@ pub struct ServerConfig {
     /// Bytes of request and reply buffers one connection may hold at once,
     /// so a client flooding large writes cannot grow the server unbounded.
     pub max_inflight_bytes: usize,
+    /// Bytes of request and reply buffers all connections together may
+    /// hold at once, so that many flooding clients cannot either
+    /// ([`DEFAULT_TOTAL_INFLIGHT`]; at least one largest request).
+    pub total_inflight: Arc<tokio::sync::Semaphore>,
     /// What the connections share: shutdown, their count, verbosity.
     pub server: Arc<ServerContext>,
     /// TLS credentials (`--tls=on|require`): clients may start TLS.
@@ -69,6 +85,7 @@ impl ServerConfig {
             meta_contexts: true,
             threads: 16,
             max_inflight_bytes: 2 * p::MAX_REQUEST_SIZE as usize,
+            total_inflight: inflight_budget(DEFAULT_TOTAL_INFLIGHT),
             server: ServerContext::new(false),
             tls: None,
             tls_required: false,

@@ -521,3 +521,93 @@ async fn a_plugins_own_meta_context_is_listed_set_and_answered() {
     assert_eq!(chunk(&mut c).await.2.len(), 12);
     assert_eq!(chunk(&mut c).await.2.len(), 12);
 }
+
+/// Reads that take a while, counting how many run at once.
+struct Slow {
+    now: Arc<std::sync::atomic::AtomicUsize>,
+    max: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+struct SlowHandle {
+    now: Arc<std::sync::atomic::AtomicUsize>,
+    max: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+#[async_trait]
+impl Plugin for Slow {
+    async fn open(&self, _: &OpenContext) -> Result<Box<dyn Handle>> {
+        Ok(Box::new(SlowHandle {
+            now: self.now.clone(),
+            max: self.max.clone(),
+        }))
+    }
+}
+
+#[async_trait]
+impl Handle for SlowHandle {
+    fn size(&self) -> Result<u64> {
+        Ok(SIZE)
+    }
+    async fn pread(&self, buf: &mut [u8], _: u64, _: Flags) -> Result<()> {
+        use std::sync::atomic::Ordering::SeqCst;
+        let n = self.now.fetch_add(1, SeqCst) + 1;
+        self.max.fetch_max(n, SeqCst);
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        buf.fill(7);
+        self.now.fetch_sub(1, SeqCst);
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_in_flight_are_bounded_across_connections() {
+    use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+    let max = Arc::new(AtomicUsize::new(0));
+    let mut cfg = ServerConfig::new(Stack {
+        filters: Vec::new(),
+        plugin: Arc::new(Slow {
+            now: Arc::default(),
+            max: max.clone(),
+        }),
+    });
+    // Room for two 256K reads in the whole server, though each
+    // connection alone could have many more.
+    const READ: u32 = 256 << 10;
+    let units = (READ as usize / 1024 + 1) * 2;
+    cfg.total_inflight = Arc::new(tokio::sync::Semaphore::new(units));
+    let cfg = Arc::new(cfg);
+    let mut clients = Vec::new();
+    for _ in 0..3 {
+        let (mut client, server) = tokio::io::duplex(4 << 20);
+        let (r, w) = tokio::io::split(server);
+        tokio::spawn(serve(cfg.clone(), r, w, Peer::default()));
+        let mut hello = [0u8; 18];
+        client.read_exact(&mut hello).await.unwrap();
+        client
+            .write_all(&(p::FLAG_C_FIXED_NEWSTYLE | p::FLAG_C_NO_ZEROES).to_be_bytes())
+            .await
+            .unwrap();
+        go(&mut client).await;
+        clients.push(client);
+    }
+    let mut tasks = Vec::new();
+    for mut c in clients {
+        tasks.push(tokio::spawn(async move {
+            for i in 0..4 {
+                request(&mut c, cmd::READ, 0, i * u64::from(READ), READ).await;
+            }
+            for _ in 0..4 {
+                assert_eq!(simple_reply(&mut c).await, 0);
+                let mut data = vec![0u8; READ as usize];
+                c.read_exact(&mut data).await.unwrap();
+                assert!(data.iter().all(|&b| b == 7));
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    // Twelve reads, never more than two at once, and two at once did
+    // happen (the bound is not one connection at a time).
+    assert_eq!(max.load(SeqCst), 2);
+}

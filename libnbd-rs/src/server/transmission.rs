@@ -185,7 +185,15 @@ where
         } else {
             1
         };
+        // This connection's share first, then the server's: a client
+        // waits (and is read no further) while either is spent.
         let permit = budget
+            .clone()
+            .acquire_many_owned(units as u32)
+            .await
+            .expect("semaphore never closed");
+        let total = cfg
+            .total_inflight
             .clone()
             .acquire_many_owned(units as u32)
             .await
@@ -233,6 +241,7 @@ where
             };
             let r = write_reply(&server, &w, &req, &neg, res, &pool).await;
             drop(slot);
+            drop(total);
             drop(permit);
             r
         });
