@@ -4,6 +4,7 @@
 mod common;
 
 mod copy_background_flush;
+mod copy_blkhash;
 mod copy_captive_qcow2;
 mod copy_common;
 mod copy_errors;
