@@ -59,6 +59,7 @@ mod filter_truncate;
 mod nbddump;
 mod nbdfuse;
 mod nbdinfo;
+mod nbdinfo_newer;
 mod nbdkit_cli;
 mod nbdkit_debug;
 mod nbdkit_dump_config;

@@ -121,8 +121,7 @@ const SPARSE_SIZE: u64 = 4096;
 const USAGE: &str = "
 Copy to and from an NBD server:
 
-    nbdcopy [--allocated] [--blkhash[=DIGEST[/SIZE]]]
-            [--blkhash-file=FILE] [-C N|--connections=N]
+    nbdcopy [--allocated] [-C N|--connections=N]
             [--destination-is-zero|--target-is-zero] [--flush]
             [--no-extents] [-p|--progress|--progress=FD]
             [--queue-size=N] [--request-size=N] [-R N|--requests=N]
@@ -132,6 +131,11 @@ Copy to and from an NBD server:
 
     SOURCE, DESTINATION := - | FILE | DEVICE | NBD-URI | [ CMD ARGS ... ]
     DESTINATION += null:
+
+Block hash of what is copied (libnbd 1.24's):
+
+    nbdcopy --blkhash[=DIGEST[/SIZE]] [--blkhash-file=FILE] [...]
+            SOURCE DESTINATION
 
 Other options:
 
