@@ -57,6 +57,7 @@ mod filter_swab;
 mod filter_tls_fallback;
 mod filter_truncate;
 mod nbddump;
+mod nbddump_offset;
 mod nbdfuse;
 mod nbdinfo;
 mod nbdinfo_newer;

@@ -12,13 +12,15 @@ const CLIENT_TOOLS: [&str; 3] = ["nbdinfo", "nbdcopy", "nbddump"];
 
 /// Options of libnbd's tools newer than 1.14 (issue 25) that ours have
 /// and the installed 1.14 lacks.
-const NEWER_THAN_1_14: [&str; 7] = [
+const NEWER_THAN_1_14: [&str; 9] = [
     "--blkhash",
     "--blkhash-file",
     "--cannot",
     "--has",
     "--hasnt",
     "--isnt",
+    "--offset",
+    "--skip",
     "--uri",
 ];
 
