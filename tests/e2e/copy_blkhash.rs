@@ -148,6 +148,21 @@ fn copy_blkhash_dense() {
     let copy = dir.path().join("copy.img");
     assert_eq!(ours(&["--blkhash", &uri, copy.to_str().unwrap()]), expect);
     assert_eq!(std::fs::read(&copy).unwrap(), std::fs::read(&img).unwrap());
+    // Between servers on several connections and threads (multi-conn),
+    // then the destination hashed on its own: the same digest.
+    let dst = Server::ours(&["memory", "6M"]);
+    assert_eq!(
+        ours(&["--blkhash", "-C", "4", "-T", "4", &uri, &dst.uri()]),
+        expect
+    );
+    assert_eq!(ours(&["--blkhash", &dst.uri(), "null:"]), {
+        // The memory disk is larger: the reference over the same size.
+        let full = dir.path().join("full.img");
+        let mut bytes = std::fs::read(&img).unwrap();
+        bytes.resize(6 << 20, 0);
+        std::fs::write(&full, bytes).unwrap();
+        reference(&full, "sha256", 65536)
+    });
     // From a pipe (a stream: no size, no extents).
     let out = run(nbdcopy()
         .args(["--blkhash", "-", "null:"])
