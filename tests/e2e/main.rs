@@ -4,6 +4,7 @@
 mod common;
 
 mod copy_background_flush;
+mod copy_blkhash;
 mod copy_captive_qcow2;
 mod copy_common;
 mod copy_errors;
@@ -60,8 +61,10 @@ mod filter_tar;
 mod filter_tls_fallback;
 mod filter_truncate;
 mod nbddump;
+mod nbddump_offset;
 mod nbdfuse;
 mod nbdinfo;
+mod nbdinfo_newer;
 mod nbdkit_cli;
 mod nbdkit_debug;
 mod nbdkit_dump_config;

@@ -10,6 +10,20 @@ use crate::common::*;
 
 const CLIENT_TOOLS: [&str; 3] = ["nbdinfo", "nbdcopy", "nbddump"];
 
+/// Options of libnbd's tools newer than 1.14 (issue 25) that ours have
+/// and the installed 1.14 lacks.
+const NEWER_THAN_1_14: [&str; 9] = [
+    "--blkhash",
+    "--blkhash-file",
+    "--cannot",
+    "--has",
+    "--hasnt",
+    "--isnt",
+    "--offset",
+    "--skip",
+    "--uri",
+];
+
 fn output(prog: &Path, args: &[&str]) -> Output {
     run(Command::new(prog).args(args).stdin(Stdio::null()))
 }
@@ -56,6 +70,11 @@ fn tools_completion_options_as_upstream() {
     for tool in CLIENT_TOOLS {
         for opt in ["--long-options", "--short-options"] {
             let (ours, theirs) = both_ok(tool, &[opt]);
+            let ours: String = ours
+                .lines()
+                .filter(|l| !NEWER_THAN_1_14.contains(l))
+                .map(|l| format!("{l}\n"))
+                .collect();
             assert_eq!(ours, theirs, "{tool} {opt}");
         }
         // Every option listed is one the tool takes.

@@ -2,7 +2,7 @@
 //! libnbd 1.14's nbddump (byte for byte the same output).
 //!
 //! ```text
-//! nbddump [--color|--no-color] [-n N|--length=N] NBD
+//! nbddump [--color|--no-color] [--offset=N] [-n N|--length=N] NBD
 //! ```
 //!
 //! `NBD` is an NBD URI or `[ CMD ARGS ... ]`, a server to run for the
@@ -22,8 +22,13 @@
 //! line of the export is always printed.
 //!
 //! Options:
-//! - `-n N`, `--length=N`: dump at most N bytes (a decimal number,
-//!   with an optional `K`, `M`, `G`, ... suffix);
+//! - `-n N`, `--length=N` (or `--limit`): dump at most N bytes (a
+//!   decimal number, with an optional `K`, `M`, `G`, ... suffix);
+//! - `--offset=N` (or `--skip`), newer libnbd's: start at byte N (same
+//!   syntax); the lines then start at N (16 bytes each from there, not
+//!   aligned) and show offsets from the start of the export, as libnbd's
+//!   (`nbddump --offset=15 --length=33` prints lines at `0f`, `1f`,
+//!   `2f`). An offset past the end of the export is an error.
 //! - `--color`, `--colour`, `--no-color`, `--no-colour`: ANSI colours
 //!   (then `│` and `☆` in place of `|` and `*`); by default when stdout
 //!   is a terminal;
@@ -55,6 +60,7 @@ Other options:
     nbddump --help
     nbddump --version
     nbddump [--color|--no-color] [-n N|--length=N] NBD-URI | [ CMD ARGS ... ]
+    nbddump [--offset=N] [--length=N] NBD-URI | [ CMD ARGS ... ]
 
 Examples:
 
@@ -82,6 +88,8 @@ const TOOL: Tool = Tool {
         "--no-colours",
         "--length",
         "--limit",
+        "--offset",
+        "--skip",
     ],
     short_options: &["-n", "-V"],
 };
@@ -127,11 +135,16 @@ pub struct Dumper<W: Write> {
 impl<W: Write> Dumper<W> {
     /// A dumper writing to `w` for an export of `size` bytes.
     pub fn new(w: W, size: u64, color: bool) -> Self {
+        Self::starting_at(w, size, color, 0)
+    }
+
+    /// The same, fed bytes from offset `start` on.
+    pub fn starting_at(w: W, size: u64, color: bool, start: u64) -> Self {
         Dumper {
             w,
             size,
             color,
-            offset: 0,
+            offset: start,
             line: [0; 16],
             line_len: 0,
             prev: None,
@@ -385,13 +398,26 @@ impl Planner<'_> {
     }
 }
 
-/// Dump `limit` bytes (at most the export) of `conn` to `w`.
-pub async fn dump<W: Write>(conn: &Connection, limit: u64, color: bool, w: W) -> Result<W> {
-    let limit = limit.min(conn.size());
+/// Dump `limit` bytes (at most to the end of the export) of `conn`
+/// from `offset` to `w`.
+pub async fn dump<W: Write>(
+    conn: &Connection,
+    offset: u64,
+    limit: u64,
+    color: bool,
+    w: W,
+) -> Result<W> {
+    if offset > conn.size() {
+        return Err(anyhow!(
+            "--offset {offset} is beyond the end of the export ({} bytes)",
+            conn.size()
+        ));
+    }
+    let limit = offset.saturating_add(limit).min(conn.size());
     let planner = Planner {
         conn,
         limit,
-        next: 0,
+        next: offset,
         status: conn.can_meta_context(CONTEXT_BASE_ALLOCATION),
         queue: Default::default(),
     };
@@ -409,7 +435,7 @@ pub async fn dump<W: Write>(conn: &Connection, limit: u64, color: bool, w: W) ->
         })
         .try_buffered(IN_FLIGHT);
     let mut pieces = std::pin::pin!(pieces);
-    let mut dumper = Dumper::new(w, conn.size(), color);
+    let mut dumper = Dumper::starting_at(w, conn.size(), color, offset);
     while let Some((s, data)) = pieces.try_next().await? {
         match data {
             Some(d) => dumper.data(&d)?,
@@ -420,6 +446,7 @@ pub async fn dump<W: Write>(conn: &Connection, limit: u64, color: bool, w: W) ->
 }
 
 struct Cli {
+    offset: u64,
     limit: u64,
     color: bool,
     target: Target,
@@ -441,6 +468,13 @@ fn command() -> Command {
                 .short('n')
                 .long("length")
                 .alias("limit")
+                .value_name("N")
+                .action(ArgAction::Set),
+        )
+        .arg(
+            Arg::new("offset")
+                .long("offset")
+                .alias("skip")
                 .value_name("N")
                 .action(ArgAction::Set),
         )
@@ -477,6 +511,12 @@ fn parse_cli(args: Vec<OsString>) -> Result<Cli, Action<Cli>> {
         }
         None => u64::MAX,
     };
+    let offset = match m.get_one::<String>("offset") {
+        Some(s) => {
+            libnbd::parse_size(s).map_err(|_| anyhow!("could not parse --offset option: {s}"))?
+        }
+        None => 0,
+    };
     let color = toggle(&m, "color", "no-color").unwrap_or_else(|| io::stdout().is_terminal());
     let positional: Vec<OsString> = m
         .get_many::<OsString>("args")
@@ -484,6 +524,7 @@ fn parse_cli(args: Vec<OsString>) -> Result<Cli, Action<Cli>> {
         .unwrap_or_default();
     let target = line.one_target(&positional)?;
     Ok(Cli {
+        offset,
         limit,
         color,
         target,
@@ -511,7 +552,7 @@ pub fn main(args: Vec<OsString>) -> i32 {
             .full_info(false);
         let conn = cli.target.connect(&opts).await?;
         let out = io::BufWriter::with_capacity(1 << 20, io::stdout().lock());
-        dump(&conn, cli.limit, cli.color, out).await?;
+        dump(&conn, cli.offset, cli.limit, cli.color, out).await?;
         let _ = conn.disconnect().await;
         Ok::<_, anyhow::Error>(())
     });

@@ -27,7 +27,11 @@
 //! size, default 4096 or the destination's preferred block size; 0 turns
 //! it off), `--allocated`, `--no-extents`,
 //! `--destination-is-zero`/`--target-is-zero`, `--flush`,
-//! `--synchronous`, `-p`/`--progress` or `--progress=FD`, `-v`, `-V`.
+//! `--synchronous`, `-p`/`--progress` or `--progress=FD`, `-v`, `-V`;
+//! and libnbd 1.24's `--blkhash[=DIGEST[/SIZE]]` and
+//! `--blkhash-file=FILE`: the blkhash-construction digest of everything
+//! copied (zero ranges hashed without reading them), also to `null:`,
+//! printed in hex (`blkhash.rs` documents the construction).
 //!
 //! Without `-R` and `--queue-size`, what is kept in flight suits the
 //! endpoints, within libnbd's defaults (64 requests, 16M): those
@@ -42,6 +46,7 @@
 //! offset and the error, and exit status 1.
 
 mod alloc;
+pub mod blkhash;
 mod endpoint;
 mod file;
 mod lanes;
@@ -82,6 +87,8 @@ const TOOL: Tool = Tool {
     long_options: &[
         "--help",
         "--allocated",
+        "--blkhash",
+        "--blkhash-file",
         "--connections",
         "--destination-is-zero",
         "--flush",
@@ -125,6 +132,11 @@ Copy to and from an NBD server:
     SOURCE, DESTINATION := - | FILE | DEVICE | NBD-URI | [ CMD ARGS ... ]
     DESTINATION += null:
 
+Block hash of what is copied (libnbd 1.24's):
+
+    nbdcopy --blkhash[=DIGEST[/SIZE]] [--blkhash-file=FILE] [...]
+            SOURCE DESTINATION
+
 Other options:
 
     nbdcopy --help
@@ -135,6 +147,7 @@ Examples:
     nbdcopy nbd://example.com local.img
     nbdcopy local.img nbd://example.com
     nbdcopy nbd://example.com - | file -
+    nbdcopy --blkhash nbd://example.com null:
     cat disk1 disk2 | nbdcopy -- - [ qemu-nbd -f qcow2 output.qcow2 ]
 
 Please read the nbdcopy(1) manual page for full usage.
@@ -153,6 +166,12 @@ struct Cli {
     /// Write a fully allocated destination: zeroes as allocated blocks.
     #[arg(long)]
     allocated: bool,
+    /// `--blkhash` (sha256, 64K blocks) or `--blkhash=DIGEST[/SIZE]`.
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "")]
+    blkhash: Option<String>,
+    /// Write the block hash to FILE instead of stdout.
+    #[arg(long = "blkhash-file")]
+    blkhash_file: Option<PathBuf>,
     /// Most NBD connections per server (multi-conn), default 4.
     #[arg(short = 'C', long = "connections")]
     connections: Option<String>,
@@ -207,6 +226,8 @@ struct Cli {
 #[derive(Debug, Clone)]
 struct Options {
     allocated: bool,
+    /// `--blkhash`, and where to write it (`None`: stdout).
+    blkhash: Option<(blkhash::Spec, Option<PathBuf>)>,
     connections: usize,
     destination_is_zero: bool,
     flush: bool,
@@ -300,8 +321,15 @@ fn options(cli: &Cli) -> Result<Options, String> {
         (Some(_), _) | (None, true) => Mode::Bar,
         (None, false) => Mode::Off,
     };
+    let blkhash = match (&cli.blkhash, &cli.blkhash_file) {
+        (Some(v), file) => Some((blkhash::Spec::parse(v)?, file.clone())),
+        // The file alone: the default hash.
+        (None, Some(file)) => Some((blkhash::Spec::parse("")?, Some(file.clone()))),
+        (None, None) => None,
+    };
     Ok(Options {
         allocated: cli.allocated,
+        blkhash,
         connections,
         destination_is_zero: cli.destination_is_zero,
         flush: cli.flush,
@@ -369,6 +397,11 @@ fn parse(args: Vec<OsString>) -> Action<Job> {
         (Ok(src), Ok(dst)) => (src, dst),
         (Err(m), _) | (_, Err(m)) => return Action::Usage(m),
     };
+    if matches!(opts.blkhash, Some((_, None))) && dst == Spec::Stdio {
+        return Action::Error(anyhow!(
+            "--blkhash: the destination is stdout: write the hash with --blkhash-file"
+        ));
+    }
     // `null:` is a destination only; as a source it is a file name.
     let src = if src == Spec::Null {
         Spec::Path(PathBuf::from("null:"))
@@ -555,7 +588,13 @@ async fn copy(opts: Options, threads: usize, src: Spec, dst: Spec) -> Result<()>
     let reporter = Reporter::start(opts.progress, progress.clone());
     let src: Arc<dyn Endpoint> = Arc::from(src);
     let dst: Arc<dyn Endpoint> = Arc::from(dst);
-    let c = Arc::new(Copier::new(src.clone(), dst.clone(), settings, progress));
+    let mut c = Copier::new(src.clone(), dst.clone(), settings, progress);
+    let hasher = opts
+        .blkhash
+        .as_ref()
+        .map(|(spec, _)| Arc::new(blkhash::BlockHasher::new(spec)));
+    c.hasher = hasher.clone();
+    let c = Arc::new(c);
     let result = if opts.synchronous {
         synch::copy(c.clone(), opts.extents).await
     } else {
@@ -568,11 +607,30 @@ async fn copy(opts: Options, threads: usize, src: Spec, dst: Spec) -> Result<()>
         multi::copy(c.clone(), limits, opts.extents, lanes.as_ref()).await
     };
     let result = match result {
-        Ok(copied) => finish(&*src, &*dst, copied, opts.flush).await,
+        Ok(copied) => finish(&*src, &*dst, copied, opts.flush)
+            .await
+            .map(|()| copied),
         Err(e) => Err(e),
     };
     reporter.finish(result.is_ok()).await;
-    result?;
+    let copied = result?;
+    if let (Some(h), Some((_, file))) = (hasher, &opts.blkhash) {
+        let line = format!(
+            "{}\n",
+            blkhash::hex(&h.finish(copied).map_err(|e| anyhow!(e))?)
+        );
+        match file {
+            Some(f) => std::fs::write(f, line)
+                .with_context(|| format!("--blkhash-file: {}", f.display()))?,
+            None => {
+                use std::io::Write;
+                let mut out = std::io::stdout().lock();
+                out.write_all(line.as_bytes())
+                    .and_then(|()| out.flush())
+                    .context("--blkhash: stdout")?;
+            }
+        }
+    }
     Ok(())
 }
 

@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use futures::future::try_join_all;
 
+use super::blkhash::BlockHasher;
 use super::endpoint::{Data, Endpoint, Extent, Hole, OpError};
 use super::progress::Progress;
 use libnbd::zeroes as sparse;
@@ -166,6 +167,8 @@ pub struct Copier {
     pub settings: Settings,
     /// Bytes done, for the progress bar.
     pub progress: Arc<Progress>,
+    /// `--blkhash`: fed everything copied, data and zeroes.
+    pub hasher: Option<Arc<BlockHasher>>,
     /// Free buffers (request size), reused so that steady copying
     /// allocates nothing and touches no new memory.
     pool: Mutex<Vec<Vec<u8>>>,
@@ -186,6 +189,7 @@ impl Copier {
             dst,
             settings,
             progress,
+            hasher: None,
             pool: Mutex::new(Vec::new()),
             zeroes: OnceLock::new(),
         }
@@ -290,6 +294,16 @@ impl Copier {
                 }
             }
         }
+        if let Some(h) = &self.hasher {
+            // Zero runs may hold unfilled holes: hashed as zeroes.
+            for r in &runs {
+                let at = offset + r.range.start as u64;
+                match r.zero {
+                    true => h.zero(at, r.range.len() as u64),
+                    false => h.data(at, &buf[r.range.clone()]),
+                }
+            }
+        }
         let buf = Arc::new(buf);
         let holey = !holes.is_empty();
         let one = |run: sparse::Run| {
@@ -345,6 +359,9 @@ impl Copier {
     /// export or image), which it would be pointless to zero again.
     pub async fn zero(&self, op: &Op) -> Result<(), OpError> {
         self.check_fits(op.offset, op.length)?;
+        if let Some(h) = &self.hasher {
+            h.zero(op.offset, op.length);
+        }
         let s = &self.settings;
         let ask = self.dst.can_extents() && !s.skip_zeroes && !s.allocated;
         let ranges = match ask {

@@ -9,6 +9,8 @@
 //! nbdinfo --can connect|read|write|trim|zero|fast-zero|df|fua|flush|
 //!               multi-conn|cache|structured-reply NBD
 //! nbdinfo --map[=CONTEXT] [--totals] [--json] NBD
+//! nbdinfo --uri NBD                         the export's URI (libnbd 1.20+)
+//! nbdinfo --isnt|--cannot|--hasnt FLAG NBD  the inverse test (libnbd 1.16+)
 //! nbdinfo -L|--list [--json] NBD            every export of the server
 //! ```
 //!
@@ -23,7 +25,12 @@
 //! stdout is a terminal), `--json`, `--help`, `-V`/`--version`.
 //!
 //! Errors print one line, `nbdinfo: ...`, on stderr and exit 1. A flag
-//! test (`--can`, `--is`) exits 0 if true and 2 if false.
+//! test (`--can`, `--is`, `--has`) exits 0 if true and 2 if false;
+//! its negation (`--cannot`, `--isnt`, `--hasnt`, as newer libnbd's)
+//! 0 if false and 2 if true. The flags are the same for all six, plus
+//! `extended-headers` (never negotiated by this client: false).
+//! `--uri` prints the URI of the export, as the `uri:` line of the
+//! report (not for a server run as a subprocess, which has none).
 //!
 //! Examples:
 //!
@@ -61,6 +68,12 @@ Display information and metadata about NBD servers and exports:
     nbdinfo --map [--totals] [--json] NBD-URI | [ CMD ARGS ... ]
     nbdinfo -L|--list [--json] NBD-URI | [ CMD ARGS ... ]
 
+Newer libnbd's:
+
+    nbdinfo --uri NBD-URI
+    nbdinfo --isnt read-only|rotational NBD-URI | [ CMD ARGS ... ]
+    nbdinfo --cannot cache|connect|... NBD-URI | [ CMD ARGS ... ]
+
 Other options:
 
     nbdinfo --help
@@ -92,6 +105,7 @@ const TOOL: Tool = Tool {
     long_options: &[
         "--help",
         "--can",
+        "--cannot",
         "--color",
         "--colors",
         "--colour",
@@ -102,13 +116,17 @@ const TOOL: Tool = Tool {
         "--no-colours",
         "--content",
         "--no-content",
+        "--has",
+        "--hasnt",
         "--is",
+        "--isnt",
         "--json",
         "--list",
         "--map",
         "--size",
         "--total",
         "--totals",
+        "--uri",
         "--version",
     ],
     short_options: &["-L", "-V"],
@@ -123,8 +141,10 @@ enum Mode {
     List,
     /// The size.
     Size,
-    /// A flag test.
-    Can(Flag),
+    /// A flag test (true: negated, `--cannot`/`--isnt`/`--hasnt`).
+    Can(Flag, bool),
+    /// The URI of the export.
+    Uri,
     /// The map of a meta context.
     Map { context: String, totals: bool },
 }
@@ -146,6 +166,7 @@ enum Flag {
     MultiConn,
     Trim,
     Zero,
+    Extended,
 }
 
 impl Flag {
@@ -169,6 +190,7 @@ impl Flag {
             "multiconn" | "multi-conn" | "multi_conn" => Flag::MultiConn,
             "trim" => Flag::Trim,
             "zero" => Flag::Zero,
+            "extended-headers" | "extended_headers" | "extended" | "eh" => Flag::Extended,
             _ => return None,
         })
     }
@@ -189,6 +211,8 @@ impl Flag {
             Flag::MultiConn => c.can_multi_conn(),
             Flag::Trim => c.can_trim(),
             Flag::Zero => c.can_zero(),
+            // This client does not negotiate extended headers.
+            Flag::Extended => false,
         }
     }
 }
@@ -223,6 +247,31 @@ fn command() -> Command {
                 .value_name("FLAG")
                 .action(ArgAction::Set),
         )
+        .arg(
+            Arg::new("has")
+                .long("has")
+                .value_name("FLAG")
+                .action(ArgAction::Set),
+        )
+        .arg(
+            Arg::new("cannot")
+                .long("cannot")
+                .value_name("FLAG")
+                .action(ArgAction::Set),
+        )
+        .arg(
+            Arg::new("isnt")
+                .long("isnt")
+                .value_name("FLAG")
+                .action(ArgAction::Set),
+        )
+        .arg(
+            Arg::new("hasnt")
+                .long("hasnt")
+                .value_name("FLAG")
+                .action(ArgAction::Set),
+        )
+        .arg(flag("uri"))
         .arg(flag("color").aliases(["colors", "colour", "colours"]))
         .arg(flag("no-color").aliases(["no-colors", "no-colour", "no-colours"]))
         .arg(flag("content"))
@@ -268,17 +317,25 @@ fn parse_cli(args: Vec<OsString>) -> Result<Cli, Action<Cli>> {
         return Err(Action::Version);
     }
 
-    // --can and --is are the same option; the last one counts.
-    let can = match (last_index(&m, "can"), last_index(&m, "is")) {
-        (Some(a), Some(b)) if b > a => m.get_one::<String>("is"),
-        (Some(_), _) => m.get_one::<String>("can"),
-        (None, _) => m.get_one::<String>("is"),
-    };
+    // --can, --is, --has and their negations are one option; the last
+    // one counts.
+    let can = ["can", "is", "has", "cannot", "isnt", "hasnt"]
+        .iter()
+        .filter_map(|&id| last_index(&m, id).map(|i| (i, id)))
+        .max()
+        .map(|(_, id)| {
+            let negated = matches!(id, "cannot" | "isnt" | "hasnt");
+            (
+                m.get_one::<String>(id).cloned().unwrap_or_default(),
+                negated,
+            )
+        });
     let list = m.get_flag("list");
     let size = m.get_flag("size");
+    let uri = m.get_flag("uri");
     let map = m.get_one::<String>("map");
     let totals = toggle(&m, "totals", "no-totals").unwrap_or(false);
-    let modes = [list, size, map.is_some(), can.is_some()];
+    let modes = [list, size, map.is_some(), can.is_some(), uri];
     if modes.iter().filter(|&&x| x).count() > 1 {
         return Err(anyhow!("you cannot use --list, --map and --size together.").into());
     }
@@ -289,8 +346,11 @@ fn parse_cli(args: Vec<OsString>) -> Result<Cli, Action<Cli>> {
         Mode::List
     } else if size {
         Mode::Size
-    } else if let Some(c) = can {
-        Mode::Can(Flag::parse(c).ok_or_else(|| anyhow!("unknown --can or --is option: {c}"))?)
+    } else if uri {
+        Mode::Uri
+    } else if let Some((c, negated)) = can {
+        let flag = Flag::parse(&c).ok_or_else(|| anyhow!("unknown --can or --is option: {c}"))?;
+        Mode::Can(flag, negated)
     } else if let Some(ctx) = map {
         let context = if ctx.is_empty() {
             "base:allocation".to_string()
@@ -381,11 +441,22 @@ async fn run(cli: &Cli, w: &mut dyn Write) -> Result<i32> {
             let _ = c.disconnect().await;
             Ok(0)
         }
-        Mode::Can(flag) => {
+        Mode::Can(flag, negated) => {
             let c = cli.target.connect(&direct_options(Vec::new())).await?;
-            let yes = flag.test(&c);
+            let yes = flag.test(&c) != *negated;
             let _ = c.disconnect().await;
             Ok(if yes { 0 } else { 2 })
+        }
+        Mode::Uri => {
+            let n = cli.target.negotiate(&report_options()).await?;
+            let name = n.options().export_name.clone();
+            let uri = n.uri_for(&name);
+            let _ = n.abort().await;
+            match uri {
+                Some(u) => writeln!(w, "{u}")?,
+                None => bail!("--uri: a server run as a subprocess has no URI"),
+            }
+            Ok(0)
         }
         Mode::Map { context, totals } => {
             let c = cli
