@@ -82,6 +82,7 @@ mod server_captive;
 mod server_commands;
 mod server_export_name_max;
 mod server_fio;
+mod server_hostile_client;
 mod server_info;
 mod server_qemu;
 mod tls_common;
