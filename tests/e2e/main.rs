@@ -3,6 +3,7 @@
 
 mod common;
 
+mod client_hostile_server;
 mod copy_background_flush;
 mod copy_captive_qcow2;
 mod copy_common;
