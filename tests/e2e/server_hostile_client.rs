@@ -722,7 +722,7 @@ fn hostile_client_never_reads_replies() {
     let mut s = Server::ours(&["pattern", "64M"]);
     let pid = s.pid();
     let base = rss_kib(pid);
-    let mut c = connected(&s);
+    let c = connected(&s);
     let mut w = c.0.try_clone().unwrap();
     w.set_write_timeout(Some(Duration::from_secs(3))).unwrap();
     let flood = std::thread::spawn(move || {
