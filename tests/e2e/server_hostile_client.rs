@@ -764,3 +764,69 @@ fn hostile_client_never_reads_replies() {
     drop(c);
     healthy(&mut s, "the flooder's hang-up");
 }
+
+/// `--timeout=SECS`: a client idling in the handshake is dropped after
+/// SECS; one that reached transmission is not.
+#[test]
+fn hostile_client_handshake_timeout() {
+    let mut s = Server::ours(&["--timeout=1", "memory", "1M"]);
+    let mut served = connected(&s);
+    let mut idle = Conn::greeted(&s);
+    let t = Instant::now();
+    assert!(idle.closed());
+    let took = t.elapsed();
+    assert!(
+        took >= Duration::from_millis(800) && took < Duration::from_secs(5),
+        "dropped after {took:?}"
+    );
+    // A half-sent option does not extend the deadline either.
+    let mut slow = Conn::greeted(&s);
+    slow.send(&IHAVEOPT.to_be_bytes());
+    assert!(slow.closed());
+    good_read(&mut served);
+    healthy(&mut s, "handshake timeouts");
+}
+
+/// `--keepalive`: SO_KEEPALIVE on the server's TCP sockets (off by default).
+#[test]
+fn hostile_client_keepalive() {
+    if !require(&["ss"]) {
+        return;
+    }
+    for keepalive in [false, true] {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut cmd = Command::new(nbdkit());
+        cmd.args(["-f", "-i", "127.0.0.1", "-p", &port.to_string()]);
+        if keepalive {
+            cmd.arg("--keepalive");
+        }
+        let mut child = cmd.args(["memory", "1M"]).spawn().unwrap();
+        let t = Instant::now();
+        let c = loop {
+            if let Ok(c) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+                break c;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(20),
+                "server did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        std::thread::sleep(Duration::from_millis(200));
+        let out = run_ok(Command::new("ss").args([
+            "-tnoH",
+            "state",
+            "established",
+            &format!("( sport = :{port} )"),
+        ]));
+        let _ = child.kill();
+        let _ = child.wait();
+        drop(c);
+        assert!(!out.trim().is_empty(), "ss did not see the connection");
+        assert_eq!(out.contains("keepalive"), keepalive, "ss: {out}");
+    }
+}
