@@ -2,7 +2,9 @@
 //! nbdkit: every case is something an attacker would try. After each
 //! case the server must still be running and must still serve a fresh,
 //! well-behaved client; where the spec prescribes an answer, that is the
-//! answer. Upstream nbdkit 1.32 is noted where it differs.
+//! answer. Upstream nbdkit 1.32 was probed with the same cases (a
+//! throwaway test running them against `Server::upstream`): it passes all
+//! but where noted below.
 
 use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
@@ -142,10 +144,21 @@ impl Conn {
         (err, be64(&h[8..16]), d)
     }
 
-    /// One structured chunk: (flags, type, cookie, payload).
+    /// One structured chunk: (flags, type, cookie, payload). The spec
+    /// lets a server answer anything but a read with a simple reply even
+    /// with structured replies on (upstream does): that one is returned
+    /// as a final NONE chunk, or an error chunk.
     fn chunk(&mut self) -> (u16, u16, u64, Vec<u8>) {
         let mut h = [0u8; 20];
-        self.0.read_exact(&mut h).expect("no reply");
+        self.0.read_exact(&mut h[..16]).expect("no reply");
+        if be32(&h[0..4]) == SIMPLE_REPLY_MAGIC {
+            let err = be32(&h[4..8]);
+            let typ = if err == 0 { 0 } else { 0x8001 };
+            let mut p = err.to_be_bytes().to_vec();
+            p.extend_from_slice(&[0, 0]);
+            return (1, typ, be64(&h[8..16]), if err == 0 { vec![] } else { p });
+        }
+        self.0.read_exact(&mut h[16..]).expect("short reply header");
         assert_eq!(be32(&h[0..4]), STRUCTURED_REPLY_MAGIC);
         let len = be32(&h[16..20]);
         let mut p = vec![0u8; len as usize];
@@ -321,7 +334,9 @@ const HANDSHAKE: &[Case] = &[
         // Refused as too big, and the negotiation goes on (as upstream).
         let mut c = Conn::greeted(s);
         c.opt(999, &vec![0x55; 65537]);
-        assert_eq!(c.final_reply(999), ERR_TOO_BIG);
+        // Upstream 1.32 answers ERR_UNSUP (it reads it whole): either is fine.
+        let t = c.final_reply(999);
+        assert!(t == ERR_TOO_BIG || t == ERR_UNSUP, "got {t:#x}");
         c.go(true);
     }),
     ("1 MB export name in GO", |s| {
@@ -573,7 +588,9 @@ const TRANSMISSION: &[Case] = &[
             c.send(&chunk[..k]);
             left -= k;
         }
-        assert_eq!(c.chunk_error(1), EINVAL);
+        // We say EINVAL (too large); upstream 1.32 checks the range first.
+        let e = c.chunk_error(1);
+        assert!(e == EINVAL || e == ENOSPC, "errno {e}");
         good_read(&mut c);
     }),
     ("4 GiB write with no payload", |s| {
@@ -642,6 +659,8 @@ const TRANSMISSION: &[Case] = &[
             assert!(blk.iter().all(|&x| x == blk[0]), "torn block");
         }
     }),
+    // Upstream 1.32 once aborted here in this suite's probe
+    // ("connections.c:402: raw_send_socket: Assertion `sock >= 0' failed").
     ("disconnect with requests in flight", |s| {
         let mut c = connected(s);
         for i in 0..256 {
