@@ -82,6 +82,13 @@ impl Listener {
             Listener::Tcp(l) => {
                 let (s, peer) = l.accept().await?;
                 let _ = s.set_nodelay(true);
+                if cfg.keepalive {
+                    let _ = nix::sys::socket::setsockopt(
+                        &s,
+                        nix::sys::socket::sockopt::KeepAlive,
+                        &true,
+                    );
+                }
                 let (r, w) = s.into_split();
                 let peer = server::Peer {
                     addr: Some(peer),

@@ -133,6 +133,12 @@ impl Server {
         format!("nbd+unix:///{export}?socket={}", self.socket.display())
     }
 
+    /// The server's process id.
+    #[allow(dead_code)]
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Is the server process still running?
     #[allow(dead_code)]
     pub fn alive(&mut self) -> bool {

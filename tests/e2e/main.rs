@@ -3,6 +3,7 @@
 
 mod common;
 
+mod client_hostile_server;
 mod copy_background_flush;
 mod copy_blkhash;
 mod copy_captive_qcow2;
@@ -89,6 +90,7 @@ mod server_captive;
 mod server_commands;
 mod server_export_name_max;
 mod server_fio;
+mod server_hostile_client;
 mod server_info;
 mod server_qemu;
 mod tls_common;

@@ -40,12 +40,13 @@ nbdkit [-4|--ipv4-only] [-6|--ipv6-only]
        [-D|--debug PLUGIN|FILTER|nbdkit.FLAG=N]
        [--exit-with-parent] [-e|--exportname EXPORTNAME]
        [--filter=FILTER ...] [-f|--foreground]
-       [-i|--ipaddr IPADDR]
+       [-i|--ipaddr IPADDR] [--keepalive]
        [--log=stderr|syslog|null]
        [-n|--newstyle] [--no-mc] [--no-sr]
        [-P|--pidfile PIDFILE] [-p|--port PORT]
        [-r|--readonly] [--run 'COMMAND ARGS ...']
-       [-s|--single] [-t|--threads THREADS] [--tls=off|on|require]
+       [-s|--single] [-t|--threads THREADS] [--timeout=TIMEOUT]
+       [--tls=off|on|require]
        [--tls-certificates=/path/to/certificates]
        [--tls-psk=/path/to/pskfile] [--tls-verify-peer]
        [-U|--unix SOCKET|-] [-v|--verbose]
@@ -86,6 +87,7 @@ const TOOL: Tool = Tool {
         "--help",
         "--ip-addr",
         "--ipaddr",
+        "--keepalive",
         "--log",
         "--new-style",
         "--newstyle",
@@ -100,6 +102,7 @@ const TOOL: Tool = Tool {
         "--single",
         "--stdin",
         "--threads",
+        "--timeout",
         "--tls",
         "--unix",
         "--verbose",
@@ -182,6 +185,12 @@ struct Cli {
     /// Requests handled at once per connection.
     #[arg(short = 't', long = "threads")]
     threads: Option<usize>,
+    /// Drop a client that has not finished the handshake within SECS.
+    #[arg(long = "timeout", value_name = "SECS")]
+    timeout: Option<u64>,
+    /// Turn on TCP keepalives on accepted connections.
+    #[arg(long = "keepalive")]
+    keepalive: bool,
     /// TLS: `off`, `on` (clients may start TLS) or `require`.
     #[arg(long = "tls")]
     tls: Option<String>,
@@ -472,6 +481,11 @@ fn run(args: Vec<OsString>) -> Result<i32> {
     cfg.tls_required = tls_mode == TlsMode::Require;
     cfg.readonly = cli.readonly;
     cfg.structured_replies = !cli.no_sr;
+    cfg.handshake_timeout = cli
+        .timeout
+        .filter(|&t| t > 0)
+        .map(std::time::Duration::from_secs);
+    cfg.keepalive = cli.keepalive;
     cfg.meta_contexts = !cli.no_mc;
     if let Some(t) = cli.threads {
         cfg.threads = if t == 0 { 16 } else { t };

@@ -73,6 +73,11 @@ pub struct ServerConfig {
     /// `--tls=require`: every option but STARTTLS and ABORT is refused
     /// until TLS runs.
     pub tls_required: bool,
+    /// `--timeout=SECS`: a client that has not reached transmission
+    /// within this time is dropped (off by default).
+    pub handshake_timeout: Option<std::time::Duration>,
+    /// `--keepalive`: SO_KEEPALIVE on accepted TCP sockets (off by default).
+    pub keepalive: bool,
 }
 
 impl ServerConfig {
@@ -89,6 +94,8 @@ impl ServerConfig {
             server: ServerContext::new(false),
             tls: None,
             tls_required: false,
+            handshake_timeout: None,
+            keepalive: false,
         }
     }
 }
@@ -294,7 +301,16 @@ where
         if let Err(e) = cfg.stack.preconnect(cfg.readonly).await {
             return Err(Close::Protocol(format!("preconnect: {}", e.msg)));
         }
-        let (neg, reader, writer) = negotiate(&cfg, reader, writer, peer, id).await?;
+        let handshake = negotiate(&cfg, reader, writer, peer, id);
+        let (neg, reader, writer) = match cfg.handshake_timeout {
+            None => handshake.await?,
+            Some(t) => tokio::time::timeout(t, handshake).await.map_err(|_| {
+                Close::Protocol(format!(
+                    "handshake not completed within {} seconds (--timeout)",
+                    t.as_secs()
+                ))
+            })??,
+        };
         let r = transmission::transmission(&cfg, reader, writer.clone(), neg).await;
         // The end of a TLS session (close_notify), or of our side of the
         // socket.
