@@ -93,7 +93,7 @@ fn tools_completion_options_as_upstream() {
 
 /// Upstream nbdkit options this one does not have yet: upstream's
 /// `--long-options`/`--short-options` less these are ours.
-const NBDKIT_NOT_YET: [&str; 15] = [
+const NBDKIT_NOT_YET: [&str; 17] = [
     "--group",
     "-g",
     "--mask-handshake",
@@ -110,6 +110,9 @@ const NBDKIT_NOT_YET: [&str; 15] = [
     "--vsock",
     // ...and ours has these that upstream 1.32 lacks.
     "--no-mc",
+    // (newer nbdkit's handshake deadline and TCP keepalive, issue 20)
+    "--keepalive",
+    "--timeout",
 ];
 
 #[test]
