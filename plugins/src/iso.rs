@@ -36,14 +36,12 @@
 //! - Read-only; no flush, trim, zero or extents; multi-conn is safe;
 //!   cache is emulated by reads; thread model parallel.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use async_trait::async_trait;
-use libnbd::{
-    ConfigError, ConfigResult, Error, Handle, OpenContext, Params, Plugin, PluginEntry, Result,
-};
+use libnbd::{ConfigError, ConfigResult, Handle, OpenContext, Params, Plugin, PluginEntry, Result};
 
-use crate::ptable::{Disk, DiskFile, Layout};
+use crate::ptable::{Disk, DiskFile, Layout, MadeOnce};
 use crate::tempdisk::{on_path, quoted, real_dir, run_sh, TempImage};
 
 /// The registry entry of the iso plugin.
@@ -60,7 +58,7 @@ pub const ENTRY: PluginEntry = PluginEntry {
 pub struct IsoPlugin {
     command: String,
     prog: String,
-    disk: OnceLock<Disk>,
+    disk: MadeOnce,
 }
 
 /// Build the iso plugin from `dir=`, `params=` and `prog=`.
@@ -100,7 +98,7 @@ pub fn create(params: &mut Params) -> ConfigResult<Arc<dyn Plugin>> {
     Ok(Arc::new(IsoPlugin {
         command,
         prog,
-        disk: OnceLock::new(),
+        disk: MadeOnce::default(),
     }))
 }
 
@@ -125,17 +123,10 @@ impl IsoPlugin {
 #[async_trait]
 impl Plugin for IsoPlugin {
     fn get_ready(&self) -> ConfigResult<()> {
-        if self.disk.get().is_none() {
-            let d = self.make().map_err(ConfigError::new)?;
-            let _ = self.disk.set(d);
-        }
-        Ok(())
+        self.disk.make(|| self.make())
     }
     async fn open(&self, _ctx: &OpenContext) -> Result<Box<dyn Handle>> {
-        match self.disk.get() {
-            Some(d) => Ok(Box::new(d.clone())),
-            None => Err(Error::eio("iso: the image was not made")),
-        }
+        self.disk.open("iso: the image")
     }
 }
 

@@ -43,14 +43,12 @@
 //!   extents; multi-conn is safe; cache is emulated; thread model
 //!   parallel.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use async_trait::async_trait;
-use libnbd::{
-    ConfigError, ConfigResult, Error, Handle, OpenContext, Params, Plugin, PluginEntry, Result,
-};
+use libnbd::{ConfigError, ConfigResult, Handle, OpenContext, Params, Plugin, PluginEntry, Result};
 
-use crate::ptable::{self, Disk, DiskFile, Kind, PartSpec};
+use crate::ptable::{self, Disk, DiskFile, Kind, MadeOnce, PartSpec};
 use crate::tempdisk::{on_path, quoted, run_sh, sh_output, TempImage};
 
 /// The registry entry of the linuxdisk plugin.
@@ -81,7 +79,7 @@ pub struct LinuxdiskPlugin {
     label: Option<String>,
     fstype: String,
     size: Size,
-    disk: OnceLock<Disk>,
+    disk: MadeOnce,
 }
 
 /// Build the linuxdisk plugin from `dir=`, `label=`, `size=`, `type=`.
@@ -125,7 +123,7 @@ pub fn create(params: &mut Params) -> ConfigResult<Arc<dyn Plugin>> {
         label,
         fstype,
         size,
-        disk: OnceLock::new(),
+        disk: MadeOnce::default(),
     }))
 }
 
@@ -199,17 +197,10 @@ impl LinuxdiskPlugin {
 #[async_trait]
 impl Plugin for LinuxdiskPlugin {
     fn get_ready(&self) -> ConfigResult<()> {
-        if self.disk.get().is_none() {
-            let d = self.make().map_err(ConfigError::new)?;
-            let _ = self.disk.set(d);
-        }
-        Ok(())
+        self.disk.make(|| self.make())
     }
     async fn open(&self, _ctx: &OpenContext) -> Result<Box<dyn Handle>> {
-        match self.disk.get() {
-            Some(d) => Ok(Box::new(d.clone())),
-            None => Err(Error::eio("linuxdisk: the disk was not made")),
-        }
+        self.disk.open("linuxdisk: the disk")
     }
 }
 

@@ -519,6 +519,33 @@ impl Layout {
     }
 }
 
+/// A disk made once, when the server gets ready (the images of `iso` and
+/// `linuxdisk`), then served to each connection as a clone.
+#[derive(Default)]
+pub struct MadeOnce(std::sync::OnceLock<Disk>);
+
+impl MadeOnce {
+    /// Make the disk, unless it is made already.
+    pub fn make(
+        &self,
+        make: impl FnOnce() -> std::result::Result<Disk, String>,
+    ) -> libnbd::ConfigResult<()> {
+        if self.0.get().is_none() {
+            let d = make().map_err(libnbd::ConfigError::new)?;
+            let _ = self.0.set(d);
+        }
+        Ok(())
+    }
+    /// A connection's handle on the disk; `what` names it in the error
+    /// if it was never made.
+    pub fn open(&self, what: &str) -> Result<Box<dyn Handle>> {
+        match self.0.get() {
+            Some(d) => Ok(Box::new(d.clone())),
+            None => Err(Error::eio(format!("{what} was not made"))),
+        }
+    }
+}
+
 /// A file backing a partition.
 pub struct DiskFile {
     /// Its name, for messages.
