@@ -3,14 +3,21 @@
 //! a clear message, never panic, never hang, and never write wrong data.
 //! libnbd 1.14 has no I/O timeout: against a server that stops answering
 //! it waits until the server hangs up, and so do we (checked below).
+//! The same misbehaviours are served after STARTTLS too (the fake does
+//! TLS with OpenSSL and the tests' certificates): TLS must change
+//! nothing in how the clients cope.
 
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use openssl::ssl::{SslAcceptor, SslFiletype, SslMethod};
+
 use crate::common::*;
+use crate::tls_common::{certs_param, creds, require_gnutls_tools};
 
 const SIZE: u64 = 64 * 1024;
 
@@ -38,7 +45,15 @@ enum Bad {
     ExtentsPastRequest,
     StopsAnswering,
     ReadOnlyAcceptsWrites,
+    /// Selects 200,000 meta contexts we did not ask for.
+    ManyMetaContexts,
+    /// Lists 100,000 exports.
+    ManyExports,
 }
+
+/// The fake's stream: a Unix socket, or TLS over one after STARTTLS.
+trait Io: Read + Write {}
+impl<T: Read + Write> Io for T {}
 
 fn be32(b: &[u8]) -> u32 {
     u32::from_be_bytes(b.try_into().unwrap())
@@ -52,7 +67,7 @@ fn byte_at(off: u64) -> u8 {
     (off % 251) as u8
 }
 
-fn opt_reply(c: &mut UnixStream, opt: u32, typ: u32, data: &[u8]) {
+fn opt_reply(c: &mut dyn Io, opt: u32, typ: u32, data: &[u8]) {
     let mut b = Vec::new();
     b.extend_from_slice(&0x3_e889_0455_65a9u64.to_be_bytes());
     b.extend_from_slice(&opt.to_be_bytes());
@@ -89,8 +104,9 @@ fn simple(err: u32, cookie: u64) -> Vec<u8> {
 
 /// One connection of the fake server. Returns when the client goes or
 /// the misbehaviour ends it.
-fn serve(mut c: UnixStream, bad: Bad) -> Option<()> {
-    c.set_read_timeout(Some(Duration::from_secs(30))).ok()?;
+fn serve(raw: UnixStream, bad: Bad, tls: Option<Arc<SslAcceptor>>) -> Option<()> {
+    raw.set_read_timeout(Some(Duration::from_secs(30))).ok()?;
+    let mut c: Box<dyn Io> = Box::new(raw);
     let mut g = Vec::new();
     g.extend_from_slice(if bad == Bad::GreetingMagic {
         b"NBDMAGIX"
@@ -129,6 +145,41 @@ fn serve(mut c: UnixStream, bad: Bad) -> Option<()> {
             return None;
         }
         match opt {
+            5 if tls.is_some() => {
+                opt_reply(&mut c, opt, 1, &[]);
+                let acceptor = tls.as_ref()?;
+                c = Box::new(acceptor.accept(c).ok()?);
+            }
+            3 if bad == Bad::ManyExports => {
+                // One write: the client reads while we send.
+                let mut b = Vec::new();
+                for i in 0..100_000u32 {
+                    let name = format!("export{i}");
+                    let mut p = (name.len() as u32).to_be_bytes().to_vec();
+                    p.extend_from_slice(name.as_bytes());
+                    b.extend_from_slice(&0x3_e889_0455_65a9u64.to_be_bytes());
+                    b.extend_from_slice(&3u32.to_be_bytes());
+                    b.extend_from_slice(&2u32.to_be_bytes());
+                    b.extend_from_slice(&(p.len() as u32).to_be_bytes());
+                    b.extend_from_slice(&p);
+                }
+                c.write_all(&b).ok()?;
+                opt_reply(&mut c, opt, 1, &[]);
+            }
+            10 if structured && bad == Bad::ManyMetaContexts => {
+                let mut b = Vec::new();
+                for i in 0..200_000u32 {
+                    let mut p = i.to_be_bytes().to_vec();
+                    p.extend_from_slice(format!("fake:context{i}").as_bytes());
+                    b.extend_from_slice(&0x3_e889_0455_65a9u64.to_be_bytes());
+                    b.extend_from_slice(&opt.to_be_bytes());
+                    b.extend_from_slice(&4u32.to_be_bytes());
+                    b.extend_from_slice(&(p.len() as u32).to_be_bytes());
+                    b.extend_from_slice(&p);
+                }
+                c.write_all(&b).ok()?;
+                opt_reply(&mut c, opt, 1, &[]);
+            }
             8 if bad != Bad::NoStructured && bad != Bad::StructuredUnasked => {
                 structured = true;
                 opt_reply(&mut c, opt, 1, &[]);
@@ -257,23 +308,53 @@ fn serve(mut c: UnixStream, bad: Bad) -> Option<()> {
 struct Fake {
     _dir: tempfile::TempDir,
     sock: PathBuf,
+    tls: bool,
 }
 
 impl Fake {
     fn start(bad: Bad) -> Fake {
+        Fake::start_with(bad, None)
+    }
+
+    /// A fake that does STARTTLS with the tests' server certificate.
+    fn start_tls(bad: Bad) -> Fake {
+        let pki = &creds().pki;
+        let mut a = SslAcceptor::mozilla_intermediate_v5(SslMethod::tls()).unwrap();
+        a.set_private_key_file(pki.join("server-key.pem"), SslFiletype::PEM)
+            .unwrap();
+        a.set_certificate_chain_file(pki.join("server-cert.pem"))
+            .unwrap();
+        Fake::start_with(bad, Some(Arc::new(a.build())))
+    }
+
+    fn start_with(bad: Bad, tls: Option<Arc<SslAcceptor>>) -> Fake {
         let dir = tempfile::tempdir().unwrap();
         let sock = dir.path().join("sock");
         let l = UnixListener::bind(&sock).unwrap();
+        let with_tls = tls.is_some();
         std::thread::spawn(move || {
             for c in l.incoming().flatten() {
-                std::thread::spawn(move || serve(c, bad));
+                let tls = tls.clone();
+                std::thread::spawn(move || serve(c, bad, tls));
             }
         });
-        Fake { _dir: dir, sock }
+        Fake {
+            _dir: dir,
+            sock,
+            tls: with_tls,
+        }
     }
 
     fn uri(&self) -> String {
-        format!("nbd+unix:///?socket={}", self.sock.display())
+        if self.tls {
+            format!(
+                "nbds+unix:///?socket={}&{}",
+                self.sock.display(),
+                certs_param(&creds().ca_only)
+            )
+        } else {
+            format!("nbd+unix:///?socket={}", self.sock.display())
+        }
     }
 }
 
@@ -339,10 +420,13 @@ fn must_fail(o: &Outcome, what: &str) {
 /// Every tool against one misbehaviour of the read path; each must fail,
 /// or succeed (nbdinfo never reads) and then only with the right data.
 fn all_tools_fail(bad: Bad, nbdinfo_too: bool) {
-    let f = Fake::start(bad);
+    all_tools_fail_on(Fake::start(bad), bad, nbdinfo_too);
+}
+
+fn all_tools_fail_on(f: Fake, bad: Bad, nbdinfo_too: bool) {
     let out = tempfile::tempdir().unwrap();
     let img = out.path().join("out.img");
-    let what = format!("{bad:?}");
+    let what = format!("{bad:?}{}", if f.tls { " over TLS" } else { "" });
     let info = run_tool("nbdinfo", &[&f.uri()]);
     if nbdinfo_too {
         must_fail(&info, &format!("nbdinfo {what}"));
@@ -449,4 +533,66 @@ fn hostile_server_read_only_accepts_writes() {
     std::fs::write(&src, vec![1u8; SIZE as usize]).unwrap();
     let o = run_tool("nbdcopy", &[src.to_str().unwrap(), &f.uri()]);
     must_fail(&o, "nbdcopy to a read-only server");
+}
+
+#[test]
+fn hostile_server_many_meta_contexts() {
+    // 200,000 contexts nobody asked for: refused at the first, at once.
+    let f = Fake::start(Bad::ManyMetaContexts);
+    let o = run_tool("nbdinfo", &["--map", &f.uri()]);
+    must_fail(&o, "nbdinfo --map ManyMetaContexts");
+    assert!(o.stderr.contains("did not ask for"), "{}", o.stderr);
+    let out = tempfile::tempdir().unwrap();
+    let img = out.path().join("out.img");
+    let o = run_tool("nbdcopy", &[&f.uri(), img.to_str().unwrap()]);
+    must_fail(&o, "nbdcopy ManyMetaContexts");
+    assert!(o.took < Duration::from_secs(10), "took {:?}", o.took);
+}
+
+#[test]
+fn hostile_server_many_exports() {
+    // 100,000 exports is big but legal: listed whole, promptly.
+    let f = Fake::start(Bad::ManyExports);
+    let t = Instant::now();
+    let o = Command::new(our_bin("nbdinfo"))
+        .args(["--list", "--json", &f.uri()])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let exports = v["exports"].as_array().unwrap();
+    assert_eq!(exports.len(), 100_000);
+    assert_eq!(exports[99_999]["export-name"], "export99999");
+    eprintln!("nbdinfo --list of 100,000 exports: {:?}", t.elapsed());
+}
+
+#[test]
+fn hostile_server_over_tls() {
+    // TLS changes nothing: the same misbehaviours after STARTTLS.
+    if !require_gnutls_tools() {
+        return;
+    }
+    for (bad, nbdinfo_too) in [
+        (Bad::OptReplyMagic, true),
+        (Bad::OptReplyHuge, true),
+        (Bad::Size(u64::MAX), true),
+        (Bad::ManyMetaContexts, false),
+        (Bad::UnknownCookie, false),
+        (Bad::ChunkOutside, false),
+        (Bad::ChunkPastRequest, false),
+        (Bad::DuplicateChunk, false),
+        (Bad::ErrorMessageTooLong, false),
+        (Bad::TruncatedReply, false),
+        (Bad::NoneNotDone, false),
+    ] {
+        all_tools_fail_on(Fake::start_tls(bad), bad, nbdinfo_too);
+    }
+    // And a well-behaved fake over TLS: the copy is whole and right.
+    let f = Fake::start_tls(Bad::Size(SIZE));
+    let out = tempfile::tempdir().unwrap();
+    let img = out.path().join("out.img");
+    let o = run_tool("nbdcopy", &[&f.uri(), img.to_str().unwrap()]);
+    assert_eq!(o.code, Some(0), "{}", o.stderr);
+    let want: Vec<u8> = (0..SIZE).map(byte_at).collect();
+    assert!(std::fs::read(&img).unwrap() == want, "wrong data over TLS");
 }

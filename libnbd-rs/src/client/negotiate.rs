@@ -51,6 +51,34 @@ impl Style {
     }
 }
 
+/// The most meta contexts a server may select in one
+/// `NBD_OPT_SET_META_CONTEXT` (real servers select a handful).
+const MAX_META_CONTEXTS: usize = 10_000;
+
+/// The most a server's answer to a list option (`NBD_OPT_LIST`,
+/// `NBD_OPT_LIST_META_CONTEXT`) may hold in all: far above any real
+/// server's (100,000 exports with short names take a few MB), and a bound
+/// on what a hostile one can make us keep.
+const MAX_LIST_BYTES: usize = 64 << 20;
+
+/// Counts what a list option's replies have made us keep.
+#[derive(Default)]
+struct ListBudget(usize);
+
+impl ListBudget {
+    fn take(&mut self, payload: usize, what: &str) -> Result<()> {
+        // Each entry also costs its bookkeeping, whatever its length.
+        self.0 += payload + 32;
+        if self.0 > MAX_LIST_BYTES {
+            return Err(Error::Protocol(format!(
+                "{what}: the server's list is larger than {} MiB",
+                MAX_LIST_BYTES >> 20
+            )));
+        }
+        Ok(())
+    }
+}
+
 /// Objects kept alive as long as a connection (a captive server, ...).
 pub(crate) type KeepAlive = Vec<Arc<dyn Any + Send + Sync>>;
 
@@ -450,8 +478,10 @@ impl Negotiation {
         {
             self.send_option(opt::LIST, &[]).await?;
             let mut out = Vec::new();
+            let mut budget = ListBudget::default();
             loop {
                 let (reply, payload) = self.recv_reply(opt::LIST).await?;
+                budget.take(payload.len(), "NBD_OPT_LIST")?;
                 match reply {
                     rep::SERVER => {
                         let mut rd = p::Reader::new(&payload);
@@ -497,8 +527,10 @@ impl Negotiation {
         {
             self.send_option(opt::LIST_META_CONTEXT, &payload).await?;
             let mut out = Vec::new();
+            let mut budget = ListBudget::default();
             loop {
                 let (reply, payload) = self.recv_reply(opt::LIST_META_CONTEXT).await?;
+                budget.take(payload.len(), "NBD_OPT_LIST_META_CONTEXT")?;
                 match reply {
                     rep::META_CONTEXT => out.push(parse_meta_context(&payload)?.name),
                     rep::ACK => return Ok(out),
@@ -517,6 +549,8 @@ impl Negotiation {
         let payload = meta_payload(name, self.opts.meta_contexts.iter().map(String::as_str))?;
         self.send_option(opt::SET_META_CONTEXT, &payload).await?;
         let mut out: Vec<MetaContext> = Vec::new();
+        let mut ids = std::collections::HashSet::new();
+        let mut names = std::collections::HashSet::new();
         loop {
             let (reply, payload) = match self.recv_reply(opt::SET_META_CONTEXT).await {
                 Ok(r) => r,
@@ -526,10 +560,29 @@ impl Negotiation {
             match reply {
                 rep::META_CONTEXT => {
                     let c = parse_meta_context(&payload)?;
-                    if out.iter().any(|o| o.id == c.id) {
+                    // The server may select only what we asked for, each
+                    // once: anything else is a broken or hostile server
+                    // (and would otherwise let it grow the list at will).
+                    let asked = self
+                        .opts
+                        .meta_contexts
+                        .iter()
+                        .any(|q| crate::backend::meta_context_matches(&c.name, q, true));
+                    if !asked {
                         return Err(Error::Protocol(format!(
-                            "meta context id {} used twice",
-                            c.id
+                            "server selected meta context {:?}, which we did not ask for",
+                            c.name
+                        )));
+                    }
+                    if !ids.insert(c.id) || !names.insert(c.name.clone()) {
+                        return Err(Error::Protocol(format!(
+                            "meta context {:?} (id {}) selected twice",
+                            c.name, c.id
+                        )));
+                    }
+                    if out.len() >= MAX_META_CONTEXTS {
+                        return Err(Error::Protocol(format!(
+                            "server selected more than {MAX_META_CONTEXTS} meta contexts"
                         )));
                     }
                     out.push(c);

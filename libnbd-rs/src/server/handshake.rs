@@ -161,8 +161,11 @@ where
         match option {
             opt::EXPORT_NAME => {
                 let name = match String::from_utf8(data) {
-                    Ok(n) if n.len() <= p::MAX_STRING => n,
-                    _ => return Err(Close::Protocol("bad export name".into())),
+                    Ok(n) if n.len() <= p::MAX_STRING && !n.contains('\0') => n,
+                    _ => return Err(Close::Protocol(
+                        "bad export name (longer than 4096 bytes, not UTF-8, or with NUL bytes)"
+                            .into(),
+                    )),
                 };
                 let neg = match open_export(cfg, &name, peer, id, &mut *st).await {
                     Ok(n) => n,
@@ -215,7 +218,9 @@ where
                         cfg,
                         w,
                         option,
-                        rep::ERR_UNSUP,
+                        // As upstream: a policy (the server was started
+                        // without TLS), not an unknown option.
+                        rep::ERR_POLICY,
                         "TLS is not enabled on this server",
                     )
                     .await?
@@ -258,11 +263,23 @@ where
                         w,
                         option,
                         rep::ERR_INVALID,
-                        "malformed INFO/GO request",
+                        "malformed INFO/GO request (or an export name longer than 4096 bytes or not UTF-8)",
                     )
                     .await?;
                     continue;
                 };
+                if name.contains('\0') {
+                    // As upstream: no plugin could be given such a name.
+                    send_error(
+                        cfg,
+                        w,
+                        option,
+                        rep::ERR_INVALID,
+                        "export name may not include NUL bytes",
+                    )
+                    .await?;
+                    continue;
+                }
                 let neg = match open_export(cfg, &name, peer, id, &mut *st).await {
                     Ok(n) => n,
                     Err(e) => {
@@ -332,7 +349,9 @@ async fn meta_context<W: AsyncWrite + Unpin>(
     if !cfg.meta_contexts {
         return send_error(cfg, w, option, rep::ERR_UNSUP, "meta contexts are disabled").await;
     }
-    if !st.structured {
+    // LIST needs no structured replies (the spec lets a server refuse it
+    // there; upstream answers it, and so do we); SET does.
+    if !st.structured && option == opt::SET_META_CONTEXT {
         return send_error(
             cfg,
             w,

@@ -153,24 +153,33 @@ async fn chunk(c: &mut DuplexStream) -> (u16, u16, Vec<u8>) {
 #[tokio::test]
 async fn options_are_answered_as_the_protocol_says() {
     let mut c = connect(config()).await;
-    // Unknown options and STARTTLS without TLS: unsupported.
+    // Unknown options: unsupported; STARTTLS without TLS: policy (as upstream).
     send_option(&mut c, 99, b"junk").await;
     assert_eq!(option_reply(&mut c, 99).await.0, rep::ERR_UNSUP);
     send_option(&mut c, opt::STARTTLS, &[]).await;
-    assert_eq!(option_reply(&mut c, opt::STARTTLS).await.0, rep::ERR_UNSUP);
+    assert_eq!(option_reply(&mut c, opt::STARTTLS).await.0, rep::ERR_POLICY);
     // Payloads where none belongs: invalid.
     send_option(&mut c, opt::LIST, b"x").await;
     assert_eq!(option_reply(&mut c, opt::LIST).await.0, rep::ERR_INVALID);
     send_option(&mut c, opt::STRUCTURED_REPLY, b"x").await;
     let (r, _) = option_reply(&mut c, opt::STRUCTURED_REPLY).await;
     assert_eq!(r, rep::ERR_INVALID);
-    // Meta contexts need structured replies first.
+    // Setting meta contexts needs structured replies first; listing them
+    // does not (as upstream).
     let mut q = Vec::new();
     p::put_string32(&mut q, "");
     q.extend_from_slice(&0u32.to_be_bytes());
-    send_option(&mut c, opt::LIST_META_CONTEXT, &q).await;
-    let (r, _) = option_reply(&mut c, opt::LIST_META_CONTEXT).await;
+    send_option(&mut c, opt::SET_META_CONTEXT, &q).await;
+    let (r, _) = option_reply(&mut c, opt::SET_META_CONTEXT).await;
     assert_eq!(r, rep::ERR_INVALID);
+    send_option(&mut c, opt::LIST_META_CONTEXT, &q).await;
+    let (r, d) = option_reply(&mut c, opt::LIST_META_CONTEXT).await;
+    assert_eq!(r, rep::META_CONTEXT);
+    assert_eq!(&d[4..], p::CONTEXT_BASE_ALLOCATION.as_bytes());
+    assert_eq!(
+        option_reply(&mut c, opt::LIST_META_CONTEXT).await.0,
+        rep::ACK
+    );
     // LIST: one export (the default, ""), then ACK.
     send_option(&mut c, opt::LIST, &[]).await;
     let (r, d) = option_reply(&mut c, opt::LIST).await;

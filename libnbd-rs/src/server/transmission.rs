@@ -92,7 +92,11 @@ pub(super) fn validate(req: &p::Request, neg: &Negotiated) -> Result<(), u32> {
         return Ok(());
     }
     if req.count == 0 {
-        return Err(errno::EINVAL);
+        // As upstream: a zero-length write or zero is out of range (ENOSPC).
+        return Err(match req.typ {
+            cmd::WRITE | cmd::WRITE_ZEROES => errno::ENOSPC,
+            _ => errno::EINVAL,
+        });
     }
     if matches!(req.typ, cmd::READ | cmd::WRITE) && req.count > p::MAX_REQUEST_SIZE {
         return Err(if req.typ == cmd::READ && f & cmdflag::DF != 0 {
