@@ -71,6 +71,7 @@ mod nbdkit_debug;
 mod nbdkit_dump_config;
 mod nbdkit_version;
 mod nginx;
+mod plugin_azure;
 mod plugin_eval;
 mod plugin_file_directory;
 mod plugin_floppy;
