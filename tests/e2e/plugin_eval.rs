@@ -188,7 +188,13 @@ fn eval_missing_unload_and_tmpdir() {
     if let Some(up) = upstream() {
         std::fs::remove_file(dir.path().join("missing.log")).unwrap();
         let theirs = ok(captive(&up, dir.path(), &args, &cmd, None));
-        assert_eq!(theirs.trim(), "ENOSPC");
+        // Upstream 1.32 says EIO now and then on a loaded machine (1 run
+        // in 6 here, while ours said ENOSPC every time): its read of the
+        // script's stderr races the script's exit.
+        assert!(
+            theirs.trim() == "ENOSPC" || theirs.trim() == "EIO",
+            "{theirs}"
+        );
         let their_log = std::fs::read_to_string(dir.path().join("missing.log")).unwrap();
         assert_eq!(calls_but_close(&log), calls_but_close(&their_log));
     }
