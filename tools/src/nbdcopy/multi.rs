@@ -30,8 +30,6 @@ use super::ops::{extents_of, Copier, Op, Planner};
 const WINDOW: u64 = 1 << 30;
 /// Windows whose extents are fetched concurrently ahead of the copy.
 const LOOKAHEAD: usize = 8;
-/// Largest zero operation.
-const MAX_ZERO: u64 = 1 << 30;
 /// Granularity of the byte budget.
 const UNIT: u64 = 4096;
 
@@ -124,10 +122,11 @@ async fn walk(
     src: Arc<dyn Endpoint>,
     size: u64,
     chunk: u64,
+    max_zero: u64,
     use_extents: bool,
     tx: mpsc::Sender<Result<Vec<Op>, OpError>>,
 ) {
-    let mut planner = Planner::new(chunk, MAX_ZERO);
+    let mut planner = Planner::new(chunk, max_zero);
     let windows = (0..size)
         .step_by(WINDOW as usize)
         .map(|o| (o, WINDOW.min(size - o)));
@@ -231,6 +230,7 @@ pub async fn copy(
                 c.src.clone(),
                 size,
                 chunk,
+                c.dst.max_zero(),
                 use_extents,
                 tx,
             )));

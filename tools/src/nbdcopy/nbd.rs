@@ -465,6 +465,15 @@ impl Endpoint for NbdEndpoint {
         self.extents
     }
 
+    fn max_zero(&self) -> u64 {
+        // Extended headers: a zero (or trim) of any length is one request.
+        if self.conn().extended_headers() {
+            1 << 62
+        } else {
+            1 << 30
+        }
+    }
+
     async fn extents(&self, offset: u64, length: u64) -> io::Result<Vec<Extent>> {
         if !self.extents {
             return Ok(vec![Extent {
@@ -486,7 +495,7 @@ impl Endpoint for NbdEndpoint {
             if at >= end {
                 break;
             }
-            let len = u64::from(e.length).min(end - at);
+            let len = e.length.min(end - at);
             let zero = e.flags & alloc::ZERO != 0;
             match out.last_mut() {
                 Some(Extent {
