@@ -26,8 +26,6 @@ use super::endpoint::{Endpoint, Extent, OpError};
 use super::lanes::Lanes;
 use super::ops::{extents_of, Copier, Op, Planner};
 
-/// Source range whose extents are asked for at once.
-const WINDOW: u64 = 1 << 30;
 /// Windows whose extents are fetched concurrently ahead of the copy.
 const LOOKAHEAD: usize = 8;
 /// Granularity of the byte budget.
@@ -127,9 +125,10 @@ async fn walk(
     tx: mpsc::Sender<Result<Vec<Op>, OpError>>,
 ) {
     let mut planner = Planner::new(chunk, max_zero);
+    let window = src.extents_window();
     let windows = (0..size)
-        .step_by(WINDOW as usize)
-        .map(|o| (o, WINDOW.min(size - o)));
+        .step_by(window as usize)
+        .map(move |o| (o, window.min(size - o)));
     let mut lists = stream::iter(windows)
         .map(|(offset, length)| {
             let src = src.clone();

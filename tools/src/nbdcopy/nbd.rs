@@ -465,6 +465,14 @@ impl Endpoint for NbdEndpoint {
         self.extents
     }
 
+    fn extents_window(&self) -> u64 {
+        if self.conn().extended_headers() {
+            1 << 36
+        } else {
+            1 << 30
+        }
+    }
+
     fn max_zero(&self) -> u64 {
         // Extended headers: a zero (or trim) of any length is one request.
         if self.conn().extended_headers() {
