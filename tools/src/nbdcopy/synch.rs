@@ -8,7 +8,6 @@ use std::sync::Arc;
 use super::endpoint::{Extent, OpError};
 use super::ops::{extents_of, Copier, Op, Planner};
 
-
 /// Copy everything; returns the number of bytes copied.
 pub async fn copy(c: Arc<Copier>, use_extents: bool) -> Result<u64, OpError> {
     let chunk = c.settings.request_size;
