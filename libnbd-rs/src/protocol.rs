@@ -19,6 +19,11 @@ pub const REQUEST_MAGIC: u32 = 0x2560_9513;
 pub const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
 /// Magic of a structured reply chunk.
 pub const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
+/// Magic of an extended (32-byte) request, once `NBD_OPT_EXTENDED_HEADERS`
+/// was negotiated.
+pub const EXTENDED_REQUEST_MAGIC: u32 = 0x21e4_1c71;
+/// Magic of an extended (32-byte) reply chunk.
+pub const EXTENDED_REPLY_MAGIC: u32 = 0x6e8a_278c;
 
 /// Handshake flag: fixed newstyle.
 pub const FLAG_FIXED_NEWSTYLE: u16 = 1 << 0;
@@ -55,6 +60,9 @@ pub mod tflags {
     pub const SEND_CACHE: u16 = 1 << 10;
     /// The server understands `NBD_CMD_FLAG_FAST_ZERO`.
     pub const SEND_FAST_ZERO: u16 = 1 << 11;
+    /// The server understands `NBD_CMD_FLAG_PAYLOAD_LEN` on block status
+    /// (extended headers only).
+    pub const BLOCK_STATUS_PAYLOAD: u16 = 1 << 12;
 }
 
 /// Option numbers.
@@ -131,6 +139,9 @@ pub mod rep {
     pub const ERR_BLOCK_SIZE_REQD: u32 = ERR | 8;
     /// Request or reply too large.
     pub const ERR_TOO_BIG: u32 = ERR | 9;
+    /// Extended headers required first (or already negotiated, for
+    /// `NBD_OPT_STRUCTURED_REPLY`).
+    pub const ERR_EXT_HEADER_REQD: u32 = ERR | 10;
 }
 
 /// Information types of `NBD_REP_INFO`.
@@ -195,6 +206,8 @@ pub mod cmdflag {
     pub const REQ_ONE: u16 = 1 << 3;
     /// Fail zero fast if it would be slow.
     pub const FAST_ZERO: u16 = 1 << 4;
+    /// Extended headers: the length is a payload length (a write's data).
+    pub const PAYLOAD_LEN: u16 = 1 << 5;
 }
 
 /// Structured reply chunk flags and types.
@@ -209,6 +222,8 @@ pub mod reply {
     pub const TYPE_OFFSET_HOLE: u16 = 2;
     /// Block status descriptors for a meta context.
     pub const TYPE_BLOCK_STATUS: u16 = 5;
+    /// Block status with 64-bit lengths (extended headers only).
+    pub const TYPE_BLOCK_STATUS_EXT: u16 = 6;
     /// Error with no offset.
     pub const TYPE_ERROR: u16 = (1 << 15) | 1;
     /// Error with offset.
@@ -299,6 +314,10 @@ pub const REQUEST_LEN: usize = 28;
 pub const SIMPLE_REPLY_LEN: usize = 16;
 /// Length of a structured reply chunk header.
 pub const STRUCTURED_REPLY_LEN: usize = 20;
+/// Length of an extended request header.
+pub const EXTENDED_REQUEST_LEN: usize = 32;
+/// Length of an extended reply chunk header.
+pub const EXTENDED_REPLY_LEN: usize = 32;
 
 /// A transmission-phase request header, decoded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -311,21 +330,50 @@ pub struct Request {
     pub cookie: u64,
     /// Offset in bytes.
     pub offset: u64,
-    /// Length in bytes.
-    pub count: u32,
+    /// Length in bytes: a payload or effect length, 64 bits with
+    /// extended headers, at most 32 bits in the compact header.
+    pub count: u64,
 }
 
 impl Request {
-    /// Encode the 28-byte header.
+    /// Encode the 28-byte (compact) header; the caller keeps `count`
+    /// within 32 bits.
     pub fn encode(&self) -> [u8; REQUEST_LEN] {
+        debug_assert!(self.count <= u64::from(u32::MAX));
         let mut b = [0u8; REQUEST_LEN];
         b[0..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
         b[4..6].copy_from_slice(&self.flags.to_be_bytes());
         b[6..8].copy_from_slice(&self.typ.to_be_bytes());
         b[8..16].copy_from_slice(&self.cookie.to_be_bytes());
         b[16..24].copy_from_slice(&self.offset.to_be_bytes());
-        b[24..28].copy_from_slice(&self.count.to_be_bytes());
+        b[24..28].copy_from_slice(&(self.count as u32).to_be_bytes());
         b
+    }
+
+    /// Encode the 32-byte extended header.
+    pub fn encode_extended(&self) -> [u8; EXTENDED_REQUEST_LEN] {
+        let mut b = [0u8; EXTENDED_REQUEST_LEN];
+        b[0..4].copy_from_slice(&EXTENDED_REQUEST_MAGIC.to_be_bytes());
+        b[4..6].copy_from_slice(&self.flags.to_be_bytes());
+        b[6..8].copy_from_slice(&self.typ.to_be_bytes());
+        b[8..16].copy_from_slice(&self.cookie.to_be_bytes());
+        b[16..24].copy_from_slice(&self.offset.to_be_bytes());
+        b[24..32].copy_from_slice(&self.count.to_be_bytes());
+        b
+    }
+
+    /// Decode the 32-byte extended header; `None` when the magic is wrong.
+    pub fn decode_extended(b: &[u8; EXTENDED_REQUEST_LEN]) -> Option<Request> {
+        if be32(&b[0..4]) != EXTENDED_REQUEST_MAGIC {
+            return None;
+        }
+        Some(Request {
+            flags: be16(&b[4..6]),
+            typ: be16(&b[6..8]),
+            cookie: be64(&b[8..16]),
+            offset: be64(&b[16..24]),
+            count: be64(&b[24..32]),
+        })
     }
 
     /// Decode the 28-byte header; `None` when the magic is wrong.
@@ -338,7 +386,7 @@ impl Request {
             typ: be16(&b[6..8]),
             cookie: be64(&b[8..16]),
             offset: be64(&b[16..24]),
-            count: be32(&b[24..28]),
+            count: u64::from(be32(&b[24..28])),
         })
     }
 }
@@ -365,6 +413,24 @@ pub fn structured_reply(
     b[6..8].copy_from_slice(&typ.to_be_bytes());
     b[8..16].copy_from_slice(&cookie.to_be_bytes());
     b[16..20].copy_from_slice(&length.to_be_bytes());
+    b
+}
+
+/// Encode an extended reply chunk header: `offset` is the request's.
+pub fn extended_reply(
+    cookie: u64,
+    flags: u16,
+    typ: u16,
+    offset: u64,
+    length: u64,
+) -> [u8; EXTENDED_REPLY_LEN] {
+    let mut b = [0u8; EXTENDED_REPLY_LEN];
+    b[0..4].copy_from_slice(&EXTENDED_REPLY_MAGIC.to_be_bytes());
+    b[4..6].copy_from_slice(&flags.to_be_bytes());
+    b[6..8].copy_from_slice(&typ.to_be_bytes());
+    b[8..16].copy_from_slice(&cookie.to_be_bytes());
+    b[16..24].copy_from_slice(&offset.to_be_bytes());
+    b[24..32].copy_from_slice(&length.to_be_bytes());
     b
 }
 
@@ -533,6 +599,12 @@ mod tests {
         let mut bad = r.encode();
         bad[0] ^= 1;
         assert_eq!(Request::decode(&bad), None);
+        let big = Request {
+            count: 5 << 40,
+            ..r
+        };
+        assert_eq!(Request::decode_extended(&big.encode_extended()), Some(big));
+        assert_eq!(Request::decode_extended(&[0u8; EXTENDED_REQUEST_LEN]), None);
     }
 
     #[test]

@@ -611,8 +611,8 @@ impl NbdHandle {
         }
         let mut at = offset;
         for e in list {
-            ext.add(at, u64::from(e.length), e.flags)?;
-            at += u64::from(e.length);
+            ext.add(at, e.length, e.flags)?;
+            at += e.length;
         }
         Ok(())
     }

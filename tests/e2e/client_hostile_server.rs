@@ -49,6 +49,38 @@ enum Bad {
     ManyMetaContexts,
     /// Lists 100,000 exports.
     ManyExports,
+    // Extended headers (issue 25): a well-behaved server, then one
+    // misbehaviour each of the new reply header and BLOCK_STATUS_EXT.
+    ExtGood,
+    ExtOffsetMismatch,
+    ExtHugeLength,
+    ExtSimpleReply,
+    ExtStructuredChunk,
+    ExtUnasked,
+    ExtOldStatus,
+    ExtStatusCount,
+    ExtZeroExtent,
+    ExtExtentsPastRequest,
+    ExtLastExtentHuge,
+}
+
+impl Bad {
+    /// Does the fake server acknowledge NBD_OPT_EXTENDED_HEADERS?
+    fn extended(self) -> bool {
+        matches!(
+            self,
+            Bad::ExtGood
+                | Bad::ExtOffsetMismatch
+                | Bad::ExtHugeLength
+                | Bad::ExtSimpleReply
+                | Bad::ExtStructuredChunk
+                | Bad::ExtOldStatus
+                | Bad::ExtStatusCount
+                | Bad::ExtZeroExtent
+                | Bad::ExtExtentsPastRequest
+                | Bad::ExtLastExtentHuge
+        )
+    }
 }
 
 /// The fake's stream: a Unix socket, or TLS over one after STARTTLS.
@@ -94,6 +126,43 @@ fn data_chunk(flags: u16, cookie: u64, off: u64, len: u64) -> Vec<u8> {
     chunk(flags, 1, cookie, &p)
 }
 
+/// An extended reply chunk: `offset` is the request's, `length` the
+/// payload length it claims.
+fn xchunk_len(
+    flags: u16,
+    typ: u16,
+    cookie: u64,
+    offset: u64,
+    length: u64,
+    payload: &[u8],
+) -> Vec<u8> {
+    let mut b = Vec::new();
+    b.extend_from_slice(&0x6e8a_278cu32.to_be_bytes());
+    b.extend_from_slice(&flags.to_be_bytes());
+    b.extend_from_slice(&typ.to_be_bytes());
+    b.extend_from_slice(&cookie.to_be_bytes());
+    b.extend_from_slice(&offset.to_be_bytes());
+    b.extend_from_slice(&length.to_be_bytes());
+    b.extend_from_slice(payload);
+    b
+}
+
+fn xchunk(flags: u16, typ: u16, cookie: u64, offset: u64, payload: &[u8]) -> Vec<u8> {
+    xchunk_len(flags, typ, cookie, offset, payload.len() as u64, payload)
+}
+
+/// A BLOCK_STATUS_EXT payload for context 1: `count` says how many
+/// descriptors follow.
+fn status_ext(count: u32, extents: &[(u64, u64)]) -> Vec<u8> {
+    let mut p = 1u32.to_be_bytes().to_vec();
+    p.extend_from_slice(&count.to_be_bytes());
+    for (len, flags) in extents {
+        p.extend_from_slice(&len.to_be_bytes());
+        p.extend_from_slice(&flags.to_be_bytes());
+    }
+    p
+}
+
 fn simple(err: u32, cookie: u64) -> Vec<u8> {
     let mut b = Vec::new();
     b.extend_from_slice(&0x6744_6698u32.to_be_bytes());
@@ -124,6 +193,7 @@ fn serve(raw: UnixStream, bad: Bad, tls: Option<Arc<SslAcceptor>>) -> Option<()>
     c.read_exact(&mut flags).ok()?;
     let size = if let Bad::Size(s) = bad { s } else { SIZE };
     let mut structured = false;
+    let mut ext = false;
     loop {
         let mut h = [0u8; 16];
         c.read_exact(&mut h).ok()?;
@@ -180,6 +250,11 @@ fn serve(raw: UnixStream, bad: Bad, tls: Option<Arc<SslAcceptor>>) -> Option<()>
                 c.write_all(&b).ok()?;
                 opt_reply(&mut c, opt, 1, &[]);
             }
+            11 if bad.extended() => {
+                ext = true;
+                structured = true;
+                opt_reply(&mut c, opt, 1, &[]);
+            }
             8 if bad != Bad::NoStructured && bad != Bad::StructuredUnasked => {
                 structured = true;
                 opt_reply(&mut c, opt, 1, &[]);
@@ -212,6 +287,9 @@ fn serve(raw: UnixStream, bad: Bad, tls: Option<Arc<SslAcceptor>>) -> Option<()>
             3 => opt_reply(&mut c, opt, 1, &[]),
             _ => opt_reply(&mut c, opt, 0x8000_0001, &[]),
         }
+    }
+    if ext || bad == Bad::ExtUnasked {
+        return serve_extended(c, bad, ext);
     }
     loop {
         let mut h = [0u8; 28];
@@ -300,6 +378,75 @@ fn serve(raw: UnixStream, bad: Bad, tls: Option<Arc<SslAcceptor>>) -> Option<()>
                 b.extend((off..off + len).map(byte_at));
                 b
             }
+        };
+        c.write_all(&out).ok()?;
+    }
+}
+
+/// Transmission after NBD_OPT_EXTENDED_HEADERS (`ext`; or, for
+/// `ExtUnasked`, after structured replies only): 32-byte requests (28
+/// bytes when not negotiated), extended replies and their misbehaviours.
+fn serve_extended(mut c: Box<dyn Io>, bad: Bad, ext: bool) -> Option<()> {
+    let hlen = if ext { 32 } else { 28 };
+    loop {
+        let mut h = [0u8; 32];
+        c.read_exact(&mut h[..hlen]).ok()?;
+        let flags = u16::from_be_bytes([h[4], h[5]]);
+        let typ = u16::from_be_bytes([h[6], h[7]]);
+        let cookie = be64(&h[8..16]);
+        let off = be64(&h[16..24]);
+        let len = if ext {
+            be64(&h[24..32])
+        } else {
+            be32(&h[24..28]) as u64
+        };
+        // A write's payload follows (our client says PAYLOAD_LEN).
+        if typ == 1 || flags & (1 << 5) != 0 {
+            let mut junk = vec![0u8; len as usize];
+            c.read_exact(&mut junk).ok()?;
+        }
+        let out = match (typ, bad) {
+            (2, _) => return None,
+            (7, Bad::ExtOldStatus) => {
+                let mut p = 1u32.to_be_bytes().to_vec();
+                p.extend_from_slice(&(len as u32).to_be_bytes());
+                p.extend_from_slice(&0u32.to_be_bytes());
+                xchunk(1, 5, cookie, off, &p)
+            }
+            (7, Bad::ExtStatusCount) => xchunk(1, 6, cookie, off, &status_ext(2, &[(len, 0)])),
+            (7, Bad::ExtZeroExtent) => xchunk(1, 6, cookie, off, &status_ext(1, &[(0, 0)])),
+            (7, Bad::ExtExtentsPastRequest) => xchunk(
+                1,
+                6,
+                cookie,
+                off,
+                &status_ext(2, &[(len + (1 << 20), 0), (4096, 0)]),
+            ),
+            (7, Bad::ExtLastExtentHuge) => {
+                xchunk(1, 6, cookie, off, &status_ext(1, &[(u64::MAX - 4095, 0)]))
+            }
+            (7, _) => xchunk(1, 6, cookie, off, &status_ext(1, &[(len, 0)])),
+            (0, _) => {
+                let mut p = off.to_be_bytes().to_vec();
+                p.extend((off..off + len).map(byte_at));
+                match bad {
+                    Bad::ExtOffsetMismatch => xchunk(1, 1, cookie, off + 512, &p),
+                    Bad::ExtHugeLength => {
+                        let mut b = xchunk_len(1, 1, cookie, off, 1 << 40, &p);
+                        b.truncate(b.len() / 2);
+                        c.write_all(&b).ok()?;
+                        return None;
+                    }
+                    Bad::ExtSimpleReply => {
+                        let mut b = simple(0, cookie);
+                        b.extend_from_slice(&p[8..]);
+                        b
+                    }
+                    Bad::ExtStructuredChunk => chunk(1, 1, cookie, &p),
+                    _ => xchunk(1, 1, cookie, off, &p),
+                }
+            }
+            _ => xchunk(1, 0, cookie, off, &[]),
         };
         c.write_all(&out).ok()?;
     }
@@ -511,6 +658,55 @@ fn hostile_server_block_status() {
         }
         let o = run_tool("nbdinfo", &["--map", &f.uri()]);
         assert!(!o.stderr.contains("panicked"), "{bad:?}: {}", o.stderr);
+    }
+}
+
+#[test]
+fn hostile_server_extended_headers() {
+    // A well-behaved server with extended headers: the copy is right and
+    // nbdinfo says so.
+    {
+        let f = Fake::start(Bad::ExtGood);
+        let out = tempfile::tempdir().unwrap();
+        let img = out.path().join("out.img");
+        let o = run_tool("nbdcopy", &[&f.uri(), img.to_str().unwrap()]);
+        assert_eq!(o.code, Some(0), "{}", o.stderr);
+        let want: Vec<u8> = (0..SIZE).map(byte_at).collect();
+        assert!(std::fs::read(&img).unwrap() == want, "wrong data");
+        let info = run_ok(Command::new(our_bin("nbdinfo")).arg(f.uri()));
+        assert!(info.contains("using extended packets"), "{info}");
+    }
+    // Each tool must fail on a bad extended read reply: an offset that
+    // is not the request's, a payload length past 32 bits, a simple or
+    // structured reply where only extended ones may come, and extended
+    // ones that were never negotiated.
+    for bad in [
+        Bad::ExtOffsetMismatch,
+        Bad::ExtHugeLength,
+        Bad::ExtSimpleReply,
+        Bad::ExtStructuredChunk,
+        Bad::ExtUnasked,
+    ] {
+        all_tools_fail(bad, false);
+    }
+    // Bad BLOCK_STATUS_EXT: nbdcopy and nbdinfo --map fail (never copy
+    // wrong data): the 32-bit type under extended headers, a descriptor
+    // count that is not the descriptors', a zero-length extent, extents
+    // past the request, a last extent past any offset.
+    for bad in [
+        Bad::ExtOldStatus,
+        Bad::ExtStatusCount,
+        Bad::ExtZeroExtent,
+        Bad::ExtExtentsPastRequest,
+        Bad::ExtLastExtentHuge,
+    ] {
+        let f = Fake::start(bad);
+        let out = tempfile::tempdir().unwrap();
+        let img = out.path().join("out.img");
+        let o = run_tool("nbdcopy", &[&f.uri(), img.to_str().unwrap()]);
+        must_fail(&o, &format!("nbdcopy {bad:?}"));
+        let o = run_tool("nbdinfo", &["--map", &f.uri()]);
+        must_fail(&o, &format!("nbdinfo --map {bad:?}"));
     }
 }
 

@@ -21,6 +21,7 @@ mod copy_request_size;
 mod copy_sparse;
 mod copy_verbose;
 mod curl;
+mod extended_headers;
 mod filter_blocksize;
 mod filter_blocksize_policy;
 mod filter_cache;

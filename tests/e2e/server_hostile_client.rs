@@ -18,6 +18,8 @@ const OPT_REPLY_MAGIC: u64 = 0x3_e889_0455_65a9;
 const REQUEST_MAGIC: u32 = 0x2560_9513;
 const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
 const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
+const EXTENDED_REQUEST_MAGIC: u32 = 0x21e4_1c71;
+const EXTENDED_REPLY_MAGIC: u32 = 0x6e8a_278c;
 
 // Options.
 const EXPORT_NAME: u32 = 1;
@@ -29,6 +31,7 @@ const GO: u32 = 7;
 const STRUCTURED_REPLY: u32 = 8;
 const LIST_META: u32 = 9;
 const SET_META: u32 = 10;
+const EXTENDED_HEADERS: u32 = 11;
 
 // Option replies.
 const ACK: u32 = 1;
@@ -36,6 +39,7 @@ const ERR_UNSUP: u32 = 0x8000_0001;
 const ERR_POLICY: u32 = 0x8000_0002;
 const ERR_INVALID: u32 = 0x8000_0003;
 const ERR_TOO_BIG: u32 = 0x8000_0009;
+const ERR_EXT_HEADER_REQD: u32 = 0x8000_000a;
 
 // Commands.
 const READ: u16 = 0;
@@ -45,6 +49,9 @@ const TRIM: u16 = 4;
 const CACHE: u16 = 5;
 const WRITE_ZEROES: u16 = 6;
 const BLOCK_STATUS: u16 = 7;
+
+const REQ_ONE: u16 = 1 << 3;
+const PAYLOAD_LEN: u16 = 1 << 5;
 
 const EINVAL: u32 = 22;
 const EPERM: u32 = 1;
@@ -131,6 +138,75 @@ impl Conn {
         }
         self.opt(GO, &go_payload(b"", &[]));
         assert_eq!(self.final_reply(GO), ACK);
+    }
+
+    /// Extended headers, base:allocation, GO.
+    fn go_extended(&mut self) {
+        self.opt(EXTENDED_HEADERS, &[]);
+        assert_eq!(self.final_reply(EXTENDED_HEADERS), ACK);
+        self.opt(SET_META, &meta_payload(b"", &[b"base:allocation"]));
+        assert_eq!(self.final_reply(SET_META), ACK);
+        self.opt(GO, &go_payload(b"", &[]));
+        assert_eq!(self.final_reply(GO), ACK);
+    }
+
+    /// A 32-byte extended request header.
+    fn xrequest(&mut self, flags: u16, typ: u16, cookie: u64, offset: u64, count: u64) {
+        let mut b = Vec::with_capacity(32);
+        b.extend_from_slice(&EXTENDED_REQUEST_MAGIC.to_be_bytes());
+        b.extend_from_slice(&flags.to_be_bytes());
+        b.extend_from_slice(&typ.to_be_bytes());
+        b.extend_from_slice(&cookie.to_be_bytes());
+        b.extend_from_slice(&offset.to_be_bytes());
+        b.extend_from_slice(&count.to_be_bytes());
+        self.send(&b);
+    }
+
+    /// One extended reply chunk, which must echo the request's `offset`:
+    /// (flags, type, cookie, payload).
+    fn xchunk(&mut self, offset: u64) -> (u16, u16, u64, Vec<u8>) {
+        let mut h = [0u8; 32];
+        self.0.read_exact(&mut h).expect("no reply");
+        assert_eq!(
+            be32(&h[0..4]),
+            EXTENDED_REPLY_MAGIC,
+            "not an extended reply"
+        );
+        assert_eq!(
+            be64(&h[16..24]),
+            offset,
+            "reply offset is not the request's"
+        );
+        let len = be64(&h[24..32]);
+        assert!(len < 1 << 26, "reply payload of {len} bytes");
+        let mut p = vec![0u8; len as usize];
+        self.0.read_exact(&mut p).expect("short chunk");
+        (
+            u16::from_be_bytes([h[4], h[5]]),
+            u16::from_be_bytes([h[6], h[7]]),
+            be64(&h[8..16]),
+            p,
+        )
+    }
+
+    /// The errno of an extended error chunk ending the reply to `cookie`.
+    fn xerror(&mut self, cookie: u64, offset: u64) -> u32 {
+        let (flags, typ, ck, p) = self.xchunk(offset);
+        assert_eq!(ck, cookie);
+        assert_eq!(typ & 0x8000, 0x8000, "expected an error, got type {typ}");
+        assert_eq!(flags & 1, 1, "error chunk must end the reply here");
+        be32(&p[0..4])
+    }
+
+    /// A read that must succeed, with extended replies.
+    fn xgood_read(&mut self) {
+        self.xrequest(0, READ, 7777, 4096, 512);
+        let (flags, t, ck, p) = self.xchunk(4096);
+        assert_eq!((ck, flags & 1), (7777, 1));
+        assert!(t == 1 || t == 2, "good read failed: type {t}");
+        if t == 1 {
+            assert_eq!(p.len(), 8 + 512);
+        }
     }
 
     fn request(&mut self, flags: u16, typ: u16, cookie: u64, offset: u64, count: u32) {
@@ -716,6 +792,118 @@ const TRANSMISSION: &[Case] = &[
     }),
 ];
 
+/// Attacks on extended headers (issue 25): the option, the 32-byte
+/// header, 64-bit lengths past the request and the export, payload
+/// lengths that do not match the command.
+const EXTENDED: &[Case] = &[
+    (
+        "EXTENDED_HEADERS with a payload, then STRUCTURED_REPLY after it",
+        |s| {
+            let mut c = Conn::greeted(s);
+            c.opt(EXTENDED_HEADERS, b"x");
+            assert_eq!(c.final_reply(EXTENDED_HEADERS), ERR_INVALID);
+            c.opt(EXTENDED_HEADERS, &[]);
+            assert_eq!(c.final_reply(EXTENDED_HEADERS), ACK);
+            // No going back to structured replies (the spec's error).
+            c.opt(STRUCTURED_REPLY, &[]);
+            assert_eq!(c.final_reply(STRUCTURED_REPLY), ERR_EXT_HEADER_REQD);
+            c.opt(GO, &go_payload(b"", &[]));
+            assert_eq!(c.final_reply(GO), ACK);
+            c.xgood_read();
+        },
+    ),
+    ("EXPORT_NAME after extended headers", |s| {
+        // Forbidden by the spec, and it cannot be refused: a hang-up.
+        let mut c = Conn::greeted(s);
+        c.opt(EXTENDED_HEADERS, &[]);
+        assert_eq!(c.final_reply(EXTENDED_HEADERS), ACK);
+        c.opt(EXPORT_NAME, b"");
+        assert!(c.closed());
+    }),
+    ("compact request after extended headers", |s| {
+        let mut c = Conn::greeted(s);
+        c.go_extended();
+        c.request(0, READ, 1, 0, 512);
+        c.send(&[0; 4]);
+        assert!(c.closed());
+    }),
+    ("extended request without extended headers", |s| {
+        let mut c = connected(s);
+        c.xrequest(0, READ, 1, 0, 512);
+        assert!(c.closed());
+    }),
+    ("64-bit lengths past the end of the export", |s| {
+        let mut c = Conn::greeted(s);
+        c.go_extended();
+        for (i, cmd) in [WRITE_ZEROES, TRIM, CACHE, BLOCK_STATUS]
+            .into_iter()
+            .enumerate()
+        {
+            let i = i as u64;
+            c.xrequest(0, cmd, 10 + i, 0, SIZE + 512);
+            let e = c.xerror(10 + i, 0);
+            assert!(e == EINVAL || e == ENOSPC, "errno {e}");
+            c.xrequest(0, cmd, 20 + i, 4096, 1 << 62);
+            let e = c.xerror(20 + i, 4096);
+            assert!(e == EINVAL || e == ENOSPC, "errno {e}");
+            c.xrequest(0, cmd, 30 + i, 512, u64::MAX);
+            let e = c.xerror(30 + i, 512);
+            assert!(e == EINVAL || e == ENOSPC, "errno {e}");
+        }
+        // A read past 32 bits: refused, not attempted.
+        c.xrequest(0, READ, 40, 0, 1 << 33);
+        assert_eq!(c.xerror(40, 0), EINVAL);
+        // The whole export in one zero, and one block status of it all.
+        c.xrequest(0, WRITE_ZEROES, 41, 0, SIZE);
+        let (flags, t, ck, _) = c.xchunk(0);
+        assert_eq!((flags & 1, t, ck), (1, 0, 41));
+        c.xrequest(REQ_ONE, BLOCK_STATUS, 42, 512, SIZE - 512);
+        let (flags, t, ck, p) = c.xchunk(512);
+        assert_eq!((flags & 1, t, ck), (1, 6, 42), "BLOCK_STATUS_EXT");
+        assert_eq!(p.len(), 8 + 16);
+        assert_eq!(be32(&p[4..8]), 1, "descriptor count");
+        let len = be64(&p[8..16]);
+        assert!(len > 0 && len <= SIZE - 512, "extent of {len} bytes");
+        c.xgood_read();
+    }),
+    ("payload lengths that do not match the command", |s| {
+        let mut c = Conn::greeted(s);
+        c.go_extended();
+        // Commands that take no payload, sent one: refused, the payload
+        // read past, and the connection goes on in step.
+        for (i, cmd) in [READ, TRIM, WRITE_ZEROES, BLOCK_STATUS, CACHE]
+            .into_iter()
+            .enumerate()
+        {
+            let i = i as u64;
+            c.xrequest(PAYLOAD_LEN, cmd, 50 + i, 0, 1000);
+            c.send(&[0x77; 1000]);
+            assert_eq!(c.xerror(50 + i, 0), EINVAL);
+        }
+        c.xgood_read();
+        // A write of 0 bytes; one past the export (its payload read past).
+        c.xrequest(PAYLOAD_LEN, WRITE, 60, 0, 0);
+        let (flags, _, ck, _) = c.xchunk(0);
+        assert_eq!((flags & 1, ck), (1, 60));
+        c.xrequest(PAYLOAD_LEN, WRITE, 61, SIZE - 512, 1024);
+        c.send(&[0x77; 1024]);
+        assert_eq!(c.xerror(61, SIZE - 512), ENOSPC);
+        // A good write, checked.
+        c.xrequest(PAYLOAD_LEN, WRITE, 62, 8192, 512);
+        c.send(&[0x42; 512]);
+        let (flags, t, ck, _) = c.xchunk(8192);
+        assert_eq!((flags & 1, t, ck), (1, 0, 62));
+        c.xrequest(0, READ, 63, 8192, 512);
+        let (_, t, _, p) = c.xchunk(8192);
+        assert_eq!(t, 1);
+        assert!(p[8..].iter().all(|&b| b == 0x42));
+        // A payload far past any limit: the server hangs up rather than
+        // read 1 TB of garbage.
+        c.xrequest(PAYLOAD_LEN, WRITE, 64, 0, 1 << 40);
+        assert!(c.closed());
+    }),
+];
+
 fn connected(s: &Server) -> Conn {
     let mut c = Conn::greeted(s);
     c.go(true);
@@ -761,6 +949,11 @@ fn hostile_client_handshake() {
 #[test]
 fn hostile_client_transmission() {
     run_cases(&["memory", "1M"], TRANSMISSION);
+}
+
+#[test]
+fn hostile_client_extended_headers() {
+    run_cases(&["memory", "1M"], EXTENDED);
 }
 
 #[test]

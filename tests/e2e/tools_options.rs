@@ -93,7 +93,7 @@ fn tools_completion_options_as_upstream() {
 
 /// Upstream nbdkit options this one does not have yet: upstream's
 /// `--long-options`/`--short-options` less these are ours.
-const NBDKIT_NOT_YET: [&str; 17] = [
+const NBDKIT_NOT_YET: [&str; 18] = [
     "--group",
     "-g",
     "--mask-handshake",
@@ -110,6 +110,8 @@ const NBDKIT_NOT_YET: [&str; 17] = [
     "--vsock",
     // ...and ours has these that upstream 1.32 lacks.
     "--no-mc",
+    // (newer nbdkit's switch for extended headers, issue 25)
+    "--no-eh",
     // (newer nbdkit's handshake deadline and TCP keepalive, issue 20)
     "--keepalive",
     "--timeout",

@@ -343,7 +343,7 @@ impl Planner<'_> {
                         if off >= self.limit {
                             break;
                         }
-                        let len = u64::from(e.length).min(self.limit - off);
+                        let len = e.length.min(self.limit - off);
                         let zero = e.flags & libnbd::protocol::alloc::ZERO != 0;
                         match self.queue.back_mut() {
                             Some(s) if s.zero == zero && s.offset + s.len == off => s.len += len,

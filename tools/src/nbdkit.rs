@@ -70,7 +70,7 @@ const TOOL: Tool = Tool {
     // Upstream's list and order, less what this nbdkit does not have
     // (-g/--group, --mask-handshake, -o/--oldstyle, --selinux-label,
     // --swap, --tls-certificates, --tls-psk, --tls-verify-peer,
-    // -u/--user, --vsock), plus --no-mc.
+    // -u/--user, --vsock), plus --no-mc and --no-eh.
     long_options: &[
         "--ipv4-only",
         "--ipv6-only",
@@ -91,6 +91,7 @@ const TOOL: Tool = Tool {
         "--log",
         "--new-style",
         "--newstyle",
+        "--no-eh",
         "--no-mc",
         "--no-sr",
         "--pid-file",
@@ -161,6 +162,9 @@ struct Cli {
     /// Use the fixed newstyle protocol (the default and only one).
     #[arg(short = 'n', long = "newstyle", alias = "new-style")]
     newstyle: bool,
+    /// Do not offer extended headers (64-bit requests and replies).
+    #[arg(long = "no-eh", alias = "no-extended-headers")]
+    no_eh: bool,
     /// Do not offer meta contexts.
     #[arg(long = "no-mc", alias = "no-meta-contexts")]
     no_mc: bool,
@@ -481,6 +485,7 @@ fn run(args: Vec<OsString>) -> Result<i32> {
     cfg.tls_required = tls_mode == TlsMode::Require;
     cfg.readonly = cli.readonly;
     cfg.structured_replies = !cli.no_sr;
+    cfg.extended_headers = !cli.no_eh;
     cfg.handshake_timeout = cli
         .timeout
         .filter(|&t| t > 0)

@@ -723,6 +723,10 @@ async fn option_mode() {
     let mut f = Fake { s: b };
     let server = async {
         f.greet(p::FLAG_FIXED_NEWSTYLE | p::FLAG_NO_ZEROES).await;
+        // Extended headers first; refused, structured replies next.
+        let (o, _) = f.read_opt().await;
+        assert_eq!(o, opt::EXTENDED_HEADERS);
+        f.reply(o, rep::ERR_UNSUP, &[]).await;
         let (o, _) = f.read_opt().await;
         assert_eq!(o, opt::STRUCTURED_REPLY);
         f.reply(o, rep::ACK, &[]).await;

@@ -169,7 +169,7 @@ async fn allocation_map(c: &Connection, len: u64) -> Vec<u32> {
         let bs = c.block_status(len - off, off, 0).await.unwrap();
         let ex = bs.get("base:allocation").unwrap();
         for e in ex {
-            let end = (off + u64::from(e.length)).min(len);
+            let end = (off + e.length).min(len);
             while (out.len() as u64) * 65536 < end {
                 out.push(e.flags);
             }

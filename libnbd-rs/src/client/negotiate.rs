@@ -102,6 +102,7 @@ pub struct Negotiation {
     style: Style,
     no_zeroes: bool,
     structured: bool,
+    extended: bool,
     oldstyle: Option<(u64, u16)>,
     transport: Option<Transport>,
     /// The URI we connected by (its TLS parameters go into `uri_for`).
@@ -116,6 +117,7 @@ impl std::fmt::Debug for Negotiation {
         f.debug_struct("Negotiation")
             .field("protocol", &self.style.as_str())
             .field("structured_replies", &self.structured)
+            .field("extended_headers", &self.extended)
             .field("transport", &self.transport)
             .field("open", &self.io.is_some())
             .finish()
@@ -187,6 +189,7 @@ impl Negotiation {
             style: Style::FixedNewstyle,
             no_zeroes: false,
             structured: false,
+            extended: false,
             oldstyle: None,
             transport: None,
             uri: None,
@@ -231,7 +234,14 @@ impl Negotiation {
                     }
                     _ => {}
                 }
-                if fixed && opts.structured_replies {
+                if fixed && opts.structured_replies && opts.extended_headers {
+                    // Extended headers first (libnbd 1.18's order); a
+                    // server without them gets structured replies asked.
+                    let r = n.ask_extended_headers().await;
+                    n.extended = n.poison_on(r)?;
+                    n.structured = n.extended;
+                }
+                if fixed && opts.structured_replies && !n.extended {
                     let r = n.structured_reply().await;
                     n.structured = n.poison_on(r)?;
                 }
@@ -298,9 +308,15 @@ impl Negotiation {
         self.style.as_str()
     }
 
-    /// Were structured replies negotiated?
+    /// Were structured replies negotiated? (Also true with extended
+    /// headers.)
     pub fn structured_replies(&self) -> bool {
         self.structured
+    }
+
+    /// Were extended headers negotiated?
+    pub fn extended_headers(&self) -> bool {
+        self.extended
     }
 
     /// Is TLS in use?
@@ -467,6 +483,16 @@ impl Negotiation {
         }
     }
 
+    async fn ask_extended_headers(&mut self) -> Result<bool> {
+        self.send_option(opt::EXTENDED_HEADERS, &[]).await?;
+        match self.recv_reply(opt::EXTENDED_HEADERS).await {
+            Ok((rep::ACK, _)) => Ok(true),
+            Ok((r, _)) => Err(Self::unexpected(opt::EXTENDED_HEADERS, r)),
+            Err(Error::OptionRefused { .. }) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
     /// `NBD_OPT_LIST`: the server's exports.
     pub async fn list_exports(&mut self) -> Result<Vec<ExportEntry>> {
         self.need_fixed(opt::LIST)?;
@@ -622,6 +648,7 @@ impl Negotiation {
             block_size: None,
             meta_contexts,
             structured_replies: self.structured,
+            extended_headers: self.extended,
         };
         loop {
             let (reply, payload) = self.recv_reply(option).await?;
@@ -722,6 +749,7 @@ impl Negotiation {
             block_size: None,
             meta_contexts: Vec::new(),
             structured_replies: self.structured,
+            extended_headers: false,
         })
     }
 
@@ -739,14 +767,17 @@ impl Negotiation {
                     block_size: None,
                     meta_contexts: Vec::new(),
                     structured_replies: false,
+                    extended_headers: false,
                 })
             }
             Style::Newstyle => self.export_name(&name).await,
             Style::FixedNewstyle => match self.info_or_go(opt::GO, &name).await {
+                // With extended headers EXPORT_NAME is forbidden (and a
+                // server that acknowledged them must know GO).
                 Err(Error::OptionRefused {
                     reply: rep::ERR_UNSUP,
                     ..
-                }) => {
+                }) if !self.extended => {
                     // An old server: fall back, keeping the contexts.
                     let contexts = self.set_meta_context(&name).await?;
                     let mut i = self.export_name(&name).await?;

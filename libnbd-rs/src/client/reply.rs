@@ -13,6 +13,9 @@ pub(crate) const MAX_ERROR_CHUNK: u32 = 6 + MAX_STRING as u32 + 8 + 64;
 /// Largest block status chunk we accept: 4 + 8 * 2^20 per the spec's
 /// advice, with headroom.
 pub(crate) const MAX_STATUS_CHUNK: u32 = 4 + 8 * (2 << 20);
+/// Largest `BLOCK_STATUS_EXT` chunk we accept: 8 + 16 * 2^20, with the
+/// same headroom.
+pub(crate) const MAX_STATUS_EXT_CHUNK: u32 = 8 + 16 * (2 << 20);
 
 /// The fields of a structured reply chunk header after its magic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -103,9 +106,45 @@ pub(crate) fn parse_block_status(p: &[u8]) -> Result<(u32, Vec<StatusExtent>), S
             return Err("block status extent of length 0".into());
         }
         extents.push(StatusExtent {
-            length,
+            length: u64::from(length),
             flags: be32(&d[4..8]),
         });
+    }
+    Ok((id, extents))
+}
+
+/// Decode a `BLOCK_STATUS_EXT` payload (extended headers): context id,
+/// descriptor count, then 64-bit lengths and status.
+pub(crate) fn parse_block_status_ext(p: &[u8]) -> Result<(u32, Vec<StatusExtent>), String> {
+    if p.len() < 24 || p.len() % 16 != 8 {
+        return Err(format!(
+            "BLOCK_STATUS_EXT chunk of {} bytes is malformed",
+            p.len()
+        ));
+    }
+    let id = be32(&p[0..4]);
+    let n = be32(&p[4..8]) as usize;
+    if n != (p.len() - 8) / 16 {
+        return Err(format!(
+            "BLOCK_STATUS_EXT chunk says {n} descriptors but holds {}",
+            (p.len() - 8) / 16
+        ));
+    }
+    let mut extents = Vec::with_capacity(n);
+    for d in p[8..].chunks_exact(16) {
+        let length = be64(&d[0..8]);
+        if length == 0 {
+            return Err("block status extent of length 0".into());
+        }
+        // Every context we negotiate has 32-bit status (base: and qemu:
+        // ones); the spec says the high half is then zero.
+        let flags = u32::try_from(be64(&d[8..16])).map_err(|_| {
+            format!(
+                "block status flags {:#x} do not fit in 32 bits",
+                be64(&d[8..16])
+            )
+        })?;
+        extents.push(StatusExtent { length, flags });
     }
     Ok((id, extents))
 }
@@ -116,7 +155,7 @@ pub(crate) fn parse_block_status(p: &[u8]) -> Result<(u32, Vec<StatusExtent>), S
 pub(crate) fn check_extents(
     extents: &[StatusExtent],
     req_one: bool,
-    count: u32,
+    count: u64,
 ) -> Result<(), String> {
     if req_one {
         if extents.len() != 1 {
@@ -135,8 +174,8 @@ pub(crate) fn check_extents(
     }
     let mut sum: u64 = 0;
     for e in &extents[..extents.len() - 1] {
-        sum += u64::from(e.length);
-        if sum >= u64::from(count) {
+        sum = sum.saturating_add(e.length);
+        if sum >= count {
             return Err(format!(
                 "block status extents continue past the end of the {count} byte request"
             ));
@@ -161,12 +200,12 @@ impl Coverage {
     pub fn add(
         &mut self,
         req_offset: u64,
-        req_count: u32,
+        req_count: u64,
         offset: u64,
         len: u64,
     ) -> Result<usize, String> {
         let end = offset.checked_add(len);
-        let req_end = req_offset + u64::from(req_count);
+        let req_end = req_offset.saturating_add(req_count);
         if len == 0 || offset < req_offset || !matches!(end, Some(e) if e <= req_end) {
             return Err(format!(
                 "chunk at offset {offset} length {len} is outside the request \
@@ -193,8 +232,8 @@ impl Coverage {
     }
 
     /// Is the range `[offset, offset + len)` (absolute) inside the request?
-    pub fn in_request(req_offset: u64, req_count: u32, offset: u64) -> bool {
-        offset >= req_offset && offset - req_offset < u64::from(req_count).max(1)
+    pub fn in_request(req_offset: u64, req_count: u64, offset: u64) -> bool {
+        offset >= req_offset && offset - req_offset < req_count.max(1)
     }
 }
 
@@ -300,6 +339,64 @@ mod tests {
         let mut z = p.clone();
         z[4..8].copy_from_slice(&0u32.to_be_bytes());
         assert!(parse_block_status(&z).is_err());
+    }
+
+    fn ext_payload(id: u32, n: u32, d: &[(u64, u64)]) -> Vec<u8> {
+        let mut p = id.to_be_bytes().to_vec();
+        p.extend_from_slice(&n.to_be_bytes());
+        for (l, f) in d {
+            p.extend_from_slice(&l.to_be_bytes());
+            p.extend_from_slice(&f.to_be_bytes());
+        }
+        p
+    }
+
+    #[test]
+    fn block_status_ext_payloads() {
+        let big = 5u64 << 32;
+        let (id, ex) = parse_block_status_ext(&ext_payload(3, 2, &[(big, 3), (4096, 0)])).unwrap();
+        assert_eq!(id, 3);
+        assert_eq!(
+            ex,
+            vec![
+                StatusExtent {
+                    length: big,
+                    flags: 3
+                },
+                StatusExtent {
+                    length: 4096,
+                    flags: 0
+                }
+            ]
+        );
+        assert!(check_extents(&ex, false, big + 1).is_ok());
+        assert!(check_extents(&ex, false, big).is_err());
+        assert!(check_extents(&ex[..1], true, big).is_ok());
+        assert!(check_extents(&ex[..1], true, big - 1).is_err());
+        // A count that is not the number of descriptors, none, a zero
+        // length, status past 32 bits, a torn descriptor.
+        assert!(parse_block_status_ext(&ext_payload(3, 3, &[(big, 3), (4096, 0)])).is_err());
+        assert!(parse_block_status_ext(&ext_payload(3, 0, &[])).is_err());
+        assert!(parse_block_status_ext(&ext_payload(3, 1, &[(0, 0)])).is_err());
+        assert!(parse_block_status_ext(&ext_payload(3, 1, &[(512, 1 << 32)])).is_err());
+        let p = ext_payload(3, 1, &[(512, 0)]);
+        assert!(parse_block_status_ext(&p[..20]).is_err());
+        // Lengths that add up past 2^64 are past any request.
+        let wrap = [
+            StatusExtent {
+                length: u64::MAX,
+                flags: 0,
+            },
+            StatusExtent {
+                length: 2,
+                flags: 0,
+            },
+            StatusExtent {
+                length: 2,
+                flags: 0,
+            },
+        ];
+        assert!(check_extents(&wrap, false, 4096).is_err());
     }
 
     #[test]

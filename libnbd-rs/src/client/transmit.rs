@@ -23,16 +23,16 @@ use tokio::sync::{oneshot, Notify};
 use tokio::task::JoinHandle;
 
 use crate::protocol::{
-    be32, be64, cmd, cmdflag, errno, reply, Request, MAX_REQUEST_SIZE, SIMPLE_REPLY_MAGIC,
-    STRUCTURED_REPLY_MAGIC,
+    be16, be32, be64, cmd, cmdflag, errno, reply, Request, EXTENDED_REPLY_MAGIC, MAX_REQUEST_SIZE,
+    SIMPLE_REPLY_MAGIC, STRUCTURED_REPLY_MAGIC,
 };
 use crate::uri::Uri;
 
 use super::error::{command_name, Error, Result};
 use super::negotiate::KeepAlive;
 use super::reply::{
-    check_extents, parse_block_status, parse_error, ChunkError, ChunkHeader, Coverage,
-    MAX_ERROR_CHUNK, MAX_STATUS_CHUNK,
+    check_extents, parse_block_status, parse_block_status_ext, parse_error, ChunkError,
+    ChunkHeader, Coverage, MAX_ERROR_CHUNK, MAX_STATUS_CHUNK, MAX_STATUS_EXT_CHUNK,
 };
 use super::stream::{shutdown_socket, BoxRead, BoxWrite, Stream, Transport};
 use super::types::{
@@ -44,11 +44,13 @@ use super::Negotiation;
 /// Largest read or write sent when the server advertised no maximum
 /// (the spec's interoperable default).
 pub const DEFAULT_MAX_PAYLOAD: u32 = 32 * 1024 * 1024;
-/// Largest effect length of one trim, zero or cache request; larger
-/// requests are split.
+/// Largest effect length of one trim, zero or cache request without
+/// extended headers; larger requests are split (with extended headers
+/// they go in one request).
 pub const MAX_EFFECT_LENGTH: u64 = 1 << 30;
-/// Largest length asked for in one block status request; larger
-/// requests are clamped (the reply may cover less anyway).
+/// Largest length asked for in one block status request without
+/// extended headers; larger requests are clamped (the reply may cover
+/// less anyway).
 pub const MAX_STATUS_LENGTH: u64 = 1 << 31;
 const WRITE_BUFFER: usize = 64 * 1024;
 /// Buffer for reading replies: room for many small replies per read
@@ -80,7 +82,7 @@ struct Pending {
     typ: u16,
     flags: u16,
     offset: u64,
-    count: u32,
+    count: u64,
     /// Read buffer, `count` bytes (taken by the reader while it fills
     /// part of it).
     buf: Option<Vec<u8>>,
@@ -125,6 +127,8 @@ struct Shared {
     kill: Notify,
     next_cookie: AtomicU64,
     structured: bool,
+    /// Extended headers: 32-byte requests and reply chunks.
+    extended: bool,
     contexts: Vec<MetaContext>,
     counters: Counters,
     /// A duplicate of the socket, to hang up at once on failure.
@@ -190,15 +194,18 @@ impl Shared {
             }
             st.disc_sent = true;
         }
-        let hdr = Request {
+        let req = Request {
             flags: 0,
             typ: cmd::DISC,
             cookie: self.next_cookie.fetch_add(1, Ordering::Relaxed),
             offset: 0,
             count: 0,
+        };
+        if self.extended {
+            w.write_all(&req.encode_extended()).await?;
+        } else {
+            w.write_all(&req.encode()).await?;
         }
-        .encode();
-        w.write_all(&hdr).await?;
         w.flush().await?;
         w.shutdown().await
     }
@@ -370,6 +377,7 @@ impl Connection {
             kill: Notify::new(),
             next_cookie: AtomicU64::new(1),
             structured: info.structured_replies,
+            extended: info.extended_headers,
             contexts: info.meta_contexts.clone(),
             counters: Counters::default(),
             socket,
@@ -440,9 +448,16 @@ impl Connection {
         self.protocol
     }
 
-    /// Were structured replies negotiated?
+    /// Were structured replies negotiated? (Also true with extended
+    /// headers.)
     pub fn structured_replies(&self) -> bool {
         self.info.structured_replies
+    }
+
+    /// Were extended headers negotiated (64-bit requests: a zero, trim,
+    /// cache or block status of any length is one request)?
+    pub fn extended_headers(&self) -> bool {
+        self.info.extended_headers
     }
 
     /// Is the connection using TLS?
@@ -586,7 +601,7 @@ impl Connection {
         typ: u16,
         flags: u16,
         offset: u64,
-        count: u32,
+        count: u64,
         payload: Option<&[u8]>,
         read: Option<ReadInto>,
     ) -> Result<Outcome> {
@@ -623,14 +638,26 @@ impl Connection {
             cookie,
             phase: Phase::Registered,
         };
-        let hdr = Request {
-            flags,
+        let req = Request {
+            // With extended headers a payload is announced as such.
+            flags: if shared.extended && payload.is_some() {
+                flags | cmdflag::PAYLOAD_LEN
+            } else {
+                flags
+            },
             typ,
             cookie,
             offset,
             count,
-        }
-        .encode();
+        };
+        let (ext, compact);
+        let hdr: &[u8] = if shared.extended {
+            ext = req.encode_extended();
+            &ext
+        } else {
+            compact = req.encode();
+            &compact
+        };
         {
             let mut w = shared.writer.lock().await;
             if let Some(e) = shared.dead() {
@@ -639,8 +666,8 @@ impl Connection {
             guard.phase = Phase::Writing;
             let sent = async {
                 match payload {
-                    Some(p) => write_request(&mut w, &hdr, p).await?,
-                    None => w.write_all(&hdr).await?,
+                    Some(p) => write_request(&mut w, hdr, p).await?,
+                    None => w.write_all(hdr).await?,
                 }
                 w.flush().await
             }
@@ -668,7 +695,7 @@ impl Connection {
         offset: u64,
         flags: u16,
     ) -> Result<(Vec<u8>, Vec<Hole>)> {
-        let count = read.buf.len() as u32;
+        let count = read.buf.len() as u64;
         match self
             .submit(cmd::READ, flags, offset, count, None, Some(read))
             .await?
@@ -762,7 +789,7 @@ impl Connection {
         let max = self.max_payload as usize;
         let pieces = data.chunks(max).enumerate().map(|(i, d)| async move {
             let off = offset + (i * max) as u64;
-            self.submit(cmd::WRITE, flags, off, d.len() as u32, Some(d), None)
+            self.submit(cmd::WRITE, flags, off, d.len() as u64, Some(d), None)
                 .await
                 .map(|_| ())
         });
@@ -789,9 +816,20 @@ impl Connection {
         if count == 0 {
             return Ok(());
         }
+        if self.shared.extended {
+            // One request, whatever its length; a server that finds it
+            // too large (EOVERFLOW, as the spec allows) gets it in pieces.
+            match self.submit(typ, flags, offset, count, None, None).await {
+                Err(Error::Server {
+                    errno: errno::EOVERFLOW,
+                    ..
+                }) if count > MAX_EFFECT_LENGTH => {}
+                r => return r.map(|_| ()),
+            }
+        }
         let step = MAX_EFFECT_LENGTH;
         let pieces = (0..count).step_by(step as usize).map(|start| {
-            let len = step.min(count - start) as u32;
+            let len = step.min(count - start);
             self.submit(typ, flags, offset + start, len, None, None)
         });
         try_join_all(pieces).await.map(|_| ())
@@ -826,8 +864,8 @@ impl Connection {
 
     /// Block status of `count` bytes at `offset`, for every negotiated
     /// meta context. The server may describe less than asked (or, for
-    /// the last extent, more); a `count` over 2G is clamped. Flags:
-    /// `REQ_ONE`.
+    /// the last extent, more); without extended headers a `count` over
+    /// 2G is clamped. Flags: `REQ_ONE`.
     pub async fn block_status(&self, count: u64, offset: u64, flags: u16) -> Result<BlockStatus> {
         if self.info.meta_contexts.is_empty() {
             return Err(Error::Unsupported(
@@ -840,10 +878,14 @@ impl Connection {
                 "block_status: count cannot be 0".into(),
             ));
         }
-        let count = count.min(MAX_STATUS_LENGTH);
+        let count = if self.shared.extended {
+            count
+        } else {
+            count.min(MAX_STATUS_LENGTH)
+        };
         self.check_range("block_status", offset, count)?;
         let statuses = match self
-            .submit(cmd::BLOCK_STATUS, flags, offset, count as u32, None, None)
+            .submit(cmd::BLOCK_STATUS, flags, offset, count, None, None)
             .await?
         {
             Outcome::Status(s) => s,
@@ -984,8 +1026,33 @@ async fn read_loop(shared: &Shared, r: &mut BufReader<BoxRead>) -> Result<()> {
         }
         rd(r, &mut magic[n..]).await?;
         match be32(&magic) {
+            // With extended headers every reply is an extended chunk.
+            SIMPLE_REPLY_MAGIC | STRUCTURED_REPLY_MAGIC if shared.extended => {
+                return Err(Error::Protocol(format!(
+                    "{} reply although extended headers were negotiated",
+                    if be32(&magic) == SIMPLE_REPLY_MAGIC {
+                        "simple"
+                    } else {
+                        "structured"
+                    }
+                )))
+            }
             SIMPLE_REPLY_MAGIC => simple_reply(shared, r).await?,
-            STRUCTURED_REPLY_MAGIC => chunk(shared, r).await?,
+            STRUCTURED_REPLY_MAGIC => {
+                let mut b = [0u8; 16];
+                rd(r, &mut b).await?;
+                if !shared.structured {
+                    return Err(Error::Protocol(
+                        "structured reply chunk although structured replies were not negotiated"
+                            .into(),
+                    ));
+                }
+                chunk(shared, r, ChunkHeader::decode(&b)).await?
+            }
+            EXTENDED_REPLY_MAGIC => {
+                let h = extended_header(shared, r).await?;
+                chunk(shared, r, h).await?
+            }
             m => return Err(Error::Protocol(format!("bad reply magic {m:#010x}"))),
         }
         let shutdown = {
@@ -1045,7 +1112,7 @@ fn server_error(p: &Pending, errno: u32, message: String, error_offset: Option<u
     Error::Server {
         command: command_name(p.typ),
         offset: p.offset,
-        count: u64::from(p.count),
+        count: p.count,
         errno,
         message,
         error_offset,
@@ -1078,16 +1145,41 @@ fn with_pending<T>(
     f(p)
 }
 
-async fn chunk(shared: &Shared, r: &mut BufReader<BoxRead>) -> Result<()> {
-    let mut b = [0u8; 16];
+/// Read the rest of an extended reply chunk header and check it: only
+/// after negotiating extended headers, its offset the request's, its
+/// payload length within 32 bits (the spec: replies carry payloads only,
+/// never over the 32-bit limit).
+async fn extended_header(shared: &Shared, r: &mut BufReader<BoxRead>) -> Result<ChunkHeader> {
+    let mut b = [0u8; 28];
     rd(r, &mut b).await?;
-    let h = ChunkHeader::decode(&b);
-    shared.add(&shared.counters.chunks, 1);
-    if !shared.structured {
+    if !shared.extended {
         return Err(Error::Protocol(
-            "structured reply chunk although structured replies were not negotiated".into(),
+            "extended reply chunk although extended headers were not negotiated".into(),
         ));
     }
+    let (flags, typ, cookie) = (be16(&b[0..2]), be16(&b[2..4]), be64(&b[4..12]));
+    let (offset, length) = (be64(&b[12..20]), be64(&b[20..28]));
+    let req_offset = with_pending(shared, cookie, |p| Ok(p.offset))?;
+    if offset != req_offset {
+        return Err(Error::Protocol(format!(
+            "extended reply chunk with offset {offset} to a request at offset {req_offset}"
+        )));
+    }
+    let length = u32::try_from(length).map_err(|_| {
+        Error::Protocol(format!(
+            "extended reply chunk with a {length} byte payload is too large"
+        ))
+    })?;
+    Ok(ChunkHeader {
+        flags,
+        typ,
+        cookie,
+        length,
+    })
+}
+
+async fn chunk(shared: &Shared, r: &mut BufReader<BoxRead>, h: ChunkHeader) -> Result<()> {
+    shared.add(&shared.counters.chunks, 1);
     let (typ, flags, offset, count) = with_pending(shared, h.cookie, |p| {
         p.chunks += 1;
         Ok((p.typ, p.flags, p.offset, p.count))
@@ -1169,11 +1261,30 @@ async fn chunk(shared: &Shared, r: &mut BufReader<BoxRead>) -> Result<()> {
             })?;
             shared.add(&shared.counters.hole_chunks, 1);
         }
-        reply::TYPE_BLOCK_STATUS => {
+        reply::TYPE_BLOCK_STATUS | reply::TYPE_BLOCK_STATUS_EXT => {
             if typ != cmd::BLOCK_STATUS {
                 return wrong("block status");
             }
-            if h.length > MAX_STATUS_CHUNK {
+            let ext = h.typ == reply::TYPE_BLOCK_STATUS_EXT;
+            // The spec: the 32-bit type only without extended headers,
+            // the 64-bit one only with them.
+            if ext != shared.extended {
+                return Err(Error::Protocol(format!(
+                    "{} chunk {} extended headers",
+                    if ext {
+                        "BLOCK_STATUS_EXT"
+                    } else {
+                        "BLOCK_STATUS"
+                    },
+                    if ext { "without" } else { "with" }
+                )));
+            }
+            let max = if ext {
+                MAX_STATUS_EXT_CHUNK
+            } else {
+                MAX_STATUS_CHUNK
+            };
+            if h.length > max {
                 return Err(Error::Protocol(format!(
                     "block status chunk of {} bytes is too large",
                     h.length
@@ -1181,7 +1292,12 @@ async fn chunk(shared: &Shared, r: &mut BufReader<BoxRead>) -> Result<()> {
             }
             let mut pb = vec![0u8; h.length as usize];
             rd(r, &mut pb).await?;
-            let (id, extents) = parse_block_status(&pb).map_err(Error::Protocol)?;
+            let (id, extents) = if ext {
+                parse_block_status_ext(&pb)
+            } else {
+                parse_block_status(&pb)
+            }
+            .map_err(Error::Protocol)?;
             if !shared.contexts.iter().any(|c| c.id == id) {
                 return Err(Error::Protocol(format!(
                     "block status for meta context id {id}, which was not negotiated"
@@ -1189,6 +1305,17 @@ async fn chunk(shared: &Shared, r: &mut BufReader<BoxRead>) -> Result<()> {
             }
             check_extents(&extents, flags & cmdflag::REQ_ONE != 0, count)
                 .map_err(Error::Protocol)?;
+            // The last extent may end past the request, but not past
+            // what an offset can say.
+            let end = extents
+                .iter()
+                .try_fold(offset, |at, e| at.checked_add(e.length))
+                .filter(|&e| e <= i64::MAX as u64);
+            if end.is_none() {
+                return Err(Error::Protocol(
+                    "block status extents end past the largest possible offset".into(),
+                ));
+            }
             with_pending(shared, h.cookie, |p| {
                 if p.statuses.iter().any(|(i, _)| *i == id) {
                     return Err(Error::Protocol(format!(
@@ -1251,7 +1378,7 @@ async fn chunk(shared: &Shared, r: &mut BufReader<BoxRead>) -> Result<()> {
         } else {
             match p.typ {
                 cmd::READ => {
-                    if p.coverage.total() != u64::from(p.count) {
+                    if p.coverage.total() != p.count {
                         Err(Error::Protocol(format!(
                             "read reply covered {} of {} bytes",
                             p.coverage.total(),

@@ -22,6 +22,11 @@ pub struct ConnectOptions {
     /// Ask for structured replies (needed for block status and for
     /// sparse reads).
     pub structured_replies: bool,
+    /// Ask for extended headers first (64-bit requests: zero, trim and
+    /// block status of any size in one request), falling back to
+    /// structured replies (as libnbd 1.18's
+    /// `nbd_set_request_extended_headers`, on by default).
+    pub extended_headers: bool,
     /// Ask for `NBD_INFO_NAME` and `NBD_INFO_DESCRIPTION`.
     pub full_info: bool,
     /// Ask for `NBD_INFO_BLOCK_SIZE` (and then obey it).
@@ -60,6 +65,7 @@ impl Default for ConnectOptions {
             export_name: String::new(),
             meta_contexts: vec![CONTEXT_BASE_ALLOCATION.to_string()],
             structured_replies: true,
+            extended_headers: true,
             full_info: true,
             block_size: true,
             tls: TlsPolicy::Disable,
@@ -97,6 +103,11 @@ impl ConnectOptions {
     /// Ask for structured replies or not.
     pub fn structured_replies(mut self, on: bool) -> Self {
         self.structured_replies = on;
+        self
+    }
+    /// Ask for extended headers or not.
+    pub fn extended_headers(mut self, on: bool) -> Self {
+        self.extended_headers = on;
         self
     }
     /// Ask for the export's canonical name and description or not.
@@ -232,8 +243,11 @@ pub struct ExportInfo {
     pub block_size: Option<BlockSizes>,
     /// Meta contexts the server selected for this export.
     pub meta_contexts: Vec<MetaContext>,
-    /// Structured replies were negotiated on this connection.
+    /// Structured replies were negotiated on this connection (also
+    /// true with extended headers, which imply them).
     pub structured_replies: bool,
+    /// Extended headers were negotiated on this connection.
+    pub extended_headers: bool,
 }
 
 impl ExportInfo {
@@ -293,8 +307,8 @@ impl ExportInfo {
 /// (for `base:allocation`, `protocol::alloc::HOLE | ZERO`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct StatusExtent {
-    /// Length in bytes (never 0).
-    pub length: u32,
+    /// Length in bytes (never 0; over 4G only with extended headers).
+    pub length: u64,
     /// Status flags, meaning defined by the context.
     pub flags: u32,
 }

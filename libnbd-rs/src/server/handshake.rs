@@ -14,7 +14,10 @@ use crate::tls::ServerTls;
 
 /// Per-connection option state.
 pub(super) struct OptState {
+    /// Structured replies, or extended headers (which imply them).
     structured: bool,
+    /// Extended headers (`NBD_OPT_EXTENDED_HEADERS`).
+    extended: bool,
     no_zeroes: bool,
     /// Context id of `base:allocation` if the client selected it.
     base_allocation: Option<u32>,
@@ -28,6 +31,18 @@ pub(super) struct OptState {
     /// The name the empty export name stands for, asked once per
     /// connection (as nbdkit), when first needed.
     default_export: Option<String>,
+}
+
+impl OptState {
+    /// TLS started: what was negotiated in plaintext is forgotten, as
+    /// the spec says (the client negotiates it again over TLS).
+    pub(super) fn tls_started(&mut self) {
+        self.tls = true;
+        self.structured = false;
+        self.extended = false;
+        self.base_allocation = None;
+        self.contexts.clear();
+    }
 }
 
 /// Context id we give `base:allocation`.
@@ -91,6 +106,7 @@ where
     }
     Ok(OptState {
         structured: false,
+        extended: false,
         no_zeroes: cflags & p::FLAG_C_NO_ZEROES != 0,
         base_allocation: None,
         contexts: Vec::new(),
@@ -159,6 +175,13 @@ where
             continue;
         }
         match option {
+            opt::EXPORT_NAME if st.extended => {
+                // The spec: a client that negotiated extended headers
+                // MUST NOT use EXPORT_NAME, which cannot be refused.
+                return Err(Close::Protocol(
+                    "client sent NBD_OPT_EXPORT_NAME after negotiating extended headers".into(),
+                ));
+            }
             opt::EXPORT_NAME => {
                 let name = match String::from_utf8(data) {
                     Ok(n) if n.len() <= p::MAX_STRING && !n.contains('\0') => n,
@@ -317,8 +340,45 @@ where
                         "structured replies are disabled",
                     )
                     .await?;
+                } else if st.extended {
+                    // Extended headers take precedence: no going back.
+                    send_error(
+                        cfg,
+                        w,
+                        option,
+                        rep::ERR_EXT_HEADER_REQD,
+                        "extended headers are already negotiated",
+                    )
+                    .await?;
                 } else {
                     st.structured = true;
+                    send_reply(w, option, rep::ACK, &[]).await?;
+                }
+            }
+            opt::EXTENDED_HEADERS => {
+                if !data.is_empty() {
+                    send_error(
+                        cfg,
+                        w,
+                        option,
+                        rep::ERR_INVALID,
+                        "EXTENDED_HEADERS takes no payload",
+                    )
+                    .await?;
+                } else if !cfg.extended_headers || !cfg.structured_replies {
+                    send_error(
+                        cfg,
+                        w,
+                        option,
+                        rep::ERR_UNSUP,
+                        "extended headers are disabled",
+                    )
+                    .await?;
+                } else {
+                    st.extended = true;
+                    st.structured = true;
+                    cfg.server
+                        .debug(format_args!("connection {id}: extended headers negotiated"));
                     send_reply(w, option, rep::ACK, &[]).await?;
                 }
             }
@@ -357,7 +417,7 @@ async fn meta_context<W: AsyncWrite + Unpin>(
             w,
             option,
             rep::ERR_INVALID,
-            "meta contexts need structured replies first",
+            "meta contexts need structured replies or extended headers first",
         )
         .await;
     }
@@ -532,6 +592,7 @@ async fn open_export(
         flags,
         size,
         structured: st.structured,
+        extended: st.extended,
         base_allocation: st.base_allocation,
         contexts: st.contexts.clone(),
         export_name: ctx.export_name,

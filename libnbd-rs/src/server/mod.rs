@@ -57,6 +57,9 @@ pub struct ServerConfig {
     pub structured_replies: bool,
     /// Offer meta contexts (`--no-mc` turns them off).
     pub meta_contexts: bool,
+    /// Offer extended headers, `NBD_OPT_EXTENDED_HEADERS` (`--no-eh`
+    /// turns them off): 64-bit requests and replies.
+    pub extended_headers: bool,
     /// Requests of one connection handled at once (`-t`).
     pub threads: usize,
     /// Bytes of request and reply buffers one connection may hold at once,
@@ -88,6 +91,7 @@ impl ServerConfig {
             readonly: false,
             structured_replies: true,
             meta_contexts: true,
+            extended_headers: true,
             threads: 16,
             max_inflight_bytes: 2 * p::MAX_REQUEST_SIZE as usize,
             total_inflight: inflight_budget(DEFAULT_TOTAL_INFLIGHT),
@@ -253,7 +257,11 @@ struct Negotiated {
     handle: Arc<dyn Handle>,
     flags: u16,
     size: u64,
+    /// Structured replies or extended headers were negotiated: replies
+    /// are chunks.
     structured: bool,
+    /// Extended headers were negotiated: 32-byte requests and replies.
+    extended: bool,
     base_allocation: Option<u32>,
     /// The plugin's other meta contexts selected, with their ids.
     contexts: Vec<(u32, String)>,
@@ -360,7 +368,7 @@ async fn negotiate(
                     .map_err(|e| Close::Protocol(format!("TLS handshake failed: {e}")))?;
                 cfg.server
                     .debug(format_args!("connection {id}: TLS handshake completed"));
-                st.tls = true;
+                st.tls_started();
                 let (r, w) = tokio::io::split(s);
                 reader = BufReader::with_capacity(REQUEST_BUFFER, Box::new(r));
                 writer = Arc::new(tokio::sync::Mutex::new(BufWriter::with_capacity(

@@ -1,6 +1,8 @@
 //! Writing replies: simple replies (header, then the data of a read),
 //! or structured replies (data split into data and hole chunks, block
-//! status, errors with a message) once the client negotiated them.
+//! status, errors with a message) once the client negotiated them, with
+//! 32-byte extended chunk headers (and `BLOCK_STATUS_EXT`'s 64-bit
+//! extents) once it negotiated extended headers.
 
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
@@ -104,53 +106,116 @@ pub(super) async fn write_reply<W: AsyncWrite + Unpin>(
         return w.flush().await;
     }
     use p::reply as r;
+    let hdr = Header {
+        extended: neg.extended,
+        cookie: c,
+        offset: req.offset,
+    };
     match res {
         Reply::Ok => {
-            w.write_all(&p::structured_reply(c, r::FLAG_DONE, r::TYPE_NONE, 0))
+            w.write_all(&hdr.make(r::FLAG_DONE, r::TYPE_NONE, 0))
                 .await?
         }
         Reply::Data(buf) if req.flags & cmdflag::DF != 0 => {
-            write_data_chunks(&mut *w, c, req.offset, &buf, &[]).await?;
+            write_data_chunks(&mut *w, hdr, &buf, &[]).await?;
             buf.recycle(pool);
         }
         Reply::Data(buf) => {
             let runs = hole_runs(&buf, req.offset);
-            write_data_chunks(&mut *w, c, req.offset, &buf, &runs).await?;
+            write_data_chunks(&mut *w, hdr, &buf, &runs).await?;
             buf.recycle(pool);
         }
         Reply::Extents(contexts) => {
             let last = contexts.len().saturating_sub(1);
             for (i, (id, list)) in contexts.iter().enumerate() {
-                let mut pl = Vec::with_capacity(4 + 8 * list.len());
-                pl.extend_from_slice(&id.to_be_bytes());
-                for e in list {
-                    pl.extend_from_slice(&(e.length.min(u32::MAX as u64) as u32).to_be_bytes());
-                    pl.extend_from_slice(&e.flags.to_be_bytes());
-                }
+                let (typ, pl) = if hdr.extended {
+                    // 64-bit lengths and status, with a descriptor count.
+                    let mut pl = Vec::with_capacity(8 + 16 * list.len());
+                    pl.extend_from_slice(&id.to_be_bytes());
+                    pl.extend_from_slice(&(list.len() as u32).to_be_bytes());
+                    for e in list {
+                        pl.extend_from_slice(&e.length.to_be_bytes());
+                        pl.extend_from_slice(&u64::from(e.flags).to_be_bytes());
+                    }
+                    (r::TYPE_BLOCK_STATUS_EXT, pl)
+                } else {
+                    // The request was under 4G and the extents are clipped
+                    // to it: every length fits in 32 bits.
+                    let mut pl = Vec::with_capacity(4 + 8 * list.len());
+                    pl.extend_from_slice(&id.to_be_bytes());
+                    for e in list {
+                        pl.extend_from_slice(&(e.length.min(u32::MAX as u64) as u32).to_be_bytes());
+                        pl.extend_from_slice(&e.flags.to_be_bytes());
+                    }
+                    (r::TYPE_BLOCK_STATUS, pl)
+                };
                 let done = if i == last { r::FLAG_DONE } else { 0 };
-                w.write_all(&p::structured_reply(
-                    c,
-                    done,
-                    r::TYPE_BLOCK_STATUS,
-                    pl.len() as u32,
-                ))
-                .await?;
+                w.write_all(&hdr.make(done, typ, pl.len() as u32)).await?;
                 w.write_all(&pl).await?;
             }
         }
         Reply::Error(Error { errno: code, msg }) => {
-            write_error_chunk(&mut *w, c, code, &msg).await?
+            write_error_chunk(&mut *w, hdr, code, &msg).await?
         }
-        Reply::Invalid(code) => write_error_chunk(&mut *w, c, code, "invalid request").await?,
+        Reply::Invalid(code) => write_error_chunk(&mut *w, hdr, code, "invalid request").await?,
     }
     w.flush().await
+}
+
+/// How a reply's chunk headers are made: structured (20 bytes) or, with
+/// extended headers, 32 bytes that repeat the request's offset.
+#[derive(Clone, Copy)]
+pub(super) struct Header {
+    pub(super) extended: bool,
+    pub(super) cookie: u64,
+    /// The request's offset (extended headers echo it).
+    pub(super) offset: u64,
+}
+
+/// A chunk header's bytes.
+pub(super) struct HeaderBytes {
+    b: [u8; p::EXTENDED_REPLY_LEN],
+    n: usize,
+}
+
+impl std::ops::Deref for HeaderBytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.b[..self.n]
+    }
+}
+
+impl Header {
+    /// The header of a chunk with a `len` byte payload.
+    pub(super) fn make(&self, flags: u16, typ: u16, len: u32) -> HeaderBytes {
+        let mut b = [0u8; p::EXTENDED_REPLY_LEN];
+        let n = if self.extended {
+            b.copy_from_slice(&p::extended_reply(
+                self.cookie,
+                flags,
+                typ,
+                self.offset,
+                u64::from(len),
+            ));
+            p::EXTENDED_REPLY_LEN
+        } else {
+            b[..p::STRUCTURED_REPLY_LEN].copy_from_slice(&p::structured_reply(
+                self.cookie,
+                flags,
+                typ,
+                len,
+            ));
+            p::STRUCTURED_REPLY_LEN
+        };
+        HeaderBytes { b, n }
+    }
 }
 
 /// Write a structured error reply: the error and its message (cut to
 /// 1 KiB, well within what clients accept).
 async fn write_error_chunk<W: AsyncWrite + Unpin>(
     w: &mut W,
-    cookie: u64,
+    hdr: Header,
     code: u32,
     msg: &str,
 ) -> std::io::Result<()> {
@@ -161,13 +226,8 @@ async fn write_error_chunk<W: AsyncWrite + Unpin>(
     pl.extend_from_slice(&code.to_be_bytes());
     pl.extend_from_slice(&(msg.len() as u16).to_be_bytes());
     pl.extend_from_slice(msg);
-    w.write_all(&p::structured_reply(
-        cookie,
-        r::FLAG_DONE,
-        r::TYPE_ERROR,
-        pl.len() as u32,
-    ))
-    .await?;
+    w.write_all(&hdr.make(r::FLAG_DONE, r::TYPE_ERROR, pl.len() as u32))
+        .await?;
     w.write_all(&pl).await
 }
 
@@ -198,12 +258,12 @@ pub(super) fn hole_runs(buf: &[u8], offset: u64) -> Vec<std::ops::Range<usize>> 
 /// it in as few `writev` calls as the socket allows.
 pub(super) async fn write_data_chunks<W: AsyncWrite + Unpin>(
     w: &mut W,
-    cookie: u64,
-    offset: u64,
+    hdr: Header,
     buf: &[u8],
     holes: &[std::ops::Range<usize>],
 ) -> std::io::Result<()> {
     use p::reply as r;
+    let offset = hdr.offset;
     // (range, is hole) in order.
     let mut parts = Vec::with_capacity(2 * holes.len() + 1);
     let mut at = 0;
@@ -217,7 +277,7 @@ pub(super) async fn write_data_chunks<W: AsyncWrite + Unpin>(
     if at < buf.len() || parts.is_empty() {
         parts.push((at..buf.len(), false));
     }
-    const HDR: usize = p::STRUCTURED_REPLY_LEN + 12;
+    const HDR: usize = p::EXTENDED_REPLY_LEN + 12;
     let mut headers = vec![[0u8; HDR]; parts.len()];
     let mut lens = Vec::with_capacity(parts.len());
     for (i, ((range, hole), h)) in parts.iter().zip(headers.iter_mut()).enumerate() {
@@ -230,11 +290,12 @@ pub(super) async fn write_data_chunks<W: AsyncWrite + Unpin>(
             true => (r::TYPE_OFFSET_HOLE, 12),
             false => (r::TYPE_OFFSET_DATA, 8 + range.len() as u32),
         };
-        h[..p::STRUCTURED_REPLY_LEN].copy_from_slice(&p::structured_reply(cookie, flags, typ, len));
-        h[p::STRUCTURED_REPLY_LEN..][..8]
-            .copy_from_slice(&(offset + range.start as u64).to_be_bytes());
-        h[p::STRUCTURED_REPLY_LEN + 8..].copy_from_slice(&(range.len() as u32).to_be_bytes());
-        lens.push(if *hole { HDR } else { HDR - 4 });
+        let head = hdr.make(flags, typ, len);
+        let n = head.len();
+        h[..n].copy_from_slice(&head);
+        h[n..][..8].copy_from_slice(&(offset + range.start as u64).to_be_bytes());
+        h[n + 8..n + 12].copy_from_slice(&(range.len() as u32).to_be_bytes());
+        lens.push(if *hole { n + 12 } else { n + 8 });
     }
     let mut slices = Vec::with_capacity(2 * parts.len());
     for (((range, hole), h), n) in parts.iter().zip(&headers).zip(lens) {

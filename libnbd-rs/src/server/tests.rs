@@ -125,7 +125,7 @@ async fn request(c: &mut DuplexStream, typ: u16, flags: u16, offset: u64, count:
         typ,
         cookie: 0x1234,
         offset,
-        count,
+        count: count.into(),
     };
     c.write_all(&req.encode()).await.unwrap();
 }
@@ -227,6 +227,7 @@ fn negotiated(flags: u16, structured: bool) -> Negotiated {
         flags,
         size: SIZE,
         structured,
+        extended: false,
         base_allocation: None,
         contexts: Vec::new(),
         export_name: String::new(),
@@ -240,7 +241,7 @@ fn req(typ: u16, flags: u16, offset: u64, count: u32) -> Request {
         typ,
         cookie: 1,
         offset,
-        count,
+        count: count.into(),
     }
 }
 
@@ -291,6 +292,44 @@ fn requests_are_checked_against_the_negotiation() {
     );
     assert_eq!(
         validate(&req(cmd::READ, 0, 0, big), &sr),
+        Err(errno::EINVAL)
+    );
+}
+
+#[test]
+fn extended_requests_are_checked() {
+    let mut eh = negotiated(
+        tflags::HAS_FLAGS | tflags::SEND_TRIM | tflags::SEND_WRITE_ZEROES,
+        true,
+    );
+    eh.extended = true;
+    eh.size = 8 << 40;
+    let mut r = req(cmd::WRITE_ZEROES, 0, 0, 0);
+    // 64-bit effect lengths: a 4 TiB zero or trim is one request.
+    r.count = 4 << 40;
+    assert_eq!(validate(&r, &eh), Ok(()));
+    r.typ = cmd::TRIM;
+    assert_eq!(validate(&r, &eh), Ok(()));
+    r.count = (8 << 40) + 512;
+    assert_eq!(validate(&r, &eh), Err(errno::EINVAL));
+    // A write should say PAYLOAD_LEN (qemu's do not); nothing else may.
+    assert_eq!(validate(&req(cmd::WRITE, 0, 0, 512), &eh), Ok(()));
+    assert_eq!(
+        validate(&req(cmd::WRITE, cmdflag::PAYLOAD_LEN, 0, 512), &eh),
+        Ok(())
+    );
+    assert_eq!(
+        validate(&req(cmd::TRIM, cmdflag::PAYLOAD_LEN, 0, 512), &eh),
+        Err(errno::EINVAL)
+    );
+    // Reads and writes stay within the payload limit.
+    let mut big = req(cmd::READ, 0, 0, 0);
+    big.count = 1 << 33;
+    assert_eq!(validate(&big, &eh), Err(errno::EINVAL));
+    // Without extended headers PAYLOAD_LEN is an unknown flag.
+    let sr = negotiated(tflags::HAS_FLAGS, true);
+    assert_eq!(
+        validate(&req(cmd::WRITE, cmdflag::PAYLOAD_LEN, 0, 1), &sr),
         Err(errno::EINVAL)
     );
 }

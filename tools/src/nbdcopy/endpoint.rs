@@ -150,6 +150,20 @@ pub trait Endpoint: Send + Sync {
         Ok(())
     }
 
+    /// The largest zero operation worth making as a destination: 1G
+    /// (about a second of zeroing anywhere), or everything in one request
+    /// for an NBD server with extended headers.
+    fn max_zero(&self) -> u64 {
+        1 << 30
+    }
+
+    /// The source range whose extents are asked for at once: 1G, or 64G
+    /// from an NBD server with extended headers (whose one block status
+    /// reply can say 64G is a hole).
+    fn extents_window(&self) -> u64 {
+        1 << 30
+    }
+
     /// Does [`extents`](Self::extents) say more than "all data"?
     fn can_extents(&self) -> bool {
         false

@@ -26,12 +26,8 @@ use super::endpoint::{Endpoint, Extent, OpError};
 use super::lanes::Lanes;
 use super::ops::{extents_of, Copier, Op, Planner};
 
-/// Source range whose extents are asked for at once.
-const WINDOW: u64 = 1 << 30;
 /// Windows whose extents are fetched concurrently ahead of the copy.
 const LOOKAHEAD: usize = 8;
-/// Largest zero operation.
-const MAX_ZERO: u64 = 1 << 30;
 /// Granularity of the byte budget.
 const UNIT: u64 = 4096;
 
@@ -124,13 +120,15 @@ async fn walk(
     src: Arc<dyn Endpoint>,
     size: u64,
     chunk: u64,
+    max_zero: u64,
     use_extents: bool,
     tx: mpsc::Sender<Result<Vec<Op>, OpError>>,
 ) {
-    let mut planner = Planner::new(chunk, MAX_ZERO);
+    let mut planner = Planner::new(chunk, max_zero);
+    let window = src.extents_window();
     let windows = (0..size)
-        .step_by(WINDOW as usize)
-        .map(|o| (o, WINDOW.min(size - o)));
+        .step_by(window as usize)
+        .map(move |o| (o, window.min(size - o)));
     let mut lists = stream::iter(windows)
         .map(|(offset, length)| {
             let src = src.clone();
@@ -231,6 +229,7 @@ pub async fn copy(
                 c.src.clone(),
                 size,
                 chunk,
+                c.dst.max_zero(),
                 use_extents,
                 tx,
             )));

@@ -465,6 +465,23 @@ impl Endpoint for NbdEndpoint {
         self.extents
     }
 
+    fn extents_window(&self) -> u64 {
+        if self.conn().extended_headers() {
+            1 << 36
+        } else {
+            1 << 30
+        }
+    }
+
+    fn max_zero(&self) -> u64 {
+        // Extended headers: a zero (or trim) of any length is one request.
+        if self.conn().extended_headers() {
+            1 << 62
+        } else {
+            1 << 30
+        }
+    }
+
     async fn extents(&self, offset: u64, length: u64) -> io::Result<Vec<Extent>> {
         if !self.extents {
             return Ok(vec![Extent {
@@ -486,7 +503,7 @@ impl Endpoint for NbdEndpoint {
             if at >= end {
                 break;
             }
-            let len = u64::from(e.length).min(end - at);
+            let len = e.length.min(end - at);
             let zero = e.flags & alloc::ZERO != 0;
             match out.last_mut() {
                 Some(Extent {

@@ -8,11 +8,6 @@ use std::sync::Arc;
 use super::endpoint::{Extent, OpError};
 use super::ops::{extents_of, Copier, Op, Planner};
 
-/// Source range whose extents are asked for at once.
-const WINDOW: u64 = 1 << 30;
-/// Largest zero operation.
-const MAX_ZERO: u64 = 1 << 30;
-
 /// Copy everything; returns the number of bytes copied.
 pub async fn copy(c: Arc<Copier>, use_extents: bool) -> Result<u64, OpError> {
     let chunk = c.settings.request_size;
@@ -35,10 +30,10 @@ pub async fn copy(c: Arc<Copier>, use_extents: bool) -> Result<u64, OpError> {
         }
     };
     let use_extents = use_extents && c.src.can_extents();
-    let mut planner = Planner::new(chunk, MAX_ZERO);
+    let mut planner = Planner::new(chunk, c.dst.max_zero());
     let mut offset = 0;
     while offset < size {
-        let length = WINDOW.min(size - offset);
+        let length = c.src.extents_window().min(size - offset);
         let list = if use_extents {
             extents_of(&*c.src, offset, length).await?
         } else {

@@ -291,7 +291,7 @@ async fn seek(nbd: &MultiConn, size: u64, offset: u64, data: bool) -> Result<u64
             if hole != data {
                 return Ok(at.min(size));
             }
-            at += u64::from(e.length);
+            at += e.length;
             if at >= size {
                 break;
             }

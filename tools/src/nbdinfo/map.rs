@@ -48,7 +48,7 @@ pub async fn collect(conn: &Connection, context: &str) -> Result<Vec<Run>> {
             _ => bail!("--map: server did not return any extents"),
         };
         for e in extents {
-            let length = u64::from(e.length);
+            let length = e.length;
             match runs.last_mut() {
                 Some(last) if last.kind == e.flags => last.length += length,
                 _ => runs.push(Run {

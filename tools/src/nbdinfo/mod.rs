@@ -28,7 +28,7 @@
 //! test (`--can`, `--is`, `--has`) exits 0 if true and 2 if false;
 //! its negation (`--cannot`, `--isnt`, `--hasnt`, as newer libnbd's)
 //! 0 if false and 2 if true. The flags are the same for all six, plus
-//! `extended-headers` (never negotiated by this client: false).
+//! `extended-headers` (negotiated extended headers, as libnbd 1.18+).
 //! `--uri` prints the URI of the export, as the `uri:` line of the
 //! report (not for a server run as a subprocess, which has none).
 //!
@@ -190,7 +190,8 @@ impl Flag {
             "multiconn" | "multi-conn" | "multi_conn" => Flag::MultiConn,
             "trim" => Flag::Trim,
             "zero" => Flag::Zero,
-            "extended-headers" | "extended_headers" | "extended" | "eh" => Flag::Extended,
+            "extended-headers" | "extended_headers" | "extended headers" | "extended-header"
+            | "extended_header" | "extended header" | "extended" | "eh" => Flag::Extended,
             _ => return None,
         })
     }
@@ -211,8 +212,7 @@ impl Flag {
             Flag::MultiConn => c.can_multi_conn(),
             Flag::Trim => c.can_trim(),
             Flag::Zero => c.can_zero(),
-            // This client does not negotiate extended headers.
-            Flag::Extended => false,
+            Flag::Extended => c.extended_headers(),
         }
     }
 }

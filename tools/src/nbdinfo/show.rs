@@ -42,6 +42,8 @@ pub struct Header {
     pub tls: bool,
     /// Structured replies negotiated.
     pub structured: bool,
+    /// Extended headers negotiated.
+    pub extended: bool,
 }
 
 impl Header {
@@ -51,6 +53,7 @@ impl Header {
             protocol: n.protocol(),
             tls: n.tls(),
             structured: n.structured_replies(),
+            extended: n.extended_headers(),
         }
     }
 }
@@ -76,10 +79,11 @@ pub fn write_header(w: &mut dyn Write, style: Style, h: Header) -> io::Result<()
     if style.json {
         write!(
             w,
-            "{{\n\"protocol\": {},\n\"TLS\": {},\n\"structured\": {},\n",
+            "{{\n\"protocol\": {},\n\"TLS\": {},\n\"structured\": {},\n\"extended\": {},\n",
             json_string(h.protocol),
             h.tls,
-            h.structured
+            h.structured,
+            h.extended
         )
     } else {
         colour(w, style, ansi::GREY)?;
@@ -88,7 +92,14 @@ pub fn write_header(w: &mut dyn Write, style: Style, h: Header) -> io::Result<()
             "protocol: {} {} TLS, using {} packets",
             h.protocol,
             if h.tls { "with" } else { "without" },
-            if h.structured { "structured" } else { "simple" }
+            // As libnbd 1.18+ words it.
+            if h.extended {
+                "extended"
+            } else if h.structured {
+                "structured"
+            } else {
+                "simple"
+            }
         )?;
         colour(w, style, ansi::RESTORE)
     }
@@ -333,6 +344,7 @@ mod tests {
                 }),
                 meta_contexts: Vec::new(),
                 structured_replies: true,
+                extended_headers: false,
             },
         }
     }
@@ -363,10 +375,19 @@ mod tests {
             protocol: "newstyle-fixed",
             tls: false,
             structured: true,
+            extended: false,
         };
         assert_eq!(
             out(|w| write_header(w, style, h)),
             "protocol: newstyle-fixed without TLS, using structured packets\n"
+        );
+        let h = Header {
+            extended: true,
+            ..h
+        };
+        assert_eq!(
+            out(|w| write_header(w, style, h)),
+            "protocol: newstyle-fixed without TLS, using extended packets\n"
         );
     }
 
@@ -380,6 +401,7 @@ mod tests {
             protocol: "newstyle-fixed",
             tls: false,
             structured: true,
+            extended: true,
         };
         let s = out(|w| {
             write_header(w, style, h)?;
@@ -389,6 +411,7 @@ mod tests {
         });
         let v: serde_json::Value = serde_json::from_str(&s).unwrap();
         assert_eq!(v["exports"][1]["export-size-str"], "1M");
+        assert_eq!(v["extended"], true);
         assert_eq!(v["exports"][0]["block_size_minimum"], 512);
         let empty = out(|w| {
             write_header(w, style, h)?;
