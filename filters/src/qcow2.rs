@@ -165,8 +165,11 @@ pub fn build(p: &mut Params, cfg: Config) -> ConfigResult<Arc<dyn Filter>> {
             return Err(cerr("cluster-size must be a power of 2 from 512 to 2M"));
         }
         let bits = csize.trailing_zeros();
-        let b = backing.as_deref().map(|n| (n, backing_fmt.as_deref().unwrap_or("raw")));
-        let (bytes, total) = header::fresh_image(size, bits, b, prealloc).map_err(|e| cerr(e.msg))?;
+        let b = backing
+            .as_deref()
+            .map(|n| (n, backing_fmt.as_deref().unwrap_or("raw")));
+        let (bytes, total) =
+            header::fresh_image(size, bits, b, prealloc).map_err(|e| cerr(e.msg))?;
         write_fresh(path, &bytes, total).map_err(|e| cerr(format!("{}: {e}", path.display())))?;
         // The image names its backing file itself now.
         backing = None;
@@ -174,9 +177,13 @@ pub fn build(p: &mut Params, cfg: Config) -> ConfigResult<Arc<dyn Filter>> {
     } else if size.is_some() {
         return Err(cerr("size= is only for create=true"));
     }
+    if let Some(path) = &path {
+        check_header(path).map_err(cerr)?;
+    }
     let lock = match (&path, force_share) {
         (Some(path), false) => {
-            let mut l = ImageLock::open(path).map_err(|e| cerr(format!("{}: {e}", path.display())))?;
+            let mut l =
+                ImageLock::open(path).map_err(|e| cerr(format!("{}: {e}", path.display())))?;
             l.apply(lock::READER).map_err(cerr)?;
             Some(Mutex::new(l))
         }
@@ -196,6 +203,22 @@ pub fn build(p: &mut Params, cfg: Config) -> ConfigResult<Arc<dyn Filter>> {
         write_locked: Mutex::new(false),
         images: tokio::sync::Mutex::new(HashMap::new()),
     }))
+}
+
+/// Refuse at start-up what the image's header says we cannot serve.
+fn check_header(path: &std::path::Path) -> std::result::Result<(), String> {
+    use std::io::Read;
+    let mut b = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(2 << 20).read_to_end(&mut b))
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    header::Header::parse(&b).map(|_| ()).map_err(|e| {
+        format!(
+            "{}: {}",
+            path.display(),
+            e.msg.trim_start_matches("qcow2: ")
+        )
+    })
 }
 
 fn write_fresh(path: &std::path::Path, bytes: &[u8], total: u64) -> std::io::Result<()> {
@@ -250,16 +273,16 @@ impl Filter for Qcow2Filter {
             match images.get(&ctx.export_name) {
                 Some(i) => i.clone(),
                 None => {
-                    let i = Arc::new(
-                        Image::open(
-                            &*h,
-                            self.dir.as_deref(),
-                            self.backing.as_deref(),
-                            self.backing_fmt.as_deref(),
-                            0,
-                        )
-                        .await?,
-                    );
+                    let i = Image::open(
+                        &*h,
+                        self.dir.as_deref(),
+                        self.backing.as_deref(),
+                        self.backing_fmt.as_deref(),
+                        0,
+                    )
+                    .await
+                    .inspect_err(|e| libnbd::elog!("nbdkit: {}", e.msg))?;
+                    let i = Arc::new(i);
                     images.insert(ctx.export_name.clone(), i.clone());
                     i
                 }
@@ -337,7 +360,9 @@ impl Qcow2Handle {
                     let (m2, n2) = self.img.map(&*self.next, at, (e - at).min(cs)).await?;
                     if m2 == Map::Unalloc {
                         let i = (at - s) as usize;
-                        self.img.write(&*self.next, &b[i..i + n2 as usize], at).await?;
+                        self.img
+                            .write(&*self.next, &b[i..i + n2 as usize], at)
+                            .await?;
                     }
                     at += n2;
                 }
@@ -430,9 +455,21 @@ impl Handle for Qcow2Handle {
         self.img.zero(&*self.next, count, offset, false).await?;
         self.after_write(flags).await
     }
-    async fn extents(&self, count: u64, offset: u64, flags: Flags, ext: &mut Extents) -> Result<()> {
+    async fn extents(
+        &self,
+        count: u64,
+        offset: u64,
+        flags: Flags,
+        ext: &mut Extents,
+    ) -> Result<()> {
         self.img
-            .extents(&*self.next, count, offset, flags.contains(Flags::REQ_ONE), ext)
+            .extents(
+                &*self.next,
+                count,
+                offset,
+                flags.contains(Flags::REQ_ONE),
+                ext,
+            )
             .await
     }
     async fn cache(&self, _count: u64, _offset: u64, _flags: Flags) -> Result<()> {
@@ -449,7 +486,9 @@ impl Handle for Qcow2Handle {
         if context == ALLOCATION_DEPTH {
             return self.img.depth(&*self.next, count, offset, 1, ext).await;
         }
-        self.next.meta_extents(context, count, offset, flags, ext).await
+        self.next
+            .meta_extents(context, count, offset, flags, ext)
+            .await
     }
 }
 

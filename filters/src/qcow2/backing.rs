@@ -26,7 +26,8 @@ pub struct FileIo {
 
 impl FileIo {
     pub fn open(path: &Path) -> Result<FileIo> {
-        let file = File::open(path).map_err(|e| Error::io(format!("open: {}", path.display()), e))?;
+        let file =
+            File::open(path).map_err(|e| Error::io(format!("open: {}", path.display()), e))?;
         let size = file
             .metadata()
             .map_err(|e| Error::io(format!("fstat: {}", path.display()), e))?
@@ -67,7 +68,13 @@ impl Handle for FileIo {
             Ok(())
         })
     }
-    async fn extents(&self, count: u64, offset: u64, _flags: Flags, ext: &mut Extents) -> Result<()> {
+    async fn extents(
+        &self,
+        count: u64,
+        offset: u64,
+        _flags: Flags,
+        ext: &mut Extents,
+    ) -> Result<()> {
         use nix::unistd::{lseek, Whence};
         let fd = self.file.as_raw_fd();
         let end = (offset + count).min(self.size);
@@ -114,21 +121,35 @@ impl Handle for NbdIo {
     async fn pread(&self, buf: &mut [u8], offset: u64, _flags: Flags) -> Result<()> {
         self.conn.pread(buf, offset, 0).await.map_err(nbd_err)
     }
-    async fn extents(&self, count: u64, offset: u64, _flags: Flags, ext: &mut Extents) -> Result<()> {
+    async fn extents(
+        &self,
+        count: u64,
+        offset: u64,
+        _flags: Flags,
+        ext: &mut Extents,
+    ) -> Result<()> {
         ext.add(offset, count, 0)
     }
 }
 
 /// A backing file, opened.
 pub enum Backing {
-    Raw { io: Box<dyn Handle>, size: u64 },
-    Qcow2 { img: Box<Image>, io: Box<dyn Handle> },
+    Raw {
+        io: Box<dyn Handle>,
+        size: u64,
+    },
+    Qcow2 {
+        img: Box<Image>,
+        io: Box<dyn Handle>,
+    },
 }
 
 /// qemu's `nbd:host:port[:exportname=X]` and `nbd:unix:PATH[:exportname=X]`
 /// as an NBD URI; URIs pass unchanged.
 pub fn nbd_uri(name: &str) -> Option<String> {
-    if name.starts_with("nbd://") || name.starts_with("nbd+unix://") || name.starts_with("nbds://")
+    if name.starts_with("nbd://")
+        || name.starts_with("nbd+unix://")
+        || name.starts_with("nbds://")
         || name.starts_with("nbd+tcp://")
     {
         return Some(name.to_string());
@@ -193,9 +214,10 @@ impl Backing {
                     _ => p.to_path_buf(),
                 };
                 bdir = path.parent().map(Path::to_path_buf);
-                io = Box::new(FileIo::open(&path).map_err(|e| {
-                    Error::new(e.errno, format!("qcow2: backing file: {}", e.msg))
-                })?);
+                io =
+                    Box::new(FileIo::open(&path).map_err(|e| {
+                        Error::new(e.errno, format!("qcow2: backing file: {}", e.msg))
+                    })?);
             }
             let fmt = fmt.or(h.backing_format.as_deref());
             let is_qcow2 = match fmt {
@@ -216,7 +238,10 @@ impl Backing {
             };
             if is_qcow2 {
                 let img = Image::open(&*io, bdir.as_deref(), None, None, depth + 1).await?;
-                Ok(Some(Backing::Qcow2 { img: Box::new(img), io }))
+                Ok(Some(Backing::Qcow2 {
+                    img: Box::new(img),
+                    io,
+                }))
             } else {
                 let size = io.size()?;
                 Ok(Some(Backing::Raw { io, size }))
@@ -252,7 +277,9 @@ impl Backing {
             let mut e = Extents::new(pos, pos + inside);
             match self {
                 Backing::Raw { io, .. } => io.extents(inside, pos, Flags::NONE, &mut e).await?,
-                Backing::Qcow2 { img, io } => img.extents(&**io, inside, pos, false, &mut e).await?,
+                Backing::Qcow2 { img, io } => {
+                    img.extents(&**io, inside, pos, false, &mut e).await?
+                }
             }
             if e.next_offset() < pos + inside {
                 let at = e.next_offset();
@@ -296,7 +323,10 @@ mod tests {
 
     #[test]
     fn qemu_nbd_names() {
-        assert_eq!(nbd_uri("nbd:localhost:10810").unwrap(), "nbd://localhost:10810/");
+        assert_eq!(
+            nbd_uri("nbd:localhost:10810").unwrap(),
+            "nbd://localhost:10810/"
+        );
         assert_eq!(
             nbd_uri("nbd:unix:/tmp/s.sock:exportname=disk").unwrap(),
             "nbd+unix:///disk?socket=/tmp/s.sock"

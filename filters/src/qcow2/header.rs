@@ -196,7 +196,7 @@ impl Header {
             return Err(bad("extended L2 entries need clusters of at least 16 KiB"));
         }
         let cs = h.cluster_size();
-        if h.l1_table_offset % cs != 0 || h.refcount_table_offset % cs != 0 {
+        if !h.l1_table_offset.is_multiple_of(cs) || !h.refcount_table_offset.is_multiple_of(cs) {
             return Err(bad("L1 or refcount table not aligned to a cluster"));
         }
         // The L1 table must map the whole disk.
@@ -243,7 +243,11 @@ pub fn fresh_image(
         return Err(Error::einval("qcow2: size too large for this cluster size"));
     }
     let l1c = (l1_entries * 8).div_ceil(cs);
-    let (l2n, datan) = if prealloc { (data.div_ceil(per_l2), data) } else { (0, 0) };
+    let (l2n, datan) = if prealloc {
+        (data.div_ceil(per_l2), data)
+    } else {
+        (0, 0)
+    };
     let per_block = cs / 2;
     let (mut rtc, mut rbn) = (1u64, 1u64);
     let total = loop {

@@ -222,7 +222,7 @@ impl Image {
     }
 
     async fn load_l2(&self, io: &dyn Handle, l2off: u64) -> Result<Vec<u64>> {
-        if l2off % self.cs != 0 {
+        if !l2off.is_multiple_of(self.cs) {
             return Err(bad(format!("L2 table offset {l2off:#x} not aligned")));
         }
         let mut b = vec![0u8; self.cs as usize];
@@ -362,14 +362,12 @@ impl Image {
                 let mut d = flate2::Decompress::new(false);
                 let r = d.decompress(&input, &mut out, flate2::FlushDecompress::Finish);
                 if let Err(e) = r {
-                    if (d.total_out() as u64) < self.cs {
+                    if d.total_out() < self.cs {
                         return Err(bad(format!("compressed cluster at {host:#x}: {e}")));
                     }
                 }
-                if (d.total_out() as u64) < self.cs {
-                    return Err(bad(format!(
-                        "compressed cluster at {host:#x} is truncated"
-                    )));
+                if d.total_out() < self.cs {
+                    return Err(bad(format!("compressed cluster at {host:#x} is truncated")));
                 }
             }
             Compression::Zstd => {
@@ -383,9 +381,7 @@ impl Image {
                         return Err(bad(format!("compressed cluster at {host:#x}: {e}")));
                     }
                     if (inb.pos(), outb.pos()) == before {
-                        return Err(bad(format!(
-                            "compressed cluster at {host:#x} is truncated"
-                        )));
+                        return Err(bad(format!("compressed cluster at {host:#x} is truncated")));
                     }
                 }
             }
@@ -400,7 +396,12 @@ impl Image {
     }
 
     /// Read guest bytes.
-    pub fn read<'a>(&'a self, io: &'a dyn Handle, buf: &'a mut [u8], off: u64) -> BoxFut<'a, Result<()>> {
+    pub fn read<'a>(
+        &'a self,
+        io: &'a dyn Handle,
+        buf: &'a mut [u8],
+        off: u64,
+    ) -> BoxFut<'a, Result<()>> {
         Box::pin(async move {
             let runs = self.runs(io, off, buf.len() as u64).await?;
             let mut at = 0usize;
@@ -534,9 +535,16 @@ impl Image {
         let boff = self.ensure_block(st, t)?;
         let order = self.h.refcount_order;
         let rc = st.rc.as_mut().unwrap();
-        let blk = rc.blocks.get_mut(&boff).ok_or_else(|| bad("refcount block not loaded"))?;
+        let blk = rc
+            .blocks
+            .get_mut(&boff)
+            .ok_or_else(|| bad("refcount block not loaded"))?;
         let v = rc_get(blk, bi, order);
-        let max = if order == 6 { u64::MAX } else { (1u64 << (1 << order)) - 1 };
+        let max = if order == 6 {
+            u64::MAX
+        } else {
+            (1u64 << (1 << order)) - 1
+        };
         let nv = if delta >= 0 {
             v.checked_add(delta as u64).filter(|&n| n <= max)
         } else {
@@ -623,7 +631,9 @@ impl Image {
         let l1i = (ci >> self.l2_bits) as usize;
         let e = {
             let st = self.lock();
-            *st.l1.get(l1i).ok_or_else(|| bad("write beyond the L1 table"))?
+            *st.l1
+                .get(l1i)
+                .ok_or_else(|| bad("write beyond the L1 table"))?
         };
         let off = e & OFFSET_MASK;
         if off != 0 {
@@ -694,7 +704,9 @@ impl Image {
         }
         // Fast path: every cluster allocated here and not shared.
         let runs = self.runs(io, off, buf.len() as u64).await?;
-        if runs.iter().all(|(m, _)| matches!(m, Map::Data(_))) && self.all_copied(io, off, buf.len() as u64).await? {
+        if runs.iter().all(|(m, _)| matches!(m, Map::Data(_)))
+            && self.all_copied(io, off, buf.len() as u64).await?
+        {
             let mut at = 0usize;
             for (m, n) in runs {
                 let Map::Data(h) = m else { unreachable!() };
@@ -749,19 +761,22 @@ impl Image {
             if c.keep {
                 let h = (c.e & OFFSET_MASK) + (s - cstart);
                 io.pwrite(piece, h, Flags::NONE).await?;
-                self.file_len.fetch_max(h + piece.len() as u64, Ordering::AcqRel);
+                self.file_len
+                    .fetch_max(h + piece.len() as u64, Ordering::AcqRel);
                 continue;
             }
             let host = base + k * cs;
             k += 1;
             let disk_end = self.h.size.min(cstart + cs);
             let full = s == cstart && e >= disk_end;
-            let plain_zero = (c.e & OFFSET_MASK == 0 && c.e & COMPRESSED == 0 && self.backing.is_none())
-                || (self.h.version >= 3 && c.e & COMPRESSED == 0 && c.e & ZERO_FLAG != 0);
+            let plain_zero =
+                (c.e & OFFSET_MASK == 0 && c.e & COMPRESSED == 0 && self.backing.is_none())
+                    || (self.h.version >= 3 && c.e & COMPRESSED == 0 && c.e & ZERO_FLAG != 0);
             if full || plain_zero {
                 // The rest of a fresh cluster reads as zeroes.
                 io.pwrite(piece, host + (s - cstart), Flags::NONE).await?;
-                self.file_len.fetch_max(host + (e - cstart), Ordering::AcqRel);
+                self.file_len
+                    .fetch_max(host + (e - cstart), Ordering::AcqRel);
             } else {
                 let mut content = self.cluster_content(io, c.ci).await?;
                 content[(s - cstart) as usize..(e - cstart) as usize].copy_from_slice(piece);
@@ -884,7 +899,8 @@ impl Image {
         }
         if let Some((o, b)) = table {
             io.pwrite(&b, o, Flags::NONE).await?;
-            self.file_len.fetch_max(o + b.len() as u64, Ordering::AcqRel);
+            self.file_len
+                .fetch_max(o + b.len() as u64, Ordering::AcqRel);
             io.flush(Flags::NONE).await?;
         }
         if let Some((o, n)) = moved {
@@ -958,7 +974,10 @@ impl Image {
         st.l1_dirty
             || !st.l2_dirty.is_empty()
             || !st.to_free.is_empty()
-            || st.rc.as_ref().is_some_and(|r| !r.dirty.is_empty() || r.table_dirty)
+            || st
+                .rc
+                .as_ref()
+                .is_some_and(|r| !r.dirty.is_empty() || r.table_dirty)
     }
 }
 
@@ -970,13 +989,21 @@ mod tests {
     fn refcount_bits() {
         for order in 0..=6u32 {
             let mut b = vec![0u8; 64];
-            let n = 64 * 8 >> order;
-            let max = if order == 6 { u64::MAX } else { (1u64 << (1 << order)) - 1 };
+            let n = (64 * 8) >> order;
+            let max = if order == 6 {
+                u64::MAX
+            } else {
+                (1u64 << (1 << order)) - 1
+            };
             for i in 0..n {
                 rc_set(&mut b, i, order, (i as u64 * 7) & max);
             }
             for i in 0..n {
-                assert_eq!(rc_get(&b, i, order), (i as u64 * 7) & max, "order {order} i {i}");
+                assert_eq!(
+                    rc_get(&b, i, order),
+                    (i as u64 * 7) & max,
+                    "order {order} i {i}"
+                );
             }
         }
         // 16-bit refcounts are big-endian.
