@@ -132,8 +132,9 @@ fn map(uri_or_cmd: &[&str], ctx: Option<&str>) -> String {
 }
 
 fn qemu_nbd_map(img: &Path, ctx: Option<&str>) -> String {
+    let a = if ctx.is_some() { "-A" } else { "-r" };
     map(
-        &["--", "[", "qemu-nbd", "-r", "-f", "qcow2", p(img), "]"],
+        &["--", "[", "qemu-nbd", "-r", a, "-f", "qcow2", p(img), "]"],
         ctx,
     )
 }
@@ -328,4 +329,270 @@ h.flush()
     let data = std::fs::read(&raw).unwrap();
     assert!(data[..4 << 20].iter().all(|&b| b == 0x5a));
     assert!(data[10 << 20..(10 << 20) + 1000].iter().all(|&b| b == 0x33));
+}
+
+/// The raw disk qemu sees through `img`'s chain.
+fn qemu_raw(img: &Path, out: &Path) {
+    qemu_img(&["convert", "-U", "-f", "qcow2", "-O", "raw", p(img), p(out)]);
+}
+
+fn same_bytes(a: &Path, b: &Path) {
+    let (x, y) = (std::fs::read(a).unwrap(), std::fs::read(b).unwrap());
+    assert_eq!(x.len(), y.len(), "{} vs {}", a.display(), b.display());
+    assert!(x == y, "{} and {} differ", a.display(), b.display());
+}
+
+/// A chain base.raw <- mid.qcow2 <- top.qcow2 (and a raw-backed
+/// overlay), each layer written by qemu-io, read by ours through the
+/// chain; writes into the top copy what they do not cover from below.
+#[test]
+fn qcow2_backing_chains() {
+    if !require(&["qemu-img", "qemu-io"]) || !require_nbdsh() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let base = d.join("base.raw");
+    random_file(&base, 6 << 20, 5);
+    // A backing file shorter than the overlay reads as zeroes past its end.
+    let mid = d.join("mid.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.raw",
+        "-F",
+        "raw",
+        p(&mid),
+        "8M",
+    ]);
+    qemu_io(
+        &mid,
+        &[
+            "write -P 0x11 1M 100k",
+            "write -z 2M 64k",
+            "write -c -P 0x12 3M 64k",
+        ],
+    );
+    let top = d.join("top.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "mid.qcow2",
+        "-F",
+        "qcow2",
+        p(&top),
+        "8M",
+    ]);
+    qemu_io(&top, &["write -P 0x21 1050k 10k", "write -z 5M 1M"]);
+    for img in [&mid, &top] {
+        let (ours, theirs) = (d.join("ours.raw"), d.join("theirs.raw"));
+        read_ours(img, &ours, &[]);
+        qemu_raw(img, &theirs);
+        same_bytes(&ours, &theirs);
+    }
+    // Partial writes over backing data: the rest of each cluster comes
+    // from below.
+    let s = serve(&top, &[]);
+    nbdsh(&s.uri(), "h.pwrite(b'\\x77' * 1000, 100)\nh.pwrite(b'\\x78' * 70000, 3 * 1048576 - 300)\nh.flush()\n");
+    drop(s);
+    check_clean(&top);
+    let (ours, theirs) = (d.join("ours.raw"), d.join("theirs.raw"));
+    read_ours(&top, &ours, &[]);
+    qemu_raw(&top, &theirs);
+    same_bytes(&ours, &theirs);
+    let t = std::fs::read(&theirs).unwrap();
+    assert!(t[100..1100].iter().all(|&b| b == 0x77));
+    assert_eq!(t[..100], std::fs::read(&base).unwrap()[..100]);
+}
+
+/// Copy-on-read: reading the whole disk fills the top image with what
+/// came from the backing file.
+#[test]
+fn qcow2_copy_on_read() {
+    if !require(&["qemu-img"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let base = d.join("base.raw");
+    random_file(&base, 2 << 20, 9);
+    let top = d.join("top.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.raw",
+        "-F",
+        "raw",
+        p(&top),
+        "2M",
+    ]);
+    let out = d.join("out.raw");
+    let s = serve(&top, &["copy-on-read=true"]);
+    run_ok(Command::new(our_bin("nbdcopy")).arg(s.uri()).arg(&out));
+    drop(s);
+    same_bytes(&out, &base);
+    check_clean(&top);
+    // Now the top alone holds the data.
+    std::fs::remove_file(&base).unwrap();
+    qemu_img(&["rebase", "-u", "-b", "", p(&top)]);
+    let alone = d.join("alone.raw");
+    qemu_raw(&top, &alone);
+    same_bytes(&alone, &out);
+}
+
+/// A backing file on an NBD server, named as qemu names it
+/// (`nbd:unix:PATH`) or by URI.
+#[test]
+fn qcow2_nbd_backing() {
+    if !require(&["qemu-img", "qemu-io"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let base = d.join("base.raw");
+    random_file(&base, 4 << 20, 11);
+    let bs = Server::ours(&["-r", "file", p(&base)]);
+    for (i, name) in [format!("nbd:unix:{}", bs.socket.display()), bs.uri()]
+        .iter()
+        .enumerate()
+    {
+        let top = d.join(format!("t{i}.qcow2"));
+        qemu_img(&[
+            "create",
+            "-q",
+            "-u",
+            "-f",
+            "qcow2",
+            "-b",
+            name,
+            "-F",
+            "raw",
+            p(&top),
+            "4M",
+        ]);
+        qemu_io(&top, &["write -P 0x44 1M 4k"]);
+        let (ours, theirs) = (d.join("ours.raw"), d.join("theirs.raw"));
+        read_ours(&top, &ours, &[]);
+        qemu_raw(&top, &theirs);
+        same_bytes(&ours, &theirs);
+        let o = std::fs::read(&ours).unwrap();
+        assert!(o[1 << 20..(1 << 20) + 4096].iter().all(|&b| b == 0x44));
+    }
+}
+
+/// `qemu:allocation-depth` (and base:allocation) through a chain, as
+/// qemu-nbd reports them.
+#[test]
+fn qcow2_allocation_depth_as_qemu_nbd() {
+    if !require(&["qemu-img", "qemu-io", "qemu-nbd"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let base = d.join("base.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", p(&base), "8M"]);
+    qemu_io(&base, &["write -P 1 0 2M", "write -z 6M 64k"]);
+    let top = d.join("top.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+        p(&top),
+        "10M",
+    ]);
+    qemu_io(
+        &top,
+        &["write -P 2 1M 128k", "write -z 3M 64k", "write -P 3 9M 64k"],
+    );
+    let s = Server::ours(&["-r", "--filter=qcow2", "file", p(&top)]);
+    for ctx in [Some("qemu:allocation-depth"), None] {
+        let ours = map(&[&s.uri()], ctx);
+        assert_eq!(ours, qemu_nbd_map(&top, ctx), "{ctx:?}");
+    }
+    assert!(map(&[&s.uri()], Some("qemu:allocation-depth")).contains("backing depth 2"));
+}
+
+/// Image locks: a second writer is refused, ours or qemu's, both ways;
+/// force-share=true opts out.
+#[test]
+fn qcow2_locks_keep_second_writer_out() {
+    if !require(&["qemu-img", "qemu-io", "qemu-nbd"]) || !require_nbdsh() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("l.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", p(&img), "1M"]);
+    // Ours writes: qemu-io cannot.
+    let s = serve(&img, &[]);
+    nbdsh(&s.uri(), "h.pwrite(b'x' * 512, 0)\nh.flush()\n");
+    let out = run(Command::new("qemu-io").args(["-f", "qcow2", "-c", "write 0 512", p(&img)]));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("lock"), "{err}");
+    // ... nor a second server of ours.
+    let out = run(Command::new(nbdkit()).args([
+        "-U",
+        "-",
+        "--filter=qcow2",
+        "file",
+        p(&img),
+        "--run",
+        "true",
+    ]));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("lock"), "{err}");
+    drop(s);
+    // qemu writes: ours cannot start, unless told to share.
+    let sock = dir.path().join("q.sock");
+    let mut q = Command::new("qemu-nbd")
+        .args(["-f", "qcow2", "-k", p(&sock), p(&img)])
+        .spawn()
+        .unwrap();
+    let t = std::time::Instant::now();
+    while !sock.exists() && t.elapsed() < std::time::Duration::from_secs(10) {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let out = run(Command::new(nbdkit()).args([
+        "-U",
+        "-",
+        "--filter=qcow2",
+        "file",
+        p(&img),
+        "--run",
+        "true",
+    ]));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let refused = !out.status.success() && err.contains("lock");
+    let out2 = run(Command::new(nbdkit()).args([
+        "-U",
+        "-",
+        "-r",
+        "--filter=qcow2",
+        "file",
+        p(&img),
+        "force-share=true",
+        "--run",
+        "true",
+    ]));
+    let _ = q.kill();
+    let _ = q.wait();
+    assert!(refused, "{err}");
+    assert!(
+        out2.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out2.stderr)
+    );
 }

@@ -311,7 +311,9 @@ impl Backing {
             }
         }
         if inside < n {
-            ext.add(pos + inside, n - inside, 0)?;
+            // As qemu: past the backing file's end, the backing layer
+            // "has" the zeroes read there.
+            ext.add(pos + inside, n - inside, base)?;
         }
         Ok(())
     }
