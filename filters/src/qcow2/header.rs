@@ -37,6 +37,7 @@ pub struct Header {
     pub refcount_table_clusters: u32,
     pub nb_snapshots: u32,
     pub incompatible: u64,
+    pub autoclear: u64,
     pub refcount_order: u32,
     pub header_length: u32,
     pub compression: Compression,
@@ -106,6 +107,7 @@ impl Header {
             refcount_table_clusters: be32(b, 56),
             nb_snapshots: be32(b, 60),
             incompatible: 0,
+            autoclear: 0,
             refcount_order: 4,
             header_length: 72,
             compression: Compression::Zlib,
@@ -118,6 +120,7 @@ impl Header {
                 return Err(bad("truncated version 3 header"));
             }
             h.incompatible = be64(b, 72);
+            h.autoclear = be64(b, 88);
             h.refcount_order = be32(b, 96);
             h.header_length = be32(b, 100);
             if h.header_length < 104 || h.header_length as usize > b.len() {

@@ -495,6 +495,13 @@ impl Image {
         if self.lock().rc.is_some() {
             return Ok(());
         }
+        if self.h.autoclear != 0 {
+            // Auto-clear features (persistent bitmaps) we do not keep up to
+            // date: clear their bits before the first write, as the
+            // specification requires.
+            io.pwrite(&[0u8; 8], 88, Flags::NONE).await?;
+            io.flush(Flags::NONE).await?;
+        }
         let cs = self.cs;
         let toff = self.h.refcount_table_offset;
         let tcl = self.h.refcount_table_clusters as u64;
@@ -820,8 +827,13 @@ impl Image {
                 let s = off.max(cstart);
                 let e = end.min(cstart + cs);
                 let disk_end = self.h.size.min(cstart + cs);
+                let (l1e, l1i) = self.l1_entry(ci);
+                if l1e & OFFSET_MASK == 0 && self.backing.is_none() {
+                    // A whole unmapped L2 span reads as zeroes already.
+                    ci = (l1i + 1) << self.l2_bits;
+                    continue;
+                }
                 let (m, _) = self.map(io, cstart, cs).await?;
-                let (l1e, _) = self.l1_entry(ci);
                 let reads_zero = m == Map::Zero || (m == Map::Unalloc && self.backing.is_none());
                 if s == cstart && e >= disk_end {
                     let v3 = self.h.version >= 3;
