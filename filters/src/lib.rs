@@ -34,6 +34,8 @@ pub mod offset;
 pub mod partition;
 pub mod pause;
 pub mod protect;
+pub mod qcow2;
+pub mod qcow2dec;
 pub mod rate;
 pub mod readahead;
 pub mod readonly;
@@ -94,6 +96,8 @@ pub fn registry() -> Vec<FilterEntry> {
         tar::ENTRY,
         gzip::ENTRY,
         luks::ENTRY,
+        qcow2::ENTRY,
+        qcow2dec::ENTRY,
     ]
 }
 

@@ -726,6 +726,13 @@ pub trait Filter: Send + Sync + 'static {
     fn passes_meta_contexts(&self) -> bool {
         false
     }
+    /// Meta contexts this filter answers itself in
+    /// [`Handle::meta_extents`] (the qcow2 filter's
+    /// `qemu:allocation-depth`): offered when every filter above it
+    /// passes meta contexts.
+    fn own_meta_contexts(&self) -> &'static [&'static str] {
+        &[]
+    }
 }
 
 /// Does meta context `name` match `query` (see [`Plugin::meta_contexts`])?
@@ -857,10 +864,24 @@ impl Stack {
         queries: &[String],
         list: bool,
     ) -> Result<Vec<String>> {
-        if !self.filters.iter().all(|f| f.passes_meta_contexts()) {
-            return Ok(Vec::new());
+        // A filter's own contexts, while every filter above it passes.
+        let mut own = Vec::new();
+        for f in &self.filters {
+            for name in f.own_meta_contexts() {
+                let wanted = (list && queries.is_empty())
+                    || queries.iter().any(|q| meta_context_matches(name, q, list));
+                if wanted && !own.iter().any(|n| n == name) {
+                    own.push(name.to_string());
+                }
+            }
+            if !f.passes_meta_contexts() {
+                return Ok(own);
+            }
         }
-        self.plugin.meta_contexts(export, queries, list).await
+        let mut all = self.plugin.meta_contexts(export, queries, list).await?;
+        all.retain(|n| !own.contains(n));
+        own.extend(all);
+        Ok(own)
     }
     /// Ask the plugin whether a new connection may go on (see
     /// [`Plugin::preconnect`]).

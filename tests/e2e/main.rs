@@ -51,6 +51,7 @@ mod filter_offset;
 mod filter_partition;
 mod filter_pause;
 mod filter_protect;
+mod filter_qcow2;
 mod filter_rate;
 mod filter_readahead;
 mod filter_readonly;

@@ -1,0 +1,220 @@
+#!/usr/bin/env bash
+# qcow2 written natively by our qcow2 filter, against qemu's writers,
+# side by side in alternating rounds (as bench/xz.sh):
+#
+#  1. The headline pipeline into qcow2, a 1 GiB disk-like image in
+#     16 MiB xz blocks served by nginx on loopback:
+#       ours native:   nbdkit curl --filter=xz URL --run
+#                        'nbdcopy -- $uri [ nbdkit --filter=qcow2 file out.qcow2 create=true size=1G ]'
+#       ours+qemu-nbd: the same with [ qemu-nbd -f qcow2 out.qcow2 ] (after qemu-img create)
+#       upstream:      upstream nbdkit and libnbd's nbdcopy into [ qemu-nbd ... ]
+#  2. A raw file into qcow2:
+#       ours:          nbdcopy disk.raw [ nbdkit --filter=qcow2 file out.qcow2 create=true size=1G ]
+#       qemu-img:      qemu-img convert -f raw -O qcow2 disk.raw out.qcow2
+#       ours+qemu-nbd: nbdcopy disk.raw [ qemu-nbd -f qcow2 out.qcow2 ]
+# Every output is checked once with qemu-img compare and qemu-img check;
+# prints medians, ratios and the servers' peak RSS.
+#
+# Usage: bench/qcow2.sh   (builds the release nbdkit and nbdcopy first)
+# Environment: SIZE_MIB (default 1024), RUNS (rounds, default 3),
+# BENCH_CACHE (a directory keeping the image between runs, default: none).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cargo build --release --bin nbdkit --bin nbdcopy >&2
+OURS=${CARGO_TARGET_DIR:-$PWD/target}/release/nbdkit
+OURCOPY=${CARGO_TARGET_DIR:-$PWD/target}/release/nbdcopy
+SIZE_MIB=${SIZE_MIB:-1024}
+RUNS=${RUNS:-3}
+work=$(mktemp -d "${TMPDIR:-/var/tmp}/qcow2bench.XXXXXX")
+ngpid=
+cleanup() {
+  [ -n "$ngpid" ] && kill "$ngpid" 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+# 1. The image (kept in BENCH_CACHE if set).
+cache=${BENCH_CACHE:-$work}
+mkdir -p "$cache" "$work/www"
+img=$cache/disk-$SIZE_MIB.raw
+if [ ! -f "$img.xz" ]; then
+  echo "== making a $SIZE_MIB MiB disk-like image" >&2
+  /usr/bin/python3 - "$img" "$SIZE_MIB" <<'PY'
+import os, random, sys
+path, mib = sys.argv[1], int(sys.argv[2])
+rnd = random.Random(1)
+text = (b"Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do "
+        b"eiusmod tempor incididunt ut labore et dolore magna aliqua. %d\n")
+with open(path, "wb") as f:
+    left = mib << 20
+    while left > 0:
+        n = min(left, rnd.choice([1, 2, 4, 8]) << 20)
+        kind = rnd.random()
+        if kind < 0.30:
+            f.write(os.urandom(n))                      # compressed or encrypted data
+        elif kind < 0.65:
+            line = text % rnd.randint(0, 1 << 30)       # logs, text, code
+            f.write((line * (n // len(line) + 1))[:n])
+        else:
+            f.write(b"\0" * n)                          # free space
+        left -= n
+PY
+  echo "== xz -T2 --block-size=16MiB" >&2
+  xz -T2 --block-size=16MiB -k -f "$img"
+fi
+xz --list "$img.xz" >&2
+ln -s "$img.xz" "$work/www/disk.raw.xz"
+
+# 2. nginx on a free loopback port.
+port=$(/usr/bin/python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+cat > "$work/nginx.conf" <<EOF
+daemon off;
+master_process off;
+worker_processes 1;
+pid $work/nginx.pid;
+error_log $work/error.log;
+events { worker_connections 256; }
+http {
+  access_log off;
+  client_body_temp_path $work/cb; proxy_temp_path $work/px;
+  fastcgi_temp_path $work/fc; uwsgi_temp_path $work/uw; scgi_temp_path $work/sc;
+  default_type application/octet-stream;
+  sendfile on;
+  keepalive_requests 100000;
+  server { listen 127.0.0.1:$port; root $work/www; location / { disable_symlinks off; } }
+}
+EOF
+/usr/sbin/nginx -p "$work" -e "$work/error.log" -c "$work/nginx.conf" &
+ngpid=$!
+for _ in $(seq 100); do
+  /usr/bin/python3 -c "import socket; socket.create_connection(('127.0.0.1',$port)).close()" 2>/dev/null && break
+  sleep 0.1
+done
+URL=http://127.0.0.1:$port/disk.raw.xz
+out=$work/out.qcow2
+size=$((SIZE_MIB << 20))
+
+native() { # $1 = source (nbdcopy's), $2 = nbdcopy program
+  echo "$2 -- $1 [ $OURS --filter=qcow2 file $out create=true size=$size ]"
+}
+viaqemu() { # $1 = source, $2 = nbdcopy program
+  echo "$2 -- $1 [ qemu-nbd -f qcow2 $out ]"
+}
+headline() { # $1 = nbdkit program, $2 = the copy command
+  echo "$1 -U - curl --filter=xz $URL --run '$2'"
+}
+prepare="rm -f $out; qemu-img create -q -f qcow2 $out $size"
+
+# 3. Check every writer once (the image and qemu-img check), measuring
+# the peak RSS of the nbdkit processes.
+peak_rss() { # runs the command; prints the peak RSS in MiB of the nbdkit
+  # server process (upstream's --run makes the server a child of the
+  # command's shell, so look at the whole process tree)
+  /usr/bin/python3 - "$@" <<'PY'
+import os, subprocess, sys, time
+p = subprocess.Popen(sys.argv[1:])
+peak = {}
+def tree(root):
+    kids = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                st = open(f"/proc/{d}/stat").read()
+                kids.setdefault(int(st[st.rindex(")") + 2:].split()[1]), []).append(int(d))
+            except OSError:
+                pass
+    out, todo = [], [root]
+    while todo:
+        x = todo.pop()
+        out.append(x)
+        todo += kids.get(x, [])
+    return out
+while p.poll() is None:
+    for pid in tree(p.pid):
+        try:
+            st = dict(l.split(":", 1) for l in open(f"/proc/{pid}/status"))
+            if st["Name"].strip() == "nbdkit":
+                peak[pid] = max(peak.get(pid, 0), int(st["VmHWM"].split()[0]))
+        except (OSError, KeyError, ValueError):
+            pass
+    time.sleep(0.05)
+if p.returncode != 0:
+    sys.exit(f"failed: {sys.argv[1:]}")
+print(max(peak.values(), default=0) // 1024)
+PY
+}
+declare -A rss
+check_out() {
+  qemu-img compare -q -f raw -F qcow2 "$img" "$out" || { echo "$1: output differs!" >&2; exit 1; }
+  qemu-img check -q "$out" || { echo "$1: qemu-img check failed!" >&2; exit 1; }
+}
+eval "$prepare"
+rss[native]=$(peak_rss "$OURS" -U - curl --filter=xz "$URL" --run "$(native '$uri' "$OURCOPY")")
+check_out native
+eval "$prepare"
+rss[viaqemu]=$(peak_rss "$OURS" -U - curl --filter=xz "$URL" --run "$(viaqemu '$uri' "$OURCOPY")")
+check_out viaqemu
+eval "$prepare"
+rss[raw]=$(peak_rss bash -c "$(native "$img" "$OURCOPY")")
+check_out raw
+eval "$prepare"
+qemu-img convert -f raw -O qcow2 "$img" "$out"
+check_out qemu-img
+
+# 4. Side by side, alternating: each round runs every contender once,
+# in an order that rotates from round to round, so that a slow spell of
+# the shared disk or host (they last seconds to minutes here) hits all
+# of them alike instead of the one whose runs it happened to fall on.
+# Before each run: a fresh image, and `sync` (the old image's blocks are
+# discarded on this ext4, and that I/O must not land in the timed run).
+# alternate JSON NAME CMD [NAME CMD ...]: RUNS rounds; JSON gets each
+# contender's times and median, as hyperfine's export.
+alternate() {
+  local json=$1; shift
+  local names=() cmds=()
+  while [ $# -gt 0 ]; do names+=("$1"); cmds+=("$2"); shift 2; done
+  local n=${#names[@]} r i k
+  for r in $(seq "$RUNS"); do
+    for i in $(seq 0 $((n - 1))); do
+      k=$(((i + r) % n))
+      hyperfine -w 0 -r 1 --prepare "$prepare; sync" --export-json "$work/alt-$r-$k.json" \
+        -n "${names[$k]}" "${cmds[$k]}" >/dev/null 2>&1 ||
+        { echo "failed: ${cmds[$k]}" >&2; exit 1; }
+    done
+  done
+  /usr/bin/python3 - "$json" "$work" "$RUNS" "${names[@]}" <<'PY'
+import json, statistics, sys
+out, work, runs, names = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4:]
+res = []
+for k, name in enumerate(names):
+    t = [json.load(open(f"{work}/alt-{r}-{k}.json"))["results"][0]["times"][0]
+         for r in range(1, runs + 1)]
+    res.append({"command": name, "times": t, "median": statistics.median(t)})
+    print(f"  {name:<30} median {statistics.median(t):.3f}s  "
+          f"range {min(t):.3f}-{max(t):.3f}s", file=sys.stderr)
+json.dump({"results": res}, open(out, "w"))
+PY
+}
+echo "== headline pipeline into qcow2 ($RUNS alternating rounds)" >&2
+alternate "$work/h.json" \
+  "ours native" "$(headline "$OURS" "$(native '$uri' "$OURCOPY")")" \
+  "ours+qemu-nbd" "$(headline "$OURS" "$(viaqemu '$uri' "$OURCOPY")")" \
+  upstream "$(headline nbdkit "$(viaqemu '$uri' nbdcopy)")"
+echo "== raw file into qcow2 ($RUNS alternating rounds)" >&2
+alternate "$work/r.json" \
+  "ours native" "$(native "$img" "$OURCOPY")" \
+  "qemu-img convert" "qemu-img convert -f raw -O qcow2 $img $out" \
+  "ours+qemu-nbd" "$(viaqemu "$img" "$OURCOPY")"
+/usr/bin/python3 - "$work/h.json" "$work/r.json" "${rss[native]}" "${rss[viaqemu]}" "${rss[raw]}" <<'PY'
+import json, sys
+h = {x["command"]: x["median"] for x in json.load(open(sys.argv[1]))["results"]}
+r = {x["command"]: x["median"] for x in json.load(open(sys.argv[2]))["results"]}
+n, q, u = h["ours native"], h["ours+qemu-nbd"], h["upstream"]
+print(f"curl+xz -> qcow2: ours native {n:.2f}s  ours+qemu-nbd {q:.2f}s  upstream {u:.2f}s")
+print(f"  native vs ours+qemu-nbd {q/n:.2f}x   native vs upstream {u/n:.2f}x")
+n, c, q = r["ours native"], r["qemu-img convert"], r["ours+qemu-nbd"]
+print(f"raw -> qcow2: ours native {n:.2f}s  qemu-img convert {c:.2f}s  ours+qemu-nbd {q:.2f}s")
+print(f"  native vs qemu-img convert {c/n:.2f}x   native vs ours+qemu-nbd {q/n:.2f}x")
+print(f"peak RSS of our nbdkit (MiB): pipeline native {sys.argv[3]} (curl+xz+qcow2 servers), "
+      f"pipeline via qemu-nbd {sys.argv[4]}, raw->qcow2 native {sys.argv[5]}")
+PY

@@ -1,0 +1,598 @@
+//! The qcow2 filter against qemu: images made by qemu-img and qemu-io
+//! read back equal, images written by ours pass `qemu-img check`, the
+//! maps equal qemu-nbd's, locks keep a second writer out.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::common::{
+    nbdkit, nbdpy, our_bin, random_file, require, require_nbdsh, run, run_ok, Server, PYTHON,
+};
+
+fn qemu_img(args: &[&str]) -> String {
+    run_ok(Command::new("qemu-img").args(args))
+}
+
+fn qemu_io(img: &Path, cmds: &[&str]) {
+    let mut c = Command::new("qemu-io");
+    c.arg("-f").arg("qcow2");
+    for x in cmds {
+        c.arg("-c").arg(x);
+    }
+    run_ok(c.arg(img));
+}
+
+fn p(x: &Path) -> &str {
+    x.to_str().unwrap()
+}
+
+/// Copy the virtual disk our qcow2 filter serves from `img` to `out`.
+fn read_ours(img: &Path, out: &Path, extra: &[&str]) {
+    let mut args = vec!["-r", "--filter=qcow2", "file", p(img)];
+    args.extend_from_slice(extra);
+    let s = Server::ours(&args);
+    run_ok(Command::new(our_bin("nbdcopy")).arg(s.uri()).arg(out));
+}
+
+fn compare(raw: &Path, img: &Path) {
+    let out = qemu_img(&["compare", "-f", "raw", "-F", "qcow2", p(raw), p(img)]);
+    assert!(out.contains("identical"), "{out}");
+}
+
+fn check_clean(img: &Path) {
+    let out = run(Command::new("qemu-img").args(["check", p(img)]));
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && text.contains("No errors"), "{text}");
+}
+
+/// Images with every kind of cluster, in every supported layout.
+fn kinds_image(dir: &Path, name: &str, opts: &str) -> PathBuf {
+    let img = dir.join(name);
+    qemu_img(&["create", "-q", "-f", "qcow2", "-o", opts, p(&img), "20M"]);
+    qemu_io(
+        &img,
+        &[
+            "write -P 0xaa 0 1M",
+            "write -z 2M 1M",
+            "write -P 0x55 3M 100k",
+            "write -P 0x66 3300k 7k",
+            "write -c -P 0x11 8M 2M",
+            "write -c -P 0x22 10M 2M",
+            "write -P 0x77 19M 1M",
+            "write -z 19500k 4k",
+        ],
+    );
+    img
+}
+
+#[test]
+fn qcow2_reads_what_qemu_wrote() {
+    if !require(&["qemu-img", "qemu-io"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    for (i, opts) in [
+        "compat=0.10",
+        "compat=1.1",
+        "compat=1.1,compression_type=zstd",
+        "compat=1.1,extended_l2=on",
+        "compat=1.1,cluster_size=4096,refcount_bits=1",
+        "compat=1.1,cluster_size=2M",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let img = kinds_image(dir.path(), &format!("k{i}.qcow2"), opts);
+        let out = dir.path().join(format!("k{i}.raw"));
+        read_ours(&img, &out, &[]);
+        compare(&out, &img);
+    }
+}
+
+#[test]
+fn qcow2_refuses_external_data_file() {
+    if !require(&["qemu-img"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("x.qcow2");
+    let data = dir.path().join("x.data");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        &format!("data_file={}", p(&data)),
+        p(&img),
+        "1M",
+    ]);
+    let out = run(Command::new(nbdkit()).args([
+        "-U",
+        "-",
+        "--filter=qcow2",
+        "file",
+        p(&img),
+        "--run",
+        "nbdinfo $uri",
+    ]));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("external data file"), "{err}");
+}
+
+fn map(uri_or_cmd: &[&str], ctx: Option<&str>) -> String {
+    let mut c = Command::new(our_bin("nbdinfo"));
+    match ctx {
+        Some(m) => c.arg(format!("--map={m}")),
+        None => c.arg("--map"),
+    };
+    run_ok(c.args(uri_or_cmd))
+}
+
+fn qemu_nbd_map(img: &Path, ctx: Option<&str>) -> String {
+    let a = if ctx.is_some() { "-A" } else { "-r" };
+    map(
+        &["--", "[", "qemu-nbd", "-r", a, "-f", "qcow2", p(img), "]"],
+        ctx,
+    )
+}
+
+#[test]
+fn qcow2_map_as_qemu_nbd() {
+    if !require(&["qemu-img", "qemu-io", "qemu-nbd"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    for (i, opts) in ["compat=0.10", "compat=1.1"].iter().enumerate() {
+        let img = kinds_image(dir.path(), &format!("m{i}.qcow2"), opts);
+        let s = Server::ours(&["-r", "--filter=qcow2", "file", p(&img)]);
+        let ours = map(&[&s.uri()], None);
+        drop(s);
+        assert_eq!(ours, qemu_nbd_map(&img, None), "{opts}");
+    }
+}
+
+/// Our server on `img`, writable.
+fn serve(img: &Path, extra: &[&str]) -> Server {
+    let mut args = vec!["--filter=qcow2", "file", p(img)];
+    args.extend_from_slice(extra);
+    Server::ours(&args)
+}
+
+fn nbdsh(uri: &str, script: &str) {
+    nbdpy(uri, script);
+}
+
+/// Writes of every shape (whole and partial clusters, over data, zero,
+/// compressed and unallocated clusters), zero and trim, into a qemu-made
+/// image: qemu-img check finds no error and the disk equals the same
+/// writes done on a raw file.
+#[test]
+fn qcow2_writes_pass_qemu_img_check() {
+    if !require(&["qemu-img", "qemu-io"]) || !require_nbdsh() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let script = "
+import os
+def w(off, n, seed):
+    h.pwrite(bytes([(seed + i) % 251 for i in range(n)]), off)
+w(0, 65536, 1)
+w(100000, 5000, 2)
+w(2*1024*1024 + 512, 3000, 3)
+w(8*1024*1024 + 4096, 10000, 4)
+w(9*1024*1024, 65536, 5)
+w(12*1024*1024 - 7, 200000, 6)
+h.zero(3*65536, 16*65536)
+h.zero(1000, 15*1024*1024)
+h.trim(65536, 17*1024*1024)
+w(17*1024*1024 + 100, 100, 7)
+h.flush()
+";
+    for (i, opts) in ["compat=0.10", "compat=1.1", "compat=1.1,cluster_size=512"]
+        .iter()
+        .enumerate()
+    {
+        let img = kinds_image(dir.path(), &format!("w{i}.qcow2"), opts);
+        // The same writes on the raw image qemu reads from it.
+        let raw = dir.path().join(format!("w{i}.raw"));
+        qemu_img(&["convert", "-f", "qcow2", "-O", "raw", p(&img), p(&raw)]);
+        let rs = Server::ours(&["file", p(&raw)]);
+        nbdsh(&rs.uri(), script);
+        drop(rs);
+        let s = serve(&img, &[]);
+        nbdsh(&s.uri(), script);
+        drop(s);
+        check_clean(&img);
+        compare(&raw, &img);
+    }
+}
+
+/// A copy into a fresh image made by `create=true`, with small clusters
+/// so that the refcount table has to grow several times.
+#[test]
+fn qcow2_create_and_grow_refcounts() {
+    if !require(&["qemu-img"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("src.raw");
+    random_file(&raw, 12 << 20, 23);
+    for (i, extra) in [
+        &["cluster-size=512"][..],
+        &[][..],
+        &["preallocation=metadata"][..],
+    ]
+    .iter()
+    .enumerate()
+    {
+        let img = dir.path().join(format!("c{i}.qcow2"));
+        let mut args = vec![
+            "-U",
+            "-",
+            "--filter=qcow2",
+            "file",
+            p(&img),
+            "create=true",
+            "size=12M",
+        ];
+        args.extend_from_slice(extra);
+        let run_cmd = format!("{} {} $uri", p(&our_bin("nbdcopy")), p(&raw));
+        args.extend_from_slice(&["--run", &run_cmd]);
+        run_ok(Command::new(nbdkit()).args(&args));
+        check_clean(&img);
+        compare(&raw, &img);
+        let info = qemu_img(&["info", p(&img)]);
+        assert!(info.contains("compat: 1.1"), "{info}");
+    }
+    // Metadata preallocation: every cluster is mapped before any write.
+    let img = dir.path().join("pre.qcow2");
+    run_ok(Command::new(nbdkit()).args([
+        "-U",
+        "-",
+        "--filter=qcow2",
+        "file",
+        p(&img),
+        "create=true",
+        "size=4M",
+        "preallocation=metadata",
+        "--run",
+        "true",
+    ]));
+    check_clean(&img);
+    let m = qemu_img(&["map", "--output=json", p(&img)]);
+    assert!(
+        m.contains("\"data\": true") && !m.contains("\"data\": false"),
+        "{m}"
+    );
+}
+
+/// A server killed (SIGKILL) in the middle of a copy leaves an image
+/// that qemu-img check -r all finds clean or repairs, with everything
+/// flushed before the kill present.
+#[test]
+fn qcow2_sigkill_mid_copy() {
+    if !require(&["qemu-img"]) || !require_nbdsh() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("k.qcow2");
+    let mut s = serve(&img, &["create=true", "size=256M"]);
+    let pid = s.pid();
+    nbdsh(
+        &s.uri(),
+        "
+h.pwrite(b'\\x5a' * (4 << 20), 0)
+h.pwrite(b'\\x33' * 1000, 10 << 20)
+h.flush()
+",
+    );
+    // Unflushed writes, then a kill while more are on the way.
+    let uri = s.uri();
+    let writer = std::thread::spawn(move || {
+        let _ = Command::new(PYTHON)
+            .arg("-c")
+            .arg("import nbd, sys\nh = nbd.NBD()\nh.connect_uri(sys.argv[1])\nfor i in range(400):\n    h.pwrite(bytes([i]) * 524288, (16 << 20) + i * 524288)\n")
+            .arg(uri)
+            .output();
+    });
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    writer.join().unwrap();
+    let t = std::time::Instant::now();
+    while s.alive() && t.elapsed() < std::time::Duration::from_secs(5) {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert!(!s.alive());
+    let out = run(Command::new("qemu-img").args(["check", "-r", "all", p(&img)]));
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    check_clean(&img);
+    let raw = dir.path().join("k.raw");
+    qemu_img(&[
+        "convert",
+        "-U",
+        "-f",
+        "qcow2",
+        "-O",
+        "raw",
+        p(&img),
+        p(&raw),
+    ]);
+    let data = std::fs::read(&raw).unwrap();
+    assert!(data[..4 << 20].iter().all(|&b| b == 0x5a));
+    assert!(data[10 << 20..(10 << 20) + 1000].iter().all(|&b| b == 0x33));
+}
+
+/// The raw disk qemu sees through `img`'s chain.
+fn qemu_raw(img: &Path, out: &Path) {
+    qemu_img(&["convert", "-U", "-f", "qcow2", "-O", "raw", p(img), p(out)]);
+}
+
+fn same_bytes(a: &Path, b: &Path) {
+    let (x, y) = (std::fs::read(a).unwrap(), std::fs::read(b).unwrap());
+    assert_eq!(x.len(), y.len(), "{} vs {}", a.display(), b.display());
+    assert!(x == y, "{} and {} differ", a.display(), b.display());
+}
+
+/// A chain base.raw <- mid.qcow2 <- top.qcow2 (and a raw-backed
+/// overlay), each layer written by qemu-io, read by ours through the
+/// chain; writes into the top copy what they do not cover from below.
+#[test]
+fn qcow2_backing_chains() {
+    if !require(&["qemu-img", "qemu-io"]) || !require_nbdsh() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let base = d.join("base.raw");
+    random_file(&base, 6 << 20, 5);
+    // A backing file shorter than the overlay reads as zeroes past its end.
+    let mid = d.join("mid.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.raw",
+        "-F",
+        "raw",
+        p(&mid),
+        "8M",
+    ]);
+    qemu_io(
+        &mid,
+        &[
+            "write -P 0x11 1M 100k",
+            "write -z 2M 64k",
+            "write -c -P 0x12 3M 64k",
+        ],
+    );
+    let top = d.join("top.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "mid.qcow2",
+        "-F",
+        "qcow2",
+        p(&top),
+        "8M",
+    ]);
+    qemu_io(&top, &["write -P 0x21 1050k 10k", "write -z 5M 1M"]);
+    for img in [&mid, &top] {
+        let (ours, theirs) = (d.join("ours.raw"), d.join("theirs.raw"));
+        read_ours(img, &ours, &[]);
+        qemu_raw(img, &theirs);
+        same_bytes(&ours, &theirs);
+    }
+    // Partial writes over backing data: the rest of each cluster comes
+    // from below.
+    let s = serve(&top, &[]);
+    nbdsh(&s.uri(), "h.pwrite(b'\\x77' * 1000, 100)\nh.pwrite(b'\\x78' * 70000, 3 * 1048576 - 300)\nh.flush()\n");
+    drop(s);
+    check_clean(&top);
+    let (ours, theirs) = (d.join("ours.raw"), d.join("theirs.raw"));
+    read_ours(&top, &ours, &[]);
+    qemu_raw(&top, &theirs);
+    same_bytes(&ours, &theirs);
+    let t = std::fs::read(&theirs).unwrap();
+    assert!(t[100..1100].iter().all(|&b| b == 0x77));
+    assert_eq!(t[..100], std::fs::read(&base).unwrap()[..100]);
+}
+
+/// Copy-on-read: reading the whole disk fills the top image with what
+/// came from the backing file.
+#[test]
+fn qcow2_copy_on_read() {
+    if !require(&["qemu-img"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let base = d.join("base.raw");
+    random_file(&base, 2 << 20, 9);
+    let top = d.join("top.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.raw",
+        "-F",
+        "raw",
+        p(&top),
+        "2M",
+    ]);
+    let out = d.join("out.raw");
+    let s = serve(&top, &["copy-on-read=true"]);
+    run_ok(Command::new(our_bin("nbdcopy")).arg(s.uri()).arg(&out));
+    drop(s);
+    same_bytes(&out, &base);
+    check_clean(&top);
+    // Now the top alone holds the data.
+    std::fs::remove_file(&base).unwrap();
+    qemu_img(&["rebase", "-u", "-b", "", p(&top)]);
+    let alone = d.join("alone.raw");
+    qemu_raw(&top, &alone);
+    same_bytes(&alone, &out);
+}
+
+/// A backing file on an NBD server, named as qemu names it
+/// (`nbd:unix:PATH`) or by URI.
+#[test]
+fn qcow2_nbd_backing() {
+    if !require(&["qemu-img", "qemu-io"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let base = d.join("base.raw");
+    random_file(&base, 4 << 20, 11);
+    let bs = Server::ours(&["-r", "file", p(&base)]);
+    for (i, name) in [format!("nbd:unix:{}", bs.socket.display()), bs.uri()]
+        .iter()
+        .enumerate()
+    {
+        let top = d.join(format!("t{i}.qcow2"));
+        qemu_img(&[
+            "create",
+            "-q",
+            "-u",
+            "-f",
+            "qcow2",
+            "-b",
+            name,
+            "-F",
+            "raw",
+            p(&top),
+            "4M",
+        ]);
+        qemu_io(&top, &["write -P 0x44 1M 4k"]);
+        let (ours, theirs) = (d.join("ours.raw"), d.join("theirs.raw"));
+        read_ours(&top, &ours, &[]);
+        qemu_raw(&top, &theirs);
+        same_bytes(&ours, &theirs);
+        let o = std::fs::read(&ours).unwrap();
+        assert!(o[1 << 20..(1 << 20) + 4096].iter().all(|&b| b == 0x44));
+    }
+}
+
+/// `qemu:allocation-depth` (and base:allocation) through a chain, as
+/// qemu-nbd reports them.
+#[test]
+fn qcow2_allocation_depth_as_qemu_nbd() {
+    if !require(&["qemu-img", "qemu-io", "qemu-nbd"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let base = d.join("base.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", p(&base), "8M"]);
+    qemu_io(&base, &["write -P 1 0 2M", "write -z 6M 64k"]);
+    let top = d.join("top.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+        p(&top),
+        "10M",
+    ]);
+    qemu_io(
+        &top,
+        &["write -P 2 1M 128k", "write -z 3M 64k", "write -P 3 9M 64k"],
+    );
+    let s = Server::ours(&["-r", "--filter=qcow2", "file", p(&top)]);
+    for ctx in [Some("qemu:allocation-depth"), None] {
+        let ours = map(&[&s.uri()], ctx);
+        assert_eq!(ours, qemu_nbd_map(&top, ctx), "{ctx:?}");
+    }
+    assert!(map(&[&s.uri()], Some("qemu:allocation-depth")).contains("backing depth 2"));
+}
+
+/// Image locks: a second writer is refused, ours or qemu's, both ways;
+/// force-share=true opts out.
+#[test]
+fn qcow2_locks_keep_second_writer_out() {
+    if !require(&["qemu-img", "qemu-io", "qemu-nbd"]) || !require_nbdsh() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("l.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", p(&img), "1M"]);
+    // Ours writes: qemu-io cannot.
+    let s = serve(&img, &[]);
+    nbdsh(&s.uri(), "h.pwrite(b'x' * 512, 0)\nh.flush()\n");
+    let out = run(Command::new("qemu-io").args(["-f", "qcow2", "-c", "write 0 512", p(&img)]));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("lock"), "{err}");
+    // ... nor a second server of ours.
+    let out = run(Command::new(nbdkit()).args([
+        "-U",
+        "-",
+        "--filter=qcow2",
+        "file",
+        p(&img),
+        "--run",
+        "true",
+    ]));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("lock"), "{err}");
+    drop(s);
+    // qemu writes: ours cannot start, unless told to share.
+    let sock = dir.path().join("q.sock");
+    let mut q = Command::new("qemu-nbd")
+        .args(["-f", "qcow2", "-k", p(&sock), p(&img)])
+        .spawn()
+        .unwrap();
+    let t = std::time::Instant::now();
+    while !sock.exists() && t.elapsed() < std::time::Duration::from_secs(10) {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let out = run(Command::new(nbdkit()).args([
+        "-U",
+        "-",
+        "--filter=qcow2",
+        "file",
+        p(&img),
+        "--run",
+        "true",
+    ]));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let refused = !out.status.success() && err.contains("lock");
+    let out2 = run(Command::new(nbdkit()).args([
+        "-U",
+        "-",
+        "-r",
+        "--filter=qcow2",
+        "file",
+        p(&img),
+        "force-share=true",
+        "--run",
+        "true",
+    ]));
+    let _ = q.kill();
+    let _ = q.wait();
+    assert!(refused, "{err}");
+    assert!(
+        out2.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out2.stderr)
+    );
+}
