@@ -843,6 +843,8 @@ struct Eval<'a> {
     vars: &'a HashMap<String, String>,
     scopes: Vec<HashMap<String, Arc<Image>>>,
     depth: usize,
+    /// Read no file, run no script, see no environment (the fuzzer).
+    sandbox: bool,
 }
 
 /// Read at most `limit` bytes (everything if `None`).
@@ -916,6 +918,9 @@ impl Eval<'_> {
         match node {
             Node::Bytes(v) => Ok(Image::bytes(v.clone())),
             Node::Group(items) => self.seq(items),
+            Node::File(_, pos) | Node::Script(_, pos) if self.sandbox => {
+                Err(at(*pos, "no files or scripts in the sandbox"))
+            }
             Node::File(path, pos) => {
                 let f = std::fs::File::open(path).map_err(|e| at(*pos, format!("{path}: {e}")))?;
                 let v = read_limited(f, limit).map_err(|e| at(*pos, format!("{path}: {e}")))?;
@@ -934,6 +939,9 @@ impl Eval<'_> {
             Node::Var(name, pos) => {
                 let value = match self.vars.get(name) {
                     Some(v) => v.clone(),
+                    None if self.sandbox => {
+                        return Err(at(*pos, format!("${name}: variable not found")))
+                    }
                     None => std::env::var(name)
                         .map_err(|_| at(*pos, format!("${name}: variable not found")))?,
                 };
@@ -1006,8 +1014,43 @@ fn evaluate(s: &str, vars: &HashMap<String, String>) -> Result<Image, String> {
         vars,
         scopes: Vec::new(),
         depth: 0,
+        sandbox: false,
     }
     .seq(&items)
+}
+
+/// Evaluate a data string as `data=` does but reading no file, running no
+/// script and seeing no environment variable, and check the image's
+/// invariants (segments in order, apart, inside it; its bytes when small):
+/// its length. For the fuzzers (`fuzz-targets`).
+#[doc(hidden)]
+pub fn fuzz_evaluate(s: &str, vars: &HashMap<String, String>) -> Result<u64, String> {
+    let items = parse(s)?;
+    let img = Eval {
+        vars,
+        scopes: Vec::new(),
+        depth: 0,
+        sandbox: true,
+    }
+    .seq(&items)?;
+    assert!(img.len <= MAX_SIZE, "image of {} bytes", img.len);
+    let mut end = 0;
+    for (&start, seg) in &img.segs {
+        assert!(
+            start >= end,
+            "segment at {start} overlaps one ending at {end}"
+        );
+        assert!(
+            !seg.pat.is_empty() && seg.phase < seg.pat.len(),
+            "bad segment"
+        );
+        end = start + seg.len;
+        assert!(end <= img.len, "segment past the image's end");
+    }
+    if img.len <= 1 << 20 {
+        assert_eq!(img.to_vec().len() as u64, img.len);
+    }
+    Ok(img.len)
 }
 
 #[cfg(test)]
