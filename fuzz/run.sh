@@ -30,6 +30,8 @@ triple=$(rustc -vV | sed -n 's/^host: //p')
 cargo build --locked --target "$triple" --bins
 bin=target/$triple/debug
 status=0
+passed=0
+failed=0
 summary=()
 for t in "${targets[@]}"; do
   case $t in
@@ -53,10 +55,14 @@ for t in "${targets[@]}"; do
     line="$line: FAILED (exit $rc), see fuzz/$log and fuzz/artifacts/$t/"
     tail -30 "$log" >&2
     status=1
+    failed=$((failed + 1))
+  else
+    passed=$((passed + 1))
   fi
   echo "$line"
   summary+=("$line")
 done
 echo "fuzzing summary:"
 printf '  %s\n' "${summary[@]}"
+echo "fuzz: $passed passed, $failed failed"
 exit $status

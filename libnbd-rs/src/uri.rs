@@ -141,6 +141,21 @@ fn escape_query(s: &[u8]) -> String {
     out
 }
 
+/// Escape a host name (RFC 3986's reg-name: unreserved characters and
+/// sub-delims are kept), so that one decoded from `%2F` or `%3A` prints
+/// as a URI that parses back to it.
+fn escape_host(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for &b in s.as_bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=".contains(&b) {
+            out.push(b as char);
+        } else {
+            push_escaped(&mut out, b);
+        }
+    }
+    out
+}
+
 /// Escape userinfo (user names).
 fn escape_userinfo(s: &str) -> String {
     let mut out = String::new();
@@ -481,8 +496,10 @@ impl fmt::Display for Uri {
         }
         let mut query: Vec<(&str, String)> = Vec::new();
         match &self.transport {
-            Transport::Tcp { host, port } if host.contains(':') => write!(f, "[{host}]:{port}")?,
-            Transport::Tcp { host, port } => write!(f, "{host}:{port}")?,
+            Transport::Tcp { host, port } if host.parse::<Ipv6Addr>().is_ok() => {
+                write!(f, "[{host}]:{port}")?
+            }
+            Transport::Tcp { host, port } => write!(f, "{}:{port}", escape_host(host))?,
             Transport::Vsock { cid, port } => write!(f, "{cid}:{port}")?,
             Transport::Unix(p) => query.push(("socket", escape_query(p.as_os_str().as_bytes()))),
         }
@@ -701,6 +718,25 @@ mod tests {
                     "{s}: error {e:?} does not mention {want:?}"
                 ),
             }
+        }
+    }
+
+    #[test]
+    fn escaped_hosts_print_escaped() {
+        // Found by the uri fuzzer: the host decoded from "12%2F%3F%23"
+        // printed raw as "nbd://12/?#:10809/", which does not parse.
+        for (s, host, printed) in [
+            ("NBD://12%2F%3F%23", "12/?#", "nbd://12%2F%3F%23:10809/"),
+            ("nbd://a%3Ab:7/", "a:b", "nbd://a%3Ab:7/"),
+            ("nbd://x%25y%40z/", "x%y@z", "nbd://x%25y%40z:10809/"),
+        ] {
+            let u = Uri::parse(s).unwrap();
+            assert!(
+                matches!(&u.transport, Transport::Tcp { host: h, .. } if h == host),
+                "{s}"
+            );
+            assert_eq!(u.to_string(), printed);
+            assert_eq!(Uri::parse(printed).unwrap(), u);
         }
     }
 
