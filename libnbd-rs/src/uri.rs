@@ -494,14 +494,16 @@ impl fmt::Display for Uri {
         if let Some(u) = &self.username {
             write!(f, "{}@", escape_userinfo(u))?;
         }
-        let mut query: Vec<(&str, String)> = Vec::new();
+        let mut query: Vec<(String, String)> = Vec::new();
         match &self.transport {
             Transport::Tcp { host, port } if host.parse::<Ipv6Addr>().is_ok() => {
                 write!(f, "[{host}]:{port}")?
             }
             Transport::Tcp { host, port } => write!(f, "{}:{port}", escape_host(host))?,
             Transport::Vsock { cid, port } => write!(f, "{cid}:{port}")?,
-            Transport::Unix(p) => query.push(("socket", escape_query(p.as_os_str().as_bytes()))),
+            Transport::Unix(p) => {
+                query.push(("socket".into(), escape_query(p.as_os_str().as_bytes())))
+            }
         }
         write!(f, "/{}", escape_path(self.export_name.as_bytes()))?;
         let strings = [
@@ -512,14 +514,16 @@ impl fmt::Display for Uri {
         ];
         for (k, v) in strings {
             if let Some(v) = v {
-                query.push((k, escape_query(v.as_bytes())));
+                query.push((k.into(), escape_query(v.as_bytes())));
             }
         }
         if let Some(v) = self.tls_verify_peer {
-            query.push(("tls-verify-peer", if v { "1" } else { "0" }.to_string()));
+            query.push(("tls-verify-peer".into(), if v { "1" } else { "0" }.into()));
         }
         for (k, v) in &self.extra {
-            query.push((k, escape_query(v.as_bytes())));
+            // A key is decoded as a value is, and ends at the first '='.
+            let key = escape_query(k.as_bytes()).replace('=', "%3D");
+            query.push((key, escape_query(v.as_bytes())));
         }
         for (i, (k, v)) in query.iter().enumerate() {
             write!(f, "{}{k}={v}", if i == 0 { '?' } else { '&' })?;
@@ -738,6 +742,16 @@ mod tests {
             assert_eq!(u.to_string(), printed);
             assert_eq!(Uri::parse(printed).unwrap(), u);
         }
+    }
+
+    #[test]
+    fn escaped_extra_keys_print_escaped() {
+        // Found by the uri fuzzer: x-* keys printed raw ('#', '=').
+        let u = Uri::parse("nbd+unix:///?socket=/s&x-a%23b%3Dc%0F=v%3D").unwrap();
+        assert_eq!(u.extra, vec![("x-a#b=c\u{f}".into(), "v=".into())]);
+        let printed = u.to_string();
+        assert_eq!(printed, "nbd+unix:///?socket=/s&x-a%23b%3Dc%0F=v=");
+        assert_eq!(Uri::parse(&printed).unwrap(), u);
     }
 
     #[test]
