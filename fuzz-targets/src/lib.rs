@@ -34,8 +34,11 @@ use libnbd::server::{serve, Peer, ServerConfig};
 use libnbd::{Caps, Flags, Handle, OpenContext, Params, Plugin, Result, Stack};
 use tokio::io::AsyncWriteExt;
 
+/// A fuzz target: it takes the fuzzer's bytes.
+pub type Target = fn(&[u8]);
+
 /// Every target, by name (the directory names under `fuzz/corpus/`).
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Target)] = &[
     ("server", server),
     ("server_requests", server_requests),
     ("client_negotiate", client_negotiate),
