@@ -141,6 +141,21 @@ fn escape_query(s: &[u8]) -> String {
     out
 }
 
+/// Escape a host name (RFC 3986's reg-name: unreserved characters and
+/// sub-delims are kept), so that one decoded from `%2F` or `%3A` prints
+/// as a URI that parses back to it.
+fn escape_host(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for &b in s.as_bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=".contains(&b) {
+            out.push(b as char);
+        } else {
+            push_escaped(&mut out, b);
+        }
+    }
+    out
+}
+
 /// Escape userinfo (user names).
 fn escape_userinfo(s: &str) -> String {
     let mut out = String::new();
@@ -479,12 +494,16 @@ impl fmt::Display for Uri {
         if let Some(u) = &self.username {
             write!(f, "{}@", escape_userinfo(u))?;
         }
-        let mut query: Vec<(&str, String)> = Vec::new();
+        let mut query: Vec<(String, String)> = Vec::new();
         match &self.transport {
-            Transport::Tcp { host, port } if host.contains(':') => write!(f, "[{host}]:{port}")?,
-            Transport::Tcp { host, port } => write!(f, "{host}:{port}")?,
+            Transport::Tcp { host, port } if host.parse::<Ipv6Addr>().is_ok() => {
+                write!(f, "[{host}]:{port}")?
+            }
+            Transport::Tcp { host, port } => write!(f, "{}:{port}", escape_host(host))?,
             Transport::Vsock { cid, port } => write!(f, "{cid}:{port}")?,
-            Transport::Unix(p) => query.push(("socket", escape_query(p.as_os_str().as_bytes()))),
+            Transport::Unix(p) => {
+                query.push(("socket".into(), escape_query(p.as_os_str().as_bytes())))
+            }
         }
         write!(f, "/{}", escape_path(self.export_name.as_bytes()))?;
         let strings = [
@@ -495,14 +514,16 @@ impl fmt::Display for Uri {
         ];
         for (k, v) in strings {
             if let Some(v) = v {
-                query.push((k, escape_query(v.as_bytes())));
+                query.push((k.into(), escape_query(v.as_bytes())));
             }
         }
         if let Some(v) = self.tls_verify_peer {
-            query.push(("tls-verify-peer", if v { "1" } else { "0" }.to_string()));
+            query.push(("tls-verify-peer".into(), if v { "1" } else { "0" }.into()));
         }
         for (k, v) in &self.extra {
-            query.push((k, escape_query(v.as_bytes())));
+            // A key is decoded as a value is, and ends at the first '='.
+            let key = escape_query(k.as_bytes()).replace('=', "%3D");
+            query.push((key, escape_query(v.as_bytes())));
         }
         for (i, (k, v)) in query.iter().enumerate() {
             write!(f, "{}{k}={v}", if i == 0 { '?' } else { '&' })?;
@@ -702,6 +723,35 @@ mod tests {
                 ),
             }
         }
+    }
+
+    #[test]
+    fn escaped_hosts_print_escaped() {
+        // Found by the uri fuzzer: the host decoded from "12%2F%3F%23"
+        // printed raw as "nbd://12/?#:10809/", which does not parse.
+        for (s, host, printed) in [
+            ("NBD://12%2F%3F%23", "12/?#", "nbd://12%2F%3F%23:10809/"),
+            ("nbd://a%3Ab:7/", "a:b", "nbd://a%3Ab:7/"),
+            ("nbd://x%25y%40z/", "x%y@z", "nbd://x%25y%40z:10809/"),
+        ] {
+            let u = Uri::parse(s).unwrap();
+            assert!(
+                matches!(&u.transport, Transport::Tcp { host: h, .. } if h == host),
+                "{s}"
+            );
+            assert_eq!(u.to_string(), printed);
+            assert_eq!(Uri::parse(printed).unwrap(), u);
+        }
+    }
+
+    #[test]
+    fn escaped_extra_keys_print_escaped() {
+        // Found by the uri fuzzer: x-* keys printed raw ('#', '=').
+        let u = Uri::parse("nbd+unix:///?socket=/s&x-a%23b%3Dc%0F=v%3D").unwrap();
+        assert_eq!(u.extra, vec![("x-a#b=c\u{f}".into(), "v=".into())]);
+        let printed = u.to_string();
+        assert_eq!(printed, "nbd+unix:///?socket=/s&x-a%23b%3Dc%0F=v=");
+        assert_eq!(Uri::parse(&printed).unwrap(), u);
     }
 
     #[test]

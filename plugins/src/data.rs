@@ -97,6 +97,18 @@ const MAX_SEGMENTS: usize = 1 << 20;
 /// How deeply `$VAR`s may nest.
 const MAX_DEPTH: usize = 64;
 
+/// How deeply expressions may nest (groups, `*N` and `[N:M]` on
+/// expressions, `$VAR`s): parsing and evaluating recurse, and a string of
+/// 30,000 `(` overflowed the stack.
+const MAX_NESTING: usize = 256;
+
+fn too_deep(pos: usize) -> String {
+    at(
+        pos,
+        format!("expressions nested too deeply (more than {MAX_NESTING} levels)"),
+    )
+}
+
 /// The configured data plugin: one store shared by all connections.
 pub struct DataPlugin {
     store: Arc<Store>,
@@ -444,6 +456,18 @@ enum Node {
     Slice(Box<Node>, Option<u64>, Option<u64>, usize),
 }
 
+impl Node {
+    /// Where it is in the string, if known.
+    fn pos(&self) -> usize {
+        match self {
+            Node::File(_, p) | Node::Script(_, p) | Node::Name(_, p) | Node::Var(_, p) => *p,
+            Node::Slice(_, _, _, p) => *p,
+            Node::Repeat(inner, _) => inner.pos(),
+            Node::Bytes(_) | Node::Group(_) => 0,
+        }
+    }
+}
+
 /// A field of a sequence.
 #[derive(Debug, Clone)]
 enum Item {
@@ -463,6 +487,11 @@ enum Item {
 struct Parser<'a> {
     s: &'a [u8],
     pos: usize,
+    /// Groups open around the position.
+    nest: usize,
+    /// The depth of the expression parsed last (its nodes one inside the
+    /// other; of a sequence: its deepest).
+    sub: usize,
 }
 
 /// An error with the offset where it was found.
@@ -502,22 +531,28 @@ impl<'a> Parser<'a> {
     /// `open`).
     fn seq(&mut self, open: Option<usize>) -> Result<Vec<Item>, String> {
         let mut items: Vec<Item> = Vec::new();
+        let mut deepest = 0;
         loop {
             self.skip_ws();
             match self.peek() {
                 None => match open {
                     Some(o) => return Err(at(o, "unmatched '(' in data string")),
-                    None => return Ok(items),
+                    None => {
+                        self.sub = deepest;
+                        return Ok(items);
+                    }
                 },
                 Some(b')') => match open {
                     Some(_) => {
                         self.pos += 1;
+                        self.sub = deepest;
                         return Ok(items);
                     }
                     None => return Err(at(self.pos, "unmatched ')' in data string")),
                 },
                 Some(_) => {
                     let item = self.item()?;
+                    deepest = deepest.max(self.sub);
                     // Merge runs of literal bytes.
                     if let (Some(Item::Expr(Node::Bytes(a))), Item::Expr(Node::Bytes(b))) =
                         (items.last_mut(), &item)
@@ -576,6 +611,7 @@ impl<'a> Parser<'a> {
 
     fn item(&mut self) -> Result<Item, String> {
         let start = self.pos;
+        self.sub = 0;
         if self.peek() == Some(b'@') {
             self.pos += 1;
             return match self.peek() {
@@ -611,6 +647,7 @@ impl<'a> Parser<'a> {
 
     fn primary(&mut self) -> Result<Node, String> {
         let start = self.pos;
+        self.sub = 1;
         let c = self.peek().unwrap_or(0);
         let rest = &self.s[self.pos..];
         for (prefix, bytes, le) in [
@@ -637,8 +674,15 @@ impl<'a> Parser<'a> {
         }
         match c {
             b'(' => {
+                if self.nest >= MAX_NESTING {
+                    return Err(too_deep(start));
+                }
                 self.pos += 1;
-                Ok(Node::Group(self.seq(Some(start))?))
+                self.nest += 1;
+                let items = self.seq(Some(start));
+                self.nest -= 1;
+                self.sub += 1;
+                Ok(Node::Group(items?))
             }
             b'0'..=b'9' => {
                 let n = self.number("BYTE")?;
@@ -774,6 +818,13 @@ impl<'a> Parser<'a> {
             let save = self.pos;
             self.skip_ws();
             let start = self.pos;
+            // `*N` and `[N:M]` wrap the expression: that nests too.
+            if matches!(self.peek(), Some(b'*' | b'[')) {
+                self.sub += 1;
+                if self.nest + self.sub > MAX_NESTING {
+                    return Err(too_deep(start));
+                }
+            }
             match self.peek() {
                 Some(b'*') => {
                     self.pos += 1;
@@ -832,6 +883,8 @@ fn parse(s: &str) -> Result<Vec<Item>, String> {
     Parser {
         s: s.as_bytes(),
         pos: 0,
+        nest: 0,
+        sub: 0,
     }
     .seq(None)
 }
@@ -843,6 +896,10 @@ struct Eval<'a> {
     vars: &'a HashMap<String, String>,
     scopes: Vec<HashMap<String, Arc<Image>>>,
     depth: usize,
+    /// Expressions being evaluated, one inside the other.
+    nest: usize,
+    /// Read no file, run no script, see no environment (the fuzzer).
+    sandbox: bool,
 }
 
 /// Read at most `limit` bytes (everything if `None`).
@@ -913,9 +970,24 @@ impl Eval<'_> {
     /// Evaluate an expression; `limit` says at most that many bytes of
     /// it will be used (so a file or script need not be read further).
     fn node(&mut self, node: &Node, limit: Option<u64>) -> Result<Image, String> {
+        // A parsed string nests at most MAX_NESTING deep; `$VAR`s may
+        // nest strings, up to twice that in all.
+        if self.nest >= 2 * MAX_NESTING {
+            return Err(too_deep(node.pos()));
+        }
+        self.nest += 1;
+        let r = self.node_in(node, limit);
+        self.nest -= 1;
+        r
+    }
+
+    fn node_in(&mut self, node: &Node, limit: Option<u64>) -> Result<Image, String> {
         match node {
             Node::Bytes(v) => Ok(Image::bytes(v.clone())),
             Node::Group(items) => self.seq(items),
+            Node::File(_, pos) | Node::Script(_, pos) if self.sandbox => {
+                Err(at(*pos, "no files or scripts in the sandbox"))
+            }
             Node::File(path, pos) => {
                 let f = std::fs::File::open(path).map_err(|e| at(*pos, format!("{path}: {e}")))?;
                 let v = read_limited(f, limit).map_err(|e| at(*pos, format!("{path}: {e}")))?;
@@ -934,6 +1006,9 @@ impl Eval<'_> {
             Node::Var(name, pos) => {
                 let value = match self.vars.get(name) {
                     Some(v) => v.clone(),
+                    None if self.sandbox => {
+                        return Err(at(*pos, format!("${name}: variable not found")))
+                    }
                     None => std::env::var(name)
                         .map_err(|_| at(*pos, format!("${name}: variable not found")))?,
                 };
@@ -1006,8 +1081,45 @@ fn evaluate(s: &str, vars: &HashMap<String, String>) -> Result<Image, String> {
         vars,
         scopes: Vec::new(),
         depth: 0,
+        nest: 0,
+        sandbox: false,
     }
     .seq(&items)
+}
+
+/// Evaluate a data string as `data=` does but reading no file, running no
+/// script and seeing no environment variable, and check the image's
+/// invariants (segments in order, apart, inside it; its bytes up to 64 KiB):
+/// its length. For the fuzzers (`fuzz-targets`).
+#[doc(hidden)]
+pub fn fuzz_evaluate(s: &str, vars: &HashMap<String, String>) -> Result<u64, String> {
+    let items = parse(s)?;
+    let img = Eval {
+        vars,
+        scopes: Vec::new(),
+        depth: 0,
+        nest: 0,
+        sandbox: true,
+    }
+    .seq(&items)?;
+    assert!(img.len <= MAX_SIZE, "image of {} bytes", img.len);
+    let mut end = 0;
+    for (&start, seg) in &img.segs {
+        assert!(
+            start >= end,
+            "segment at {start} overlaps one ending at {end}"
+        );
+        assert!(
+            !seg.pat.is_empty() && seg.phase < seg.pat.len(),
+            "bad segment"
+        );
+        end = start + seg.len;
+        assert!(end <= img.len, "segment past the image's end");
+    }
+    if img.len <= 64 << 10 {
+        assert_eq!(img.to_vec().len() as u64, img.len);
+    }
+    Ok(img.len)
 }
 
 #[cfg(test)]
@@ -1083,6 +1195,41 @@ mod tests {
         assert_eq!(disk(&[r#""ab"*2"#]), b"abab");
         assert_eq!(disk(&[r#""abc"[1:]"#]), b"bc");
         assert!(err(&[r#""abc"#]).contains("unterminated"));
+    }
+
+    #[test]
+    fn deep_nesting_is_an_error() {
+        // Each of these overflowed the stack (of the main thread too).
+        let deep = [
+            "(".repeat(30_000),
+            format!("{}1{}", "(".repeat(30_000), ")".repeat(30_000)),
+            format!("1{}", "*1".repeat(30_000)),
+            format!("1{}", "[:1]".repeat(30_000)),
+            format!("{}1{}", "(".repeat(200), "*1)".repeat(200)),
+            format!(
+                "{}1{}",
+                "(".repeat(100),
+                format!("{})", "*1".repeat(100)).repeat(100)
+            ),
+        ];
+        for d in deep {
+            let e = err(&[&d]);
+            assert!(e.contains("nested too deeply"), "{e}");
+        }
+        // Variables nesting deep strings.
+        let v = format!("v={}$w{}", "(".repeat(200), ")".repeat(200));
+        let w = format!("w={}$x{}", "(".repeat(200), ")".repeat(200));
+        let x = format!("x={}1{}", "(".repeat(200), ")".repeat(200));
+        let e = err(&["$v", &v, &w, &x]);
+        assert!(e.contains("nested too deeply"), "{e}");
+        // As deep as allowed.
+        let ok = format!("{}1{}", "(".repeat(MAX_NESTING), ")".repeat(MAX_NESTING));
+        assert_eq!(disk(&[&ok]), [1]);
+        let ok = format!("1{}", "*1".repeat(MAX_NESTING - 1));
+        assert_eq!(disk(&[&ok]), [1]);
+        let v = format!("v={}1{}", "(".repeat(200), ")".repeat(200));
+        let ok = format!("{}$v{}", "(".repeat(200), ")".repeat(200));
+        assert_eq!(disk(&[&ok, &v]), [1]);
     }
 
     #[test]
