@@ -8,11 +8,12 @@
 #     to one that says nothing of its contents (so all of it is zeroed).
 # Both destinations are qemu's `null-co`: nothing touches the disk (a raw
 # file zeroed by qemu with FALLOC_FL_ZERO_RANGE would allocate the 1 TiB).
-# Prints the times and the requests qemu-nbd received by type (from its
-# `nbd_receive_request` trace), for each side.
+# Prints the time of each copy and the requests qemu-nbd received by
+# type (from its `nbd_receive_request` trace), on each side. One run each
+# by default (RUNS=n for more): upstream takes minutes.
 #
 # Usage: bench/exthdr.sh   (NBDCOPY=path to ours; default: the release
-# build, built first)
+# build, built first; PARTS="sparse zero" by default)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -z "${NBDCOPY:-}" ]; then
@@ -42,49 +43,43 @@ serve zeroes --image-opts driver=null-co,size=1T,read-zeroes=on
 serve sink --image-opts driver=null-co,size=1T,read-zeroes=on
 serve dirty --image-opts driver=null-co,size=1T
 
-# Requests of each type one copy makes, on both servers.
-count() { # label src dst tool
+# One copy, timed, with the requests of each type it made on both servers.
+measure() { # label src dst tool
   : >"$out/$2.log"
   : >"$out/$3.log"
+  local t0 t1
+  t0=$(date +%s.%N)
   "$4" "$(uri "$2")" "$(uri "$3")"
-  for s in "$2" "$3"; do
-    python3 - "$1" "$s" "$out/$s.log" <<'PY'
+  t1=$(date +%s.%N)
+  python3 - "$1" "$t0" "$t1" "$2" "$out/$2.log" "$3" "$out/$3.log" <<'PY'
 import collections, re, sys
 names = {0: "read", 1: "write", 4: "trim", 6: "write_zeroes", 7: "block_status"}
-c = collections.Counter()
-big = 0
-for l in open(sys.argv[3]):
-    m = re.search(r"\.type = 0x([0-9a-f]+), from = \d+, len = (\d+)", l)
-    if m:
-        t = int(m.group(1), 16)
-        if t in names:
-            c[names[t]] += 1
+label, t0, t1 = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
+parts = []
+for name, path in zip(sys.argv[4::2], sys.argv[5::2]):
+    c = collections.Counter()
+    big = 0
+    for l in open(path):
+        m = re.search(r"\.type = 0x([0-9a-f]+), from = \d+, len = (\d+)", l)
+        if m and int(m.group(1), 16) in names:
+            c[names[int(m.group(1), 16)]] += 1
             big = max(big, int(m.group(2)))
-print(f"{sys.argv[1]} on {sys.argv[2]}: {dict(c)} (largest length {big})")
-PY
-  done
-}
-
-times() { # json label
-  python3 - "$1" "$2" <<'PY'
-import json, sys
-r = {x["command"]: x["mean"] for x in json.load(open(sys.argv[1]))["results"]}
-print(f"{sys.argv[2]}: upstream {r['upstream']:.3f}s ours {r['ours']:.3f}s ratio {r['upstream']/r['ours']:.2f}x")
+    parts.append(f"{name}: {dict(c)} (largest {big})")
+print(f"{label}: {t1 - t0:.3f} s; " + "; ".join(parts))
 PY
 }
 
-echo "== sparse 1 TiB copy ($RUNS runs each)" >&2
-hyperfine -N -w 0 -r "$RUNS" --export-json "$out/sparse.json" \
-  -n upstream "nbdcopy $(uri sparse) $(uri sink)" \
-  -n ours "$NBDCOPY $(uri sparse) $(uri sink)" >&2
-times "$out/sparse.json" "sparse 1T copy"
-count "upstream sparse copy" sparse sink nbdcopy
-count "ours sparse copy" sparse sink "$NBDCOPY"
-
-echo "== zeroing a 1 TiB destination ($RUNS runs each)" >&2
-hyperfine -N -w 0 -r "$RUNS" --export-json "$out/zero.json" \
-  -n upstream "nbdcopy $(uri zeroes) $(uri dirty)" \
-  -n ours "$NBDCOPY $(uri zeroes) $(uri dirty)" >&2
-times "$out/zero.json" "zeroing 1T"
-count "upstream zeroing" zeroes dirty nbdcopy
-count "ours zeroing" zeroes dirty "$NBDCOPY"
+for part in ${PARTS:-sparse zero}; do
+  case $part in
+  sparse)
+    for run in $(seq "$RUNS"); do
+      measure "sparse 1T copy, upstream" sparse sink nbdcopy
+      measure "sparse 1T copy, ours" sparse sink "$NBDCOPY"
+    done ;;
+  zero)
+    for run in $(seq "$RUNS"); do
+      measure "zeroing 1T, upstream" zeroes dirty nbdcopy
+      measure "zeroing 1T, ours" zeroes dirty "$NBDCOPY"
+    done ;;
+  esac
+done

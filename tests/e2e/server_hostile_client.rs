@@ -150,6 +150,23 @@ impl Conn {
         assert_eq!(self.final_reply(GO), ACK);
     }
 
+    /// GO for the default export: its transmission flags.
+    fn go_flags(&mut self) -> u16 {
+        self.opt(GO, &go_payload(b"", &[]));
+        let mut flags = None;
+        loop {
+            let (opt, typ, p) = self.reply().expect("no reply to GO");
+            assert_eq!(opt, GO);
+            if typ == 3 && p.len() == 12 && p[0..2] == [0, 0] {
+                flags = Some(u16::from_be_bytes([p[10], p[11]]));
+            }
+            if typ == ACK {
+                return flags.expect("no NBD_INFO_EXPORT");
+            }
+            assert!(typ < 0x8000_0000, "GO refused: {typ:#x}");
+        }
+    }
+
     /// A 32-byte extended request header.
     fn xrequest(&mut self, flags: u16, typ: u16, cookie: u64, offset: u64, count: u64) {
         let mut b = Vec::with_capacity(32);
@@ -866,6 +883,58 @@ const EXTENDED: &[Case] = &[
         assert!(len > 0 && len <= SIZE - 512, "extent of {len} bytes");
         c.xgood_read();
     }),
+    (
+        "block status payloads (NBD_FLAG_BLOCK_STATUS_PAYLOAD)",
+        |s| {
+            const BLOCK_STATUS_PAYLOAD: u16 = 1 << 12;
+            // Not offered without extended headers.
+            let mut c = Conn::greeted(s);
+            c.opt(STRUCTURED_REPLY, &[]);
+            assert_eq!(c.final_reply(STRUCTURED_REPLY), ACK);
+            c.opt(SET_META, &meta_payload(b"", &[b"base:allocation"]));
+            assert_eq!(c.final_reply(SET_META), ACK);
+            assert_eq!(c.go_flags() & BLOCK_STATUS_PAYLOAD, 0);
+            drop(c);
+            let mut c = Conn::greeted(s);
+            c.opt(EXTENDED_HEADERS, &[]);
+            assert_eq!(c.final_reply(EXTENDED_HEADERS), ACK);
+            c.opt(SET_META, &meta_payload(b"", &[b"base:allocation"]));
+            assert_eq!(c.final_reply(SET_META), ACK);
+            assert_ne!(c.go_flags() & BLOCK_STATUS_PAYLOAD, 0);
+            let pl = |effect: u64, ids: &[u32]| {
+                let mut b = effect.to_be_bytes().to_vec();
+                for i in ids {
+                    b.extend_from_slice(&i.to_be_bytes());
+                }
+                b
+            };
+            // The payload names context 1 (base:allocation): answered for it.
+            let good = pl(SIZE - 4096, &[1]);
+            c.xrequest(PAYLOAD_LEN, BLOCK_STATUS, 70, 4096, good.len() as u64);
+            c.send(&good);
+            let (flags, t, ck, p) = c.xchunk(4096);
+            assert_eq!((flags & 1, t, ck), (1, 6, 70), "BLOCK_STATUS_EXT");
+            assert_eq!(be32(&p[0..4]), 1, "context id");
+            // Duplicate and unknown ids, no ids, a torn id, an effect length
+            // past the export: EINVAL, each payload read past.
+            for (i, b) in [
+                pl(4096, &[1, 1]),
+                pl(4096, &[9]),
+                pl(4096, &[]),
+                pl(4096, &[1])[..10].to_vec(),
+                pl(SIZE, &[1]),
+            ]
+            .into_iter()
+            .enumerate()
+            {
+                let ck = 71 + i as u64;
+                c.xrequest(PAYLOAD_LEN, BLOCK_STATUS, ck, 4096, b.len() as u64);
+                c.send(&b);
+                assert_eq!(c.xerror(ck, 4096), EINVAL, "case {i}");
+            }
+            c.xgood_read();
+        },
+    ),
     ("payload lengths that do not match the command", |s| {
         let mut c = Conn::greeted(s);
         c.go_extended();

@@ -582,6 +582,12 @@ async fn open_export(
             tflags::CAN_MULTI_CONN,
         ),
         (caps.cache != Cache::None, tflags::SEND_CACHE),
+        // A block status may name the contexts it wants (extended
+        // headers, and contexts to choose from).
+        (
+            st.extended && (st.base_allocation.is_some() || !st.contexts.is_empty()),
+            tflags::BLOCK_STATUS_PAYLOAD,
+        ),
     ] {
         if on {
             flags |= flag;

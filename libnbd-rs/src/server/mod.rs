@@ -10,6 +10,16 @@
 //!   layers, concurrently;
 //! - `reply`: writing simple and structured replies.
 //!
+//! Extended headers (`NBD_OPT_EXTENDED_HEADERS`, on unless
+//! [`ServerConfig::extended_headers`] is off) change the framing only:
+//! 32-byte requests whose length is 64 bits (a payload length with
+//! `NBD_CMD_FLAG_PAYLOAD_LEN`, else an effect length, handed whole to the
+//! layers, which take u64 counts), 32-byte reply chunks echoing the
+//! request's offset, and `BLOCK_STATUS_EXT` with 64-bit extents; a block
+//! status may then name the contexts it wants in its payload
+//! (`NBD_FLAG_BLOCK_STATUS_PAYLOAD`). A write's payload follows its header
+//! with or without `PAYLOAD_LEN` (qemu 10 leaves the flag out).
+//!
 //! Everything the client sends is checked: a bad magic or an oversized
 //! option closes the connection, a bad request gets the error the
 //! protocol prescribes, and one connection's failure never touches the

@@ -206,8 +206,10 @@ where
         if req.typ == cmd::DISC {
             break Ok(());
         }
-        let verdict = validate(&req, &neg);
+        let mut req = req;
+        let mut verdict = validate(&req, &neg);
         let mut payload = None;
+        let mut filter = None;
         // A payload follows the header: a write's (always: qemu 10 does
         // not say PAYLOAD_LEN on its writes), or with extended headers any
         // command's that says PAYLOAD_LEN (refused, but read past).
@@ -231,7 +233,25 @@ where
             .acquire_many_owned(units as u32)
             .await
             .expect("semaphore never closed");
-        if has_payload {
+        if has_payload
+            && req.typ == cmd::BLOCK_STATUS
+            && neg.flags & tflags::BLOCK_STATUS_PAYLOAD != 0
+            && req.count <= MAX_STATUS_PAYLOAD
+        {
+            // NBD_FLAG_BLOCK_STATUS_PAYLOAD: the payload is the effect
+            // length and the ids of the contexts to answer for.
+            let mut b = vec![0u8; req.count as usize];
+            r.read_exact(&mut b).await?;
+            match status_payload(&b, &neg) {
+                Ok((effect, ids)) => {
+                    req.count = effect;
+                    req.flags &= !cmdflag::PAYLOAD_LEN;
+                    verdict = validate(&req, &neg);
+                    filter = Some(ids);
+                }
+                Err(e) => verdict = Err(e),
+            }
+        } else if has_payload {
             // The payload follows the header whatever we think of the
             // request; consume it to stay in sync.
             if verdict.is_ok() && req.typ == cmd::WRITE {
@@ -263,7 +283,7 @@ where
                 Err(e) => Reply::Invalid(e),
                 // A layer that panics fails its request with EIO; the
                 // client is answered and the connection goes on.
-                Ok(()) => AssertUnwindSafe(run_request(&req, &neg, payload, &pool))
+                Ok(()) => AssertUnwindSafe(run_request(&req, &neg, payload, filter, &pool))
                     .catch_unwind()
                     .await
                     .unwrap_or_else(|_| {
@@ -295,6 +315,7 @@ async fn run_request(
     req: &p::Request,
     neg: &Negotiated,
     payload: Option<Vec<u8>>,
+    filter: Option<Vec<u32>>,
     pool: &BufPool,
 ) -> Reply {
     let h = &*neg.handle;
@@ -330,7 +351,7 @@ async fn run_request(
         cmd::TRIM => h.trim(count, req.offset, flags).await,
         cmd::WRITE_ZEROES => h.zero(count, req.offset, flags).await,
         cmd::CACHE => h.cache(count, req.offset, flags).await,
-        cmd::BLOCK_STATUS => match block_status(h, neg, count, req.offset, flags).await {
+        cmd::BLOCK_STATUS => match block_status(h, neg, count, req.offset, flags, filter).await {
             Ok(replies) => return Reply::Extents(replies),
             Err(e) => Err(e),
         },
@@ -345,6 +366,30 @@ async fn run_request(
 /// Most descriptors in one block status chunk.
 const MAX_EXTENTS: usize = 1 << 20;
 
+/// Largest block status payload read (`NBD_FLAG_BLOCK_STATUS_PAYLOAD`):
+/// an effect length and 4096 context ids.
+const MAX_STATUS_PAYLOAD: u64 = 8 + 4 * 4096;
+
+/// The effect length and context ids of a block status payload: every
+/// id one this connection selected, none twice (else EINVAL, as the spec
+/// says).
+fn status_payload(b: &[u8], neg: &Negotiated) -> Result<(u64, Vec<u32>), u32> {
+    if b.len() < 12 || !(b.len() - 8).is_multiple_of(4) {
+        return Err(errno::EINVAL);
+    }
+    let effect = p::be64(&b[0..8]);
+    let mut ids: Vec<u32> = Vec::with_capacity((b.len() - 8) / 4);
+    for c in b[8..].chunks_exact(4) {
+        let id = p::be32(c);
+        let known = neg.base_allocation == Some(id) || neg.contexts.iter().any(|(i, _)| *i == id);
+        if !known || ids.contains(&id) {
+            return Err(errno::EINVAL);
+        }
+        ids.push(id);
+    }
+    Ok((effect, ids))
+}
+
 /// The extents of every selected meta context, with its id:
 /// `base:allocation` from `extents`, the plugin's others from
 /// `meta_extents`.
@@ -354,7 +399,9 @@ async fn block_status(
     count: u64,
     offset: u64,
     flags: Flags,
+    filter: Option<Vec<u32>>,
 ) -> Result<Vec<(u32, Vec<crate::backend::Extent>)>, Error> {
+    let wanted = |id: u32| filter.as_ref().is_none_or(|f| f.contains(&id));
     let mut out = Vec::with_capacity(1 + neg.contexts.len());
     let finish = |ext: Extents, what: &str| {
         let mut list = ext.into_list();
@@ -370,12 +417,12 @@ async fn block_status(
         list.truncate(MAX_EXTENTS);
         Ok(list)
     };
-    if let Some(id) = neg.base_allocation {
+    if let Some(id) = neg.base_allocation.filter(|&id| wanted(id)) {
         let mut ext = Extents::new(offset, offset + count);
         h.extents(count, offset, flags, &mut ext).await?;
         out.push((id, finish(ext, "extents")?));
     }
-    for (id, name) in &neg.contexts {
+    for (id, name) in neg.contexts.iter().filter(|(id, _)| wanted(*id)) {
         let mut ext = Extents::new(offset, offset + count);
         h.meta_extents(name, count, offset, flags, &mut ext).await?;
         out.push((*id, finish(ext, name)?));
