@@ -260,6 +260,9 @@ pub fn synthetic_tail(b: &Block) -> Vec<u8> {
     v
 }
 
+/// The largest stream index taken (its footer may claim up to 16 GiB).
+const MAX_INDEX: u64 = 256 << 20;
+
 /// A stream found: where it starts, its flags, its index records.
 type Stream = (u64, [u8; 2], Vec<(u64, u64)>);
 
@@ -305,6 +308,15 @@ pub async fn parse(next: &dyn Handle, size: u64) -> Result<XzIndex> {
         }
         let footer = read(next, end - HEADER_SIZE, HEADER_SIZE).await?;
         let (flags, index_len) = parse_footer(&footer)?;
+        if index_len > MAX_INDEX {
+            // Read whole, and each record kept as 16 bytes: a crafted
+            // (sparse) file must not make us allocate gigabytes.
+            return Err(corrupt(format!(
+                "the index is {index_len} bytes, more than the {} MiB we take \
+                 (10 TB in 1 MiB blocks needs about 100 MiB): corrupt file?",
+                MAX_INDEX >> 20
+            )));
+        }
         let index_start = (end - HEADER_SIZE)
             .checked_sub(index_len)
             .filter(|s| *s >= HEADER_SIZE)

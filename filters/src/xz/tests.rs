@@ -521,3 +521,16 @@ async fn connections_reading_their_own_regions_decode_each_block_once() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_huge_index_is_refused_before_it_is_read() {
+    // A footer claiming a 1 GiB index (a crafted or sparse file could hold
+    // one): refused with a message, nothing allocated for it.
+    let flags = [0, 4];
+    let mut xz = stream_header(flags).to_vec();
+    xz.extend_from_slice(&stream_footer(flags, 1 << 30));
+    let (h, reads) = open_with(xz, filter(8, 512 << 20, 8 << 30)).await;
+    let e = h.err().expect("a 1 GiB index was taken");
+    assert!(e.msg.contains("more than the 256 MiB"), "{}", e.msg);
+    assert!(reads.load(Ordering::Relaxed) <= 3);
+}
