@@ -67,11 +67,15 @@ struct Refcounts {
     dirty: BTreeSet<u64>,
 }
 
+/// A moved refcount table: its offset and clusters, and the tables it
+/// replaced (offset, clusters).
+type Moved = (u64, u64, Vec<(u64, u64)>);
+
 /// The metadata to write back at a flush, taken at one moment.
 struct Snapshot {
     blocks: Vec<(u64, Vec<u8>)>,
     table: Option<(u64, Vec<u8>)>,
-    moved: Option<(u64, u64, Vec<(u64, u64)>)>,
+    moved: Option<Moved>,
     l2s: Vec<(u64, Vec<u8>)>,
     l1: Option<Vec<u8>>,
     frees: Vec<(u64, u64)>,
