@@ -784,16 +784,20 @@ impl Image {
         };
         let mut k = 0;
         let mut newe = Vec::new();
+        // Pieces of `buf` for host offsets, merged when both are
+        // contiguous: one pwrite for a run of fresh clusters.
+        let mut pieces: Vec<(u64, usize, usize)> = Vec::new();
+        let mut add = |host: u64, from: usize, to: usize| match pieces.last_mut() {
+            Some((h, f, t)) if *h + (*t - *f) as u64 == host && *t == from => *t = to,
+            _ => pieces.push((host, from, to)),
+        };
         for c in &cl {
             let cstart = c.ci * cs;
             let s = off.max(cstart);
             let e = end.min(cstart + cs);
-            let piece = &buf[(s - off) as usize..(e - off) as usize];
+            let (from, to) = ((s - off) as usize, (e - off) as usize);
             if c.keep {
-                let h = (c.e & OFFSET_MASK) + (s - cstart);
-                io.pwrite(piece, h, Flags::NONE).await?;
-                self.file_len
-                    .fetch_max(h + piece.len() as u64, Ordering::AcqRel);
+                add((c.e & OFFSET_MASK) + (s - cstart), from, to);
                 continue;
             }
             let host = base + k * cs;
@@ -805,17 +809,21 @@ impl Image {
                     || (self.h.version >= 3 && c.e & COMPRESSED == 0 && c.e & ZERO_FLAG != 0);
             if full || plain_zero {
                 // The rest of a fresh cluster reads as zeroes.
-                io.pwrite(piece, host + (s - cstart), Flags::NONE).await?;
-                self.file_len
-                    .fetch_max(host + (e - cstart), Ordering::AcqRel);
+                add(host + (s - cstart), from, to);
             } else {
                 let mut content = self.cluster_content(io, c.ci).await?;
-                content[(s - cstart) as usize..(e - cstart) as usize].copy_from_slice(piece);
+                content[(s - cstart) as usize..(e - cstart) as usize]
+                    .copy_from_slice(&buf[from..to]);
                 let wl = (disk_end - cstart) as usize;
                 io.pwrite(&content[..wl], host, Flags::NONE).await?;
                 self.file_len.fetch_max(host + wl as u64, Ordering::AcqRel);
             }
             newe.push((c.ci, host | COPIED));
+        }
+        for (h, f, t) in pieces {
+            io.pwrite(&buf[f..t], h, Flags::NONE).await?;
+            self.file_len
+                .fetch_max(h + (t - f) as u64, Ordering::AcqRel);
         }
         for (ci, v) in newe {
             let old = self.set_entry(io, ci, v).await?;
