@@ -59,8 +59,10 @@
 //! finds at most leaked clusters, and everything flushed is there. Zero
 //! requests set zero clusters (version 3) or deallocate (version 2, no
 //! backing file); trim deallocates. Images with internal snapshots,
-//! extended L2 entries, or the dirty or corrupt bits set are served
-//! read-only.
+//! extended L2 entries, persistent dirty bitmaps, or the dirty or
+//! corrupt bits set are served read-only (with a message saying why).
+//! Over a plugin other than `file` the image is read and written in
+//! place but cannot grow past that plugin's size, and is not locked.
 //!
 //! `extents` come from the L2 tables (zero and unallocated clusters are
 //! holes, through the backing chain as qemu-nbd reports them), and the

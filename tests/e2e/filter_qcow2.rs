@@ -596,3 +596,38 @@ fn qcow2_locks_keep_second_writer_out() {
         String::from_utf8_lossy(&out2.stderr)
     );
 }
+
+/// Writes a client never flushed are written back when it disconnects.
+#[test]
+fn qcow2_unflushed_writes_kept_at_disconnect() {
+    if !require(&["qemu-img", "qemu-io"]) || !require_nbdsh() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("u.qcow2");
+    let s = serve(&img, &["create=true", "size=8M"]);
+    nbdsh(&s.uri(), "h.pwrite(b'\\x61' * 70000, 1000)\n");
+    // The metadata is written back as the connection closes.
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    drop(s);
+    check_clean(&img);
+    qemu_io(&img, &["read -P 0x61 1000 70000", "read -P 0 0 1000"]);
+}
+
+/// Images whose persistent dirty bitmaps writes would invalidate are
+/// served read-only.
+#[test]
+fn qcow2_bitmaps_served_read_only() {
+    if !require(&["qemu-img"]) || !require_nbdsh() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("b.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", p(&img), "1M"]);
+    qemu_img(&["bitmap", "--add", p(&img), "b0"]);
+    let s = serve(&img, &[]);
+    let ro = nbdpy(&s.uri(), "print(h.is_read_only())\n");
+    drop(s);
+    assert_eq!(ro.trim(), "True");
+    check_clean(&img);
+}

@@ -67,6 +67,20 @@ struct Refcounts {
     dirty: BTreeSet<u64>,
 }
 
+/// A moved refcount table: its offset and clusters, and the tables it
+/// replaced (offset, clusters).
+type Moved = (u64, u64, Vec<(u64, u64)>);
+
+/// The metadata to write back at a flush, taken at one moment.
+struct Snapshot {
+    blocks: Vec<(u64, Vec<u8>)>,
+    table: Option<(u64, Vec<u8>)>,
+    moved: Option<Moved>,
+    l2s: Vec<(u64, Vec<u8>)>,
+    l1: Option<Vec<u8>>,
+    frees: Vec<(u64, u64)>,
+}
+
 struct State {
     l1: Vec<u64>,
     l1_dirty: bool,
@@ -91,6 +105,8 @@ pub struct Image {
     st: Mutex<State>,
     /// Serialises allocating writes, zero, trim and flush.
     alloc: tokio::sync::Mutex<()>,
+    /// Serialises flushes.
+    flushing: tokio::sync::Mutex<()>,
     file_len: AtomicU64,
     pub backing: Option<Backing>,
     zcache: Mutex<Vec<(u64, Arc<Vec<u8>>)>>,
@@ -177,6 +193,7 @@ impl Image {
                     to_free: Vec::new(),
                 }),
                 alloc: tokio::sync::Mutex::new(()),
+                flushing: tokio::sync::Mutex::new(()),
                 file_len: AtomicU64::new(file_len),
                 backing,
                 zcache: Mutex::new(Vec::new()),
@@ -197,6 +214,13 @@ impl Image {
         }
         if self.h.nb_snapshots > 0 {
             return Some("writing images with internal snapshots is not supported".into());
+        }
+        if self.h.autoclear & 1 != 0 {
+            return Some(
+                "the image has persistent dirty bitmaps, which writes would invalidate \
+                 (remove them with qemu-img bitmap --remove to write)"
+                    .into(),
+            );
         }
         if self.h.incompatible & INCOMPAT_CORRUPT != 0 {
             return Some("the image is marked corrupt (run qemu-img check -r all)".into());
@@ -760,16 +784,20 @@ impl Image {
         };
         let mut k = 0;
         let mut newe = Vec::new();
+        // Pieces of `buf` for host offsets, merged when both are
+        // contiguous: one pwrite for a run of fresh clusters.
+        let mut pieces: Vec<(u64, usize, usize)> = Vec::new();
+        let mut add = |host: u64, from: usize, to: usize| match pieces.last_mut() {
+            Some((h, f, t)) if *h + (*t - *f) as u64 == host && *t == from => *t = to,
+            _ => pieces.push((host, from, to)),
+        };
         for c in &cl {
             let cstart = c.ci * cs;
             let s = off.max(cstart);
             let e = end.min(cstart + cs);
-            let piece = &buf[(s - off) as usize..(e - off) as usize];
+            let (from, to) = ((s - off) as usize, (e - off) as usize);
             if c.keep {
-                let h = (c.e & OFFSET_MASK) + (s - cstart);
-                io.pwrite(piece, h, Flags::NONE).await?;
-                self.file_len
-                    .fetch_max(h + piece.len() as u64, Ordering::AcqRel);
+                add((c.e & OFFSET_MASK) + (s - cstart), from, to);
                 continue;
             }
             let host = base + k * cs;
@@ -781,17 +809,21 @@ impl Image {
                     || (self.h.version >= 3 && c.e & COMPRESSED == 0 && c.e & ZERO_FLAG != 0);
             if full || plain_zero {
                 // The rest of a fresh cluster reads as zeroes.
-                io.pwrite(piece, host + (s - cstart), Flags::NONE).await?;
-                self.file_len
-                    .fetch_max(host + (e - cstart), Ordering::AcqRel);
+                add(host + (s - cstart), from, to);
             } else {
                 let mut content = self.cluster_content(io, c.ci).await?;
-                content[(s - cstart) as usize..(e - cstart) as usize].copy_from_slice(piece);
+                content[(s - cstart) as usize..(e - cstart) as usize]
+                    .copy_from_slice(&buf[from..to]);
                 let wl = (disk_end - cstart) as usize;
                 io.pwrite(&content[..wl], host, Flags::NONE).await?;
                 self.file_len.fetch_max(host + wl as u64, Ordering::AcqRel);
             }
             newe.push((c.ci, host | COPIED));
+        }
+        for (h, f, t) in pieces {
+            io.pwrite(&buf[f..t], h, Flags::NONE).await?;
+            self.file_len
+                .fetch_max(h + (t - f) as u64, Ordering::AcqRel);
         }
         for (ci, v) in newe {
             let old = self.set_entry(io, ci, v).await?;
@@ -878,18 +910,20 @@ impl Image {
     }
 
     /// Write the metadata back, in an order that keeps the image
-    /// consistent, and make everything stable.
+    /// consistent, and make everything stable. The metadata is taken as
+    /// it stands once the data is stable, under the allocation lock
+    /// only for that moment: writes go on while it is written and synced
+    /// (qemu-nbd holds its metadata lock through every sync).
     pub async fn flush(&self, io: &dyn Handle) -> Result<()> {
-        let _g = self.alloc.lock().await;
+        let _f = self.flushing.lock().await;
         io.flush(Flags::NONE).await?;
-        if self.lock().rc.is_none() {
-            return Ok(());
-        }
-        let cs = self.cs;
-        // 1. Refcount blocks, then the refcount table (moved: the header).
-        let (blocks, table, moved) = {
+        let snap = {
+            let _g = self.alloc.lock().await;
             let mut st = self.lock();
-            let rc = st.rc.as_mut().unwrap();
+            let st = &mut *st;
+            let Some(rc) = st.rc.as_mut() else {
+                return Ok(());
+            };
             let blocks: Vec<(u64, Vec<u8>)> = std::mem::take(&mut rc.dirty)
                 .into_iter()
                 .map(|o| (o, rc.blocks[&o].clone()))
@@ -898,61 +932,89 @@ impl Image {
                 .table_dirty
                 .then(|| (rc.table_off, to_be_bytes(&rc.table)));
             rc.table_dirty = false;
-            let moved = rc.moved.then_some((rc.table_off, rc.table_clusters));
+            let moved = rc.moved.then(|| {
+                (
+                    rc.table_off,
+                    rc.table_clusters,
+                    std::mem::take(&mut rc.old_tables),
+                )
+            });
             rc.moved = false;
-            (blocks, table, moved)
-        };
-        if !blocks.is_empty() {
-            for (o, b) in &blocks {
-                io.pwrite(b, *o, Flags::NONE).await?;
-                self.file_len.fetch_max(o + cs, Ordering::AcqRel);
-            }
-            io.flush(Flags::NONE).await?;
-        }
-        if let Some((o, b)) = table {
-            io.pwrite(&b, o, Flags::NONE).await?;
-            self.file_len
-                .fetch_max(o + b.len() as u64, Ordering::AcqRel);
-            io.flush(Flags::NONE).await?;
-        }
-        if let Some((o, n)) = moved {
-            let mut h = [0u8; 12];
-            h[..8].copy_from_slice(&o.to_be_bytes());
-            h[8..].copy_from_slice(&(n as u32).to_be_bytes());
-            io.pwrite(&h, 48, Flags::NONE).await?;
-            io.flush(Flags::NONE).await?;
-            let mut st = self.lock();
-            let old = std::mem::take(&mut st.rc.as_mut().unwrap().old_tables);
-            for (o, n) in old {
-                st.to_free.push((o, n * cs));
-            }
-        }
-        // 2. L2 tables, then L1.
-        let (l2s, l1) = {
-            let mut st = self.lock();
-            let dirty = std::mem::take(&mut st.l2_dirty);
-            let l2s: Vec<(u64, Vec<u8>)> = dirty
+            let l2s: Vec<(u64, Vec<u8>)> = std::mem::take(&mut st.l2_dirty)
                 .into_iter()
                 .filter_map(|o| st.l2.get(&o).map(|t| (o, to_be_bytes(t))))
                 .collect();
             let l1 = st.l1_dirty.then(|| to_be_bytes(&st.l1));
             st.l1_dirty = false;
-            (l2s, l1)
+            let frees = std::mem::take(&mut st.to_free);
+            Snapshot {
+                blocks,
+                table,
+                moved,
+                l2s,
+                l1,
+                frees,
+            }
         };
-        for (o, b) in &l2s {
+        let r = self.write_back(io, &snap).await;
+        if r.is_err() {
+            // Written again at the next flush.
+            let mut st = self.lock();
+            let st = &mut *st;
+            let rc = st.rc.as_mut().unwrap();
+            rc.dirty.extend(snap.blocks.iter().map(|(o, _)| *o));
+            rc.table_dirty |= snap.table.is_some();
+            if let Some((_, _, old)) = snap.moved {
+                rc.moved = true;
+                rc.old_tables.extend(old);
+            }
+            st.l2_dirty.extend(snap.l2s.iter().map(|(o, _)| *o));
+            st.l1_dirty |= snap.l1.is_some();
+            st.to_free.extend(snap.frees);
+        }
+        r
+    }
+
+    async fn write_back(&self, io: &dyn Handle, snap: &Snapshot) -> Result<()> {
+        let cs = self.cs;
+        // 1. Refcount blocks, then the refcount table (moved: the header).
+        if !snap.blocks.is_empty() {
+            for (o, b) in &snap.blocks {
+                io.pwrite(b, *o, Flags::NONE).await?;
+                self.file_len.fetch_max(o + cs, Ordering::AcqRel);
+            }
+            io.flush(Flags::NONE).await?;
+        }
+        if let Some((o, b)) = &snap.table {
+            io.pwrite(b, *o, Flags::NONE).await?;
+            self.file_len
+                .fetch_max(o + b.len() as u64, Ordering::AcqRel);
+            io.flush(Flags::NONE).await?;
+        }
+        let mut frees = snap.frees.clone();
+        if let Some((o, n, old)) = &snap.moved {
+            let mut h = [0u8; 12];
+            h[..8].copy_from_slice(&o.to_be_bytes());
+            h[8..].copy_from_slice(&(*n as u32).to_be_bytes());
+            io.pwrite(&h, 48, Flags::NONE).await?;
+            io.flush(Flags::NONE).await?;
+            frees.extend(old.iter().map(|(o, n)| (*o, n * cs)));
+        }
+        // 2. L2 tables, then L1.
+        for (o, b) in &snap.l2s {
             io.pwrite(b, *o, Flags::NONE).await?;
             self.file_len.fetch_max(o + cs, Ordering::AcqRel);
         }
-        if let Some(b) = &l1 {
+        if let Some(b) = &snap.l1 {
             io.pwrite(b, self.h.l1_table_offset, Flags::NONE).await?;
         }
-        if !l2s.is_empty() || l1.is_some() {
+        if !snap.l2s.is_empty() || snap.l1.is_some() {
             io.flush(Flags::NONE).await?;
         }
         // 3. Give back what the old metadata pointed to.
-        let frees = std::mem::take(&mut self.lock().to_free);
         if !frees.is_empty() {
-            {
+            let blocks: Vec<(u64, Vec<u8>)> = {
+                let _g = self.alloc.lock().await;
                 let mut st = self.lock();
                 for (o, len) in frees {
                     let mut c = o & !(cs - 1);
@@ -963,9 +1025,6 @@ impl Image {
                         c += cs;
                     }
                 }
-            }
-            let blocks: Vec<(u64, Vec<u8>)> = {
-                let mut st = self.lock();
                 let rc = st.rc.as_mut().unwrap();
                 std::mem::take(&mut rc.dirty)
                     .into_iter()
