@@ -21,81 +21,8 @@
 # Usage: bench/xz.sh   (builds the release nbdkit first)
 # Environment: SIZE_MIB (default 1024), RUNS (rounds, default 3),
 # BENCH_CACHE (a directory keeping the image between runs, default: none).
-set -euo pipefail
-cd "$(dirname "$0")/.."
-cargo build --release --bin nbdkit --bin nbdcopy >&2
-OURS=${CARGO_TARGET_DIR:-$PWD/target}/release/nbdkit
-OURCOPY=${CARGO_TARGET_DIR:-$PWD/target}/release/nbdcopy
-SIZE_MIB=${SIZE_MIB:-1024}
-RUNS=${RUNS:-3}
-work=$(mktemp -d "${TMPDIR:-/var/tmp}/xzbench.XXXXXX")
-ngpid=
-cleanup() {
-  [ -n "$ngpid" ] && kill "$ngpid" 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
-
-# 1. The image (kept in BENCH_CACHE if set).
-cache=${BENCH_CACHE:-$work}
-mkdir -p "$cache" "$work/www"
-img=$cache/disk-$SIZE_MIB.raw
-if [ ! -f "$img.xz" ]; then
-  echo "== making a $SIZE_MIB MiB disk-like image" >&2
-  /usr/bin/python3 - "$img" "$SIZE_MIB" <<'PY'
-import os, random, sys
-path, mib = sys.argv[1], int(sys.argv[2])
-rnd = random.Random(1)
-text = (b"Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do "
-        b"eiusmod tempor incididunt ut labore et dolore magna aliqua. %d\n")
-with open(path, "wb") as f:
-    left = mib << 20
-    while left > 0:
-        n = min(left, rnd.choice([1, 2, 4, 8]) << 20)
-        kind = rnd.random()
-        if kind < 0.30:
-            f.write(os.urandom(n))                      # compressed or encrypted data
-        elif kind < 0.65:
-            line = text % rnd.randint(0, 1 << 30)       # logs, text, code
-            f.write((line * (n // len(line) + 1))[:n])
-        else:
-            f.write(b"\0" * n)                          # free space
-        left -= n
-PY
-  echo "== xz -T2 --block-size=16MiB" >&2
-  xz -T2 --block-size=16MiB -k -f "$img"
-fi
-xz --list "$img.xz" >&2
-ln -s "$img.xz" "$work/www/disk.raw.xz"
-
-# 2. nginx on a free loopback port.
-port=$(/usr/bin/python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-cat > "$work/nginx.conf" <<EOF
-daemon off;
-master_process off;
-worker_processes 1;
-pid $work/nginx.pid;
-error_log $work/error.log;
-events { worker_connections 256; }
-http {
-  access_log off;
-  client_body_temp_path $work/cb; proxy_temp_path $work/px;
-  fastcgi_temp_path $work/fc; uwsgi_temp_path $work/uw; scgi_temp_path $work/sc;
-  default_type application/octet-stream;
-  sendfile on;
-  keepalive_requests 100000;
-  server { listen 127.0.0.1:$port; root $work/www; location / { disable_symlinks off; } }
-}
-EOF
-/usr/sbin/nginx -p "$work" -e "$work/error.log" -c "$work/nginx.conf" &
-ngpid=$!
-for _ in $(seq 100); do
-  /usr/bin/python3 -c "import socket; socket.create_connection(('127.0.0.1',$port)).close()" 2>/dev/null && break
-  sleep 0.1
-done
-URL=http://127.0.0.1:$port/disk.raw.xz
-out=$work/out.qcow2
-size=$((SIZE_MIB << 20))
+BENCH_NAME=xzbench
+. "$(dirname "$0")/xz-image.sh"
 
 pipeline() { # $1 = nbdkit program, $2 = nbdcopy program
   echo "$1 -U - curl --filter=xz $URL --run '$2 -- \$uri [ qemu-nbd -f qcow2 $out ]'"
