@@ -30,46 +30,6 @@ viaqemu() { # $1 = source, $2 = nbdcopy program
 headline() { # $1 = nbdkit program, $2 = the copy command
   echo "$1 -U - curl --filter=xz $URL --run '$2'"
 }
-prepare="rm -f $out; qemu-img create -q -f qcow2 $out $size"
-
-# 3. Check every writer once (the image and qemu-img check), measuring
-# the peak RSS of the nbdkit processes.
-peak_rss() { # runs the command; prints the peak RSS in MiB of the nbdkit
-  # server process (upstream's --run makes the server a child of the
-  # command's shell, so look at the whole process tree)
-  /usr/bin/python3 - "$@" <<'PY'
-import os, subprocess, sys, time
-p = subprocess.Popen(sys.argv[1:])
-peak = {}
-def tree(root):
-    kids = {}
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                st = open(f"/proc/{d}/stat").read()
-                kids.setdefault(int(st[st.rindex(")") + 2:].split()[1]), []).append(int(d))
-            except OSError:
-                pass
-    out, todo = [], [root]
-    while todo:
-        x = todo.pop()
-        out.append(x)
-        todo += kids.get(x, [])
-    return out
-while p.poll() is None:
-    for pid in tree(p.pid):
-        try:
-            st = dict(l.split(":", 1) for l in open(f"/proc/{pid}/status"))
-            if st["Name"].strip() == "nbdkit":
-                peak[pid] = max(peak.get(pid, 0), int(st["VmHWM"].split()[0]))
-        except (OSError, KeyError, ValueError):
-            pass
-    time.sleep(0.05)
-if p.returncode != 0:
-    sys.exit(f"failed: {sys.argv[1:]}")
-print(max(peak.values(), default=0) // 1024)
-PY
-}
 declare -A rss
 check_out() {
   qemu-img compare -q -f raw -F qcow2 "$img" "$out" || { echo "$1: output differs!" >&2; exit 1; }

@@ -3,7 +3,8 @@
 # and its xz (16 MiB blocks), and serves it with nginx on a free loopback
 # port. Sets OURS, OURCOPY, SIZE_MIB, RUNS, work (a temporary directory,
 # removed on exit), img, URL (the .xz over HTTP), ngpid, out (a qcow2 path
-# in work) and size (the image's bytes).
+# in work), size (the image's bytes), prepare (a command making a fresh
+# qcow2 at out) and peak_rss (runs a command, prints its nbdkit's peak RSS).
 # BENCH_NAME names the temporary directory.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -80,3 +81,42 @@ done
 URL=http://127.0.0.1:$port/disk.raw.xz
 out=$work/out.qcow2
 size=$((SIZE_MIB << 20))
+# A fresh qcow2 at $out, for writers that need one made first.
+prepare="rm -f $out; qemu-img create -q -f qcow2 $out $size"
+
+peak_rss() { # runs the command; prints the peak RSS in MiB of the nbdkit
+  # server process (upstream's --run makes the server a child of the
+  # command's shell, so look at the whole process tree)
+  /usr/bin/python3 - "$@" <<'PY'
+import os, subprocess, sys, time
+p = subprocess.Popen(sys.argv[1:])
+peak = {}
+def tree(root):
+    kids = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                st = open(f"/proc/{d}/stat").read()
+                kids.setdefault(int(st[st.rindex(")") + 2:].split()[1]), []).append(int(d))
+            except OSError:
+                pass
+    out, todo = [], [root]
+    while todo:
+        x = todo.pop()
+        out.append(x)
+        todo += kids.get(x, [])
+    return out
+while p.poll() is None:
+    for pid in tree(p.pid):
+        try:
+            st = dict(l.split(":", 1) for l in open(f"/proc/{pid}/status"))
+            if st["Name"].strip() == "nbdkit":
+                peak[pid] = max(peak.get(pid, 0), int(st["VmHWM"].split()[0]))
+        except (OSError, KeyError, ValueError):
+            pass
+    time.sleep(0.05)
+if p.returncode != 0:
+    sys.exit(f"failed: {sys.argv[1:]}")
+print(max(peak.values(), default=0) // 1024)
+PY
+}
