@@ -58,9 +58,12 @@
 //! therefore consistent at every moment: after a crash `qemu-img check`
 //! finds at most leaked clusters, and everything flushed is there. Zero
 //! requests set zero clusters (version 3) or deallocate (version 2, no
-//! backing file); trim deallocates. Images with internal snapshots,
-//! extended L2 entries, persistent dirty bitmaps, or the dirty or
-//! corrupt bits set are served read-only (with a message saying why).
+//! backing file); trim deallocates. In images with internal snapshots
+//! (`qemu-img snapshot -c`), clusters and L2 tables a snapshot shares
+//! are copied before they are written (the snapshots read as before);
+//! their clusters are never trimmed. Images with extended L2 entries,
+//! persistent dirty bitmaps, or the dirty or corrupt bits set are served
+//! read-only (with a message saying why).
 //! Over a plugin other than `file` the image is read and written in
 //! place but cannot grow past that plugin's size, and is not locked.
 //!

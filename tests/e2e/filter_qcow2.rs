@@ -165,17 +165,8 @@ fn nbdsh(uri: &str, script: &str) {
     nbdpy(uri, script);
 }
 
-/// Writes of every shape (whole and partial clusters, over data, zero,
-/// compressed and unallocated clusters), zero and trim, into a qemu-made
-/// image: qemu-img check finds no error and the disk equals the same
-/// writes done on a raw file.
-#[test]
-fn qcow2_writes_pass_qemu_img_check() {
-    if !require(&["qemu-img", "qemu-io"]) || !require_nbdsh() {
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let script = "
+/// Writes of every shape, zeroes and trims (an nbdsh script).
+const WRITES: &str = "
 import os
 def w(off, n, seed):
     h.pwrite(bytes([(seed + i) % 251 for i in range(n)]), off)
@@ -191,6 +182,18 @@ h.trim(65536, 17*1024*1024)
 w(17*1024*1024 + 100, 100, 7)
 h.flush()
 ";
+
+/// Writes of every shape (whole and partial clusters, over data, zero,
+/// compressed and unallocated clusters), zero and trim, into a qemu-made
+/// image: qemu-img check finds no error and the disk equals the same
+/// writes done on a raw file.
+#[test]
+fn qcow2_writes_pass_qemu_img_check() {
+    if !require(&["qemu-img", "qemu-io"]) || !require_nbdsh() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let script = WRITES;
     for (i, opts) in ["compat=0.10", "compat=1.1", "compat=1.1,cluster_size=512"]
         .iter()
         .enumerate()
@@ -630,4 +633,52 @@ fn qcow2_bitmaps_served_read_only() {
     drop(s);
     assert_eq!(ro.trim(), "True");
     check_clean(&img);
+}
+
+/// Writes into an image with internal snapshots: clusters and L2 tables
+/// a snapshot shares are copied first, so each snapshot still reads as
+/// it did, the image passes qemu-img check, and the disk equals the same
+/// writes on a raw copy.
+#[test]
+fn qcow2_writes_keep_internal_snapshots() {
+    if !require(&["qemu-img", "qemu-io"]) || !require_nbdsh() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let raw = |name: &str| dir.path().join(name);
+    for (i, opts) in ["compat=1.1", "compat=0.10,cluster_size=4096"]
+        .iter()
+        .enumerate()
+    {
+        let img = kinds_image(dir.path(), &format!("s{i}.qcow2"), opts);
+        let (s1, s2, now) = (
+            raw(&format!("s1-{i}.raw")),
+            raw(&format!("s2-{i}.raw")),
+            raw(&format!("now-{i}.raw")),
+        );
+        qemu_img(&["convert", "-f", "qcow2", "-O", "raw", p(&img), p(&s1)]);
+        qemu_img(&["snapshot", "-c", "s1", p(&img)]);
+        // Some tables copied by qemu already, some still shared.
+        qemu_io(&img, &["write -P 0x33 5M 64k", "write -z 0 64k"]);
+        qemu_img(&["snapshot", "-c", "s2", p(&img)]);
+        qemu_img(&["convert", "-f", "qcow2", "-O", "raw", p(&img), p(&s2)]);
+        std::fs::copy(&s2, &now).unwrap();
+        let rs = Server::ours(&["file", p(&now)]);
+        nbdsh(&rs.uri(), WRITES);
+        drop(rs);
+        let s = serve(&img, &[]);
+        assert_eq!(nbdpy(&s.uri(), "print(h.is_read_only())\n").trim(), "False");
+        nbdsh(&s.uri(), WRITES);
+        drop(s);
+        check_clean(&img);
+        compare(&now, &img);
+        for (name, want) in [("s1", &s1), ("s2", &s2)] {
+            let got = raw(&format!("got-{name}-{i}.raw"));
+            let l = format!("snapshot.name={name}");
+            qemu_img(&["convert", "-l", &l, "-f", "qcow2", "-O", "raw", p(&img), p(&got)]);
+            same_bytes(want, &got);
+        }
+        let list = qemu_img(&["snapshot", "-l", p(&img)]);
+        assert!(list.contains("s1") && list.contains("s2"), "{list}");
+    }
 }

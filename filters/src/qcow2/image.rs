@@ -212,9 +212,6 @@ impl Image {
         if self.ext {
             return Some("writing images with extended L2 entries is not supported".into());
         }
-        if self.h.nb_snapshots > 0 {
-            return Some("writing images with internal snapshots is not supported".into());
-        }
         if self.h.autoclear & 1 != 0 {
             return Some(
                 "the image has persistent dirty bitmaps, which writes would invalidate \
@@ -667,17 +664,38 @@ impl Image {
                 .ok_or_else(|| bad("write beyond the L1 table"))?
         };
         let off = e & OFFSET_MASK;
-        if off != 0 {
-            if e & COPIED == 0 {
-                return Err(bad("L2 table shared with a snapshot: writes not supported"));
-            }
+        if off != 0 && e & COPIED != 0 {
             // Load it.
             self.entry(io, ci).await?;
             return Ok(off);
         }
+        // None yet, or one shared with an internal snapshot (its refcount
+        // above 1): a table of our own, a copy of the shared one. The data
+        // clusters it points to keep their refcounts (one path to each
+        // moves from the old table to the copy) and their entries keep
+        // COPIED clear, so writes still copy them first; the old table
+        // loses a reference once the L1 table no longer points to it.
+        let table = if off != 0 {
+            let cached = self.lock().l2.get(&off).cloned();
+            match cached {
+                Some(t) => t,
+                None => self.load_l2(io, off).await?,
+            }
+        } else {
+            vec![0u64; (self.cs / 8) as usize]
+        };
+        // Replaced meanwhile? (Not while the caller holds the allocation
+        // lock, as writers do.) Then use what is there.
+        if self.lock().l1[l1i] != e {
+            return Box::pin(self.ensure_l2(io, ci)).await;
+        }
         let mut st = self.lock();
-        let off = self.alloc_clusters(&mut st, 1)?;
-        st.l2.insert(off, vec![0u64; (self.cs / 8) as usize]);
+        let new = self.alloc_clusters(&mut st, 1)?;
+        if off != 0 {
+            st.to_free.push((off, self.cs));
+        }
+        let off = new;
+        st.l2.insert(off, table);
         st.l2_dirty.insert(off);
         st.l1[l1i] = off | COPIED;
         st.l1_dirty = true;
@@ -889,7 +907,10 @@ impl Image {
                         let (old, _) = self.entry(io, ci).await?;
                         if old != v && !(l1e & OFFSET_MASK == 0 && v == 0) {
                             let old = self.set_entry(io, ci, v).await?;
-                            if old & OFFSET_MASK != 0 && old & COMPRESSED == 0 {
+                            // Only a cluster of ours alone: a snapshot may
+                            // still read one without COPIED.
+                            if old & OFFSET_MASK != 0 && old & COMPRESSED == 0 && old & COPIED != 0
+                            {
                                 let _ = io.trim(cs, old & OFFSET_MASK, Flags::NONE).await;
                             }
                             let mut st = self.lock();
