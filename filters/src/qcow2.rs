@@ -278,7 +278,7 @@ impl Filter for Qcow2Filter {
             match images.get(&ctx.export_name) {
                 Some(i) => i.clone(),
                 None => {
-                    let i = Image::open(
+                    let mut i = Image::open(
                         &*h,
                         self.dir.as_deref(),
                         self.backing.as_deref(),
@@ -287,6 +287,12 @@ impl Filter for Qcow2Filter {
                     )
                     .await
                     .inspect_err(|e| libnbd::elog!("nbdkit: {}", e.msg))?;
+                    if i.needs_repair() && !c.readonly && h.caps()?.write {
+                        self.take_write_lock()?;
+                        if let Err(e) = i.repair(&*h).await {
+                            libnbd::elog!("nbdkit: {}", e.msg);
+                        }
+                    }
                     let i = Arc::new(i);
                     images.insert(ctx.export_name.clone(), i.clone());
                     i

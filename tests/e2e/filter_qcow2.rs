@@ -675,10 +675,103 @@ fn qcow2_writes_keep_internal_snapshots() {
         for (name, want) in [("s1", &s1), ("s2", &s2)] {
             let got = raw(&format!("got-{name}-{i}.raw"));
             let l = format!("snapshot.name={name}");
-            qemu_img(&["convert", "-l", &l, "-f", "qcow2", "-O", "raw", p(&img), p(&got)]);
+            qemu_img(&[
+                "convert",
+                "-l",
+                &l,
+                "-f",
+                "qcow2",
+                "-O",
+                "raw",
+                p(&img),
+                p(&got),
+            ]);
             same_bytes(want, &got);
         }
         let list = qemu_img(&["snapshot", "-l", p(&img)]);
         assert!(list.contains("s1") && list.contains("s2"), "{list}");
     }
+}
+
+/// A qcow2 with lazy refcounts whose writer was killed (the dirty bit
+/// set, refcounts on disk too low: qemu-img check finds errors): served
+/// read-only it is read as it is; served writable, its refcounts are
+/// counted again first, and after our writes qemu-img check finds it
+/// clean, its dirty bit clear, its snapshot intact, its data right.
+#[test]
+fn qcow2_dirty_image_repaired_before_writing() {
+    if !require(&["qemu-img", "qemu-io"]) || !require_nbdsh() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("d.qcow2");
+    let (s1, want, got) = (
+        dir.path().join("s1.raw"),
+        dir.path().join("want.raw"),
+        dir.path().join("got.raw"),
+    );
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "lazy_refcounts=on",
+        p(&img),
+        "20M",
+    ]);
+    qemu_io(&img, &["write -P 0x11 0 3M", "write -c -P 0x12 4M 1M"]);
+    qemu_img(&["snapshot", "-c", "s1", p(&img)]);
+    qemu_img(&["convert", "-f", "qcow2", "-O", "raw", p(&img), p(&s1)]);
+    let writes = [
+        "write -P 0x55 64k 1M",
+        "write -P 0x66 3M 200k",
+        "write -P 0x67 10M 2M",
+    ];
+    let mut c = Command::new("qemu-io");
+    c.args(["-f", "qcow2"]);
+    for w in writes.iter().chain(&["flush", "sigraise 9"]) {
+        c.arg("-c").arg(w);
+    }
+    let out = run(c.arg(&img));
+    assert!(!out.status.success(), "qemu-io was not killed");
+    let dirty = |img: &Path| std::fs::read(img).unwrap()[79] & 1 != 0;
+    assert!(dirty(&img));
+    let chk = run(Command::new("qemu-img").args(["check", p(&img)]));
+    assert!(!chk.status.success(), "qemu-img check found no error");
+
+    // What the disk holds: the snapshot's data, qemu's writes, ours.
+    std::fs::copy(&s1, &want).unwrap();
+    let mut c = Command::new("qemu-io");
+    c.args(["-f", "raw"]);
+    for w in writes {
+        c.arg("-c").arg(w);
+    }
+    run_ok(c.arg(&want));
+    read_ours(&img, &got, &[]);
+    same_bytes(&want, &got);
+    assert!(dirty(&img), "a read-only server changed the image");
+
+    let rs = Server::ours(&["file", p(&want)]);
+    nbdsh(&rs.uri(), WRITES);
+    drop(rs);
+    let s = serve(&img, &[]);
+    assert_eq!(nbdpy(&s.uri(), "print(h.is_read_only())\n").trim(), "False");
+    nbdsh(&s.uri(), WRITES);
+    drop(s);
+    assert!(!dirty(&img));
+    check_clean(&img);
+    compare(&want, &img);
+    qemu_img(&[
+        "convert",
+        "-l",
+        "snapshot.name=s1",
+        "-f",
+        "qcow2",
+        "-O",
+        "raw",
+        p(&img),
+        p(&got),
+    ]);
+    same_bytes(&s1, &got);
 }

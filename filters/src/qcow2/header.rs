@@ -17,6 +17,7 @@ const EXT_END: u32 = 0;
 const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
 const EXT_FEATURE_NAMES: u32 = 0x6803_f857;
 const EXT_DATA_FILE: u32 = 0x4441_5441;
+const EXT_BITMAPS: u32 = 0x2385_2875;
 
 /// Compression of compressed clusters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,6 +37,9 @@ pub struct Header {
     pub refcount_table_offset: u64,
     pub refcount_table_clusters: u32,
     pub nb_snapshots: u32,
+    pub snapshots_offset: u64,
+    /// A bitmaps extension is present (valid or not).
+    pub bitmaps_ext: bool,
     pub incompatible: u64,
     pub autoclear: u64,
     pub refcount_order: u32,
@@ -106,6 +110,8 @@ impl Header {
             refcount_table_offset: be64(b, 48),
             refcount_table_clusters: be32(b, 56),
             nb_snapshots: be32(b, 60),
+            snapshots_offset: be64(b, 64),
+            bitmaps_ext: false,
             incompatible: 0,
             autoclear: 0,
             refcount_order: 4,
@@ -155,6 +161,7 @@ impl Header {
             let text = || String::from_utf8_lossy(&b[data..data + len]).into_owned();
             match kind {
                 EXT_BACKING_FORMAT => h.backing_format = Some(text()),
+                EXT_BITMAPS => h.bitmaps_ext = true,
                 EXT_DATA_FILE => {
                     return Err(bad(format!(
                         "images with an external data file ({}) are not supported",

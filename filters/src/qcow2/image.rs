@@ -22,6 +22,8 @@ use std::sync::{Arc, Mutex};
 use libnbd::backend::HOLE_ZERO;
 use libnbd::{Error, Extents, Flags, Handle, Result};
 
+mod repair;
+
 use super::backing::Backing;
 use super::header::{Compression, Header, INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
 
