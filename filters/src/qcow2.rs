@@ -61,9 +61,14 @@
 //! backing file); trim deallocates. In images with internal snapshots
 //! (`qemu-img snapshot -c`), clusters and L2 tables a snapshot shares
 //! are copied before they are written (the snapshots read as before);
-//! their clusters are never trimmed. Images with extended L2 entries,
-//! persistent dirty bitmaps, or the dirty or corrupt bits set are served
-//! read-only (with a message saying why).
+//! their clusters are never trimmed. An image with the dirty bit set
+//! (qemu's `lazy_refcounts=on`, its writer killed: refcounts on disk may
+//! be too low) is repaired before the first write, as qemu does when it
+//! opens one: every refcount counted again from the metadata, the COPIED
+//! flags set to match, then the bit cleared (served read-only, it is left
+//! as it is). Images with extended L2 entries, persistent dirty bitmaps,
+//! or the corrupt bit set are served read-only (with a message saying
+//! why).
 //! Over a plugin other than `file` the image is read and written in
 //! place but cannot grow past that plugin's size, and is not locked.
 //!
