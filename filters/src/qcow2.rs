@@ -66,9 +66,12 @@
 //! be too low) is repaired before the first write, as qemu does when it
 //! opens one: every refcount counted again from the metadata, the COPIED
 //! flags set to match, then the bit cleared (served read-only, it is left
-//! as it is). Images with extended L2 entries, persistent dirty bitmaps,
-//! or the corrupt bit set are served read-only (with a message saying
-//! why).
+//! as it is). In images with extended L2 entries (subclusters), a write
+//! into a cluster not allocated all through gives it a fresh cluster
+//! holding the whole of it, every subcluster allocated; zeroing whole
+//! clusters marks their subclusters zero. Images with persistent dirty
+//! bitmaps, or the corrupt bit set, are served read-only (with a message
+//! saying why).
 //! Over a plugin other than `file` the image is read and written in
 //! place but cannot grow past that plugin's size, and is not locked.
 //!

@@ -194,9 +194,15 @@ fn qcow2_writes_pass_qemu_img_check() {
     }
     let dir = tempfile::tempdir().unwrap();
     let script = WRITES;
-    for (i, opts) in ["compat=0.10", "compat=1.1", "compat=1.1,cluster_size=512"]
-        .iter()
-        .enumerate()
+    for (i, opts) in [
+        "compat=0.10",
+        "compat=1.1",
+        "compat=1.1,cluster_size=512",
+        "compat=1.1,extended_l2=on",
+        "compat=1.1,extended_l2=on,cluster_size=16k",
+    ]
+    .iter()
+    .enumerate()
     {
         let img = kinds_image(dir.path(), &format!("w{i}.qcow2"), opts);
         // The same writes on the raw image qemu reads from it.
@@ -379,39 +385,62 @@ fn qcow2_backing_chains() {
             "write -c -P 0x12 3M 64k",
         ],
     );
-    let top = d.join("top.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "mid.qcow2",
-        "-F",
-        "qcow2",
-        p(&top),
-        "8M",
-    ]);
-    qemu_io(&top, &["write -P 0x21 1050k 10k", "write -z 5M 1M"]);
-    for img in [&mid, &top] {
+    // The top with and without extended L2 entries (subclusters of 2K:
+    // qemu's writes leave clusters partly allocated).
+    for (name, opts) in [("top", "compat=1.1"), ("topx", "extended_l2=on")] {
+        let top = d.join(format!("{name}.qcow2"));
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            opts,
+            "-b",
+            "mid.qcow2",
+            "-F",
+            "qcow2",
+            p(&top),
+            "8M",
+        ]);
+        qemu_io(
+            &top,
+            &[
+                "write -P 0x21 1050k 10k",
+                "write -z 5M 1M",
+                "write -z 6000k 3k",
+            ],
+        );
+        for img in [&mid, &top] {
+            let (ours, theirs) = (d.join("ours.raw"), d.join("theirs.raw"));
+            read_ours(img, &ours, &[]);
+            qemu_raw(img, &theirs);
+            same_bytes(&ours, &theirs);
+        }
+        // Partial writes over backing data: the rest of each cluster
+        // comes from below; a write and a zero into partly allocated
+        // clusters.
+        let s = serve(&top, &[]);
+        nbdsh(
+            &s.uri(),
+            "h.pwrite(b'\\x77' * 1000, 100)\n\
+             h.pwrite(b'\\x78' * 70000, 3 * 1048576 - 300)\n\
+             h.pwrite(b'\\x79' * 100, 1050 * 1024 + 12000)\n\
+             h.zero(5000, 6000 * 1024 - 1000)\n\
+             h.flush()\n",
+        );
+        drop(s);
+        check_clean(&top);
         let (ours, theirs) = (d.join("ours.raw"), d.join("theirs.raw"));
-        read_ours(img, &ours, &[]);
-        qemu_raw(img, &theirs);
+        read_ours(&top, &ours, &[]);
+        qemu_raw(&top, &theirs);
         same_bytes(&ours, &theirs);
+        let t = std::fs::read(&theirs).unwrap();
+        assert!(t[100..1100].iter().all(|&b| b == 0x77));
+        assert_eq!(t[..100], std::fs::read(&base).unwrap()[..100]);
+        assert!(t[1050 * 1024 + 12000..][..100].iter().all(|&b| b == 0x79));
+        assert!(t[6000 * 1024 - 1000..][..5000].iter().all(|&b| b == 0));
     }
-    // Partial writes over backing data: the rest of each cluster comes
-    // from below.
-    let s = serve(&top, &[]);
-    nbdsh(&s.uri(), "h.pwrite(b'\\x77' * 1000, 100)\nh.pwrite(b'\\x78' * 70000, 3 * 1048576 - 300)\nh.flush()\n");
-    drop(s);
-    check_clean(&top);
-    let (ours, theirs) = (d.join("ours.raw"), d.join("theirs.raw"));
-    read_ours(&top, &ours, &[]);
-    qemu_raw(&top, &theirs);
-    same_bytes(&ours, &theirs);
-    let t = std::fs::read(&theirs).unwrap();
-    assert!(t[100..1100].iter().all(|&b| b == 0x77));
-    assert_eq!(t[..100], std::fs::read(&base).unwrap()[..100]);
 }
 
 /// Copy-on-read: reading the whole disk fills the top image with what

@@ -211,9 +211,6 @@ impl Image {
 
     /// Why writes cannot be done, if they cannot.
     pub fn write_refusal(&self) -> Option<String> {
-        if self.ext {
-            return Some("writing images with extended L2 entries is not supported".into());
-        }
         if self.h.autoclear & 1 != 0 {
             return Some(
                 "the image has persistent dirty bitmaps, which writes would invalidate \
@@ -704,8 +701,34 @@ impl Image {
         Ok(off)
     }
 
+    /// The subclusters of guest cluster `ci` inside the disk, as bits of
+    /// an extended L2 bitmap.
+    fn sub_mask(&self, ci: u64) -> u64 {
+        let sc = self.cs / 32;
+        let n = (self.h.size - ci * self.cs).min(self.cs).div_ceil(sc);
+        (1u64 << n) - 1
+    }
+
+    /// Does guest cluster `ci` with entry `e` (and bitmap `bm`) read as
+    /// zeroes all through, with nothing below it?
+    fn all_zero(&self, ci: u64, e: u64, bm: u64) -> bool {
+        if e & COMPRESSED != 0 {
+            return false;
+        }
+        if self.ext {
+            let m = self.sub_mask(ci);
+            (bm >> 32) & m == m || (bm & m == 0 && self.backing.is_none())
+        } else {
+            (self.h.version >= 3 && e & ZERO_FLAG != 0)
+                || (e & OFFSET_MASK == 0 && self.backing.is_none())
+        }
+    }
+
     /// Set the L2 entry of guest cluster `ci` (its table loaded by
-    /// `ensure_l2`), returning the old entry.
+    /// `ensure_l2`), returning the old entry. `v` is in the standard
+    /// form (a host offset with COPIED: allocated; `ZERO_FLAG`: zeroes;
+    /// 0: unallocated); with extended L2 entries its bitmap says the
+    /// same of every subcluster.
     async fn set_entry(&self, io: &dyn Handle, ci: u64, v: u64) -> Result<u64> {
         let l2off = self.ensure_l2(io, ci).await?;
         let idx = (ci & ((1 << self.l2_bits) - 1)) as usize;
@@ -713,7 +736,20 @@ impl Image {
             {
                 let mut st = self.lock();
                 if let Some(t) = st.l2.get_mut(&l2off) {
-                    let old = std::mem::replace(&mut t[idx], v);
+                    let old = if self.ext {
+                        let m = self.sub_mask(ci);
+                        let (e, bm) = if v & ZERO_FLAG != 0 {
+                            (v & !ZERO_FLAG, m << 32)
+                        } else if v & OFFSET_MASK != 0 {
+                            (v, m)
+                        } else {
+                            (v, 0)
+                        };
+                        t[2 * idx + 1] = bm;
+                        std::mem::replace(&mut t[2 * idx], e)
+                    } else {
+                        std::mem::replace(&mut t[idx], v)
+                    };
                     st.l2_dirty.insert(l2off);
                     return Ok(old);
                 }
@@ -778,16 +814,25 @@ impl Image {
             ci: u64,
             e: u64,
             keep: bool,
+            /// Reads as zeroes all through.
+            zero: bool,
         }
         let mut cl = Vec::new();
         for ci in first..=last {
-            let (e, _) = self.entry(io, ci).await?;
+            let (e, bm) = self.entry(io, ci).await?;
             let host = e & OFFSET_MASK;
+            // In place only into a cluster of ours alone, allocated all
+            // through (with subclusters: every one of them).
             let keep = e & COMPRESSED == 0
                 && e & COPIED != 0
                 && host != 0
-                && !(self.h.version >= 3 && e & ZERO_FLAG != 0);
-            cl.push(C { ci, e, keep });
+                && if self.ext {
+                    bm & self.sub_mask(ci) == self.sub_mask(ci)
+                } else {
+                    !(self.h.version >= 3 && e & ZERO_FLAG != 0)
+                };
+            let zero = self.all_zero(ci, e, bm);
+            cl.push(C { ci, e, keep, zero });
         }
         // Allocate fresh clusters for the others, contiguously.
         let need = cl.iter().filter(|c| !c.keep).count() as u64;
@@ -824,10 +869,7 @@ impl Image {
             k += 1;
             let disk_end = self.h.size.min(cstart + cs);
             let full = s == cstart && e >= disk_end;
-            let plain_zero =
-                (c.e & OFFSET_MASK == 0 && c.e & COMPRESSED == 0 && self.backing.is_none())
-                    || (self.h.version >= 3 && c.e & COMPRESSED == 0 && c.e & ZERO_FLAG != 0);
-            if full || plain_zero {
+            if full || c.zero {
                 // The rest of a fresh cluster reads as zeroes.
                 add(host + (s - cstart), from, to);
             } else {
@@ -885,8 +927,8 @@ impl Image {
                     ci = (l1i + 1) << self.l2_bits;
                     continue;
                 }
-                let (m, _) = self.map(io, cstart, cs).await?;
-                let reads_zero = m == Map::Zero || (m == Map::Unalloc && self.backing.is_none());
+                let (ce, cbm) = self.entry(io, ci).await?;
+                let reads_zero = self.all_zero(ci, ce, cbm);
                 if s == cstart && e >= disk_end {
                     let v3 = self.h.version >= 3;
                     let new = if self.backing.is_none() {
@@ -906,8 +948,7 @@ impl Image {
                         None
                     };
                     if let Some(v) = new {
-                        let (old, _) = self.entry(io, ci).await?;
-                        if old != v && !(l1e & OFFSET_MASK == 0 && v == 0) {
+                        if ce != v && !(l1e & OFFSET_MASK == 0 && v == 0) {
                             let old = self.set_entry(io, ci, v).await?;
                             // Only a cluster of ours alone: a snapshot may
                             // still read one without COPIED.

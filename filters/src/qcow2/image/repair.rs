@@ -89,9 +89,6 @@ impl Image {
         if self.h.bitmaps_ext {
             return Some("it has persistent bitmaps");
         }
-        if self.ext {
-            return Some("it has extended L2 entries");
-        }
         None
     }
 
