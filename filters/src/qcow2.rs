@@ -69,9 +69,14 @@
 //! as it is). In images with extended L2 entries (subclusters), a write
 //! into a cluster not allocated all through gives it a fresh cluster
 //! holding the whole of it, every subcluster allocated; zeroing whole
-//! clusters marks their subclusters zero. Images with persistent dirty
-//! bitmaps, or the corrupt bit set, are served read-only (with a message
-//! saying why).
+//! clusters marks their subclusters zero. Persistent dirty bitmaps
+//! (`qemu-img bitmap --add`, libvirt's checkpoints) are kept up to date:
+//! each enabled bitmap records every write, zero and trim, is marked in
+//! use while bits are gathered in memory, and is written back when the
+//! last writing connection closes (a killed server leaves it marked in
+//! use, as qemu would). Images with the corrupt bit set, or a bitmap
+//! that cannot be kept up to date (an unknown type or extra data), are
+//! served read-only (with a message saying why).
 //! Over a plugin other than `file` the image is read and written in
 //! place but cannot grow past that plugin's size, and is not locked.
 //!
@@ -317,6 +322,8 @@ impl Filter for Qcow2Filter {
         }
         if writable {
             self.take_write_lock()?;
+            img.writers
+                .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         }
         Ok(Box::new(Qcow2Handle {
             next: h,
@@ -394,13 +401,31 @@ impl Qcow2Handle {
 
 impl Drop for Qcow2Handle {
     fn drop(&mut self) {
-        if !self.writable || !self.img.is_dirty() {
+        if !self.writable {
+            return;
+        }
+        // The last writer out writes the persistent bitmaps back.
+        let last = self
+            .img
+            .writers
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel)
+            == 1;
+        let bitmaps = last && self.img.bitmaps_pending();
+        if !self.img.is_dirty() && !bitmaps {
             return;
         }
         use tokio::runtime::{Handle as Runtime, RuntimeFlavor};
         match Runtime::try_current() {
             Ok(rt) if rt.runtime_flavor() == RuntimeFlavor::MultiThread => {
-                let r = tokio::task::block_in_place(|| rt.block_on(self.img.flush(&*self.next)));
+                let r = tokio::task::block_in_place(|| {
+                    rt.block_on(async {
+                        self.img.flush(&*self.next).await?;
+                        if bitmaps {
+                            self.img.sync_bitmaps(&*self.next).await?;
+                        }
+                        Ok::<(), Error>(())
+                    })
+                });
                 if let Err(e) = r {
                     libnbd::elog!("nbdkit: qcow2: writing metadata back: {}", e.msg);
                 }

@@ -646,22 +646,125 @@ fn qcow2_unflushed_writes_kept_at_disconnect() {
     qemu_io(&img, &["read -P 0x61 1000 70000", "read -P 0 0 1000"]);
 }
 
-/// Images whose persistent dirty bitmaps writes would invalidate are
-/// served read-only.
+/// The flags of each persistent bitmap in `qemu-img info --output=json`.
+fn bitmap_flags(info: &str) -> Vec<(String, Vec<String>)> {
+    let v: serde_json::Value = serde_json::from_str(info).unwrap();
+    v["format-specific"]["data"]["bitmaps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| {
+            let f = b["flags"].as_array().unwrap();
+            let f = f.iter().map(|x| x.as_str().unwrap().to_string()).collect();
+            (b["name"].as_str().unwrap().to_string(), f)
+        })
+        .collect()
+}
+
+/// An nbdsh script line printing `qemu-img info --output=json` of `img`
+/// (while the connection is open).
+fn info_in_script(img: &Path) -> String {
+    format!(
+        "import subprocess\nprint(subprocess.run(['qemu-img', 'info', '-U', '--output=json', \
+         '{}'], capture_output=True, text=True, check=True).stdout)\n",
+        p(img)
+    )
+}
+
+/// The dirty ranges of persistent bitmap `name`, as qemu-nbd exports it.
+fn dirty_ranges(img: &Path, name: &str) -> Vec<(u64, u64)> {
+    let ctx = format!("--map=qemu:dirty-bitmap:{name}");
+    let cmd = [
+        "--",
+        "[",
+        "qemu-nbd",
+        "-r",
+        "-f",
+        "qcow2",
+        "-B",
+        name,
+        p(img),
+        "]",
+    ];
+    let out = run_ok(Command::new(our_bin("nbdinfo")).arg(&ctx).args(cmd));
+    out.lines()
+        .filter_map(|l| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            (w.get(2) == Some(&"1")).then(|| (w[0].parse().unwrap(), w[1].parse().unwrap()))
+        })
+        .collect()
+}
+
+/// Persistent bitmaps (`qemu-img bitmap --add`) are kept up to date by
+/// our writes, zeroes and trims, each at its granularity; a disabled one
+/// is left alone; while bits are gathered the bitmaps are marked in use,
+/// and a killed server leaves them so (inconsistent, as qemu would).
 #[test]
-fn qcow2_bitmaps_served_read_only() {
-    if !require(&["qemu-img"]) || !require_nbdsh() {
+fn qcow2_writes_keep_dirty_bitmaps() {
+    if !require(&["qemu-img", "qemu-io", "qemu-nbd"]) || !require_nbdsh() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("b.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", p(&img), "1M"]);
+    qemu_img(&["create", "-q", "-f", "qcow2", p(&img), "16M"]);
     qemu_img(&["bitmap", "--add", p(&img), "b0"]);
+    qemu_img(&["bitmap", "--add", "-g", "512k", p(&img), "b1"]);
+    qemu_img(&["bitmap", "--add", "--disable", p(&img), "off"]);
+    qemu_io(&img, &["write -P 1 0 64k"]);
     let s = serve(&img, &[]);
-    let ro = nbdpy(&s.uri(), "print(h.is_read_only())\n");
+    let script = "h.pwrite(b'x' * 100, 1 << 20)\nh.zero(200 * 1024, 4 << 20)\n\
+                  h.trim(65536, 8 << 20)\nh.flush()\n"
+        .to_string()
+        + &info_in_script(&img);
+    // Not yet written back while the connection is open: in use.
+    let during = bitmap_flags(&nbdpy(&s.uri(), &script));
     drop(s);
-    assert_eq!(ro.trim(), "True");
+    let auto = vec!["auto".to_string()];
+    let in_use = vec!["in-use".to_string(), "auto".to_string()];
+    assert_eq!(
+        during,
+        [
+            ("b0".into(), in_use.clone()),
+            ("b1".into(), in_use),
+            ("off".into(), vec![])
+        ]
+    );
+    let after = qemu_img(&["info", "--output=json", p(&img)]);
+    assert_eq!(
+        bitmap_flags(&after),
+        [
+            ("b0".into(), auto.clone()),
+            ("b1".into(), auto),
+            ("off".into(), vec![])
+        ]
+    );
     check_clean(&img);
+    let m = 1 << 20;
+    assert_eq!(
+        dirty_ranges(&img, "b0"),
+        [(0, 65536), (m, 65536), (4 * m, 256 << 10), (8 * m, 65536)]
+    );
+    let h = 512 << 10;
+    assert_eq!(
+        dirty_ranges(&img, "b1"),
+        [(0, h), (m, h), (4 * m, h), (8 * m, h)]
+    );
+    assert_eq!(dirty_ranges(&img, "off"), []);
+
+    // Killed with bits not written back: marked in use.
+    let mut s = serve(&img, &[]);
+    let script = format!(
+        "h.pwrite(b'y' * 10, 12 << 20)\nh.flush()\nimport os\nos.kill({}, 9)\n",
+        s.pid()
+    );
+    nbdpy(&s.uri(), &script);
+    while s.alive() {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    drop(s);
+    let f = bitmap_flags(&qemu_img(&["info", "-U", "--output=json", p(&img)]));
+    assert!(f[0].1.contains(&"in-use".to_string()), "{f:?}");
+    assert_eq!(f[2].1, Vec::<String>::new());
 }
 
 /// Writes into an image with internal snapshots: clusters and L2 tables

@@ -40,6 +40,8 @@ pub struct Header {
     pub snapshots_offset: u64,
     /// A bitmaps extension is present (valid or not).
     pub bitmaps_ext: bool,
+    /// Its bitmap directory: offset, size in bytes, number of bitmaps.
+    pub bitmap_dir: (u64, u64, u32),
     pub incompatible: u64,
     pub autoclear: u64,
     pub refcount_order: u32,
@@ -112,6 +114,7 @@ impl Header {
             nb_snapshots: be32(b, 60),
             snapshots_offset: be64(b, 64),
             bitmaps_ext: false,
+            bitmap_dir: (0, 0, 0),
             incompatible: 0,
             autoclear: 0,
             refcount_order: 4,
@@ -161,6 +164,10 @@ impl Header {
             let text = || String::from_utf8_lossy(&b[data..data + len]).into_owned();
             match kind {
                 EXT_BACKING_FORMAT => h.backing_format = Some(text()),
+                EXT_BITMAPS if len >= 24 => {
+                    h.bitmaps_ext = true;
+                    h.bitmap_dir = (be64(b, data + 16), be64(b, data + 8), be32(b, data));
+                }
                 EXT_BITMAPS => h.bitmaps_ext = true,
                 EXT_DATA_FILE => {
                     return Err(bad(format!(

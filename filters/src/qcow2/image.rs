@@ -16,12 +16,13 @@ use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
 use std::path::Path;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use libnbd::backend::HOLE_ZERO;
 use libnbd::{Error, Extents, Flags, Handle, Result};
 
+mod bitmaps;
 mod repair;
 
 use super::backing::Backing;
@@ -112,6 +113,15 @@ pub struct Image {
     file_len: AtomicU64,
     pub backing: Option<Backing>,
     zcache: Mutex<Vec<(u64, Arc<Vec<u8>>)>>,
+    /// The enabled persistent bitmaps, kept up to date by writes.
+    bitmaps: tokio::sync::Mutex<bitmaps::Bitmaps>,
+    has_bitmaps: bool,
+    /// Bits gathered in memory, not yet written back.
+    bitmaps_in_use: AtomicBool,
+    /// Why the bitmaps could not be kept up to date, if so.
+    bitmap_refusal: Option<String>,
+    /// Connections open for writing.
+    pub writers: AtomicUsize,
 }
 
 fn rc_get(b: &[u8], i: usize, order: u32) -> u64 {
@@ -180,7 +190,7 @@ impl Image {
             io.pread(&mut l1, h.l1_table_offset, Flags::NONE).await?;
             let l1 = from_be_bytes(&l1);
             let backing = Backing::open(&h, dir, backing, fmt, depth).await?;
-            Ok(Image {
+            let mut img = Image {
                 cb,
                 cs,
                 l2_bits,
@@ -199,9 +209,29 @@ impl Image {
                 file_len: AtomicU64::new(file_len),
                 backing,
                 zcache: Mutex::new(Vec::new()),
+                bitmaps: Default::default(),
+                has_bitmaps: false,
+                bitmaps_in_use: AtomicBool::new(false),
+                bitmap_refusal: None,
+                writers: AtomicUsize::new(0),
                 h,
-            })
+            };
+            if depth == 0 {
+                match img.load_bitmaps(io).await {
+                    Ok(b) => {
+                        img.has_bitmaps = !b.list.is_empty();
+                        *img.bitmaps.get_mut() = b;
+                    }
+                    Err(e) => img.bitmap_refusal = Some(e.msg),
+                }
+            }
+            Ok(img)
         })
+    }
+
+    /// Are there bits of persistent bitmaps not yet written back?
+    pub fn bitmaps_pending(&self) -> bool {
+        self.bitmaps_in_use.load(Ordering::Acquire)
     }
 
     /// The virtual disk size.
@@ -211,12 +241,10 @@ impl Image {
 
     /// Why writes cannot be done, if they cannot.
     pub fn write_refusal(&self) -> Option<String> {
-        if self.h.autoclear & 1 != 0 {
-            return Some(
-                "the image has persistent dirty bitmaps, which writes would invalidate \
-                 (remove them with qemu-img bitmap --remove to write)"
-                    .into(),
-            );
+        if let Some(why) = &self.bitmap_refusal {
+            return Some(format!(
+                "{why}: the image's persistent bitmaps could not be kept up to date"
+            ));
         }
         if self.h.incompatible & INCOMPAT_CORRUPT != 0 {
             return Some("the image is marked corrupt (run qemu-img check -r all)".into());
@@ -515,11 +543,12 @@ impl Image {
         if self.lock().rc.is_some() {
             return Ok(());
         }
-        if self.h.autoclear != 0 {
-            // Auto-clear features (persistent bitmaps) we do not keep up to
-            // date: clear their bits before the first write, as the
-            // specification requires.
-            io.pwrite(&[0u8; 8], 88, Flags::NONE).await?;
+        // Auto-clear features we do not keep up to date: clear their bits
+        // before the first write, as the specification requires (bit 0,
+        // the bitmaps, is kept: we update them).
+        let keep = self.h.autoclear & 1;
+        if self.h.autoclear != keep {
+            io.pwrite(&keep.to_be_bytes(), 88, Flags::NONE).await?;
             io.flush(Flags::NONE).await?;
         }
         let cs = self.cs;
@@ -789,6 +818,7 @@ impl Image {
         if buf.is_empty() {
             return Ok(());
         }
+        self.mark(io, off, buf.len() as u64).await?;
         // Fast path: every cluster allocated here and not shared.
         let runs = self.runs(io, off, buf.len() as u64).await?;
         if runs.iter().all(|(m, _)| matches!(m, Map::Data(_)))
@@ -909,6 +939,7 @@ impl Image {
 
     /// Zero (or with `trim`, discard) guest bytes.
     pub async fn zero(&self, io: &dyn Handle, count: u64, off: u64, trim: bool) -> Result<()> {
+        self.mark(io, off, count).await?;
         let cs = self.cs;
         let end = (off + count).min(self.h.size);
         let mut partial = Vec::new();
