@@ -105,6 +105,51 @@ fn check_copy(top: &Path, new: &Path) {
     assert!(len < 2 << 20, "{} is {len} bytes", new.display());
 }
 
+/// `nbdinfo --map[=CTX]` of a server started for it.
+fn nbdinfo_map(ctx: &str, server: &[&str]) -> String {
+    run_ok(
+        Command::new(our_bin("nbdinfo"))
+            .arg(format!("--map={ctx}"))
+            .arg("--")
+            .args(server),
+    )
+}
+
+/// What the shallow copy goes by, from ours as from qemu-nbd: the
+/// chain's allocation depths (a zeroed range over base data is depth
+/// 1) and its base:allocation.
+#[test]
+fn nbdcopy_shallow_depth_map_as_qemu_nbd() {
+    if !require(&["qemu-img", "qemu-io", "qemu-nbd"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (_base, top) = chain(dir.path());
+    let ours = nbdkit();
+    for ctx in ["qemu:allocation-depth", "base:allocation"] {
+        let theirs = nbdinfo_map(
+            ctx,
+            &["[", "qemu-nbd", "-r", "-A", "-f", "qcow2", p(&top), "]"],
+        );
+        let mine = nbdinfo_map(
+            ctx,
+            &["[", p(&ours), "-r", "--filter=qcow2", "file", p(&top), "]"],
+        );
+        assert_eq!(mine, theirs, "{ctx}");
+    }
+    let depth = nbdinfo_map(
+        "qemu:allocation-depth",
+        &["[", p(&ours), "-r", "--filter=qcow2", "file", p(&top), "]"],
+    );
+    // The zeroed 256K at 3M, over the base's data, is the top's own.
+    assert!(
+        depth
+            .lines()
+            .any(|l| l.split_whitespace().take(3).eq(["3145728", "262144", "1"])),
+        "{depth}"
+    );
+}
+
 #[test]
 fn nbdcopy_shallow_top_layer_only() {
     if !require(&["qemu-img", "qemu-io", "qemu-nbd"]) {
@@ -197,7 +242,9 @@ fn nbdcopy_shallow_refusals() {
     let no_depth = ["[", "qemu-nbd", "-r", "-f", "qcow2", p(&top), "]"];
     let with_depth = ["[", "qemu-nbd", "-r", "-A", "-f", "qcow2", p(&top), "]"];
     let fresh = d.join("fresh.raw");
-    let cases: [(Vec<&str>, Vec<&str>, &[&str], &str); 4] = [
+    // (source, destination, more options, the message)
+    type Case<'a> = (Vec<&'a str>, Vec<&'a str>, &'a [&'a str], &'a str);
+    let cases: [Case; 4] = [
         (
             no_depth.to_vec(),
             dst.to_vec(),
