@@ -280,3 +280,47 @@ fn nbdcopy_shallow_refusals() {
     assert!(own_clusters(&new).is_empty(), "the overlay was written");
     assert!(!fresh.exists(), "the file was created");
 }
+
+/// Three layers: base <- mid <- top. Only the top's clusters are copied
+/// (the mid's, at depth 2, and the base's, at 3, are not), into an
+/// overlay of mid.qcow2 made by qemu-img and served by ours.
+#[test]
+fn nbdcopy_shallow_three_layers() {
+    if !require(&["qemu-img", "qemu-io"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (_base, mid) = chain(d);
+    let over_mid = |img: &Path| {
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "top.qcow2",
+            "-F",
+            "qcow2",
+            p(img),
+            SIZE,
+        ])
+    };
+    let top = d.join("top3.qcow2");
+    over_mid(&top);
+    qemu_io(
+        &top,
+        &["write -P 8 1M 64k", "write -z 12M 64k", "write -P 9 6M 4k"],
+    );
+    let new = d.join("new3.qcow2");
+    over_mid(&new);
+    let ours = nbdkit();
+    let src = ["[", p(&ours), "-r", "--filter=qcow2", "file", p(&top), "]"];
+    let dst = ["[", p(&ours), "--filter=qcow2", "file", p(&new), "]"];
+    ok(shallow(&src, &dst, &[]));
+    let out = qemu_img(&["compare", p(&top), p(&new)]);
+    assert!(out.contains("identical"), "{out}");
+    let own = own_clusters(&new);
+    assert_eq!(own, own_clusters(&top));
+    assert_eq!(own.len(), 3, "{own:?}");
+}

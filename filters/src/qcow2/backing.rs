@@ -155,11 +155,13 @@ impl Handle for NbdIo {
         let end = offset.saturating_add(count).min(self.conn.size());
         let mut at = offset;
         while at < end {
-            let status = self
-                .conn
-                .block_status(end - at, at, 0)
-                .await
-                .map_err(nbd_err)?;
+            let status = match self.conn.block_status(end - at, at, 0).await {
+                Ok(s) => s,
+                // The server refuses (extents are advice): the rest as
+                // data, which it reads as.
+                Err(libnbd::client::Error::Server { .. }) => return ext.add(at, end - at, 0),
+                Err(e) => return Err(nbd_err(e)),
+            };
             let before = at;
             for e in status.get(CONTEXT_BASE_ALLOCATION).unwrap_or(&[]) {
                 if at >= end {
