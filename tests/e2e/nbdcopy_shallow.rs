@@ -291,7 +291,8 @@ fn nbdcopy_shallow_three_layers() {
     }
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let (_base, mid) = chain(d);
+    // base.qcow2 <- top.qcow2 (the middle layer here) <- top3.qcow2.
+    chain(d);
     let over_mid = |img: &Path| {
         qemu_img(&[
             "create",
