@@ -41,7 +41,7 @@
 //! nbdcopy --shallow -- [ qemu-nbd -r -A -f qcow2 top.qcow2 ] \
 //!     [ nbdkit --filter=qcow2 file new.qcow2 create=true size=10G backing=base.qcow2 backing-format=qcow2 ]
 //! qemu-img create -f qcow2 -b base.qcow2 -F qcow2 new.qcow2 10G
-//! nbdcopy --shallow "nbd+unix:///?socket=top.sock" -- [ qemu-nbd -f qcow2 new.qcow2 ]
+//! nbdcopy --shallow -- "nbd+unix:///?socket=top.sock" [ qemu-nbd -f qcow2 new.qcow2 ]
 //! ```
 //!
 //! The source must be an NBD server offering `qemu:allocation-depth`
