@@ -907,3 +907,100 @@ fn qcow2_dirty_image_repaired_before_writing() {
     ]);
     same_bytes(&s1, &got);
 }
+
+/// Our nbdkit serving `file` on a TCP port of its own (found free just
+/// before), killed on drop.
+struct TcpServer {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl TcpServer {
+    fn ours(args: &[&str]) -> TcpServer {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new(nbdkit())
+            .args(["-f", "-p", &port.to_string()])
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut s = TcpServer { child, port };
+        let t = std::time::Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                t.elapsed().as_secs() < 20 && matches!(s.child.try_wait(), Ok(None)),
+                "the TCP server did not start"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        s
+    }
+}
+
+impl Drop for TcpServer {
+    fn drop(&mut self) {
+        crate::common::stop(&mut self.child);
+    }
+}
+
+/// A backing file on an NBD server (Unix socket, and TCP by URI and by
+/// qemu's `nbd:host:port`) that is sparse: its holes are holes in the
+/// overlay's map as qemu-nbd reports them, for base:allocation and
+/// qemu:allocation-depth.
+#[test]
+fn qcow2_nbd_backing_extents_as_qemu_nbd() {
+    if !require(&["qemu-img", "qemu-io", "qemu-nbd"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // 8M with data at 1M (70000 bytes) and 5M (192K), holes elsewhere.
+    let base = d.join("sparse.raw");
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::File::create(&base).unwrap();
+        f.set_len(8 << 20).unwrap();
+        f.write_all_at(&[0x61; 70000], 1 << 20).unwrap();
+        f.write_all_at(&[0x62; 192 << 10], 5 << 20).unwrap();
+    }
+    let unix = Server::ours(&["-r", "file", p(&base)]);
+    let tcp = TcpServer::ours(&["-r", "file", p(&base)]);
+    let names = [
+        format!("nbd:unix:{}", unix.socket.display()),
+        format!("nbd://localhost:{}", tcp.port),
+        format!("nbd:localhost:{}", tcp.port),
+    ];
+    for (i, name) in names.iter().enumerate() {
+        let top = d.join(format!("n{i}.qcow2"));
+        qemu_img(&[
+            "create",
+            "-q",
+            "-u",
+            "-f",
+            "qcow2",
+            "-b",
+            name,
+            "-F",
+            "raw",
+            p(&top),
+            "8M",
+        ]);
+        qemu_io(&top, &["write -P 7 2M 64k", "write -z 5M 64k"]);
+        let s = Server::ours(&["-r", "--filter=qcow2", "file", p(&top)]);
+        for ctx in [None, Some("qemu:allocation-depth")] {
+            let ours = map(&[&s.uri()], ctx);
+            assert_eq!(ours, qemu_nbd_map(&top, ctx), "{name} {ctx:?}");
+        }
+        // The backing file's holes show (its start is one).
+        let ours = map(&[&s.uri()], None);
+        let first = ours.lines().next().unwrap_or("");
+        assert!(
+            first.trim().starts_with("0 ") && first.contains("hole,zero"),
+            "{name}: {ours}"
+        );
+    }
+}

@@ -11,8 +11,9 @@ use crate::common::*;
 const CLIENT_TOOLS: [&str; 3] = ["nbdinfo", "nbdcopy", "nbddump"];
 
 /// Options of libnbd's tools newer than 1.14 (issue 25) that ours have
-/// and the installed 1.14 lacks.
-const NEWER_THAN_1_14: [&str; 9] = [
+/// and the installed 1.14 lacks; and ours alone (no libnbd has them):
+/// nbdcopy's `--shallow` (issue 23).
+const NEWER_THAN_1_14: [&str; 10] = [
     "--blkhash",
     "--blkhash-file",
     "--cannot",
@@ -22,6 +23,8 @@ const NEWER_THAN_1_14: [&str; 9] = [
     "--offset",
     "--skip",
     "--uri",
+    // ours alone
+    "--shallow",
 ];
 
 fn output(prog: &Path, args: &[&str]) -> Output {

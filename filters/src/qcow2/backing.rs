@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use async_trait::async_trait;
 use libnbd::backend::HOLE_ZERO;
 use libnbd::client::{ConnectOptions, Connection};
+use libnbd::protocol::CONTEXT_BASE_ALLOCATION;
 use libnbd::{run_blocking, Caps, Error, Extents, Flags, Handle, Result};
 
 use super::header::{Header, MAGIC};
@@ -101,9 +102,24 @@ impl Handle for FileIo {
     }
 }
 
-/// An NBD export as a read-only handle.
+/// An NBD export as a read-only handle. Its extents are the server's
+/// `base:allocation` (holes and zeroes as it reports them), when it
+/// offers that; otherwise all data.
 pub struct NbdIo {
     conn: Connection,
+}
+
+impl NbdIo {
+    /// Connect to `uri`, asking for `base:allocation`.
+    pub async fn connect(uri: &str) -> libnbd::client::Result<NbdIo> {
+        let opts = ConnectOptions::default().meta_context(CONTEXT_BASE_ALLOCATION);
+        let conn = Connection::connect_uri(uri, &opts).await?;
+        Ok(NbdIo { conn })
+    }
+
+    fn has_extents(&self) -> bool {
+        self.conn.can_meta_context(CONTEXT_BASE_ALLOCATION)
+    }
 }
 
 fn nbd_err(e: libnbd::client::Error) -> Error {
@@ -116,7 +132,10 @@ impl Handle for NbdIo {
         Ok(self.conn.size())
     }
     fn caps(&self) -> Result<Caps> {
-        Ok(Caps::READ_ONLY)
+        Ok(Caps {
+            extents: self.has_extents(),
+            ..Caps::READ_ONLY
+        })
     }
     async fn pread(&self, buf: &mut [u8], offset: u64, _flags: Flags) -> Result<()> {
         self.conn.pread(buf, offset, 0).await.map_err(nbd_err)
@@ -128,7 +147,37 @@ impl Handle for NbdIo {
         _flags: Flags,
         ext: &mut Extents,
     ) -> Result<()> {
-        ext.add(offset, count, 0)
+        if !self.has_extents() {
+            return ext.add(offset, count, 0);
+        }
+        // The server may describe less than asked: ask again from where
+        // its answer ended, until all of it is described.
+        let end = offset.saturating_add(count).min(self.conn.size());
+        let mut at = offset;
+        while at < end {
+            let status = match self.conn.block_status(end - at, at, 0).await {
+                Ok(s) => s,
+                // The server refuses (extents are advice): the rest as
+                // data, which it reads as.
+                Err(libnbd::client::Error::Server { .. }) => return ext.add(at, end - at, 0),
+                Err(e) => return Err(nbd_err(e)),
+            };
+            let before = at;
+            for e in status.get(CONTEXT_BASE_ALLOCATION).unwrap_or(&[]) {
+                if at >= end {
+                    break;
+                }
+                let len = e.length.min(end - at);
+                ext.add(at, len, e.flags & HOLE_ZERO)?;
+                at += len;
+            }
+            if at == before {
+                return Err(Error::eio(
+                    "qcow2: backing NBD server: block status described nothing",
+                ));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -199,10 +248,10 @@ impl Backing {
             let io: Box<dyn Handle>;
             let mut bdir = None;
             if let Some(uri) = nbd_uri(name) {
-                let conn = Connection::connect_uri(&uri, &ConnectOptions::default())
+                let nbd = NbdIo::connect(&uri)
                     .await
                     .map_err(|e| Error::eio(format!("qcow2: backing file {name}: {e}")))?;
-                io = Box::new(NbdIo { conn });
+                io = Box::new(nbd);
             } else if name.starts_with("json:") {
                 return Err(Error::eio(format!(
                     "qcow2: backing file {name}: json: file names are not supported"

@@ -28,9 +28,22 @@ pub struct Extent {
     /// The run reads as zeroes (a hole or a zeroed range): no need to
     /// read it.
     pub zero: bool,
+    /// Not to be copied at all (`--shallow`: a range the source's top
+    /// layer does not hold); the destination is left as it is there.
+    pub skip: bool,
 }
 
 impl Extent {
+    /// A run of data (`zero: false`) or of zeroes, to be copied.
+    pub fn new(offset: u64, length: u64, zero: bool) -> Extent {
+        Extent {
+            offset,
+            length,
+            zero,
+            skip: false,
+        }
+    }
+
     /// One past the last byte.
     pub fn end(&self) -> u64 {
         self.offset + self.length
@@ -173,11 +186,7 @@ pub trait Endpoint: Send + Sync {
     /// the extents are consecutive and start at `offset`, and may cover
     /// less than asked (but not nothing).
     async fn extents(&self, offset: u64, length: u64) -> io::Result<Vec<Extent>> {
-        Ok(vec![Extent {
-            offset,
-            length,
-            zero: false,
-        }])
+        Ok(vec![Extent::new(offset, length, false)])
     }
 
     /// Are zero blocks worth finding in the data? (Not when writes cost

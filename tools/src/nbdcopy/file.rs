@@ -400,11 +400,7 @@ fn seek_extents(file: &File, offset: u64, end: u64) -> io::Result<Vec<Extent>> {
     let mut out = Vec::new();
     let mut push = |start: u64, stop: u64, zero: bool| {
         if stop > start {
-            out.push(Extent {
-                offset: start,
-                length: stop - start,
-                zero,
-            });
+            out.push(Extent::new(start, stop - start, zero));
         }
     };
     let mut pos = offset;
@@ -463,22 +459,14 @@ impl Endpoint for FileEndpoint {
 
     async fn extents(&self, offset: u64, length: u64) -> io::Result<Vec<Extent>> {
         if self.block_device {
-            return Ok(vec![Extent {
-                offset,
-                length,
-                zero: false,
-            }]);
+            return Ok(vec![Extent::new(offset, length, false)]);
         }
         let end = offset + length;
         let mut v = self
             .blocking(false, move |f| seek_extents(f, offset, end))
             .await?;
         if v.is_empty() {
-            v.push(Extent {
-                offset,
-                length,
-                zero: false,
-            });
+            v.push(Extent::new(offset, length, false));
         }
         Ok(v)
     }

@@ -33,6 +33,40 @@
 //! copied (zero ranges hashed without reading them), also to `null:`,
 //! printed in hex (`blkhash.rs` documents the construction).
 //!
+//! Ours only: `--shallow` copies the top layer of a backing chain and
+//! nothing else (libvirt's `blockcopy --shallow`, for migrating a VM
+//! whose backing images are already at the destination):
+//!
+//! ```text
+//! nbdcopy --shallow -- [ qemu-nbd -r -A -f qcow2 top.qcow2 ] \
+//!     [ nbdkit --filter=qcow2 file new.qcow2 create=true size=10G backing=base.qcow2 backing-format=qcow2 ]
+//! qemu-img create -f qcow2 -b base.qcow2 -F qcow2 new.qcow2 10G
+//! nbdcopy --shallow -- "nbd+unix:///?socket=top.sock" [ qemu-nbd -f qcow2 new.qcow2 ]
+//! ```
+//!
+//! The source must be an NBD server offering `qemu:allocation-depth`
+//! (`qemu-nbd -A`, or our `nbdkit --filter=qcow2`), or the copy fails
+//! before anything is written. Only the ranges at depth 1 (held by the
+//! top image itself) are copied; unallocated ranges and those held by
+//! backing files are not touched in the destination, which should be an
+//! overlay over the same backing chain (they show through it). Inside
+//! the top layer, zeroes (zeroed clusters, such as `qemu-io -c 'write
+//! -z'` makes over backing data, and holes) are written as zero
+//! requests, always, even where the destination reads as zeroes already:
+//! the destination is not blank, its backing shows through, and its
+//! zero clusters must hide it as the top's do. `-p`, `-C`, `-R`,
+//! `--synchronous`, `--allocated`, `--flush` and `-S` work as usual
+//! (skipped ranges count as done for the progress bar). Refused with
+//! `--shallow`: `--blkhash` (a hash of the top layer alone is not the
+//! hash of any disk, and hashing the whole source would read what is not
+//! copied), `--destination-is-zero` (the destination is an overlay), and
+//! `--no-extents`. The destination may also be a local file or block
+//! device only if it already holds the disk below the top layer (say, an
+//! earlier full copy of the backing file, brought up to date): a missing
+//! or empty file is refused, as a raw file is no overlay and the copy
+//! would hold the top layer's data alone. `-` (stdout) is refused;
+//! `null:` is allowed.
+//!
 //! Without `-R` and `--queue-size`, what is kept in flight suits the
 //! endpoints, within libnbd's defaults (64 requests, 16M): those
 //! for a server across a network, 8 requests for one on a Unix socket
@@ -97,6 +131,7 @@ const TOOL: Tool = Tool {
         "--queue-size",
         "--request-size",
         "--requests",
+        "--shallow",
         "--sparse",
         "--synchronous",
         "--target-is-zero",
@@ -131,6 +166,10 @@ Copy to and from an NBD server:
 
     SOURCE, DESTINATION := - | FILE | DEVICE | NBD-URI | [ CMD ARGS ... ]
     DESTINATION += null:
+
+Only the top layer of a qcow2 chain, into an overlay (ours):
+
+    nbdcopy --shallow [...] NBD-SOURCE DESTINATION
 
 Block hash of what is copied (libnbd 1.24's):
 
@@ -203,6 +242,9 @@ struct Cli {
     /// Requests in flight per connection (at most 64 unless given).
     #[arg(short = 'R', long = "requests")]
     requests: Option<String>,
+    /// Copy only the source's top layer (`qemu:allocation-depth` 1).
+    #[arg(long)]
+    shallow: bool,
     /// Zero detection block size (0: none).
     #[arg(short = 'S', long = "sparse")]
     sparse: Option<String>,
@@ -240,6 +282,8 @@ struct Options {
     request_size: Option<u64>,
     /// `-R`; `None`: what the endpoints want, up to libnbd's 64.
     requests: Option<usize>,
+    /// `--shallow`: only the source's top layer.
+    shallow: bool,
     /// `None`: the default (raised to the destination's block size).
     sparse: Option<u64>,
     synchronous: bool,
@@ -338,6 +382,7 @@ fn options(cli: &Cli) -> Result<Options, String> {
         queue_size,
         request_size,
         requests,
+        shallow: cli.shallow,
         sparse,
         synchronous: cli.synchronous,
         threads,
@@ -408,11 +453,42 @@ fn parse(args: Vec<OsString>) -> Action<Job> {
     } else {
         src
     };
+    if opts.shallow {
+        if let Err(msg) = shallow_check(&opts, &src, &dst) {
+            return Action::Error(anyhow!("--shallow: {msg}"));
+        }
+    }
     Action::Run(Box::new((opts, src, dst)))
 }
 
-/// Open one side.
-async fn open(spec: Spec, write: bool, extents: bool) -> Result<Box<dyn Endpoint>> {
+/// What `--shallow` cannot go with (see the module doc).
+fn shallow_check(opts: &Options, src: &Spec, dst: &Spec) -> Result<(), &'static str> {
+    if !matches!(src, Spec::Nbd(_)) {
+        return Err(
+            "the source must be an NBD server offering qemu:allocation-depth \
+             (qemu-nbd -A, or nbdkit --filter=qcow2)",
+        );
+    }
+    if *dst == Spec::Stdio {
+        return Err("the destination cannot be a stream: what is not copied is left as it is");
+    }
+    if opts.blkhash.is_some() {
+        return Err("--blkhash hashes a whole disk, and a shallow copy is not one");
+    }
+    if opts.destination_is_zero {
+        return Err(
+            "--destination-is-zero: the destination is an overlay, whose \
+             backing file shows through",
+        );
+    }
+    if !opts.extents {
+        return Err("--no-extents: the copy needs the source's extents");
+    }
+    Ok(())
+}
+
+/// Open one side (`shallow`: the source of `--shallow`).
+async fn open(spec: Spec, write: bool, extents: bool, shallow: bool) -> Result<Box<dyn Endpoint>> {
     let file = |name: String, opened: Opened| -> Box<dyn Endpoint> {
         match opened {
             Opened::File(f) => Box::new(f),
@@ -421,7 +497,7 @@ async fn open(spec: Spec, write: bool, extents: bool) -> Result<Box<dyn Endpoint
     };
     Ok(match spec {
         Spec::Nbd(t) => Box::new(
-            NbdEndpoint::open(t, extents)
+            NbdEndpoint::open(t, extents, shallow)
                 .await
                 .map_err(|e| anyhow!(describe(&e)))?,
         ),
@@ -481,8 +557,22 @@ fn run(opts: Options, src: Spec, dst: Spec) -> Result<()> {
 }
 
 async fn copy(opts: Options, threads: usize, src: Spec, dst: Spec) -> Result<()> {
-    let mut src = open(src, false, opts.extents).await?;
-    let mut dst = open(dst, true, opts.extents).await?;
+    if let (true, Spec::Path(p)) = (opts.shallow, &dst) {
+        // A file made now (or empty) would end up with the top layer's
+        // data alone: not the disk. (Checked before opening, which
+        // would create it.)
+        let empty = std::fs::metadata(p).map_or(true, |m| m.is_file() && m.len() == 0);
+        if empty {
+            return Err(anyhow!(
+                "--shallow: {}: the destination file is missing or empty; it must \
+                 hold the layers below the source's top already (or be an NBD \
+                 overlay over them)",
+                p.display()
+            ));
+        }
+    }
+    let mut src = open(src, false, opts.extents, opts.shallow).await?;
+    let mut dst = open(dst, true, opts.extents, false).await?;
     if dst.is_read_only() {
         return Err(anyhow!("{}: the destination is read-only", dst.name()));
     }
@@ -559,6 +649,7 @@ async fn copy(opts: Options, threads: usize, src: Spec, dst: Spec) -> Result<()>
         sparse_size,
         allocated: opts.allocated,
         skip_zeroes: !dst_stream && (opts.destination_is_zero || dst.is_zero()),
+        zero_all: opts.shallow,
     };
     // In flight per connection: as asked, or as the endpoints suit.
     let requests = opts

@@ -25,6 +25,7 @@ use tokio::task::JoinSet;
 use super::endpoint::{Endpoint, Extent, OpError};
 use super::lanes::Lanes;
 use super::ops::{extents_of, Copier, Op, Planner};
+use super::progress::Progress;
 
 /// Windows whose extents are fetched concurrently ahead of the copy.
 const LOOKAHEAD: usize = 8;
@@ -122,6 +123,7 @@ async fn walk(
     chunk: u64,
     max_zero: u64,
     use_extents: bool,
+    progress: Arc<Progress>,
     tx: mpsc::Sender<Result<Vec<Op>, OpError>>,
 ) {
     let mut planner = Planner::new(chunk, max_zero);
@@ -136,11 +138,7 @@ async fn walk(
                 if use_extents {
                     extents_of(&*src, offset, length).await
                 } else {
-                    Ok(vec![Extent {
-                        offset,
-                        length,
-                        zero: false,
-                    }])
+                    Ok(vec![Extent::new(offset, length, false)])
                 }
             }
         })
@@ -151,6 +149,7 @@ async fn walk(
                 for e in list {
                     planner.push(e);
                 }
+                progress.add(planner.take_skipped());
                 let ops: Vec<Op> = std::iter::from_fn(|| planner.pop()).collect();
                 if !ops.is_empty() && tx.send(Ok(ops)).await.is_err() {
                     return;
@@ -231,6 +230,7 @@ pub async fn copy(
                 chunk,
                 c.dst.max_zero(),
                 use_extents,
+                c.progress.clone(),
                 tx,
             )));
             Ops::Planned {

@@ -28,8 +28,13 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use futures::future::try_join_all;
 use libnbd::captive::{CaptiveServer, Target};
-use libnbd::client::{errno_text, ConnectOptions, Connection, Error as NbdError, Transport};
+use libnbd::client::{
+    errno_text, ConnectOptions, Connection, Error as NbdError, StatusExtent, Transport,
+};
 use libnbd::protocol::{alloc, cmdflag, errno, CONTEXT_BASE_ALLOCATION};
+
+/// The meta context saying which layer of a chain holds each range.
+const CONTEXT_ALLOCATION_DEPTH: &str = "qemu:allocation-depth";
 use libnbd::uri::Uri;
 
 use super::endpoint::{Data, Endpoint, Extent, Hole};
@@ -78,6 +83,9 @@ pub struct NbdEndpoint {
     next: AtomicUsize,
     /// `base:allocation` was negotiated and is wanted.
     extents: bool,
+    /// `--shallow`: `qemu:allocation-depth` was negotiated, and extents
+    /// below the top layer are skipped.
+    shallow: bool,
     /// Still worth sending `FAST_ZERO` (cleared when the server says
     /// it cannot zero fast).
     fast_zero: AtomicBool,
@@ -213,6 +221,73 @@ fn io_err(e: NbdError) -> io::Error {
     }
 }
 
+/// The extents of `[offset, offset + length)` from a `base:allocation`
+/// list and a `qemu:allocation-depth` list, as far as both go: skipped
+/// where the depth is not 1, zero where `base:allocation` says so,
+/// adjacent runs of the same kind merged.
+fn shallow_merge(
+    offset: u64,
+    length: u64,
+    alloc: &[StatusExtent],
+    depth: &[StatusExtent],
+) -> Vec<Extent> {
+    let end = offset + length;
+    let mut out: Vec<Extent> = Vec::new();
+    let (mut a, mut d) = (alloc.iter().peekable(), depth.iter().peekable());
+    // What is left of the current extent of each list.
+    let (mut a_left, mut d_left) = (0u64, 0u64);
+    let mut at = offset;
+    while at < end {
+        if a_left == 0 {
+            match a.peek() {
+                Some(e) => a_left = e.length,
+                None => break,
+            }
+        }
+        if d_left == 0 {
+            match d.peek() {
+                Some(e) => d_left = e.length,
+                None => break,
+            }
+        }
+        let (Some(ae), Some(de)) = (a.peek(), d.peek()) else {
+            break;
+        };
+        let len = a_left.min(d_left).min(end - at);
+        if len == 0 {
+            // A zero-length extent from the server: step over it.
+            if a_left == 0 {
+                a.next();
+            }
+            if d_left == 0 {
+                d.next();
+            }
+            continue;
+        }
+        let skip = de.flags != 1;
+        let zero = !skip && ae.flags & alloc::ZERO != 0;
+        match out.last_mut() {
+            Some(l) if l.skip == skip && l.zero == zero => l.length += len,
+            _ => out.push(Extent {
+                offset: at,
+                length: len,
+                zero,
+                skip,
+            }),
+        }
+        at += len;
+        a_left -= len;
+        d_left -= len;
+        if a_left == 0 {
+            a.next();
+        }
+        if d_left == 0 {
+            d.next();
+        }
+    }
+    out
+}
+
 /// A name for `[ cmd args ]` in messages.
 fn command_name(argv: &[OsString]) -> String {
     let words: Vec<String> = argv
@@ -225,12 +300,14 @@ fn command_name(argv: &[OsString]) -> String {
 impl NbdEndpoint {
     /// Connect (once) to `target`: a URI, or a command to start.
     /// `extents`: ask for `base:allocation` (a source's holes; on a
-    /// destination, the ranges that need no zeroing).
-    pub async fn open(target: Target, extents: bool) -> io::Result<NbdEndpoint> {
-        let contexts: &[&str] = if extents {
-            &[CONTEXT_BASE_ALLOCATION]
-        } else {
-            &[]
+    /// destination, the ranges that need no zeroing). `shallow`: a
+    /// source for `--shallow`, which must offer `qemu:allocation-depth`
+    /// too.
+    pub async fn open(target: Target, extents: bool, shallow: bool) -> io::Result<NbdEndpoint> {
+        let contexts: &[&str] = match (extents, shallow) {
+            (_, true) => &[CONTEXT_BASE_ALLOCATION, CONTEXT_ALLOCATION_DEPTH],
+            (true, false) => &[CONTEXT_BASE_ALLOCATION],
+            (false, false) => &[],
         };
         let opts = ConnectOptions::new()
             .meta_contexts(contexts.iter().copied())
@@ -247,6 +324,13 @@ impl NbdEndpoint {
             .connect(&opts)
             .await
             .map_err(|e| io::Error::other(format!("{name}: {}", io_err(e))))?;
+        if shallow && !first.can_meta_context(CONTEXT_ALLOCATION_DEPTH) {
+            return Err(io::Error::other(format!(
+                "{name}: --shallow: the server does not offer \
+                 {CONTEXT_ALLOCATION_DEPTH} (serve the image with qemu-nbd -A, \
+                 or nbdkit --filter=qcow2)"
+            )));
+        }
         let extents = extents && first.can_meta_context(CONTEXT_BASE_ALLOCATION);
         Ok(NbdEndpoint {
             name,
@@ -256,6 +340,7 @@ impl NbdEndpoint {
             lane_conns: Vec::new(),
             next: AtomicUsize::new(0),
             extents,
+            shallow,
             fast_zero: AtomicBool::new(true),
             writeback: Writeback::default(),
             partial: tokio::sync::Mutex::new(()),
@@ -350,6 +435,33 @@ impl NbdEndpoint {
             None => buf[at..at + len as usize].fill(0),
         }
         c.pwrite(&buf, start, 0).await.map_err(io_err)
+    }
+
+    /// `--shallow`'s extents: those of the top layer (depth 1) as
+    /// `base:allocation` says (data, or zeroes: holes and zeroed
+    /// ranges), and the rest (unallocated, or in a backing file)
+    /// skipped.
+    async fn shallow_extents(&self, offset: u64, length: u64) -> io::Result<Vec<Extent>> {
+        let status = self
+            .conn()
+            .block_status(length, offset, 0)
+            .await
+            .map_err(io_err)?;
+        let none = [StatusExtent { length, flags: 0 }];
+        let alloc = match self.extents {
+            true => status.get(CONTEXT_BASE_ALLOCATION).unwrap_or(&[]),
+            // Everything data (`--no-extents` is refused with
+            // `--shallow`, but a server may lack base:allocation).
+            false => &none[..],
+        };
+        let depth = status.get(CONTEXT_ALLOCATION_DEPTH).unwrap_or(&[]);
+        let out = shallow_merge(offset, length, alloc, depth);
+        if out.is_empty() {
+            return Err(io::Error::other(
+                "block status: the server described no extents",
+            ));
+        }
+        Ok(out)
     }
 
     fn conn_error(&self, e: NbdError) -> io::Error {
@@ -462,7 +574,7 @@ impl Endpoint for NbdEndpoint {
     }
 
     fn can_extents(&self) -> bool {
-        self.extents
+        self.extents || self.shallow
     }
 
     fn extents_window(&self) -> u64 {
@@ -483,12 +595,11 @@ impl Endpoint for NbdEndpoint {
     }
 
     async fn extents(&self, offset: u64, length: u64) -> io::Result<Vec<Extent>> {
+        if self.shallow {
+            return self.shallow_extents(offset, length).await;
+        }
         if !self.extents {
-            return Ok(vec![Extent {
-                offset,
-                length,
-                zero: false,
-            }]);
+            return Ok(vec![Extent::new(offset, length, false)]);
         }
         let status = self
             .conn()
@@ -509,11 +620,7 @@ impl Endpoint for NbdEndpoint {
                 Some(Extent {
                     zero: z, length, ..
                 }) if *z == zero => *length += len,
-                _ => out.push(Extent {
-                    offset: at,
-                    length: len,
-                    zero,
-                }),
+                _ => out.push(Extent::new(at, len, zero)),
             }
             at += len;
         }
@@ -626,6 +733,37 @@ impl Endpoint for NbdEndpoint {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn se(length: u64, flags: u32) -> StatusExtent {
+        StatusExtent { length, flags }
+    }
+
+    #[test]
+    fn shallow_extents_keep_the_top_layer_only() {
+        let z = alloc::HOLE | alloc::ZERO;
+        // base:allocation: data 0-100, zero 100-300, data 300-400.
+        let a = [se(100, 0), se(200, z), se(100, 0)];
+        // depth: top 0-50, backing 50-150, top 150-250, none 250-400.
+        let d = [se(50, 1), se(100, 2), se(100, 1), se(150, 0)];
+        let got: Vec<_> = shallow_merge(1000, 400, &a, &d)
+            .into_iter()
+            .map(|e| (e.offset, e.length, e.zero, e.skip))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (1000, 50, false, false),
+                (1050, 100, false, true),
+                (1150, 100, true, false),
+                (1250, 150, false, true),
+            ]
+        );
+        // Only as far as both lists go, and no further than asked.
+        let got = shallow_merge(0, 120, &a, &[se(80, 1)]);
+        assert_eq!(got, vec![Extent::new(0, 80, false)]);
+        let got = shallow_merge(0, 30, &a, &d);
+        assert_eq!(got, vec![Extent::new(0, 30, false)]);
+    }
 
     #[test]
     fn background_flushes_wait_for_16m_and_as_long_as_the_last_one_took() {

@@ -44,6 +44,8 @@ pub struct Planner {
     /// A zero range still growing.
     zero: Option<(u64, u64)>,
     out: VecDeque<Op>,
+    /// Bytes of skipped extents not yet reported (`--shallow`).
+    skipped: u64,
 }
 
 impl Planner {
@@ -56,11 +58,19 @@ impl Planner {
             pieces: Vec::new(),
             zero: None,
             out: VecDeque::new(),
+            skipped: 0,
         }
     }
 
-    /// Add the next extent (they must be consecutive).
+    /// Add the next extent (they must be consecutive). A skipped one
+    /// makes no operation, and no read or zero spans it.
     pub fn push(&mut self, e: Extent) {
+        if e.skip {
+            self.end_chunk();
+            self.flush_zero();
+            self.skipped += e.length;
+            return;
+        }
         let mut at = e.offset;
         while at < e.end() {
             let chunk_end = (at / self.chunk + 1) * self.chunk;
@@ -72,11 +82,7 @@ impl Planner {
             }
             match self.pieces.last_mut() {
                 Some(p) if p.zero == e.zero => p.length += end - at,
-                _ => self.pieces.push(Extent {
-                    offset: at,
-                    length: end - at,
-                    zero: e.zero,
-                }),
+                _ => self.pieces.push(Extent::new(at, end - at, e.zero)),
             }
             at = end;
         }
@@ -91,6 +97,12 @@ impl Planner {
     /// The next operation, if one is ready.
     pub fn pop(&mut self) -> Option<Op> {
         self.out.pop_front()
+    }
+
+    /// Bytes skipped since the last call (done as far as progress is
+    /// concerned).
+    pub fn take_skipped(&mut self) -> u64 {
+        std::mem::take(&mut self.skipped)
     }
 
     fn end_chunk(&mut self) {
@@ -154,6 +166,11 @@ pub struct Settings {
     pub allocated: bool,
     /// The destination already reads as zeroes: skip zero ranges.
     pub skip_zeroes: bool,
+    /// Zero every zero range, even where the destination reads as
+    /// zeroes already (`--shallow`: the zeroes of the top layer are
+    /// part of it, and the destination is an overlay whose backing
+    /// shows through).
+    pub zero_all: bool,
 }
 
 /// The state of one copy shared by its operations: the endpoints, the
@@ -363,7 +380,7 @@ impl Copier {
             h.zero(op.offset, op.length);
         }
         let s = &self.settings;
-        let ask = self.dst.can_extents() && !s.skip_zeroes && !s.allocated;
+        let ask = self.dst.can_extents() && !s.skip_zeroes && !s.allocated && !s.zero_all;
         let ranges = match ask {
             // If the destination cannot say, zero it all.
             true => extents_of(&*self.dst, op.offset, op.length)
@@ -431,7 +448,7 @@ pub async fn extents_of(
             out.push(Extent {
                 offset: at,
                 length: len,
-                zero: e.zero,
+                ..e
             });
             at += len;
         }
@@ -452,11 +469,7 @@ mod tests {
     use super::*;
 
     fn ext(offset: u64, length: u64, zero: bool) -> Extent {
-        Extent {
-            offset,
-            length,
-            zero,
-        }
+        Extent::new(offset, length, zero)
     }
 
     fn plan(chunk: u64, max_zero: u64, exts: &[Extent]) -> Vec<(u64, u64, bool)> {
@@ -497,6 +510,43 @@ mod tests {
                 (10, 50, false),
                 (60, 340, true),
                 (400, 20, false)
+            ]
+        );
+    }
+
+    #[test]
+    fn skipped_extents_make_no_operation_and_split_chunks() {
+        let skip = |offset, length| Extent {
+            skip: true,
+            ..ext(offset, length, false)
+        };
+        // Data on both sides of a skip inside one chunk: two reads, not
+        // one across the skipped range; zeroes either side stay apart.
+        let exts = [
+            ext(0, 10, false),
+            skip(10, 30),
+            ext(40, 10, false),
+            ext(50, 60, true),
+            skip(110, 100),
+            ext(210, 90, true),
+        ];
+        let mut p = Planner::new(100, 1000);
+        for e in exts {
+            p.push(e);
+        }
+        p.finish();
+        assert_eq!(p.take_skipped(), 130);
+        assert_eq!(p.take_skipped(), 0);
+        let ops: Vec<_> = std::iter::from_fn(|| p.pop())
+            .map(|o| (o.offset, o.length, o.zero))
+            .collect();
+        assert_eq!(
+            ops,
+            vec![
+                (0, 10, false),
+                (40, 10, false),
+                (50, 60, true),
+                (210, 90, true)
             ]
         );
     }

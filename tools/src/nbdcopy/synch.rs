@@ -37,15 +37,12 @@ pub async fn copy(c: Arc<Copier>, use_extents: bool) -> Result<u64, OpError> {
         let list = if use_extents {
             extents_of(&*c.src, offset, length).await?
         } else {
-            vec![Extent {
-                offset,
-                length,
-                zero: false,
-            }]
+            vec![Extent::new(offset, length, false)]
         };
         for e in list {
             planner.push(e);
         }
+        c.progress.add(planner.take_skipped());
         run_ready(&c, &mut planner).await?;
         offset += length;
     }
