@@ -63,6 +63,7 @@ mod filter_swab;
 mod filter_tar;
 mod filter_tls_fallback;
 mod filter_truncate;
+mod nbd_ssh;
 mod nbddump;
 mod nbddump_offset;
 mod nbdfuse;
