@@ -68,6 +68,7 @@ mod nbddump;
 mod nbddump_offset;
 mod nbdfuse;
 mod nbdinfo;
+mod nbdinfo_maps;
 mod nbdinfo_newer;
 mod nbdkit_cli;
 mod nbdkit_debug;
