@@ -323,6 +323,34 @@ mod tests {
     }
 
     #[test]
+    fn several_maps() {
+        let r = runs();
+        let maps = [
+            ("base:allocation", r[..1].to_vec()),
+            ("x:y", r[1..2].to_vec()),
+        ];
+        assert_eq!(
+            text(|w| write_maps(w, false, false, &maps, 1 << 20)),
+            "context: base:allocation\n         0        8192    0  data\n\
+             context: x:y\n      8192        8192    1\n"
+        );
+        assert_eq!(
+            text(|w| write_maps(w, true, false, &maps, 1 << 20)),
+            "{\n\"base:allocation\": [\n{ \"offset\": 0, \"length\": 8192, \"type\": 0, \
+             \"description\": \"data\"}\n],\n\"x:y\": [\n{ \"offset\": 8192, \"length\": 8192, \
+             \"type\": 1}\n]\n}\n"
+        );
+        let v: serde_json::Value =
+            serde_json::from_str(&text(|w| write_maps(w, true, true, &maps, 16384))).unwrap();
+        assert_eq!(v["x:y"][0]["percent"], 50);
+        // One context: exactly the single map.
+        assert_eq!(
+            text(|w| write_maps(w, true, false, &maps[..1], 1 << 20)),
+            text(|w| write_map(w, true, "base:allocation", &r[..1]))
+        );
+    }
+
+    #[test]
     fn descriptions() {
         assert_eq!(
             description("base:allocation", 3).as_deref(),
