@@ -85,6 +85,8 @@ impl Sshd {
             .args(["-D", "-e", "-f"])
             .arg(d.join("sshd_config"))
             .stdin(Stdio::null())
+            // Its log (the readiness probe below makes it complain).
+            .stderr(std::fs::File::create(d.join("sshd.log")).unwrap())
             .spawn()
             .expect("run sshd");
         let user = String::from_utf8(run(Command::new("id").arg("-un")).stdout)
@@ -100,7 +102,8 @@ impl Sshd {
         let t = Instant::now();
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
             if let Ok(Some(st)) = s.child.try_wait() {
-                panic!("sshd exited: {st}");
+                let log = std::fs::read_to_string(s.dir.path().join("sshd.log"));
+                panic!("sshd exited: {st}: {}", log.unwrap_or_default());
             }
             assert!(t.elapsed() < Duration::from_secs(20), "sshd did not start");
             std::thread::sleep(Duration::from_millis(20));
@@ -383,4 +386,64 @@ fn an_unreachable_sshd_is_an_error_not_a_hang() {
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("ssh to 127.0.0.1 failed"), "{err}");
+}
+
+#[test]
+fn nbdfuse_mounts_an_ssh_uri() {
+    if !require_ssh() || !require(&["fusermount3"]) {
+        return;
+    }
+    if !Path::new("/dev/fuse").exists() {
+        assert_ne!(std::env::var("CI").as_deref(), Ok("true"), "no /dev/fuse");
+        eprintln!("SKIP: no /dev/fuse");
+        return;
+    }
+    let sshd = Sshd::start();
+    let server = Server::ours(&["pattern", "1M"]);
+    let uri = sshd.uri("nbd+ssh", &format!("?socket={}", server.socket.display()));
+    let dir = tempfile::tempdir().unwrap();
+    let mnt = dir.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let pidfile = dir.path().join("pid");
+    let mut child = sshd
+        .tool("nbdfuse")
+        .arg("-P")
+        .arg(&pidfile)
+        .arg(&mnt)
+        .arg(&uri)
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    while !pidfile.exists() {
+        if let Ok(Some(st)) = child.try_wait() {
+            panic!("nbdfuse exited early: {st}");
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "nbdfuse not ready");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let read = std::fs::read(mnt.join("nbd"));
+    let _ = Command::new("fusermount3").arg("-u").arg(&mnt).status();
+    let t = Instant::now();
+    while !matches!(child.try_wait(), Ok(Some(_))) {
+        if t.elapsed() > Duration::from_secs(20) {
+            let _ = child.kill();
+            let _ = child.wait();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let data = read.expect("read the mounted file");
+    let direct = dir.path().join("direct");
+    run_ok(
+        Command::new(our_bin("nbdcopy"))
+            .arg(server.uri())
+            .arg(&direct),
+    );
+    assert_eq!(data.len(), 1 << 20);
+    assert!(
+        data == std::fs::read(&direct).unwrap(),
+        "wrong data through nbdfuse"
+    );
+    assert!(sshd.log().contains("nc -U"), "{}", sshd.log());
 }
