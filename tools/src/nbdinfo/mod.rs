@@ -16,7 +16,8 @@
 //! ```
 //!
 //! `NBD` is an NBD URI (`nbd://host:port/export`,
-//! `nbd+unix:///export?socket=PATH`, ...) or a server to run for the
+//! `nbd+unix:///export?socket=PATH`, `nbd+ssh://user@host/?socket=PATH`
+//! through ssh as libnbd 1.22, ...) or a server to run for the
 //! occasion, `[ qemu-nbd -f qcow2 disk.qcow2 ]`, which is stopped
 //! before nbdinfo exits (put `--` before the `[` if in doubt).
 //!
