@@ -859,6 +859,12 @@ mod tests {
                 "nbd+ssh://bob@far:2222/disk?socket=/run/nbd.sock",
             ),
             (
+                "nbd+ssh://far/?socket=-X",
+                "ssh -p 22 -- far nc -U ./-X",
+                "",
+                "nbd+ssh://far:22/?socket=-X",
+            ),
+            (
                 "nbd+ssh://far",
                 "ssh -p 22 -- far nc localhost 10809",
                 "",

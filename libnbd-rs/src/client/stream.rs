@@ -166,7 +166,16 @@ impl SshTarget {
         match &self.remote {
             SshRemote::Unix(p) => {
                 v.push("-U".into());
-                v.push(shell_quote(p.as_os_str().as_bytes()));
+                // A relative path starting with '-' must not become an
+                // option of nc's.
+                let b = p.as_os_str().as_bytes();
+                if b.starts_with(b"-") {
+                    let mut dotted = b"./".to_vec();
+                    dotted.extend_from_slice(b);
+                    v.push(shell_quote(&dotted));
+                } else {
+                    v.push(shell_quote(b));
+                }
             }
             SshRemote::Tcp(port) => {
                 v.push("localhost".into());
