@@ -25,6 +25,16 @@
 //! [`kill_all`] before exiting. (When Ctrl-C is typed in a terminal the
 //! server gets the `SIGINT` too, being in the same process group.)
 //!
+//! # ssh tunnels
+//!
+//! `nbd+ssh://` connections ([`crate::client::SshTarget`]) run `ssh`
+//! the same way: forked from the same long-lived thread with
+//! `PR_SET_PDEATHSIG`, counted among the children [`kill_all`] stops.
+//! Its stdin and stdout are one end of a socket pair, the connection
+//! the other. When the connection goes, our end is shut down (ssh sees
+//! EOF and exits once the server has closed its side); ssh still
+//! running a second later gets `SIGTERM`.
+//!
 //! # Tool arguments
 //!
 //! [`Target::from_args`] takes "a URI or `[ cmd args ... ]`" from a
@@ -42,7 +52,7 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::client::{
-    ConnectOptions, Connection, Error, MultiConn, Negotiation, Result, Stream, Transport,
+    ConnectOptions, Connection, Error, MultiConn, Negotiation, Result, SshTarget, Stream, Transport,
 };
 use crate::uri::Uri;
 
@@ -325,6 +335,128 @@ impl CaptiveServer {
             set.remove(&(self.pid as i32));
         }
         status
+    }
+}
+
+/// The `ssh` process of an `nbd+ssh` connection (see the module doc).
+#[derive(Debug)]
+pub struct SshTunnel {
+    child: Mutex<Option<Child>>,
+    pid: u32,
+    host: String,
+    /// A duplicate of our end of the socket pair, shut down on drop.
+    ours: Option<std::os::fd::OwnedFd>,
+}
+
+/// How long ssh has to exit by itself once the connection is closed.
+const SSH_EXIT_TIMEOUT: Duration = Duration::from_secs(1);
+
+impl SshTunnel {
+    /// Run ssh for `target`; returns our end of its stdin/stdout.
+    pub(crate) fn spawn(target: &SshTarget) -> Result<(std::os::fd::OwnedFd, Arc<SshTunnel>)> {
+        use std::os::fd::OwnedFd;
+        use std::process::Stdio;
+        let argv = target.argv()?;
+        let ctx = |what: &str| format!("nbd+ssh: {what}");
+        let (ours, theirs) =
+            std::os::unix::net::UnixStream::pair().map_err(|e| Error::io(ctx("socketpair"), e))?;
+        let theirs = OwnedFd::from(theirs);
+        let theirs2 = theirs.try_clone().map_err(|e| Error::io(ctx("dup"), e))?;
+        let ours = OwnedFd::from(ours);
+        let dup = ours.try_clone().ok();
+        let mut cmd = Command::new(&argv[0]);
+        cmd.args(&argv[1..])
+            .stdin(Stdio::from(theirs))
+            .stdout(Stdio::from(theirs2));
+        // SAFETY: getpid cannot fail.
+        let parent = unsafe { libc::getpid() };
+        // SAFETY: only async-signal-safe calls, no allocation.
+        unsafe {
+            cmd.pre_exec(move || {
+                libc::prctl(
+                    libc::PR_SET_PDEATHSIG,
+                    libc::SIGTERM as libc::c_ulong,
+                    0,
+                    0,
+                    0,
+                );
+                if libc::getppid() != parent {
+                    return Err(io::Error::other("parent exited"));
+                }
+                Ok(())
+            });
+        }
+        let child =
+            on_spawner_thread(move || cmd.spawn()).map_err(|e| Error::io(ctx("run ssh"), e))?;
+        // `cmd` (and with it the child's ends) is gone: ssh exiting
+        // gives us EOF.
+        let pid = child.id();
+        children()
+            .get_or_insert_with(HashSet::new)
+            .insert(pid as i32);
+        let t = SshTunnel {
+            child: Mutex::new(Some(child)),
+            pid,
+            host: target.host.clone(),
+            ours: dup,
+        };
+        Ok((ours, Arc::new(t)))
+    }
+
+    /// The ssh process id.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    fn try_wait(&self) -> Option<ExitStatus> {
+        let mut g = self.child.lock().unwrap_or_else(|e| e.into_inner());
+        g.as_mut().and_then(|c| c.try_wait().ok().flatten())
+    }
+
+    /// `e` ended a connection over this tunnel: if ssh exited (bad
+    /// host, authentication, no nc there...), say so, as that is the
+    /// real error and its messages are on stderr above ours.
+    pub(crate) async fn annotate(&self, e: Error) -> Error {
+        let deadline = Instant::now() + Duration::from_millis(500);
+        loop {
+            if let Some(status) = self.try_wait() {
+                let how = match status.code() {
+                    Some(c) => format!("exit status {c}"),
+                    None => status.to_string(),
+                };
+                return Error::io(
+                    format!("nbd+ssh: ssh to {} failed ({how})", self.host),
+                    io::Error::other(e.to_string()),
+                );
+            }
+            if Instant::now() >= deadline {
+                return e;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+impl Drop for SshTunnel {
+    fn drop(&mut self) {
+        if let Some(fd) = self.ours.take() {
+            crate::client::shutdown_socket(&fd);
+        }
+        let mut guard = self.child.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(mut child) = guard.take() else {
+            return;
+        };
+        let deadline = Instant::now() + SSH_EXIT_TIMEOUT;
+        while Instant::now() < deadline {
+            match child.try_wait() {
+                Ok(None) => std::thread::sleep(Duration::from_millis(5)),
+                _ => break,
+            }
+        }
+        stop(&mut child);
+        if let Some(set) = children().as_mut() {
+            set.remove(&(self.pid as i32));
+        }
     }
 }
 

@@ -8,14 +8,25 @@
 //! | `nbd+unix:///disk?socket=/tmp/sock`    | Unix `/tmp/sock` | `disk` |
 //! | `nbd+unix:///?socket=%00/abstract`     | abstract Unix socket | `""` |
 //! | `nbd+vsock://2:10809/`                 | vsock CID 2, port 10809 | `""` |
+//! | `nbd+ssh://bob@far:2222/d?socket=/s`   | `ssh -p 2222 -o User=bob -- far nc -U /s` | `d` |
+//! | `nbd+ssh://far/?nbd-port=10810`        | `ssh -p 22 -- far nc localhost 10810` | `""` |
 //! | `nbds://host/x`, `nbds+unix://...`     | as above, TLS required | |
+//!
+//! With `nbd+ssh` and `nbds+ssh` (as in libnbd 1.22) the authority is
+//! the ssh server (port 22 by default, the userinfo is the ssh user), and
+//! the connection is ssh's stdin and stdout, forwarded by `nc` on the far
+//! side to `socket=PATH` there, or else to its localhost port `nbd-port`
+//! (10809 by default); `compress=true` runs `ssh -C`. A host starting
+//! with `-` is an error. `nbds+ssh` runs TLS over the tunnel (the TLS
+//! user name is then `tls-username`, and the certificate is checked
+//! against the ssh host name). See [`crate::client::SshTarget`].
 //!
 //! The export name is the path without its leading `/`,
 //! percent-decoded: `nbd://h//disk` is `/disk`, `nbd://h/a%20b` is
 //! `a b`. Query parameters: `socket`, `tls-certificates`,
 //! `tls-psk-file`, `tls-username`, `tls-hostname`, `tls-type`,
-//! `tls-verify-peer`, and experimental `x-*` ones; anything else is an
-//! error. A `+` in the query is a plain `+` (not a space), as in libnbd.
+//! `tls-verify-peer`, `nbd-port` and `compress` (ssh only), and
+//! experimental `x-*` ones; anything else is an error. A `+` in the query is a plain `+` (not a space), as in libnbd.
 
 use std::ffi::OsString;
 use std::fmt;
@@ -25,8 +36,8 @@ use std::path::PathBuf;
 use std::str::FromStr;
 
 use crate::client::{
-    ClientTlsOptions, ConnectOptions, Connection, Error, Negotiation, Result, Stream, TlsPolicy,
-    Transport, DEFAULT_PORT, VSOCK_CID_HOST,
+    ClientTlsOptions, ConnectOptions, Connection, Error, Negotiation, Result, SshRemote, SshTarget,
+    TlsPolicy, Transport, DEFAULT_PORT, DEFAULT_SSH_PORT, VSOCK_CID_HOST,
 };
 
 /// A malformed NBD URI; the message names the part at fault.
@@ -60,7 +71,8 @@ pub struct Uri {
     pub transport: Transport,
     /// The export name (decoded).
     pub export_name: String,
-    /// User name for TLS (the authority's userinfo, or `tls-username`).
+    /// User name for TLS (the authority's userinfo, or `tls-username`;
+    /// with ssh only `tls-username`, the userinfo being the ssh user).
     pub username: Option<String>,
     /// `tls-certificates=DIR`.
     pub tls_certificates: Option<String>,
@@ -76,13 +88,14 @@ pub struct Uri {
     pub extra: Vec<(String, String)>,
 }
 
-const SCHEMES: &str = "nbd, nbds, nbd+unix, nbds+unix, nbd+vsock or nbds+vsock";
+const SCHEMES: &str = "nbd, nbds, nbd+unix, nbds+unix, nbd+vsock, nbds+vsock, nbd+ssh or nbds+ssh";
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Kind {
     Tcp,
     Unix,
     Vsock,
+    Ssh,
 }
 
 fn hex(c: u8) -> Option<u8> {
@@ -292,9 +305,16 @@ impl Uri {
 
         // Query.
         let mut socket: Option<OsString> = None;
+        let mut nbd_port: Option<u16> = None;
+        let mut compress = false;
         let mut u = Uri::new(Transport::Unix(PathBuf::new()), export_name);
         u.tls = tls;
-        u.username = username;
+        let ssh_user = if kind == Kind::Ssh {
+            username
+        } else {
+            u.username = username;
+            None
+        };
         let mut seen: Vec<String> = Vec::new();
         for param in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
             let (k, v) = param.split_once('=').ok_or_else(|| {
@@ -320,7 +340,29 @@ impl Uri {
             }
             let value = String::from_utf8(value)
                 .map_err(|_| err(format!("query parameter {key}: not valid UTF-8")))?;
+            if matches!(key.as_str(), "nbd-port" | "compress") && kind != Kind::Ssh {
+                return Err(err(format!(
+                    "{key}= is only allowed with nbd+ssh and nbds+ssh, not {scheme}"
+                )));
+            }
             match key.as_str() {
+                "nbd-port" => {
+                    nbd_port = Some(match value.parse::<u16>() {
+                        Ok(n) if n > 0 && value.bytes().all(|b| b.is_ascii_digit()) => n,
+                        _ => {
+                            return Err(err(format!(
+                                "nbd-port={value}: not a number from 1 to 65535"
+                            )))
+                        }
+                    })
+                }
+                "compress" => {
+                    compress = match value.as_str() {
+                        "1" | "true" | "on" | "yes" => true,
+                        "0" | "false" | "off" | "no" => false,
+                        _ => return Err(err(format!("compress={value}: expected true or false"))),
+                    }
+                }
                 "tls-certificates" => u.tls_certificates = Some(value),
                 "tls-psk-file" => u.tls_psk_file = Some(value),
                 "tls-username" => u.username = Some(value),
@@ -360,8 +402,47 @@ impl Uri {
             }
             Kind::Tcp | Kind::Vsock if socket.is_some() => {
                 return Err(err(format!(
-                    "socket= is only allowed with nbd+unix and nbds+unix, not {scheme}"
+                    "socket= is only allowed with nbd+unix, nbds+unix, nbd+ssh and nbds+ssh, \
+                     not {scheme}"
                 )))
+            }
+            Kind::Ssh => {
+                if host.is_empty() {
+                    return Err(err(format!(
+                        "{scheme}: the ssh host is missing ({scheme}://[USER@]HOST[:PORT]/...)"
+                    )));
+                }
+                if host.starts_with('-') {
+                    return Err(err(format!(
+                        "{scheme}: the host {host:?} starts with '-' (refused: ssh would take \
+                         it for an option)"
+                    )));
+                }
+                if socket.is_some() && nbd_port.is_some() {
+                    return Err(err("socket= and nbd-port= cannot both be given".into()));
+                }
+                let port = match port {
+                    None => DEFAULT_SSH_PORT,
+                    Some(p) => match p.parse::<u16>() {
+                        Ok(n) if n > 0 && p.bytes().all(|b| b.is_ascii_digit()) => n,
+                        _ => {
+                            return Err(err(format!("port {p:?} is not a number from 1 to 65535")))
+                        }
+                    },
+                };
+                let remote = match socket {
+                    Some(s) => SshRemote::Unix(PathBuf::from(s)),
+                    None => SshRemote::Tcp(nbd_port.unwrap_or(DEFAULT_PORT)),
+                };
+                let t = SshTarget {
+                    host,
+                    port,
+                    user: ssh_user,
+                    compress,
+                    remote,
+                };
+                t.check().map_err(|e| err(e.to_string()))?;
+                Transport::Ssh(Box::new(t))
             }
             Kind::Tcp => {
                 let port = match port {
@@ -410,6 +491,8 @@ impl Uri {
             (Transport::Unix(_), true) => "nbds+unix",
             (Transport::Vsock { .. }, false) => "nbd+vsock",
             (Transport::Vsock { .. }, true) => "nbds+vsock",
+            (Transport::Ssh(_), false) => "nbd+ssh",
+            (Transport::Ssh(_), true) => "nbds+ssh",
         }
     }
 
@@ -426,6 +509,7 @@ impl Uri {
     pub fn tls_options(&self) -> ClientTlsOptions {
         let hostname = self.tls_hostname.clone().or(match &self.transport {
             Transport::Tcp { host, .. } => Some(host.clone()),
+            Transport::Ssh(t) => Some(t.host.clone()),
             _ => None,
         });
         ClientTlsOptions {
@@ -457,8 +541,7 @@ impl Uri {
         if self.tls {
             opts.tls = TlsPolicy::Require(self.tls_options());
         }
-        let s = Stream::connect(&self.transport).await?;
-        let mut n = Negotiation::start(s, &opts).await?;
+        let mut n = Negotiation::open(&self.transport, &opts).await?;
         n.set_uri(self.clone());
         Ok(n)
     }
@@ -477,6 +560,8 @@ fn scheme_kind(scheme: &str) -> Option<(bool, Kind)> {
         "nbds+unix" => (true, Kind::Unix),
         "nbd+vsock" => (false, Kind::Vsock),
         "nbds+vsock" => (true, Kind::Vsock),
+        "nbd+ssh" => (false, Kind::Ssh),
+        "nbds+ssh" => (true, Kind::Ssh),
         _ => return None,
     })
 }
@@ -491,10 +576,20 @@ impl FromStr for Uri {
 impl fmt::Display for Uri {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}://", self.scheme())?;
-        if let Some(u) = &self.username {
-            write!(f, "{}@", escape_userinfo(u))?;
-        }
         let mut query: Vec<(String, String)> = Vec::new();
+        // With ssh the userinfo is the ssh user, and the TLS user goes
+        // in the query.
+        let mut tls_user = None;
+        match (&self.transport, &self.username) {
+            (Transport::Ssh(t), u) => {
+                if let Some(user) = &t.user {
+                    write!(f, "{}@", escape_userinfo(user))?;
+                }
+                tls_user = u.as_ref();
+            }
+            (_, Some(u)) => write!(f, "{}@", escape_userinfo(u))?,
+            (_, None) => {}
+        }
         match &self.transport {
             Transport::Tcp { host, port } if host.parse::<Ipv6Addr>().is_ok() => {
                 write!(f, "[{host}]:{port}")?
@@ -504,11 +599,29 @@ impl fmt::Display for Uri {
             Transport::Unix(p) => {
                 query.push(("socket".into(), escape_query(p.as_os_str().as_bytes())))
             }
+            Transport::Ssh(t) => {
+                if t.host.parse::<Ipv6Addr>().is_ok() {
+                    write!(f, "[{}]:{}", t.host, t.port)?
+                } else {
+                    write!(f, "{}:{}", escape_host(&t.host), t.port)?
+                }
+                match &t.remote {
+                    SshRemote::Unix(p) => {
+                        query.push(("socket".into(), escape_query(p.as_os_str().as_bytes())))
+                    }
+                    SshRemote::Tcp(DEFAULT_PORT) => {}
+                    SshRemote::Tcp(port) => query.push(("nbd-port".into(), port.to_string())),
+                }
+                if t.compress {
+                    query.push(("compress".into(), "true".into()));
+                }
+            }
         }
         write!(f, "/{}", escape_path(self.export_name.as_bytes()))?;
         let strings = [
             ("tls-certificates", &self.tls_certificates),
             ("tls-psk-file", &self.tls_psk_file),
+            ("tls-username", &tls_user.cloned()),
             ("tls-hostname", &self.tls_hostname),
             ("tls-type", &self.tls_type),
         ];
@@ -723,6 +836,95 @@ mod tests {
                 ),
             }
         }
+    }
+
+    #[test]
+    fn ssh_uris() {
+        use std::ffi::OsString;
+        let argv = |u: &Uri| match &u.transport {
+            Transport::Ssh(t) => t
+                .argv()
+                .unwrap()
+                .into_iter()
+                .map(|a| a.into_string().unwrap())
+                .collect::<Vec<_>>()
+                .join(" "),
+            t => panic!("not ssh: {t:?}"),
+        };
+        let cases = [
+            (
+                "nbd+ssh://bob@far:2222/disk?socket=/run/nbd.sock",
+                "ssh -p 2222 -o User=bob -- far nc -U /run/nbd.sock",
+                "disk",
+                "nbd+ssh://bob@far:2222/disk?socket=/run/nbd.sock",
+            ),
+            (
+                "nbd+ssh://far/?socket=-X",
+                "ssh -p 22 -- far nc -U ./-X",
+                "",
+                "nbd+ssh://far:22/?socket=-X",
+            ),
+            (
+                "nbd+ssh://far",
+                "ssh -p 22 -- far nc localhost 10809",
+                "",
+                "nbd+ssh://far:22/",
+            ),
+            (
+                "nbd+ssh://far/?nbd-port=10810&compress=true",
+                "ssh -C -p 22 -- far nc localhost 10810",
+                "",
+                "nbd+ssh://far:22/?nbd-port=10810&compress=true",
+            ),
+            (
+                "nbds+ssh://[::1]:23/e?socket=/a%20b/it's&tls-username=alice",
+                "ssh -p 23 -- ::1 nc -U '/a b/it'\\''s'",
+                "e",
+                "nbds+ssh://[::1]:23/e?socket=/a%20b/it's&tls-username=alice",
+            ),
+        ];
+        for (s, want, export, printed) in cases {
+            let u = Uri::parse(s).unwrap_or_else(|e| panic!("{s}: {e}"));
+            assert_eq!(argv(&u), want, "{s}");
+            assert_eq!(u.export_name, export);
+            assert_eq!(u.to_string(), printed, "{s}");
+            assert_eq!(Uri::parse(printed).unwrap(), u, "{printed}");
+            assert!(Uri::is_nbd_uri(s));
+        }
+        let u = Uri::parse("nbds+ssh://bob@far/?tls-psk-file=/k&tls-username=alice").unwrap();
+        assert!(u.tls);
+        assert_eq!(u.username.as_deref(), Some("alice"));
+        assert_eq!(u.tls_options().hostname.as_deref(), Some("far"));
+        let _ = OsString::new();
+        for (s, want) in [
+            ("nbd+ssh://-oProxyCommand=xeyes", "starts with '-'"),
+            ("nbd+ssh://u@-x:22/", "starts with '-'"),
+            ("nbd+ssh:///x", "ssh host is missing"),
+            ("nbd+ssh://h/?socket=/s&nbd-port=1", "cannot both"),
+            ("nbd+ssh://h/?nbd-port=0", "nbd-port=0"),
+            ("nbd+ssh://h/?compress=maybe", "compress=maybe"),
+            ("nbd://h/?nbd-port=10809", "only allowed with nbd+ssh"),
+            (
+                "nbd+unix:///?socket=/s&compress=true",
+                "only allowed with nbd+ssh",
+            ),
+            ("nbd+ssh://h/?socket=%00abs", "abstract"),
+            ("nbd+ssh://h:x/", "port \"x\""),
+        ] {
+            match Uri::parse(s) {
+                Ok(u) => panic!("{s}: parsed as {u:?}"),
+                Err(e) => assert!(e.to_string().contains(want), "{s}: {e}"),
+            }
+        }
+        // A Transport made by hand is checked too, before ssh runs.
+        let t = SshTarget {
+            host: "-oProxyCommand=xeyes".into(),
+            port: 22,
+            user: None,
+            compress: false,
+            remote: SshRemote::Tcp(10809),
+        };
+        assert!(t.argv().is_err());
     }
 
     #[test]

@@ -591,6 +591,47 @@ async fn block_status_two_contexts() {
 }
 
 #[tokio::test]
+async fn block_status_filtered_without_the_payload_flag() {
+    // No extended headers, so no NBD_FLAG_BLOCK_STATUS_PAYLOAD: the
+    // plain request goes, and the other context's answer is dropped.
+    let sc = Script {
+        contexts: vec![(5, "base:allocation"), (9, "qemu:dirty-bitmap:b")],
+        ..Script::default()
+    };
+    let opts = ConnectOptions::new().meta_context("qemu:dirty-bitmap:b");
+    let (c, mut f) = pair(sc, opts).await;
+    assert!(!c.can_block_status_payload());
+    let server = async {
+        let (r, _) = f.request().await;
+        assert_eq!((r.typ, r.flags, r.count), (cmd::BLOCK_STATUS, 0, 4096));
+        f.status(r.cookie, false, 5, &[(4096, 0)]).await;
+        f.status(r.cookie, true, 9, &[(4096, 1)]).await;
+    };
+    let client = async {
+        let bs = c
+            .block_status_filtered(4096, 0, 0, &["qemu:dirty-bitmap:b"])
+            .await
+            .unwrap();
+        assert_eq!(bs.contexts.len(), 1);
+        assert_eq!(
+            bs.get("qemu:dirty-bitmap:b").unwrap(),
+            &[StatusExtent {
+                length: 4096,
+                flags: 1
+            }]
+        );
+        // A context not negotiated, or none: errors, nothing sent.
+        let e = c
+            .block_status_filtered(4096, 0, 0, &["qemu:allocation-depth"])
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("not negotiated"), "{e}");
+        assert!(c.block_status_filtered(4096, 0, 0, &[]).await.is_err());
+    };
+    tokio::join!(client, server);
+}
+
+#[tokio::test]
 async fn without_structured_replies() {
     let sc = Script {
         structured: false,

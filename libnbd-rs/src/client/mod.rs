@@ -19,7 +19,8 @@
 //!   meta contexts, ask about several exports, then go);
 //! - [`Connection`]: the transmission phase;
 //! - [`MultiConn`]: round-robin over several connections;
-//! - [`Stream`] and [`Transport`]: sockets (TCP, Unix, vsock, fds);
+//! - [`Stream`] and [`Transport`]: sockets (TCP, Unix, vsock, ssh
+//!   tunnels, fds);
 //! - [`Error`]: what can go wrong.
 //!
 //! Captive servers (`[ qemu-nbd -f qcow2 disk.qcow2 ]`) are in
@@ -43,7 +44,11 @@ pub use crate::protocol::cmdflag;
 pub use error::{errno_name, errno_text, rep_name, Error, Result};
 pub use multi::MultiConn;
 pub use negotiate::Negotiation;
-pub use stream::{BoxRead, BoxWrite, Stream, Transport, DEFAULT_PORT, VSOCK_CID_HOST};
+pub(crate) use stream::shutdown_socket;
+pub use stream::{
+    BoxRead, BoxWrite, SshRemote, SshTarget, Stream, Transport, DEFAULT_PORT, DEFAULT_SSH_PORT,
+    VSOCK_CID_HOST,
+};
 pub use transmit::{Connection, DEFAULT_MAX_PAYLOAD, MAX_EFFECT_LENGTH, MAX_STATUS_LENGTH};
 pub use types::{
     BlockSizes, BlockStatus, ClientTlsOptions, ConnectOptions, ContextStatus, ExportInfo,

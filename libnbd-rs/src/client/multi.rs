@@ -141,6 +141,19 @@ impl MultiConn {
         self.next().block_status(count, offset, flags).await
     }
 
+    /// See [`Connection::block_status_filtered`].
+    pub async fn block_status_filtered(
+        &self,
+        count: u64,
+        offset: u64,
+        flags: u16,
+        contexts: &[&str],
+    ) -> Result<BlockStatus> {
+        self.next()
+            .block_status_filtered(count, offset, flags, contexts)
+            .await
+    }
+
     /// Flush every connection (call it once the writes it should cover
     /// have completed).
     pub async fn flush(&self) -> Result<()> {

@@ -196,6 +196,9 @@ impl Negotiation {
             tls: false,
             keepalive: Vec::new(),
         };
+        if let Some(t) = stream.tunnel {
+            n.keepalive.push(t);
+        }
         match be64(&b) {
             IHAVEOPT => {
                 let mut f = [0u8; 2];
@@ -273,10 +276,22 @@ impl Negotiation {
 
     /// Connect to `transport` and [`start`](Self::start).
     pub async fn connect(transport: &Transport, opts: &ConnectOptions) -> Result<Negotiation> {
-        let s = Stream::connect(transport).await?;
-        let mut n = Negotiation::start(s, opts).await?;
+        let mut n = Self::open(transport, opts).await?;
         n.transport = Some(transport.clone());
         Ok(n)
+    }
+
+    /// Connect and start; an ssh tunnel that died is named in the error.
+    pub(crate) async fn open(transport: &Transport, opts: &ConnectOptions) -> Result<Negotiation> {
+        let s = Stream::connect(transport).await?;
+        let tunnel = s.tunnel.clone();
+        match Negotiation::start(s, opts).await {
+            Ok(n) => Ok(n),
+            Err(e) => match tunnel {
+                Some(t) => Err(t.annotate(e).await),
+                None => Err(e),
+            },
+        }
     }
 
     /// Connect to an NBD URI and [`start`](Self::start). The URI's

@@ -1,12 +1,17 @@
 //! Where a server is ([`Transport`]) and an open socket to it
 //! ([`Stream`]): TCP, Unix domain (including the Linux abstract
-//! namespace), `AF_VSOCK`, or any already-connected stream or fd.
+//! namespace), `AF_VSOCK`, a server on the far side of an `ssh`
+//! tunnel ([`SshTarget`], `nbd+ssh://`), or any already-connected
+//! stream or fd.
 
+use std::ffi::OsString;
 use std::fmt;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
 use tokio::io::unix::AsyncFd;
@@ -18,6 +23,8 @@ use super::error::{Error, Result};
 pub const DEFAULT_PORT: u16 = 10809;
 /// The vsock CID of the host, the default for `nbd+vsock://`.
 pub const VSOCK_CID_HOST: u32 = 2;
+/// The default ssh port, for `nbd+ssh://`.
+pub const DEFAULT_SSH_PORT: u16 = 22;
 
 /// How to reach a server.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -39,6 +46,162 @@ pub enum Transport {
         /// Port number.
         port: u32,
     },
+    /// A server on another machine, reached by running `ssh` there with
+    /// `nc` forwarding to its socket (`nbd+ssh://`).
+    Ssh(Box<SshTarget>),
+}
+
+/// Where the NBD server is on the far side of an ssh tunnel.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum SshRemote {
+    /// A Unix socket there (`nc -U PATH`).
+    Unix(PathBuf),
+    /// A TCP port on its localhost (`nc localhost PORT`).
+    Tcp(u16),
+}
+
+/// An NBD server reached through `ssh`, as libnbd 1.22 does for
+/// `nbd+ssh://` URIs: we run
+///
+/// ```text
+/// ssh [-C] -p PORT [-o User=USER] -- HOST nc -U SOCKET
+/// ssh [-C] -p PORT [-o User=USER] -- HOST nc localhost NBD-PORT
+/// ```
+///
+/// (the first `ssh` in `PATH`) with a socket as its stdin and stdout;
+/// its stderr is ours, so ssh's own messages (host key, authentication)
+/// reach the user. The connection is that socket. A host name starting
+/// with `-` is refused before anything runs, so it cannot become an ssh
+/// option (`nbd+ssh://-oProxyCommand=...`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct SshTarget {
+    /// The ssh server.
+    pub host: String,
+    /// Its port (22 by default).
+    pub port: u16,
+    /// The ssh user (`-o User=`), if not ssh's default.
+    pub user: Option<String>,
+    /// Ask ssh to compress (`-C`).
+    pub compress: bool,
+    /// Where `nc` connects on the far side.
+    pub remote: SshRemote,
+}
+
+/// Quote `s` for the remote shell (ssh passes the command as one
+/// string): left alone if it is made of harmless characters, else in
+/// single quotes.
+fn shell_quote(s: &[u8]) -> OsString {
+    use std::os::unix::ffi::OsStringExt;
+    let safe = |b: &u8| b.is_ascii_alphanumeric() || b"/._-+,:=@%".contains(b);
+    if !s.is_empty() && s.iter().all(safe) {
+        return OsString::from_vec(s.to_vec());
+    }
+    let mut out = vec![b'\''];
+    for (i, part) in s.split(|&b| b == b'\'').enumerate() {
+        if i > 0 {
+            out.extend_from_slice(b"'\\''");
+        }
+        out.extend_from_slice(part);
+    }
+    out.push(b'\'');
+    OsString::from_vec(out)
+}
+
+impl SshTarget {
+    /// Check the host (and user) cannot be taken for ssh options.
+    pub fn check(&self) -> Result<()> {
+        if self.host.is_empty() {
+            return Err(Error::InvalidArgument(
+                "nbd+ssh: the ssh host is empty".into(),
+            ));
+        }
+        if self.host.starts_with('-') {
+            return Err(Error::InvalidArgument(format!(
+                "nbd+ssh: the host name {:?} starts with '-' (refused: ssh would take it for an option)",
+                self.host
+            )));
+        }
+        if self.host.bytes().any(|b| b.is_ascii_control() || b == b' ') {
+            return Err(Error::InvalidArgument(format!(
+                "nbd+ssh: the host name {:?} contains spaces or control characters",
+                self.host
+            )));
+        }
+        if let Some(u) = &self.user {
+            if u.is_empty() || u.bytes().any(|b| b.is_ascii_control() || b == b' ') {
+                return Err(Error::InvalidArgument(format!(
+                    "nbd+ssh: bad ssh user name {u:?}"
+                )));
+            }
+        }
+        if let SshRemote::Unix(p) = &self.remote {
+            let b = p.as_os_str().as_bytes();
+            if b.is_empty() || b.contains(&0) {
+                return Err(Error::InvalidArgument(
+                    "nbd+ssh: the remote socket path is empty or has a NUL byte \
+                     (abstract sockets cannot be reached with nc)"
+                        .into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The command line that opens the tunnel (`ssh` first).
+    pub fn argv(&self) -> Result<Vec<OsString>> {
+        self.check()?;
+        let mut v: Vec<OsString> = vec!["ssh".into()];
+        if self.compress {
+            v.push("-C".into());
+        }
+        v.push("-p".into());
+        v.push(self.port.to_string().into());
+        if let Some(u) = &self.user {
+            v.push("-o".into());
+            v.push(format!("User={u}").into());
+        }
+        v.push("--".into());
+        v.push(self.host.clone().into());
+        v.push("nc".into());
+        match &self.remote {
+            SshRemote::Unix(p) => {
+                v.push("-U".into());
+                // A relative path starting with '-' must not become an
+                // option of nc's.
+                let b = p.as_os_str().as_bytes();
+                if b.starts_with(b"-") {
+                    let mut dotted = b"./".to_vec();
+                    dotted.extend_from_slice(b);
+                    v.push(shell_quote(&dotted));
+                } else {
+                    v.push(shell_quote(b));
+                }
+            }
+            SshRemote::Tcp(port) => {
+                v.push("localhost".into());
+                v.push(port.to_string().into());
+            }
+        }
+        Ok(v)
+    }
+}
+
+impl fmt::Display for SshTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ssh ")?;
+        if let Some(u) = &self.user {
+            write!(f, "{u}@")?;
+        }
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)?;
+        } else {
+            write!(f, "{}:{}", self.host, self.port)?;
+        }
+        match &self.remote {
+            SshRemote::Unix(p) => write!(f, " -> {}", p.display()),
+            SshRemote::Tcp(port) => write!(f, " -> localhost:{port}"),
+        }
+    }
 }
 
 impl fmt::Display for Transport {
@@ -48,6 +211,7 @@ impl fmt::Display for Transport {
             Transport::Tcp { host, port } => write!(f, "{host}:{port}"),
             Transport::Unix(p) => write!(f, "{}", p.display()),
             Transport::Vsock { cid, port } => write!(f, "vsock {cid}:{port}"),
+            Transport::Ssh(t) => t.fmt(f),
         }
     }
 }
@@ -64,6 +228,8 @@ pub struct Stream {
     /// A duplicate of the socket, to shut it down when the connection is
     /// dropped (the read half lives in a task that may be dropped later).
     pub(crate) socket: Option<OwnedFd>,
+    /// The ssh process of an `nbd+ssh` connection, kept as long as it.
+    pub(crate) tunnel: Option<Arc<crate::captive::SshTunnel>>,
 }
 
 impl fmt::Debug for Stream {
@@ -99,6 +265,12 @@ impl Stream {
                 let dup = fd.fd.get_ref().try_clone().ok();
                 Ok(Stream::from_io(fd).with_socket(dup))
             }
+            Transport::Ssh(t) => {
+                let (fd, tunnel) = crate::captive::SshTunnel::spawn(t)?;
+                let mut s = Stream::from_fd(fd)?;
+                s.tunnel = Some(tunnel);
+                Ok(s)
+            }
         }
     }
 
@@ -112,6 +284,7 @@ impl Stream {
             reader: Box::new(reader),
             writer: Box::new(writer),
             socket: None,
+            tunnel: None,
         }
     }
 

@@ -90,6 +90,8 @@ struct Pending {
     holes: Option<Vec<Hole>>,
     coverage: Coverage,
     statuses: Vec<(u32, Vec<StatusExtent>)>,
+    /// Filtered block status: the only context ids the reply may have.
+    filter: Option<Vec<u32>>,
     error: Option<ChunkError>,
     chunks: u32,
     tx: oneshot::Sender<Result<Outcome>>,
@@ -605,7 +607,29 @@ impl Connection {
         payload: Option<&[u8]>,
         read: Option<ReadInto>,
     ) -> Result<Outcome> {
+        self.submit_filtered(typ, flags, offset, count, payload, read, None)
+            .await
+    }
+
+    /// [`submit`](Self::submit); with a `filter` (filtered block status)
+    /// the payload is the effect length and the ids, the header's length
+    /// is the payload's, and `count` is the effect length.
+    #[allow(clippy::too_many_arguments)]
+    async fn submit_filtered(
+        &self,
+        typ: u16,
+        flags: u16,
+        offset: u64,
+        count: u64,
+        payload: Option<&[u8]>,
+        read: Option<ReadInto>,
+        filter: Option<Vec<u32>>,
+    ) -> Result<Outcome> {
         let shared = &*self.shared;
+        let wire_count = match (&filter, payload) {
+            (Some(_), Some(p)) => p.len() as u64,
+            _ => count,
+        };
         let cookie = shared.next_cookie.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         {
@@ -627,6 +651,7 @@ impl Connection {
                     buf: read.map(|r| r.buf),
                     coverage: Coverage::default(),
                     statuses: Vec::new(),
+                    filter,
                     error: None,
                     chunks: 0,
                     tx,
@@ -648,7 +673,7 @@ impl Connection {
             typ,
             cookie,
             offset,
-            count,
+            count: wire_count,
         };
         let (ext, compact);
         let hdr: &[u8] = if shared.extended {
@@ -867,6 +892,70 @@ impl Connection {
     /// the last extent, more); without extended headers a `count` over
     /// 2G is clamped. Flags: `REQ_ONE`.
     pub async fn block_status(&self, count: u64, offset: u64, flags: u16) -> Result<BlockStatus> {
+        self.block_status_for(count, offset, flags, None).await
+    }
+
+    /// Can block status be asked for some of the negotiated contexts
+    /// only (extended headers and `NBD_FLAG_BLOCK_STATUS_PAYLOAD`)?
+    pub fn can_block_status_payload(&self) -> bool {
+        self.shared.extended && self.info.flags.can_block_status_payload()
+    }
+
+    /// Block status for the negotiated meta contexts named in
+    /// `contexts` only (in the order negotiated), as
+    /// [`block_status`](Self::block_status) otherwise. When the server
+    /// can filter ([`can_block_status_payload`](Self::can_block_status_payload))
+    /// and `contexts` is not every negotiated one, the request is the
+    /// filtered form (`NBD_CMD_FLAG_PAYLOAD_LEN` with the contexts' ids)
+    /// and a reply for any other context is a protocol error; else the
+    /// plain request is sent and the other contexts' answers dropped. A
+    /// name not negotiated is an error.
+    pub async fn block_status_filtered(
+        &self,
+        count: u64,
+        offset: u64,
+        flags: u16,
+        contexts: &[&str],
+    ) -> Result<BlockStatus> {
+        let mut ids = Vec::with_capacity(contexts.len());
+        for name in contexts {
+            let c = self
+                .info
+                .meta_contexts
+                .iter()
+                .find(|c| c.name == *name)
+                .ok_or_else(|| {
+                    Error::InvalidArgument(format!(
+                        "block_status: meta context {name:?} was not negotiated"
+                    ))
+                })?;
+            if !ids.contains(&c.id) {
+                ids.push(c.id);
+            }
+        }
+        if ids.is_empty() {
+            return Err(Error::InvalidArgument(
+                "block_status: no meta context asked for".into(),
+            ));
+        }
+        let all = ids.len() == self.info.meta_contexts.len();
+        let mut out = if all || !self.can_block_status_payload() {
+            self.block_status_for(count, offset, flags, None).await?
+        } else {
+            self.block_status_for(count, offset, flags, Some(ids))
+                .await?
+        };
+        out.contexts.retain(|c| contexts.contains(&c.name.as_str()));
+        Ok(out)
+    }
+
+    async fn block_status_for(
+        &self,
+        count: u64,
+        offset: u64,
+        flags: u16,
+        filter: Option<Vec<u32>>,
+    ) -> Result<BlockStatus> {
         if self.info.meta_contexts.is_empty() {
             return Err(Error::Unsupported(
                 "block_status: no meta context was negotiated".into(),
@@ -884,8 +973,24 @@ impl Connection {
             count.min(MAX_STATUS_LENGTH)
         };
         self.check_range("block_status", offset, count)?;
+        let payload = filter.as_ref().map(|ids| {
+            let mut b = Vec::with_capacity(8 + 4 * ids.len());
+            b.extend_from_slice(&count.to_be_bytes());
+            for id in ids {
+                b.extend_from_slice(&id.to_be_bytes());
+            }
+            b
+        });
         let statuses = match self
-            .submit(cmd::BLOCK_STATUS, flags, offset, count, None, None)
+            .submit_filtered(
+                cmd::BLOCK_STATUS,
+                flags,
+                offset,
+                count,
+                payload.as_deref(),
+                None,
+                filter,
+            )
             .await?
         {
             Outcome::Status(s) => s,
@@ -1303,6 +1408,14 @@ async fn chunk(shared: &Shared, r: &mut BufReader<BoxRead>, h: ChunkHeader) -> R
                     "block status for meta context id {id}, which was not negotiated"
                 )));
             }
+            let asked = with_pending(shared, h.cookie, |p| {
+                Ok(p.filter.as_ref().is_none_or(|f| f.contains(&id)))
+            })?;
+            if !asked {
+                return Err(Error::Protocol(format!(
+                    "block status for meta context id {id}, which the request did not ask for"
+                )));
+            }
             check_extents(&extents, flags & cmdflag::REQ_ONE != 0, count)
                 .map_err(Error::Protocol)?;
             // The last extent may end past the request, but not past
@@ -1390,11 +1503,12 @@ async fn chunk(shared: &Shared, r: &mut BufReader<BoxRead>, h: ChunkHeader) -> R
                     }
                 }
                 cmd::BLOCK_STATUS => {
-                    if p.statuses.len() != shared.contexts.len() {
+                    let want = p.filter.as_ref().map_or(shared.contexts.len(), Vec::len);
+                    if p.statuses.len() != want {
                         Err(Error::Protocol(format!(
                             "block status reply for {} of {} meta contexts",
                             p.statuses.len(),
-                            shared.contexts.len()
+                            want
                         )))
                     } else {
                         Ok(Outcome::Status(std::mem::take(&mut p.statuses)))

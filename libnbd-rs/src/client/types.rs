@@ -174,6 +174,11 @@ impl TransmissionFlags {
     pub fn can_cache(self) -> bool {
         self.has(tflags::SEND_CACHE)
     }
+    /// `NBD_FLAG_BLOCK_STATUS_PAYLOAD` (filtered block status; only
+    /// meaningful with extended headers).
+    pub fn can_block_status_payload(self) -> bool {
+        self.has(tflags::BLOCK_STATUS_PAYLOAD)
+    }
 }
 
 /// Block size constraints advertised with `NBD_INFO_BLOCK_SIZE`.

@@ -15,6 +15,31 @@
 //! `qemu:dirty-bitmap:NAME`, `qemu:allocation-depth`). Consecutive
 //! extents of the same type are merged. `--json` gives the same as a
 //! JSON array, formatted like libnbd's nbdinfo.
+//!
+//! With `--offset`/`--length` only that range is asked for, and the
+//! extents are clipped to it (the first starts at the offset, the last
+//! ends at the range's end); totals are then shares of the range.
+//!
+//! Several contexts (`--map --map=qemu:allocation-depth`) are mapped
+//! one after the other on one connection, each with a block status
+//! request for that context alone when the server can filter
+//! (`NBD_FLAG_BLOCK_STATUS_PAYLOAD`, with extended headers). The text
+//! output is each map preceded by a line naming its context:
+//!
+//! ```text
+//! $ nbdinfo --map --map=qemu:allocation-depth -- [ qemu-nbd -A -f qcow2 top.qcow2 ]
+//! context: base:allocation
+//!          0       65536    0  data
+//!      65536      983040    3  hole,zero
+//! context: qemu:allocation-depth
+//!          0       65536    1  local
+//!      65536      983040    0  absent
+//! ```
+//!
+//! and `--json` gives one object with an array per context, in the order
+//! asked: `{ "base:allocation": [ ... ], "qemu:allocation-depth": [ ... ] }`
+//! (with `--totals`, the arrays of totals). With one context the output
+//! is the same as libnbd's.
 
 use std::collections::BTreeMap;
 use std::io::{self, Write};
@@ -38,17 +63,32 @@ pub struct Run {
 /// Ask the server for the extents of `context` from 0 to the end of the
 /// export, merging neighbours of the same type.
 pub async fn collect(conn: &Connection, context: &str) -> Result<Vec<Run>> {
-    let size = conn.size();
+    collect_range(conn, context, 0, conn.size()).await
+}
+
+/// The same from `start` to `end`, the extents clipped to that range.
+/// Only `context` is asked for when the server can filter.
+pub async fn collect_range(
+    conn: &Connection,
+    context: &str,
+    start: u64,
+    end: u64,
+) -> Result<Vec<Run>> {
     let mut runs: Vec<Run> = Vec::new();
-    let mut offset = 0u64;
-    while offset < size {
-        let status = conn.block_status(size - offset, offset, 0).await?;
+    let mut offset = start;
+    while offset < end {
+        let status = conn
+            .block_status_filtered(end - offset, offset, 0, &[context])
+            .await?;
         let extents = match status.get(context) {
             Some(e) if !e.is_empty() => e,
             _ => bail!("--map: server did not return any extents"),
         };
         for e in extents {
-            let length = e.length;
+            if offset >= end {
+                break;
+            }
+            let length = e.length.min(end - offset);
             match runs.last_mut() {
                 Some(last) if last.kind == e.flags => last.length += length,
                 _ => runs.push(Run {
@@ -89,6 +129,51 @@ pub fn description(context: &str, kind: u32) -> Option<String> {
         });
     }
     None
+}
+
+/// Print the maps (or totals) of several contexts: see the module doc.
+/// `size` is the length of the range mapped.
+pub fn write_maps(
+    w: &mut dyn Write,
+    json: bool,
+    totals: bool,
+    maps: &[(&str, Vec<Run>)],
+    size: u64,
+) -> io::Result<()> {
+    let one = |w: &mut dyn Write, context: &str, runs: &[Run]| {
+        if totals {
+            write_totals(w, json, context, runs, size)
+        } else {
+            write_map(w, json, context, runs)
+        }
+    };
+    if let [(context, runs)] = maps {
+        return one(w, context, runs);
+    }
+    if json {
+        writeln!(w, "{{")?;
+    }
+    for (i, (context, runs)) in maps.iter().enumerate() {
+        if json {
+            let mut v = Vec::new();
+            one(&mut v, context, runs)?;
+            let text = String::from_utf8_lossy(&v);
+            write!(
+                w,
+                "{}: {}{}",
+                json_string(context),
+                text.trim_end(),
+                if i + 1 < maps.len() { ",\n" } else { "\n" }
+            )?;
+        } else {
+            writeln!(w, "context: {context}")?;
+            one(w, context, runs)?;
+        }
+    }
+    if json {
+        writeln!(w, "}}")?;
+    }
+    Ok(())
 }
 
 /// Print the runs, one per line or as a JSON array.
@@ -235,6 +320,34 @@ mod tests {
         );
         assert_eq!(text(|w| write_totals(w, true, "x", &[], 0)), "[]\n");
         assert_eq!(text(|w| write_totals(w, false, "x", &[], 0)), "");
+    }
+
+    #[test]
+    fn several_maps() {
+        let r = runs();
+        let maps = [
+            ("base:allocation", r[..1].to_vec()),
+            ("x:y", r[1..2].to_vec()),
+        ];
+        assert_eq!(
+            text(|w| write_maps(w, false, false, &maps, 1 << 20)),
+            "context: base:allocation\n         0        8192    0  data\n\
+             context: x:y\n      8192        8192    1\n"
+        );
+        assert_eq!(
+            text(|w| write_maps(w, true, false, &maps, 1 << 20)),
+            "{\n\"base:allocation\": [\n{ \"offset\": 0, \"length\": 8192, \"type\": 0, \
+             \"description\": \"data\"}\n],\n\"x:y\": [\n{ \"offset\": 8192, \"length\": 8192, \
+             \"type\": 1}\n]\n}\n"
+        );
+        let v: serde_json::Value =
+            serde_json::from_str(&text(|w| write_maps(w, true, true, &maps, 16384))).unwrap();
+        assert_eq!(v["x:y"][0]["percent"], 50);
+        // One context: exactly the single map.
+        assert_eq!(
+            text(|w| write_maps(w, true, false, &maps[..1], 1 << 20)),
+            text(|w| write_map(w, true, "base:allocation", &r[..1]))
+        );
     }
 
     #[test]

@@ -8,14 +8,16 @@
 //! nbdinfo --is read-only|rotational|tls NBD exit status 0 (true) or 2 (false)
 //! nbdinfo --can connect|read|write|trim|zero|fast-zero|df|fua|flush|
 //!               multi-conn|cache|structured-reply NBD
-//! nbdinfo --map[=CONTEXT] [--totals] [--json] NBD
+//! nbdinfo --map[=CONTEXT] [--map=CONTEXT ...] [--totals] [--json]
+//!         [--offset=N] [--length=N] NBD
 //! nbdinfo --uri NBD                         the export's URI (libnbd 1.20+)
 //! nbdinfo --isnt|--cannot|--hasnt FLAG NBD  the inverse test (libnbd 1.16+)
 //! nbdinfo -L|--list [--json] NBD            every export of the server
 //! ```
 //!
 //! `NBD` is an NBD URI (`nbd://host:port/export`,
-//! `nbd+unix:///export?socket=PATH`, ...) or a server to run for the
+//! `nbd+unix:///export?socket=PATH`, `nbd+ssh://user@host/?socket=PATH`
+//! through ssh as libnbd 1.22, ...) or a server to run for the
 //! occasion, `[ qemu-nbd -f qcow2 disk.qcow2 ]`, which is stopped
 //! before nbdinfo exits (put `--` before the `[` if in doubt).
 //!
@@ -31,6 +33,16 @@
 //! `extended-headers` (negotiated extended headers, as libnbd 1.18+).
 //! `--uri` prints the URI of the export, as the `uri:` line of the
 //! report (not for a server run as a subprocess, which has none).
+//!
+//! `--map` may be given several times (`--map --map=qemu:allocation-depth`):
+//! one connection negotiates every context and the maps are printed in
+//! turn, in the order given, each preceded by a line `context: NAME`
+//! when there is more than one; with `--json` they are one object with
+//! an array per context, `{ "base:allocation": [...], ... }` (see
+//! [`map`]). `--offset=N` and `--length=N` (ours, after our nbddump's:
+//! libnbd's nbdinfo has no such options) map only that range of the
+//! export, extents clipped to it; an offset past the end of the export
+//! is an error; `--totals` then gives percentages of the range.
 //!
 //! Examples:
 //!
@@ -80,7 +92,8 @@ Other options:
     nbdinfo --version
     --content, --no-content   describe the first sectors of each export
     --color, --no-color       ANSI colours (default: if stdout is a terminal)
-    --map=CONTEXT             the map of another meta context
+    --map=CONTEXT             the map of another meta context (repeatable)
+    --offset=N, --length=N    --map only N bytes from offset N
 
 Examples:
 
@@ -121,8 +134,10 @@ const TOOL: Tool = Tool {
         "--is",
         "--isnt",
         "--json",
+        "--length",
         "--list",
         "--map",
+        "--offset",
         "--size",
         "--total",
         "--totals",
@@ -145,8 +160,13 @@ enum Mode {
     Can(Flag, bool),
     /// The URI of the export.
     Uri,
-    /// The map of a meta context.
-    Map { context: String, totals: bool },
+    /// The maps of one or more meta contexts, over a range.
+    Map {
+        contexts: Vec<String>,
+        totals: bool,
+        offset: u64,
+        length: Option<u64>,
+    },
 }
 
 /// The flags `--can` and `--is` test.
@@ -285,6 +305,18 @@ fn command() -> Command {
                 .num_args(0..=1)
                 .require_equals(true)
                 .default_missing_value("")
+                .action(ArgAction::Append),
+        )
+        .arg(
+            Arg::new("offset")
+                .long("offset")
+                .value_name("N")
+                .action(ArgAction::Set),
+        )
+        .arg(
+            Arg::new("length")
+                .long("length")
+                .value_name("N")
                 .action(ArgAction::Set),
         )
         .arg(flag("size"))
@@ -333,7 +365,7 @@ fn parse_cli(args: Vec<OsString>) -> Result<Cli, Action<Cli>> {
     let list = m.get_flag("list");
     let size = m.get_flag("size");
     let uri = m.get_flag("uri");
-    let map = m.get_one::<String>("map");
+    let map: Option<Vec<String>> = m.get_many::<String>("map").map(|v| v.cloned().collect());
     let totals = toggle(&m, "totals", "no-totals").unwrap_or(false);
     let modes = [list, size, map.is_some(), can.is_some(), uri];
     if modes.iter().filter(|&&x| x).count() > 1 {
@@ -341,6 +373,19 @@ fn parse_cli(args: Vec<OsString>) -> Result<Cli, Action<Cli>> {
     }
     if totals && map.is_none() {
         return Err(anyhow!("you must use --totals only with --map option.").into());
+    }
+    let size_opt = |id: &str| -> Result<Option<u64>, Action<Cli>> {
+        match m.get_one::<String>(id) {
+            None => Ok(None),
+            Some(s) => libnbd::parse_size(s)
+                .map(Some)
+                .map_err(|_| anyhow!("could not parse --{id} option: {s}").into()),
+        }
+    };
+    let range_offset = size_opt("offset")?;
+    let range_length = size_opt("length")?;
+    if (range_offset.is_some() || range_length.is_some()) && map.is_none() {
+        return Err(anyhow!("you must use --offset and --length only with --map option.").into());
     }
     let mode = if list {
         Mode::List
@@ -351,13 +396,24 @@ fn parse_cli(args: Vec<OsString>) -> Result<Cli, Action<Cli>> {
     } else if let Some((c, negated)) = can {
         let flag = Flag::parse(&c).ok_or_else(|| anyhow!("unknown --can or --is option: {c}"))?;
         Mode::Can(flag, negated)
-    } else if let Some(ctx) = map {
-        let context = if ctx.is_empty() {
-            "base:allocation".to_string()
-        } else {
-            ctx.clone()
-        };
-        Mode::Map { context, totals }
+    } else if let Some(list) = map {
+        let mut contexts: Vec<String> = Vec::new();
+        for ctx in list {
+            let c = if ctx.is_empty() {
+                "base:allocation".to_string()
+            } else {
+                ctx
+            };
+            if !contexts.contains(&c) {
+                contexts.push(c);
+            }
+        }
+        Mode::Map {
+            contexts,
+            totals,
+            offset: range_offset.unwrap_or(0),
+            length: range_length,
+        }
     } else {
         Mode::Show
     };
@@ -458,20 +514,34 @@ async fn run(cli: &Cli, w: &mut dyn Write) -> Result<i32> {
             }
             Ok(0)
         }
-        Mode::Map { context, totals } => {
+        Mode::Map {
+            contexts,
+            totals,
+            offset,
+            length,
+        } => {
             let c = cli
                 .target
-                .connect(&direct_options(vec![context.clone()]))
+                .connect(&direct_options(contexts.clone()))
                 .await?;
-            if !c.can_meta_context(context) {
-                bail!("--map: server does not support metadata context {context:?}");
+            for context in contexts {
+                if !c.can_meta_context(context) {
+                    bail!("--map: server does not support metadata context {context:?}");
+                }
             }
-            let runs = map::collect(&c, context).await?;
-            if *totals {
-                map::write_totals(w, cli.style.json, context, &runs, c.size())?;
-            } else {
-                map::write_map(w, cli.style.json, context, &runs)?;
+            let size = c.size();
+            if *offset > size {
+                bail!("--offset {offset} is beyond the end of the export ({size} bytes)");
             }
+            let end = length.map_or(size, |l| offset.saturating_add(l).min(size));
+            let mut maps = Vec::with_capacity(contexts.len());
+            for context in contexts {
+                maps.push((
+                    context.as_str(),
+                    map::collect_range(&c, context, *offset, end).await?,
+                ));
+            }
+            map::write_maps(w, cli.style.json, *totals, &maps, end - offset)?;
             let _ = c.disconnect().await;
             Ok(0)
         }
