@@ -72,9 +72,12 @@
 //!
 //! When the layer below is the file plugin, the image file is locked as
 //! qemu locks it (open file description locks on bytes 100+ and 200+):
-//! a shared lock while the server runs, a writer's lock from the first
-//! connection that writes. A second writer, ours or qemu's, is refused,
-//! and so is a writer while we read.
+//! a shared lock while the server runs, and, as qemu-nbd does, a
+//! writer's lock from the start when the image is writable (not `-r`,
+//! not `qcow2dec`, not `force-share=true`, the file writable, the
+//! image's header allowing writes). A second writer, ours or qemu's, is
+//! refused, even before our first client, and so is a writer while we
+//! read.
 
 mod backing;
 mod header;
@@ -179,9 +182,10 @@ pub fn build(p: &mut Params, cfg: Config) -> ConfigResult<Arc<dyn Filter>> {
     } else if size.is_some() {
         return Err(cerr("size= is only for create=true"));
     }
-    if let Some(path) = &path {
-        check_header(path).map_err(cerr)?;
-    }
+    let header = match &path {
+        Some(path) => Some(check_header(path).map_err(cerr)?),
+        None => None,
+    };
     let lock = match (&path, force_share) {
         (Some(path), false) => {
             let mut l =
@@ -191,6 +195,14 @@ pub fn build(p: &mut Params, cfg: Config) -> ConfigResult<Arc<dyn Filter>> {
         }
         _ => None,
     };
+    // A writable image is locked for writing from the start (as
+    // qemu-nbd does), unless the server is read-only (`after_fork`).
+    let lock_at_start = lock.is_some()
+        && !cfg.readonly
+        && header.as_ref().is_some_and(|h| h.write_refusal().is_none())
+        && path
+            .as_ref()
+            .is_some_and(|p| std::fs::OpenOptions::new().write(true).open(p).is_ok());
     let dir = path
         .as_ref()
         .and_then(|p| std::fs::canonicalize(p).ok())
@@ -202,19 +214,20 @@ pub fn build(p: &mut Params, cfg: Config) -> ConfigResult<Arc<dyn Filter>> {
         backing_fmt,
         cor,
         lock,
+        lock_at_start,
         write_locked: Mutex::new(false),
         images: tokio::sync::Mutex::new(HashMap::new()),
     }))
 }
 
 /// Refuse at start-up what the image's header says we cannot serve.
-fn check_header(path: &std::path::Path) -> std::result::Result<(), String> {
+fn check_header(path: &std::path::Path) -> std::result::Result<header::Header, String> {
     use std::io::Read;
     let mut b = Vec::new();
     std::fs::File::open(path)
         .and_then(|f| f.take(2 << 20).read_to_end(&mut b))
         .map_err(|e| format!("{}: {e}", path.display()))?;
-    header::Header::parse(&b).map(|_| ()).map_err(|e| {
+    header::Header::parse(&b).map_err(|e| {
         format!(
             "{}: {}",
             path.display(),
@@ -242,6 +255,8 @@ struct Qcow2Filter {
     backing_fmt: Option<String>,
     cor: bool,
     lock: Option<Mutex<ImageLock>>,
+    /// Take the writer's lock at start unless the server is read-only.
+    lock_at_start: bool,
     write_locked: Mutex<bool>,
     /// The open image of each export.
     images: tokio::sync::Mutex<HashMap<String, Arc<Image>>>,
@@ -308,6 +323,13 @@ impl Filter for Qcow2Filter {
             cor: self.cor && writable,
             below,
         }))
+    }
+
+    fn after_fork(&self, server: &Arc<libnbd::server::ServerContext>) -> Result<()> {
+        if self.lock_at_start && !server.readonly() {
+            self.take_write_lock()?;
+        }
+        Ok(())
     }
 
     fn passes_meta_contexts(&self) -> bool {

@@ -66,6 +66,30 @@ impl Header {
         self.incompatible & INCOMPAT_EXTL2 != 0
     }
 
+    /// Why writes cannot be done, if they cannot.
+    pub fn write_refusal(&self) -> Option<String> {
+        if self.ext_l2() {
+            return Some("writing images with extended L2 entries is not supported".into());
+        }
+        if self.nb_snapshots > 0 {
+            return Some("writing images with internal snapshots is not supported".into());
+        }
+        if self.autoclear & 1 != 0 {
+            return Some(
+                "the image has persistent dirty bitmaps, which writes would invalidate \
+                 (remove them with qemu-img bitmap --remove to write)"
+                    .into(),
+            );
+        }
+        if self.incompatible & INCOMPAT_CORRUPT != 0 {
+            return Some("the image is marked corrupt (run qemu-img check -r all)".into());
+        }
+        if self.incompatible & INCOMPAT_DIRTY != 0 {
+            return Some("the image is marked dirty (run qemu-img check -r all)".into());
+        }
+        None
+    }
+
     /// The cluster size an image declares, from its first 512 bytes
     /// (to know how much to read for [`Header::parse`]).
     pub fn peek_cluster_bits(b: &[u8]) -> Result<u32> {

@@ -23,7 +23,7 @@ use libnbd::backend::HOLE_ZERO;
 use libnbd::{Error, Extents, Flags, Handle, Result};
 
 use super::backing::Backing;
-use super::header::{Compression, Header, INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
+use super::header::{Compression, Header};
 
 pub type BoxFut<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -252,26 +252,7 @@ impl Image {
 
     /// Why writes cannot be done, if they cannot.
     pub fn write_refusal(&self) -> Option<String> {
-        if self.ext {
-            return Some("writing images with extended L2 entries is not supported".into());
-        }
-        if self.h.nb_snapshots > 0 {
-            return Some("writing images with internal snapshots is not supported".into());
-        }
-        if self.h.autoclear & 1 != 0 {
-            return Some(
-                "the image has persistent dirty bitmaps, which writes would invalidate \
-                 (remove them with qemu-img bitmap --remove to write)"
-                    .into(),
-            );
-        }
-        if self.h.incompatible & INCOMPAT_CORRUPT != 0 {
-            return Some("the image is marked corrupt (run qemu-img check -r all)".into());
-        }
-        if self.h.incompatible & INCOMPAT_DIRTY != 0 {
-            return Some("the image is marked dirty (run qemu-img check -r all)".into());
-        }
-        None
+        self.h.write_refusal()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
