@@ -50,11 +50,16 @@
 //! Writes allocate clusters at the end of the file (copying in what the
 //! rest of a cluster held: backing data, a compressed cluster's data),
 //! allocate L2 tables and refcount blocks, and grow the refcount table
-//! when the file outgrows it. Metadata is kept in memory and written back
-//! at each flush or FUA request, and when a connection closes: first the
-//! data is made stable, then the refcount blocks, then (after a flush)
-//! the refcount table, then the L2 and L1 tables, and only then are
-//! clusters the old tables pointed to given back. The image on disk is
+//! when the file outgrows it. Allocating writes of different requests
+//! go on in parallel: only the allocation itself and the setting of the
+//! L2 entries once the data is written are serialised; a cluster reads
+//! as before until then, and another write into it waits. Metadata is
+//! kept in memory and written back at each flush or FUA request (none
+//! when nothing changed), and when a connection closes: first the
+//! refcount blocks are written and made stable together with the data
+//! (one sync), then (after a sync) the refcount table, then the L2 and
+//! L1 tables, and only then are clusters the old tables pointed to
+//! given back. The image on disk is
 //! therefore consistent at every moment: after a crash `qemu-img check`
 //! finds at most leaked clusters, and everything flushed is there. Zero
 //! requests set zero clusters (version 3) or deallocate (version 2, no

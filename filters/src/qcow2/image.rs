@@ -4,10 +4,11 @@
 //!
 //! Metadata is cached in memory and written back at flush (and when the
 //! last handle of a connection closes), in an order that keeps the
-//! image consistent on disk at every moment: data, then refcount blocks,
-//! then the refcount table (after a flush), then L2 tables and the L1
-//! table (after a flush), and only after that are clusters that the old
-//! metadata still pointed to given back (their refcounts lowered). A
+//! image consistent on disk at every moment: data and refcount blocks
+//! (one sync), then the refcount table (after a sync), then L2 tables
+//! and the L1 table (after a sync), and only after that are clusters
+//! that the old metadata still pointed to given back (their refcounts
+//! lowered). A
 //! crash can leak clusters (a refcount too high, which `qemu-img check
 //! -r leaks` repairs) but never leaves a cluster in use with a refcount
 //! of 0. Clusters are allocated at the end of the file, never reused.
