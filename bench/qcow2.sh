@@ -8,10 +8,13 @@
 #                        'nbdcopy -- $uri [ nbdkit --filter=qcow2 file out.qcow2 create=true size=1G ]'
 #       ours+qemu-nbd: the same with [ qemu-nbd -f qcow2 out.qcow2 ] (after qemu-img create)
 #       upstream:      upstream nbdkit and libnbd's nbdcopy into [ qemu-nbd ... ]
+#       floor:         ours into null: (the curl+xz decode alone)
 #  2. A raw file into qcow2:
 #       ours:          nbdcopy disk.raw [ nbdkit --filter=qcow2 file out.qcow2 create=true size=1G ]
 #       qemu-img:      qemu-img convert -f raw -O qcow2 disk.raw out.qcow2
 #       ours+qemu-nbd: nbdcopy disk.raw [ qemu-nbd -f qcow2 out.qcow2 ]
+#       floor:         nbdcopy disk.raw [ nbdkit file out.raw ] (the NBD copy
+#                      with no qcow2 in it)
 # Every output is checked once with qemu-img compare and qemu-img check;
 # prints medians, ratios and the servers' peak RSS.
 #
@@ -35,6 +38,9 @@ check_out() {
   qemu-img compare -q -f raw -F qcow2 "$img" "$out" || { echo "$1: output differs!" >&2; exit 1; }
   qemu-img check -q "$out" || { echo "$1: qemu-img check failed!" >&2; exit 1; }
 }
+# The raw floor's output goes too (outside the timed run).
+outraw=$work/out.raw
+prepare="$prepare; rm -f $outraw"
 eval "$prepare"
 rss[native]=$(peak_rss "$OURS" -U - curl --filter=xz "$URL" --run "$(native '$uri' "$OURCOPY")")
 check_out native
@@ -86,12 +92,14 @@ echo "== headline pipeline into qcow2 ($RUNS alternating rounds)" >&2
 alternate "$work/h.json" \
   "ours native" "$(headline "$OURS" "$(native '$uri' "$OURCOPY")")" \
   "ours+qemu-nbd" "$(headline "$OURS" "$(viaqemu '$uri' "$OURCOPY")")" \
-  upstream "$(headline nbdkit "$(viaqemu '$uri' nbdcopy)")"
+  upstream "$(headline nbdkit "$(viaqemu '$uri' nbdcopy)")" \
+  "floor (null:)" "$(headline "$OURS" "$OURCOPY -- \$uri null:")"
 echo "== raw file into qcow2 ($RUNS alternating rounds)" >&2
 alternate "$work/r.json" \
   "ours native" "$(native "$img" "$OURCOPY")" \
   "qemu-img convert" "qemu-img convert -f raw -O qcow2 $img $out" \
-  "ours+qemu-nbd" "$(viaqemu "$img" "$OURCOPY")"
+  "ours+qemu-nbd" "$(viaqemu "$img" "$OURCOPY")" \
+  "floor (raw file)" "truncate -s $size $outraw && $OURCOPY -- $img [ $OURS file $outraw ]"
 /usr/bin/python3 - "$work/h.json" "$work/r.json" "${rss[native]}" "${rss[viaqemu]}" "${rss[raw]}" <<'PY'
 import json, sys
 h = {x["command"]: x["median"] for x in json.load(open(sys.argv[1]))["results"]}
@@ -99,9 +107,15 @@ r = {x["command"]: x["median"] for x in json.load(open(sys.argv[2]))["results"]}
 n, q, u = h["ours native"], h["ours+qemu-nbd"], h["upstream"]
 print(f"curl+xz -> qcow2: ours native {n:.2f}s  ours+qemu-nbd {q:.2f}s  upstream {u:.2f}s")
 print(f"  native vs ours+qemu-nbd {q/n:.2f}x   native vs upstream {u/n:.2f}x")
+f = h["floor (null:)"]
+print(f"  floor (curl+xz -> null:) {f:.2f}s: native at {n/f:.2f}x the floor, "
+      f"the best native vs ours+qemu-nbd would be {q/f:.2f}x")
 n, c, q = r["ours native"], r["qemu-img convert"], r["ours+qemu-nbd"]
 print(f"raw -> qcow2: ours native {n:.2f}s  qemu-img convert {c:.2f}s  ours+qemu-nbd {q:.2f}s")
 print(f"  native vs qemu-img convert {c/n:.2f}x   native vs ours+qemu-nbd {q/n:.2f}x")
+f = r["floor (raw file)"]
+print(f"  floor (nbdcopy into [ nbdkit file ]) {f:.2f}s: native at {n/f:.2f}x the floor, "
+      f"qemu-img convert at {c/f:.2f}x it")
 print(f"peak RSS of our nbdkit (MiB): pipeline native {sys.argv[3]} (curl+xz+qcow2 servers), "
       f"pipeline via qemu-nbd {sys.argv[4]}, raw->qcow2 native {sys.argv[5]}")
 PY

@@ -50,11 +50,16 @@
 //! Writes allocate clusters at the end of the file (copying in what the
 //! rest of a cluster held: backing data, a compressed cluster's data),
 //! allocate L2 tables and refcount blocks, and grow the refcount table
-//! when the file outgrows it. Metadata is kept in memory and written back
-//! at each flush or FUA request, and when a connection closes: first the
-//! data is made stable, then the refcount blocks, then (after a flush)
-//! the refcount table, then the L2 and L1 tables, and only then are
-//! clusters the old tables pointed to given back. The image on disk is
+//! when the file outgrows it. Allocating writes of different requests
+//! go on in parallel: only the allocation itself and the setting of the
+//! L2 entries once the data is written are serialised; a cluster reads
+//! as before until then, and another write into it waits. Metadata is
+//! kept in memory and written back at each flush or FUA request (none
+//! when nothing changed), and when a connection closes: first the
+//! refcount blocks are written and made stable together with the data
+//! (one sync), then (after a sync) the refcount table, then the L2 and
+//! L1 tables, and only then are clusters the old tables pointed to
+//! given back. The image on disk is
 //! therefore consistent at every moment: after a crash `qemu-img check`
 //! finds at most leaked clusters, and everything flushed is there. Zero
 //! requests set zero clusters (version 3) or deallocate (version 2, no
@@ -88,9 +93,12 @@
 //!
 //! When the layer below is the file plugin, the image file is locked as
 //! qemu locks it (open file description locks on bytes 100+ and 200+):
-//! a shared lock while the server runs, a writer's lock from the first
-//! connection that writes. A second writer, ours or qemu's, is refused,
-//! and so is a writer while we read.
+//! a shared lock while the server runs, and, as qemu-nbd does, a
+//! writer's lock from the start when the image is writable (not `-r`,
+//! not `qcow2dec`, not `force-share=true`, the file writable, the
+//! image's header allowing writes). A second writer, ours or qemu's, is
+//! refused, even before our first client, and so is a writer while we
+//! read.
 
 mod backing;
 mod header;
@@ -195,9 +203,10 @@ pub fn build(p: &mut Params, cfg: Config) -> ConfigResult<Arc<dyn Filter>> {
     } else if size.is_some() {
         return Err(cerr("size= is only for create=true"));
     }
-    if let Some(path) = &path {
-        check_header(path).map_err(cerr)?;
-    }
+    let header = match &path {
+        Some(path) => Some(check_header(path).map_err(cerr)?),
+        None => None,
+    };
     let lock = match (&path, force_share) {
         (Some(path), false) => {
             let mut l =
@@ -207,6 +216,16 @@ pub fn build(p: &mut Params, cfg: Config) -> ConfigResult<Arc<dyn Filter>> {
         }
         _ => None,
     };
+    // A writable image is locked for writing from the start (as
+    // qemu-nbd does), unless the server is read-only (`after_fork`).
+    let lock_at_start = lock.is_some()
+        && !cfg.readonly
+        && header
+            .as_ref()
+            .is_some_and(|h| h.incompatible & header::INCOMPAT_CORRUPT == 0)
+        && path
+            .as_ref()
+            .is_some_and(|p| std::fs::OpenOptions::new().write(true).open(p).is_ok());
     let dir = path
         .as_ref()
         .and_then(|p| std::fs::canonicalize(p).ok())
@@ -218,19 +237,20 @@ pub fn build(p: &mut Params, cfg: Config) -> ConfigResult<Arc<dyn Filter>> {
         backing_fmt,
         cor,
         lock,
+        lock_at_start,
         write_locked: Mutex::new(false),
         images: tokio::sync::Mutex::new(HashMap::new()),
     }))
 }
 
 /// Refuse at start-up what the image's header says we cannot serve.
-fn check_header(path: &std::path::Path) -> std::result::Result<(), String> {
+fn check_header(path: &std::path::Path) -> std::result::Result<header::Header, String> {
     use std::io::Read;
     let mut b = Vec::new();
     std::fs::File::open(path)
         .and_then(|f| f.take(2 << 20).read_to_end(&mut b))
         .map_err(|e| format!("{}: {e}", path.display()))?;
-    header::Header::parse(&b).map(|_| ()).map_err(|e| {
+    header::Header::parse(&b).map_err(|e| {
         format!(
             "{}: {}",
             path.display(),
@@ -258,6 +278,8 @@ struct Qcow2Filter {
     backing_fmt: Option<String>,
     cor: bool,
     lock: Option<Mutex<ImageLock>>,
+    /// Take the writer's lock at start unless the server is read-only.
+    lock_at_start: bool,
     write_locked: Mutex<bool>,
     /// The open image of each export.
     images: tokio::sync::Mutex<HashMap<String, Arc<Image>>>,
@@ -332,6 +354,13 @@ impl Filter for Qcow2Filter {
             cor: self.cor && writable,
             below,
         }))
+    }
+
+    fn after_fork(&self, server: &Arc<libnbd::server::ServerContext>) -> Result<()> {
+        if self.lock_at_start && !server.readonly() {
+            self.take_write_lock()?;
+        }
+        Ok(())
     }
 
     fn passes_meta_contexts(&self) -> bool {

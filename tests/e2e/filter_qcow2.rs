@@ -1004,3 +1004,128 @@ fn qcow2_nbd_backing_extents_as_qemu_nbd() {
         );
     }
 }
+
+/// Many 4K writes in flight at once, over two connections, into the
+/// same fresh clusters (over nothing, and over a backing file whose data
+/// the rest of each cluster keeps): no write is lost, the image equals
+/// the same writes on a raw file, and `qemu-img check` finds no error.
+#[test]
+fn qcow2_parallel_writes_into_fresh_clusters() {
+    if !require(&["qemu-img"]) || !require_nbdsh() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.raw");
+    random_file(&base, 4 << 20, 7);
+    for with_backing in [false, true] {
+        let img = dir.path().join(format!("p{with_backing}.qcow2"));
+        let expect = dir.path().join(format!("p{with_backing}.raw"));
+        if with_backing {
+            std::fs::copy(&base, &expect).unwrap();
+        } else {
+            std::fs::write(&expect, vec![0u8; 4 << 20]).unwrap();
+        }
+        let mut args = vec!["create=true", "size=4M"];
+        let b = format!("backing={}", p(&base));
+        if with_backing {
+            args.extend_from_slice(&[&b, "backing-format=raw"]);
+        }
+        let s = serve(&img, &args);
+        // Every other 4K block of the first 2M (32 clusters of 64K, 8
+        // writes into each), shuffled, 32 in flight per connection.
+        let script = format!(
+            "
+import random
+h2 = nbd.NBD()
+h2.connect_uri(sys.argv[1])
+hs = [h, h2]
+blocks = list(range(0, 512, 2))
+random.Random(5).shuffle(blocks)
+cookies = []
+for i, b in enumerate(blocks):
+    c = hs[i % 2]
+    while c.aio_in_flight() >= 32:
+        c.poll(-1)
+    data = bytes([(b * 7 + j) % 251 for j in range(4096)])
+    cookies.append((c, c.aio_pwrite(data, b * 4096)))
+for c in hs:
+    while c.aio_in_flight() > 0:
+        c.poll(-1)
+for c, k in cookies:
+    assert c.aio_command_completed(k)
+with open({expect:?}, 'r+b') as f:
+    for b in blocks:
+        f.seek(b * 4096)
+        f.write(bytes([(b * 7 + j) % 251 for j in range(4096)]))
+h.flush()
+print(len(blocks))
+"
+        );
+        let out = nbdpy(&s.uri(), &script);
+        assert_eq!(out.trim(), "256");
+        drop(s);
+        check_clean(&img);
+        compare(&expect, &img);
+    }
+}
+
+/// The writer's lock is taken when the server starts, before any
+/// client: `qemu-img info` (which does not share write) and a qemu-io
+/// writer are refused; a read-only server (`-r`, `qcow2dec`) or
+/// `force-share=true` takes no writer's lock.
+#[test]
+fn qcow2_write_lock_taken_at_start() {
+    if !require(&["qemu-img", "qemu-io"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("s.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", p(&img), "1M"]);
+    let info = || run(Command::new("qemu-img").args(["info", p(&img)]));
+    // The lock comes just after the socket is listening: wait for it.
+    let refused_soon = || {
+        let t = std::time::Instant::now();
+        loop {
+            let out = info();
+            if !out.status.success() {
+                return String::from_utf8_lossy(&out.stderr).into_owned();
+            }
+            assert!(
+                t.elapsed() < std::time::Duration::from_secs(5),
+                "qemu-img info still opens the image"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    };
+    let s = serve(&img, &[]);
+    let err = refused_soon();
+    assert!(err.contains("lock"), "{err}");
+    let out = run(Command::new("qemu-io").args(["-f", "qcow2", "-c", "write 0 512", p(&img)]));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("lock"), "{err}");
+    drop(s);
+    for (filter, extra) in [
+        ("--filter=qcow2", &["-r"][..]),
+        ("--filter=qcow2dec", &[][..]),
+        ("--filter=qcow2", &["force-share=true"][..]),
+    ] {
+        let mut args: Vec<&str> = Vec::new();
+        let force = extra.contains(&"force-share=true");
+        if !force {
+            args.extend_from_slice(extra);
+        }
+        args.extend_from_slice(&[filter, "file", p(&img)]);
+        if force {
+            args.push("force-share=true");
+        }
+        let s = Server::ours(&args);
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let out = info();
+        drop(s);
+        assert!(
+            out.status.success(),
+            "{filter} {extra:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}

@@ -484,6 +484,7 @@ fn run(args: Vec<OsString>) -> Result<i32> {
     cfg.tls = tls;
     cfg.tls_required = tls_mode == TlsMode::Require;
     cfg.readonly = cli.readonly;
+    cfg.server.set_readonly(cli.readonly);
     cfg.structured_replies = !cli.no_sr;
     cfg.extended_headers = !cli.no_eh;
     cfg.handshake_timeout = cli

@@ -72,6 +72,19 @@ impl Header {
         self.incompatible & INCOMPAT_EXTL2 != 0
     }
 
+    /// Why writes cannot be done, if they cannot, as far as the header
+    /// tells (a dirty image is repaired when opened for writing, after
+    /// which the bit is clear).
+    pub fn write_refusal(&self) -> Option<String> {
+        if self.incompatible & INCOMPAT_CORRUPT != 0 {
+            return Some("the image is marked corrupt (run qemu-img check -r all)".into());
+        }
+        if self.incompatible & INCOMPAT_DIRTY != 0 {
+            return Some("the image is marked dirty (run qemu-img check -r all)".into());
+        }
+        None
+    }
+
     /// The cluster size an image declares, from its first 512 bytes
     /// (to know how much to read for [`Header::parse`]).
     pub fn peek_cluster_bits(b: &[u8]) -> Result<u32> {

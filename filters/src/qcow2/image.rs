@@ -4,15 +4,16 @@
 //!
 //! Metadata is cached in memory and written back at flush (and when the
 //! last handle of a connection closes), in an order that keeps the
-//! image consistent on disk at every moment: data, then refcount blocks,
-//! then the refcount table (after a flush), then L2 tables and the L1
-//! table (after a flush), and only after that are clusters that the old
-//! metadata still pointed to given back (their refcounts lowered). A
+//! image consistent on disk at every moment: data and refcount blocks
+//! (one sync), then the refcount table (after a sync), then L2 tables
+//! and the L1 table (after a sync), and only after that are clusters
+//! that the old metadata still pointed to given back (their refcounts
+//! lowered). A
 //! crash can leak clusters (a refcount too high, which `qemu-img check
 //! -r leaks` repairs) but never leaves a cluster in use with a refcount
 //! of 0. Clusters are allocated at the end of the file, never reused.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::future::Future;
 use std::path::Path;
 use std::pin::Pin;
@@ -26,7 +27,7 @@ mod bitmaps;
 mod repair;
 
 use super::backing::Backing;
-use super::header::{Compression, Header, INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
+use super::header::{Compression, Header};
 
 pub type BoxFut<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -70,6 +71,17 @@ struct Refcounts {
     dirty: BTreeSet<u64>,
 }
 
+impl Snapshot {
+    fn is_empty(&self) -> bool {
+        self.blocks.is_empty()
+            && self.table.is_none()
+            && self.moved.is_none()
+            && self.l2s.is_empty()
+            && self.l1.is_none()
+            && self.frees.is_empty()
+    }
+}
+
 /// A moved refcount table: its offset and clusters, and the tables it
 /// replaced (offset, clusters).
 type Moved = (u64, u64, Vec<(u64, u64)>);
@@ -95,6 +107,31 @@ struct State {
     /// Host byte ranges to give back once the L2 tables no longer
     /// pointing to them are on disk.
     to_free: Vec<(u64, u64)>,
+    /// Guest clusters whose allocating write is under way: host
+    /// clusters allocated, data being written, L2 entry not set yet.
+    inflight: HashSet<u64>,
+}
+
+/// Clusters marked in flight by a write, unmarked when it is done (or
+/// fails, or is dropped), waking the writes that wait for them.
+struct Inflight<'a> {
+    img: &'a Image,
+    cis: Vec<u64>,
+}
+
+impl Drop for Inflight<'_> {
+    fn drop(&mut self) {
+        if self.cis.is_empty() {
+            return;
+        }
+        {
+            let mut st = self.img.lock();
+            for ci in &self.cis {
+                st.inflight.remove(ci);
+            }
+        }
+        self.img.alloc_done.notify_waiters();
+    }
 }
 
 /// An open image (shared by every connection to it).
@@ -108,9 +145,13 @@ pub struct Image {
     st: Mutex<State>,
     /// Serialises allocating writes, zero, trim and flush.
     alloc: tokio::sync::Mutex<()>,
+    /// Woken when in-flight clusters are done.
+    alloc_done: tokio::sync::Notify,
     /// Serialises flushes.
     flushing: tokio::sync::Mutex<()>,
     file_len: AtomicU64,
+    /// Data written since the last flush began.
+    unsynced: AtomicBool,
     pub backing: Option<Backing>,
     zcache: Mutex<Vec<(u64, Arc<Vec<u8>>)>>,
     /// The enabled persistent bitmaps, kept up to date by writes.
@@ -203,10 +244,13 @@ impl Image {
                     rc: None,
                     end: file_len.div_ceil(cs) * cs,
                     to_free: Vec::new(),
+                    inflight: HashSet::new(),
                 }),
                 alloc: tokio::sync::Mutex::new(()),
+                alloc_done: tokio::sync::Notify::new(),
                 flushing: tokio::sync::Mutex::new(()),
                 file_len: AtomicU64::new(file_len),
+                unsynced: AtomicBool::new(false),
                 backing,
                 zcache: Mutex::new(Vec::new()),
                 bitmaps: Default::default(),
@@ -246,13 +290,7 @@ impl Image {
                 "{why}: the image's persistent bitmaps could not be kept up to date"
             ));
         }
-        if self.h.incompatible & INCOMPAT_CORRUPT != 0 {
-            return Some("the image is marked corrupt (run qemu-img check -r all)".into());
-        }
-        if self.h.incompatible & INCOMPAT_DIRTY != 0 {
-            return Some("the image is marked dirty (run qemu-img check -r all)".into());
-        }
-        None
+        self.h.write_refusal()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -814,6 +852,14 @@ impl Image {
     }
 
     /// Write guest bytes.
+    ///
+    /// Clusters that need allocating get their host clusters (and L2
+    /// tables) under the allocation lock, and are marked in flight; the
+    /// data is written with the lock released, so that allocating writes
+    /// of several requests go on at once; then, under the lock again,
+    /// the L2 entries are set. Until then reads of those clusters see
+    /// what they held before, and a second write into one of them waits
+    /// for the first to be done (it then writes in place).
     pub async fn write(&self, io: &dyn Handle, buf: &[u8], off: u64) -> Result<()> {
         if buf.is_empty() {
             return Ok(());
@@ -828,13 +874,11 @@ impl Image {
             for (m, n) in runs {
                 let Map::Data(h) = m else { unreachable!() };
                 io.pwrite(&buf[at..at + n as usize], h, Flags::NONE).await?;
-                self.file_len.fetch_max(h + n, Ordering::AcqRel);
+                self.wrote(h + n);
                 at += n as usize;
             }
             return Ok(());
         }
-        let _g = self.alloc.lock().await;
-        self.load_refcounts(io).await?;
         let cs = self.cs;
         let end = off + buf.len() as u64;
         let first = off >> self.cb;
@@ -847,35 +891,64 @@ impl Image {
             /// Reads as zeroes all through.
             zero: bool,
         }
-        let mut cl = Vec::new();
-        for ci in first..=last {
-            let (e, bm) = self.entry(io, ci).await?;
-            let host = e & OFFSET_MASK;
-            // In place only into a cluster of ours alone, allocated all
-            // through (with subclusters: every one of them).
-            let keep = e & COMPRESSED == 0
-                && e & COPIED != 0
-                && host != 0
-                && if self.ext {
-                    bm & self.sub_mask(ci) == self.sub_mask(ci)
-                } else {
-                    !(self.h.version >= 3 && e & ZERO_FLAG != 0)
-                };
-            let zero = self.all_zero(ci, e, bm);
-            cl.push(C { ci, e, keep, zero });
-        }
-        // Allocate fresh clusters for the others, contiguously.
-        let need = cl.iter().filter(|c| !c.keep).count() as u64;
-        for c in &cl {
-            if !c.keep {
-                self.ensure_l2(io, c.ci).await?;
+        let (cl, base, _inflight) = loop {
+            let g = self.alloc.lock().await;
+            self.load_refcounts(io).await?;
+            let mut cl = Vec::new();
+            for ci in first..=last {
+                let (e, bm) = self.entry(io, ci).await?;
+                let host = e & OFFSET_MASK;
+                // In place only into a cluster of ours alone, allocated
+                // all through (with subclusters: every one of them).
+                let keep = e & COMPRESSED == 0
+                    && e & COPIED != 0
+                    && host != 0
+                    && if self.ext {
+                        bm & self.sub_mask(ci) == self.sub_mask(ci)
+                    } else {
+                        !(self.h.version >= 3 && e & ZERO_FLAG != 0)
+                    };
+                let zero = self.all_zero(ci, e, bm);
+                cl.push(C { ci, e, keep, zero });
             }
-        }
-        let base = if need > 0 {
+            // A cluster another write is allocating: wait for it to be
+            // set, then look again.
+            let done = self.alloc_done.notified();
+            tokio::pin!(done);
+            let busy = {
+                let st = self.lock();
+                let busy = (first..=last).any(|ci| st.inflight.contains(&ci));
+                if busy {
+                    done.as_mut().enable();
+                }
+                busy
+            };
+            if busy {
+                drop(g);
+                done.await;
+                continue;
+            }
+            // Allocate fresh clusters for the others, contiguously.
+            let need = cl.iter().filter(|c| !c.keep).count() as u64;
+            for c in &cl {
+                if !c.keep {
+                    self.ensure_l2(io, c.ci).await?;
+                }
+            }
             let mut st = self.lock();
-            self.alloc_clusters(&mut st, need)?
-        } else {
-            0
+            let base = if need > 0 {
+                self.alloc_clusters(&mut st, need)?
+            } else {
+                0
+            };
+            let fresh: Vec<u64> = cl.iter().filter(|c| !c.keep).map(|c| c.ci).collect();
+            st.inflight.extend(fresh.iter().copied());
+            drop(st);
+            let guard = Inflight {
+                img: self,
+                cis: fresh,
+            };
+            break (cl, base, guard);
         };
         let mut k = 0;
         let mut newe = Vec::new();
@@ -903,26 +976,36 @@ impl Image {
                 // The rest of a fresh cluster reads as zeroes.
                 add(host + (s - cstart), from, to);
             } else {
+                // What the rest of the cluster holds now (the entry is
+                // still the old one: nobody else changes it meanwhile).
                 let mut content = self.cluster_content(io, c.ci).await?;
                 content[(s - cstart) as usize..(e - cstart) as usize]
                     .copy_from_slice(&buf[from..to]);
                 let wl = (disk_end - cstart) as usize;
                 io.pwrite(&content[..wl], host, Flags::NONE).await?;
-                self.file_len.fetch_max(host + wl as u64, Ordering::AcqRel);
+                self.wrote(host + wl as u64);
             }
             newe.push((c.ci, host | COPIED));
         }
         for (h, f, t) in pieces {
             io.pwrite(&buf[f..t], h, Flags::NONE).await?;
-            self.file_len
-                .fetch_max(h + (t - f) as u64, Ordering::AcqRel);
+            self.wrote(h + (t - f) as u64);
         }
-        for (ci, v) in newe {
-            let old = self.set_entry(io, ci, v).await?;
-            let mut st = self.lock();
-            self.free_later(&mut st, old);
+        if !newe.is_empty() {
+            let _g = self.alloc.lock().await;
+            for (ci, v) in newe {
+                let old = self.set_entry(io, ci, v).await?;
+                let mut st = self.lock();
+                self.free_later(&mut st, old);
+            }
         }
         Ok(())
+    }
+
+    /// Data was written up to host offset `end`.
+    fn wrote(&self, end: u64) {
+        self.file_len.fetch_max(end, Ordering::AcqRel);
+        self.unsynced.store(true, Ordering::Release);
     }
 
     async fn all_copied(&self, io: &dyn Handle, off: u64, len: u64) -> Result<bool> {
@@ -986,6 +1069,7 @@ impl Image {
                             if old & OFFSET_MASK != 0 && old & COMPRESSED == 0 && old & COPIED != 0
                             {
                                 let _ = io.trim(cs, old & OFFSET_MASK, Flags::NONE).await;
+                                self.unsynced.store(true, Ordering::Release);
                             }
                             let mut st = self.lock();
                             self.free_later(&mut st, old);
@@ -1006,54 +1090,75 @@ impl Image {
 
     /// Write the metadata back, in an order that keeps the image
     /// consistent, and make everything stable. The metadata is taken as
-    /// it stands once the data is stable, under the allocation lock
-    /// only for that moment: writes go on while it is written and synced
-    /// (qemu-nbd holds its metadata lock through every sync).
+    /// it stands at one moment, under the allocation lock only for that
+    /// moment: writes go on while it is written and synced (qemu-nbd
+    /// holds its metadata lock through every sync). Every L2 entry in
+    /// it points to data whose write was done before (entries are set
+    /// after their data is written), so the first sync, after the
+    /// refcount blocks are written, makes both the data and the
+    /// refcounts stable before any table points to them.
     pub async fn flush(&self, io: &dyn Handle) -> Result<()> {
         let _f = self.flushing.lock().await;
-        io.flush(Flags::NONE).await?;
+        // Whether data was written since the last flush (cleared before
+        // the snapshot: a write done after it is for the next flush).
+        let unsynced = self.unsynced.swap(false, Ordering::AcqRel);
         let snap = {
             let _g = self.alloc.lock().await;
             let mut st = self.lock();
             let st = &mut *st;
-            let Some(rc) = st.rc.as_mut() else {
-                return Ok(());
-            };
-            let blocks: Vec<(u64, Vec<u8>)> = std::mem::take(&mut rc.dirty)
-                .into_iter()
-                .map(|o| (o, rc.blocks[&o].clone()))
-                .collect();
-            let table = rc
-                .table_dirty
-                .then(|| (rc.table_off, to_be_bytes(&rc.table)));
-            rc.table_dirty = false;
-            let moved = rc.moved.then(|| {
-                (
-                    rc.table_off,
-                    rc.table_clusters,
-                    std::mem::take(&mut rc.old_tables),
-                )
-            });
-            rc.moved = false;
-            let l2s: Vec<(u64, Vec<u8>)> = std::mem::take(&mut st.l2_dirty)
-                .into_iter()
-                .filter_map(|o| st.l2.get(&o).map(|t| (o, to_be_bytes(t))))
-                .collect();
-            let l1 = st.l1_dirty.then(|| to_be_bytes(&st.l1));
-            st.l1_dirty = false;
-            let frees = std::mem::take(&mut st.to_free);
-            Snapshot {
-                blocks,
-                table,
-                moved,
-                l2s,
-                l1,
-                frees,
-            }
+            st.rc.as_mut().map(|rc| {
+                let blocks: Vec<(u64, Vec<u8>)> = std::mem::take(&mut rc.dirty)
+                    .into_iter()
+                    .map(|o| (o, rc.blocks[&o].clone()))
+                    .collect();
+                let table = rc
+                    .table_dirty
+                    .then(|| (rc.table_off, to_be_bytes(&rc.table)));
+                rc.table_dirty = false;
+                let moved = rc.moved.then(|| {
+                    (
+                        rc.table_off,
+                        rc.table_clusters,
+                        std::mem::take(&mut rc.old_tables),
+                    )
+                });
+                rc.moved = false;
+                let l2s: Vec<(u64, Vec<u8>)> = std::mem::take(&mut st.l2_dirty)
+                    .into_iter()
+                    .filter_map(|o| st.l2.get(&o).map(|t| (o, to_be_bytes(t))))
+                    .collect();
+                let l1 = st.l1_dirty.then(|| to_be_bytes(&st.l1));
+                st.l1_dirty = false;
+                let frees = std::mem::take(&mut st.to_free);
+                Snapshot {
+                    blocks,
+                    table,
+                    moved,
+                    l2s,
+                    l1,
+                    frees,
+                }
+            })
         };
+        let Some(snap) = snap else {
+            // Nothing allocated yet: only data to sync.
+            if !unsynced {
+                return Ok(());
+            }
+            let r = io.flush(Flags::NONE).await;
+            if r.is_err() {
+                self.unsynced.store(true, Ordering::Release);
+            }
+            return r;
+        };
+        if !unsynced && snap.is_empty() {
+            // Nothing written since the last flush.
+            return Ok(());
+        }
         let r = self.write_back(io, &snap).await;
         if r.is_err() {
             // Written again at the next flush.
+            self.unsynced.store(true, Ordering::Release);
             let mut st = self.lock();
             let st = &mut *st;
             let rc = st.rc.as_mut().unwrap();
@@ -1072,14 +1177,13 @@ impl Image {
 
     async fn write_back(&self, io: &dyn Handle, snap: &Snapshot) -> Result<()> {
         let cs = self.cs;
-        // 1. Refcount blocks, then the refcount table (moved: the header).
-        if !snap.blocks.is_empty() {
-            for (o, b) in &snap.blocks {
-                io.pwrite(b, *o, Flags::NONE).await?;
-                self.file_len.fetch_max(o + cs, Ordering::AcqRel);
-            }
-            io.flush(Flags::NONE).await?;
+        // 1. Refcount blocks, stable with the data in one sync; then the
+        // refcount table (moved: the header).
+        for (o, b) in &snap.blocks {
+            io.pwrite(b, *o, Flags::NONE).await?;
+            self.file_len.fetch_max(o + cs, Ordering::AcqRel);
         }
+        io.flush(Flags::NONE).await?;
         if let Some((o, b)) = &snap.table {
             io.pwrite(b, *o, Flags::NONE).await?;
             self.file_len

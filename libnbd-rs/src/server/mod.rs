@@ -127,6 +127,8 @@ pub struct ServerContext {
     shutdown: Notify,
     /// A shutdown was requested (the flag a late waiter checks).
     shutting_down: AtomicBool,
+    /// `-r`: every export is served read-only.
+    readonly: AtomicBool,
 }
 
 impl ServerContext {
@@ -137,6 +139,17 @@ impl ServerContext {
             next_id: AtomicU64::new(1),
             ..Default::default()
         })
+    }
+
+    /// Say whether the server serves read-only (`-r`), for layers that
+    /// prepare for writes at start (set before `after_fork`).
+    pub fn set_readonly(&self, readonly: bool) {
+        self.readonly.store(readonly, Ordering::SeqCst);
+    }
+
+    /// Is the server read-only (`-r`)?
+    pub fn readonly(&self) -> bool {
+        self.readonly.load(Ordering::SeqCst)
     }
 
     /// Are debug messages (`-v`) on?

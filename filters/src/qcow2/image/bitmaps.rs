@@ -192,7 +192,7 @@ impl Image {
                     bm.table_dirty = true;
                 }
                 io.pwrite(d, host, Flags::NONE).await?;
-                self.file_len.fetch_max(host + cs, Ordering::AcqRel);
+                self.wrote(host + cs);
             }
             bm.data.clear();
         }
