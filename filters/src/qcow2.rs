@@ -119,7 +119,7 @@ use image::{Image, Map};
 use lock::ImageLock;
 
 /// The meta context of allocation depths.
-pub const ALLOCATION_DEPTH: &str = "qemu:allocation-depth";
+pub use libnbd::protocol::CONTEXT_ALLOCATION_DEPTH as ALLOCATION_DEPTH;
 
 /// Registry entry.
 pub const ENTRY: FilterEntry = FilterEntry {

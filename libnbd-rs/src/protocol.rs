@@ -300,6 +300,9 @@ pub mod alloc {
 
 /// The name of the allocation meta context.
 pub const CONTEXT_BASE_ALLOCATION: &str = "base:allocation";
+/// qemu's meta context saying which layer of a backing chain holds each
+/// range (0: none, 1: the top image, 2: its backing file...).
+pub const CONTEXT_ALLOCATION_DEPTH: &str = "qemu:allocation-depth";
 
 /// Largest string (export name, description, context name) we accept.
 pub const MAX_STRING: usize = 4096;

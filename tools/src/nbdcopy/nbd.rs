@@ -31,10 +31,9 @@ use libnbd::captive::{CaptiveServer, Target};
 use libnbd::client::{
     errno_text, ConnectOptions, Connection, Error as NbdError, StatusExtent, Transport,
 };
-use libnbd::protocol::{alloc, cmdflag, errno, CONTEXT_BASE_ALLOCATION};
-
-/// The meta context saying which layer of a chain holds each range.
-const CONTEXT_ALLOCATION_DEPTH: &str = "qemu:allocation-depth";
+use libnbd::protocol::{
+    alloc, cmdflag, errno, CONTEXT_ALLOCATION_DEPTH, CONTEXT_BASE_ALLOCATION,
+};
 use libnbd::uri::Uri;
 
 use super::endpoint::{Data, Endpoint, Extent, Hole};

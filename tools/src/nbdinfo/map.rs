@@ -121,7 +121,7 @@ pub fn description(context: &str, kind: u32) -> Option<String> {
             _ => None,
         };
     }
-    if context == "qemu:allocation-depth" {
+    if context == libnbd::protocol::CONTEXT_ALLOCATION_DEPTH {
         return Some(match kind {
             0 => "absent".into(),
             1 => "local".into(),
