@@ -1069,6 +1069,72 @@ print(len(blocks))
     }
 }
 
+/// Parallel writes into clusters with only some subclusters allocated
+/// (extended L2): a write into an allocated subcluster and one into an
+/// unallocated subcluster of the same cluster (which reallocates the
+/// cluster, copying in what it holds) must not lose each other's data.
+#[test]
+fn qcow2_parallel_writes_into_partly_allocated_subclusters() {
+    if !require(&["qemu-img", "qemu-io"]) || !require_nbdsh() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("x.qcow2");
+    let expect = dir.path().join("x.raw");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "compat=1.1,extended_l2=on",
+        p(&img),
+        "4M",
+    ]);
+    // Every fourth 2K subcluster of the first 2M allocated by qemu.
+    let cmds: Vec<String> = (0..256)
+        .map(|k| format!("write -P 0x{:02x} {} 2k", k % 200 + 1, k * 8192))
+        .collect();
+    let cmds: Vec<&str> = cmds.iter().map(String::as_str).collect();
+    qemu_io(&img, &cmds);
+    let s = serve(&img, &[]);
+    // Then every 2K of the first 2M rewritten, shuffled, 32 in flight on
+    // each of two connections.
+    let script = format!(
+        "
+import random
+h2 = nbd.NBD()
+h2.connect_uri(sys.argv[1])
+hs = [h, h2]
+blocks = list(range(1024))
+random.Random(9).shuffle(blocks)
+cookies = []
+for i, b in enumerate(blocks):
+    c = hs[i % 2]
+    while c.aio_in_flight() >= 32:
+        c.poll(-1)
+    cookies.append((c, c.aio_pwrite(bytes([(b * 3 + j) % 253 for j in range(2048)]), b * 2048)))
+for c in hs:
+    while c.aio_in_flight() > 0:
+        c.poll(-1)
+for c, k in cookies:
+    assert c.aio_command_completed(k)
+with open({expect:?}, 'wb') as f:
+    f.truncate(4 << 20)
+    for b in range(1024):
+        f.seek(b * 2048)
+        f.write(bytes([(b * 3 + j) % 253 for j in range(2048)]))
+h.flush()
+print(len(blocks))
+"
+    );
+    let out = nbdpy(&s.uri(), &script);
+    assert_eq!(out.trim(), "1024");
+    drop(s);
+    check_clean(&img);
+    compare(&expect, &img);
+}
+
 /// The writer's lock is taken when the server starts, before any
 /// client: `qemu-img info` (which does not share write) and a qemu-io
 /// writer are refused; a read-only server (`-r`, `qcow2dec`) or

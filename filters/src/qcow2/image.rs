@@ -192,6 +192,15 @@ fn rc_set(b: &mut [u8], i: usize, order: u32, v: u64) {
     }
 }
 
+/// Add the piece of a buffer `[from, to)` going to host offset `host`,
+/// merged into the last one when both are contiguous.
+fn push_piece(pieces: &mut Vec<(u64, usize, usize)>, host: u64, from: usize, to: usize) {
+    match pieces.last_mut() {
+        Some((h, f, t)) if *h + (*t - *f) as u64 == host && *t == from => *t = to,
+        _ => pieces.push((host, from, to)),
+    }
+}
+
 fn to_be_bytes(v: &[u64]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_be_bytes()).collect()
 }
@@ -865,17 +874,14 @@ impl Image {
             return Ok(());
         }
         self.mark(io, off, buf.len() as u64).await?;
-        // Fast path: every cluster allocated here and not shared.
-        let runs = self.runs(io, off, buf.len() as u64).await?;
-        if runs.iter().all(|(m, _)| matches!(m, Map::Data(_)))
-            && self.all_copied(io, off, buf.len() as u64).await?
-        {
-            let mut at = 0usize;
-            for (m, n) in runs {
-                let Map::Data(h) = m else { unreachable!() };
-                io.pwrite(&buf[at..at + n as usize], h, Flags::NONE).await?;
-                self.wrote(h + n);
-                at += n as usize;
+        // Fast path: every cluster one to write in place (as the slow
+        // path would: a cluster it would reallocate, such as one with
+        // some subclusters unallocated, must not be written here, or a
+        // concurrent reallocation could copy what it held before).
+        if let Some(pieces) = self.in_place_pieces(io, off, buf.len() as u64).await? {
+            for (h, f, t) in pieces {
+                io.pwrite(&buf[f..t], h, Flags::NONE).await?;
+                self.wrote(h + (t - f) as u64);
             }
             return Ok(());
         }
@@ -897,17 +903,7 @@ impl Image {
             let mut cl = Vec::new();
             for ci in first..=last {
                 let (e, bm) = self.entry(io, ci).await?;
-                let host = e & OFFSET_MASK;
-                // In place only into a cluster of ours alone, allocated
-                // all through (with subclusters: every one of them).
-                let keep = e & COMPRESSED == 0
-                    && e & COPIED != 0
-                    && host != 0
-                    && if self.ext {
-                        bm & self.sub_mask(ci) == self.sub_mask(ci)
-                    } else {
-                        !(self.h.version >= 3 && e & ZERO_FLAG != 0)
-                    };
+                let keep = self.in_place(ci, e, bm);
                 let zero = self.all_zero(ci, e, bm);
                 cl.push(C { ci, e, keep, zero });
             }
@@ -955,10 +951,7 @@ impl Image {
         // Pieces of `buf` for host offsets, merged when both are
         // contiguous: one pwrite for a run of fresh clusters.
         let mut pieces: Vec<(u64, usize, usize)> = Vec::new();
-        let mut add = |host: u64, from: usize, to: usize| match pieces.last_mut() {
-            Some((h, f, t)) if *h + (*t - *f) as u64 == host && *t == from => *t = to,
-            _ => pieces.push((host, from, to)),
-        };
+        let mut add = |host: u64, from: usize, to: usize| push_piece(&mut pieces, host, from, to);
         for c in &cl {
             let cstart = c.ci * cs;
             let s = off.max(cstart);
@@ -1008,16 +1001,44 @@ impl Image {
         self.unsynced.store(true, Ordering::Release);
     }
 
-    async fn all_copied(&self, io: &dyn Handle, off: u64, len: u64) -> Result<bool> {
-        let first = off >> self.cb;
-        let last = (off + len - 1) >> self.cb;
-        for ci in first..=last {
-            let (e, _) = self.entry(io, ci).await?;
-            if e & COPIED == 0 || e & COMPRESSED != 0 {
-                return Ok(false);
+    /// Is guest cluster `ci` (entry `e`, subcluster bitmap `bm`) written
+    /// in place? Only a cluster of ours alone, allocated all through
+    /// (with subclusters: every one of them).
+    fn in_place(&self, ci: u64, e: u64, bm: u64) -> bool {
+        e & COMPRESSED == 0
+            && e & COPIED != 0
+            && e & OFFSET_MASK != 0
+            && if self.ext {
+                bm & self.sub_mask(ci) == self.sub_mask(ci)
+            } else {
+                !(self.h.version >= 3 && e & ZERO_FLAG != 0)
             }
+    }
+
+    /// Where `len` guest bytes at `off` go when every cluster of them is
+    /// written in place: (host offset, from, to) pieces of the buffer,
+    /// merged where the host clusters are contiguous; `None` otherwise.
+    async fn in_place_pieces(
+        &self,
+        io: &dyn Handle,
+        off: u64,
+        len: u64,
+    ) -> Result<Option<Vec<(u64, usize, usize)>>> {
+        let end = off + len;
+        let mut pieces: Vec<(u64, usize, usize)> = Vec::new();
+        for ci in (off >> self.cb)..=((end - 1) >> self.cb) {
+            let (e, bm) = self.entry(io, ci).await?;
+            if !self.in_place(ci, e, bm) {
+                return Ok(None);
+            }
+            let cstart = ci * self.cs;
+            let s = off.max(cstart);
+            let t = end.min(cstart + self.cs);
+            let host = (e & OFFSET_MASK) + (s - cstart);
+            let (from, to) = ((s - off) as usize, (t - off) as usize);
+            push_piece(&mut pieces, host, from, to);
         }
-        Ok(true)
+        Ok(Some(pieces))
     }
 
     /// Zero (or with `trim`, discard) guest bytes.
