@@ -579,7 +579,9 @@ impl Drop for NbdHandle {
 }
 
 impl NbdHandle {
-    /// Block status of one meta context, from the server.
+    /// Block status of one meta context, from the server (asked for that
+    /// context alone where the server can filter, so that the other
+    /// contexts passed through are not computed and sent for nothing).
     async fn status(
         &self,
         context: &str,
@@ -595,7 +597,7 @@ impl NbdHandle {
         };
         let status = self
             .conn
-            .block_status(count, offset, f)
+            .block_status_filtered(count, offset, f, &[context])
             .await
             .map_err(request_error)?;
         let list = status

@@ -422,3 +422,45 @@ fn plugin_nbd_passes_qemu_meta_contexts() {
     let _ = q.kill();
     let _ = q.wait();
 }
+
+/// Block status through the proxy asks the server for the one context
+/// the proxy's client wants (filtered, where extended headers allow),
+/// not for every context the proxy negotiated to pass through.
+#[test]
+fn plugin_nbd_asks_the_server_for_one_context() {
+    if !require(&["qemu-img"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("one.qcow2");
+    run_ok(
+        Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(&img)
+            .arg("1M"),
+    );
+    let img = img.to_str().unwrap();
+    let prog = format!("command={}", nbdkit().display());
+    let map = |eh: &[&str]| {
+        let mut c = Command::new(nbdkit());
+        c.args(["-U", "-", "nbd", &prog, "arg=-v"]);
+        c.args(eh.iter().map(|a| format!("arg={a}")));
+        c.args(["arg=--filter=qcow2", "arg=file", &format!("arg={img}")]);
+        c.args(["--run", &format!("{} --map \"$uri\"", our_bin("nbdinfo").display())]);
+        run(&mut c)
+    };
+    let o = map(&[]);
+    assert!(o.status.success(), "{o:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout),
+        "         0     1048576    3  hole,zero\n"
+    );
+    let log = String::from_utf8_lossy(&o.stderr);
+    assert!(log.contains("NBD_CMD_BLOCK_STATUS flags=0x20"), "{log}");
+    assert!(!log.contains("NBD_CMD_BLOCK_STATUS flags=0x0"), "{log}");
+    // Without extended headers there is no filtering: plain requests.
+    let o = map(&["--no-eh"]);
+    assert!(o.status.success(), "{o:?}");
+    let log = String::from_utf8_lossy(&o.stderr);
+    assert!(log.contains("NBD_CMD_BLOCK_STATUS flags=0x0"), "{log}");
+}
