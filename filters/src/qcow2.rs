@@ -59,7 +59,10 @@
 //! refcount blocks are written and made stable together with the data
 //! (one sync), then (after a sync) the refcount table, then the L2 and
 //! L1 tables, and only then are clusters the old tables pointed to
-//! given back. The image on disk is
+//! given back. As fresh clusters fill the end of the file (a copy into
+//! the image), their writeback to the disk is started every 16 MiB
+//! (`sync_file_range`, not waited for), so that a flush or the close
+//! waits for the last few MiB only. The image on disk is
 //! therefore consistent at every moment: after a crash `qemu-img check`
 //! finds at most leaked clusters, and everything flushed is there. Zero
 //! requests set zero clusters (version 3) or deallocate (version 2, no
@@ -238,6 +241,10 @@ pub fn build(p: &mut Params, cfg: Config) -> ConfigResult<Arc<dyn Filter>> {
         cor,
         lock,
         lock_at_start,
+        writeback: path
+            .as_ref()
+            .and_then(|p| std::fs::File::open(p).ok())
+            .map(Arc::new),
         write_locked: Mutex::new(false),
         images: tokio::sync::Mutex::new(HashMap::new()),
     }))
@@ -280,6 +287,9 @@ struct Qcow2Filter {
     lock: Option<Mutex<ImageLock>>,
     /// Take the writer's lock at start unless the server is read-only.
     lock_at_start: bool,
+    /// The image file (`file=` of the plugin below), for the early
+    /// writeback of fresh clusters.
+    writeback: Option<Arc<std::fs::File>>,
     write_locked: Mutex<bool>,
     /// The open image of each export.
     images: tokio::sync::Mutex<HashMap<String, Arc<Image>>>,
@@ -327,6 +337,9 @@ impl Filter for Qcow2Filter {
                         if let Err(e) = i.repair(&*h).await {
                             libnbd::elog!("nbdkit: {}", e.msg);
                         }
+                    }
+                    if let Some(f) = &self.writeback {
+                        i.set_writeback(f.clone());
                     }
                     let i = Arc::new(i);
                     images.insert(ctx.export_name.clone(), i.clone());

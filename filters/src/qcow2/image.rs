@@ -31,6 +31,12 @@ use super::header::{Compression, Header};
 
 pub type BoxFut<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
+/// How much freshly written file to start the writeback of at once.
+const WRITEBACK_STEP: u64 = 16 << 20;
+/// How far behind the end of the written file the early writeback
+/// stays (allocating writes still in flight there).
+const WRITEBACK_LAG: u64 = 16 << 20;
+
 const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 const COPIED: u64 = 1 << 63;
 const COMPRESSED: u64 = 1 << 62;
@@ -152,6 +158,11 @@ pub struct Image {
     file_len: AtomicU64,
     /// Data written since the last flush began.
     unsynced: AtomicBool,
+    /// The image file, to start the writeback of freshly allocated
+    /// clusters early (see [`Image::set_writeback`]).
+    writeback: Option<Arc<std::fs::File>>,
+    /// Host offset up to which writeback was started.
+    writeback_from: AtomicU64,
     pub backing: Option<Backing>,
     zcache: Mutex<Vec<(u64, Arc<Vec<u8>>)>>,
     /// The enabled persistent bitmaps, kept up to date by writes.
@@ -260,6 +271,8 @@ impl Image {
                 flushing: tokio::sync::Mutex::new(()),
                 file_len: AtomicU64::new(file_len),
                 unsynced: AtomicBool::new(false),
+                writeback: None,
+                writeback_from: AtomicU64::new(file_len),
                 backing,
                 zcache: Mutex::new(Vec::new()),
                 bitmaps: Default::default(),
@@ -997,8 +1010,56 @@ impl Image {
 
     /// Data was written up to host offset `end`.
     fn wrote(&self, end: u64) {
-        self.file_len.fetch_max(end, Ordering::AcqRel);
+        let len = self.file_len.fetch_max(end, Ordering::AcqRel).max(end);
         self.unsynced.store(true, Ordering::Release);
+        self.start_writeback(len);
+    }
+
+    /// Start early writeback with `file`, the image file (any descriptor
+    /// of it): as clusters allocated at the end of the file are written
+    /// (a copy into the image), their writeback to the disk is started
+    /// every [`WRITEBACK_STEP`] bytes (`sync_file_range`, which does not
+    /// wait), so that the disk writes while the copy goes on and the sync
+    /// of a flush or of the close waits for the last few MiB only, not
+    /// for the whole image. Rewrites of clusters in place start nothing.
+    pub fn set_writeback(&mut self, file: Arc<std::fs::File>) {
+        self.writeback = Some(file);
+    }
+
+    /// The file has been written up to `len`: start the writeback of
+    /// what lies [`WRITEBACK_LAG`] behind it, a step at a time (writes
+    /// still in flight just before `len` are left for the next step).
+    fn start_writeback(&self, len: u64) {
+        let Some(f) = &self.writeback else { return };
+        let from = self.writeback_from.load(Ordering::Acquire);
+        let to = len.saturating_sub(WRITEBACK_LAG);
+        if to < from + WRITEBACK_STEP
+            || self
+                .writeback_from
+                .compare_exchange(from, to, Ordering::AcqRel, Ordering::Acquire)
+                .is_err()
+        {
+            return;
+        }
+        let f = f.clone();
+        let run = move || {
+            use std::os::fd::AsRawFd;
+            // SAFETY: a plain system call on a descriptor `f` keeps open.
+            unsafe {
+                libc::sync_file_range(
+                    f.as_raw_fd(),
+                    from as i64,
+                    (to - from) as i64,
+                    libc::SYNC_FILE_RANGE_WRITE,
+                );
+            }
+        };
+        // It may block while the disk's queue is full: not on a worker
+        // thread of the runtime.
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => drop(rt.spawn_blocking(run)),
+            Err(_) => run(),
+        }
     }
 
     /// Is guest cluster `ci` (entry `e`, subcluster bitmap `bm`) written
