@@ -11,7 +11,12 @@
 #       floor:         ours into null: (the curl+xz decode alone)
 #  2. A raw file into qcow2:
 #       ours:          nbdcopy disk.raw [ nbdkit --filter=qcow2 file out.qcow2 create=true size=1G ]
-#       qemu-img:      qemu-img convert -f raw -O qcow2 disk.raw out.qcow2
+#       qemu-img -t writeback: qemu-img convert -t writeback -f raw -O qcow2 disk.raw out.qcow2
+#                      (like ours, the image is synced when it is closed)
+#       ours unsynced: ours with --filter=fua fuamode=discard under the qcow2
+#                      filter: its syncs are dropped (the like of qemu-img's default)
+#       qemu-img:      qemu-img convert -f raw -O qcow2 disk.raw out.qcow2, whose
+#                      default cache mode for the output is unsafe: no sync at all
 #       ours+qemu-nbd: nbdcopy disk.raw [ qemu-nbd -f qcow2 out.qcow2 ]
 #       floor:         nbdcopy disk.raw [ nbdkit file out.raw ] (the NBD copy
 #                      with no qcow2 in it)
@@ -53,6 +58,9 @@ check_out raw
 eval "$prepare"
 qemu-img convert -f raw -O qcow2 "$img" "$out"
 check_out qemu-img
+eval "$prepare"
+$OURCOPY -- "$img" [ "$OURS" --filter=qcow2 --filter=fua file "$out" create=true size="$size" fuamode=discard ]
+check_out unsynced
 
 # 4. Side by side, alternating: each round runs every contender once,
 # in an order that rotates from round to round, so that a slow spell of
@@ -97,6 +105,8 @@ alternate "$work/h.json" \
 echo "== raw file into qcow2 ($RUNS alternating rounds)" >&2
 alternate "$work/r.json" \
   "ours native" "$(native "$img" "$OURCOPY")" \
+  "qemu-img convert -t writeback" "qemu-img convert -t writeback -f raw -O qcow2 $img $out" \
+  "ours unsynced" "$OURCOPY -- $img [ $OURS --filter=qcow2 --filter=fua file $out create=true size=$size fuamode=discard ]" \
   "qemu-img convert" "qemu-img convert -f raw -O qcow2 $img $out" \
   "ours+qemu-nbd" "$(viaqemu "$img" "$OURCOPY")" \
   "floor (raw file)" "truncate -s $size $outraw && $OURCOPY -- $img [ $OURS file $outraw ]"
@@ -110,9 +120,13 @@ print(f"  native vs ours+qemu-nbd {q/n:.2f}x   native vs upstream {u/n:.2f}x")
 f = h["floor (null:)"]
 print(f"  floor (curl+xz -> null:) {f:.2f}s: native at {n/f:.2f}x the floor, "
       f"the best native vs ours+qemu-nbd would be {q/f:.2f}x")
-n, c, q = r["ours native"], r["qemu-img convert"], r["ours+qemu-nbd"]
-print(f"raw -> qcow2: ours native {n:.2f}s  qemu-img convert {c:.2f}s  ours+qemu-nbd {q:.2f}s")
-print(f"  native vs qemu-img convert {c/n:.2f}x   native vs ours+qemu-nbd {q/n:.2f}x")
+n, w, q = r["ours native"], r["qemu-img convert -t writeback"], r["ours+qemu-nbd"]
+nu, c = r["ours unsynced"], r["qemu-img convert"]
+print(f"raw -> qcow2, synced at close: ours native {n:.2f}s  qemu-img convert -t writeback {w:.2f}s"
+      f"  ours+qemu-nbd {q:.2f}s")
+print(f"  native vs qemu-img convert -t writeback {w/n:.2f}x   native vs ours+qemu-nbd {q/n:.2f}x")
+print(f"raw -> qcow2, never synced: ours unsynced {nu:.2f}s  qemu-img convert (cache=unsafe) {c:.2f}s")
+print(f"  ours unsynced vs qemu-img convert {c/nu:.2f}x")
 f = r["floor (raw file)"]
 print(f"  floor (nbdcopy into [ nbdkit file ]) {f:.2f}s: native at {n/f:.2f}x the floor, "
       f"qemu-img convert at {c/f:.2f}x it")
