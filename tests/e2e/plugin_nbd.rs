@@ -446,7 +446,10 @@ fn plugin_nbd_asks_the_server_for_one_context() {
         c.args(["-U", "-", "nbd", &prog, "arg=-v"]);
         c.args(eh.iter().map(|a| format!("arg={a}")));
         c.args(["arg=--filter=qcow2", "arg=file", &format!("arg={img}")]);
-        c.args(["--run", &format!("{} --map \"$uri\"", our_bin("nbdinfo").display())]);
+        c.args([
+            "--run",
+            &format!("{} --map \"$uri\"", our_bin("nbdinfo").display()),
+        ]);
         run(&mut c)
     };
     let o = map(&[]);

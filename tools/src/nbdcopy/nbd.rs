@@ -31,9 +31,7 @@ use libnbd::captive::{CaptiveServer, Target};
 use libnbd::client::{
     errno_text, ConnectOptions, Connection, Error as NbdError, StatusExtent, Transport,
 };
-use libnbd::protocol::{
-    alloc, cmdflag, errno, CONTEXT_ALLOCATION_DEPTH, CONTEXT_BASE_ALLOCATION,
-};
+use libnbd::protocol::{alloc, cmdflag, errno, CONTEXT_ALLOCATION_DEPTH, CONTEXT_BASE_ALLOCATION};
 use libnbd::uri::Uri;
 
 use super::endpoint::{Data, Endpoint, Extent, Hole};
