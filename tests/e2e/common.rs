@@ -56,6 +56,12 @@ pub fn run(cmd: &mut Command) -> Output {
 /// Run a command that must succeed; returns stdout.
 pub fn run_ok(cmd: &mut Command) -> String {
     let out = run(cmd);
+    stdout_of_success(cmd, out)
+}
+
+/// The stdout of a command's output, which must say it succeeded (or
+/// the test fails showing both streams).
+pub fn stdout_of_success(cmd: &Command, out: Output) -> String {
     assert!(
         out.status.success(),
         "{cmd:?} failed ({}):\nstdout: {}\nstderr: {}",
@@ -208,4 +214,24 @@ pub fn random_file(path: &Path, len: usize, seed: u64) {
     let mut buf = vec![0u8; len];
     rng.fill_bytes(&mut buf);
     std::fs::write(path, buf).unwrap();
+}
+
+/// `qemu-img ARGS`, which must succeed; its stdout.
+pub fn qemu_img(args: &[&str]) -> String {
+    run_ok(Command::new("qemu-img").args(args))
+}
+
+/// `qemu-io -f qcow2 -c CMD... IMG`, which must succeed.
+pub fn qemu_io_qcow2(img: &Path, cmds: &[&str]) {
+    let mut c = Command::new("qemu-io");
+    c.arg("-f").arg("qcow2");
+    for x in cmds {
+        c.arg("-c").arg(x);
+    }
+    run_ok(c.arg(img));
+}
+
+/// A path as the `&str` a command line takes.
+pub fn p(x: &Path) -> &str {
+    x.to_str().unwrap()
 }

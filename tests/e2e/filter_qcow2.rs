@@ -6,25 +6,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::common::{
-    nbdkit, nbdpy, our_bin, random_file, require, require_nbdsh, run, run_ok, Server, PYTHON,
+    nbdkit, nbdpy, our_bin, p, qemu_img, qemu_io_qcow2, random_file, require, require_nbdsh, run,
+    run_ok, Server, PYTHON,
 };
-
-fn qemu_img(args: &[&str]) -> String {
-    run_ok(Command::new("qemu-img").args(args))
-}
-
-fn qemu_io(img: &Path, cmds: &[&str]) {
-    let mut c = Command::new("qemu-io");
-    c.arg("-f").arg("qcow2");
-    for x in cmds {
-        c.arg("-c").arg(x);
-    }
-    run_ok(c.arg(img));
-}
-
-fn p(x: &Path) -> &str {
-    x.to_str().unwrap()
-}
 
 /// Copy the virtual disk our qcow2 filter serves from `img` to `out`.
 fn read_ours(img: &Path, out: &Path, extra: &[&str]) {
@@ -50,7 +34,7 @@ fn check_clean(img: &Path) {
 fn kinds_image(dir: &Path, name: &str, opts: &str) -> PathBuf {
     let img = dir.join(name);
     qemu_img(&["create", "-q", "-f", "qcow2", "-o", opts, p(&img), "20M"]);
-    qemu_io(
+    qemu_io_qcow2(
         &img,
         &[
             "write -P 0xaa 0 1M",
@@ -377,7 +361,7 @@ fn qcow2_backing_chains() {
         p(&mid),
         "8M",
     ]);
-    qemu_io(
+    qemu_io_qcow2(
         &mid,
         &[
             "write -P 0x11 1M 100k",
@@ -403,7 +387,7 @@ fn qcow2_backing_chains() {
             p(&top),
             "8M",
         ]);
-        qemu_io(
+        qemu_io_qcow2(
             &top,
             &[
                 "write -P 0x21 1050k 10k",
@@ -511,7 +495,7 @@ fn qcow2_nbd_backing() {
             p(&top),
             "4M",
         ]);
-        qemu_io(&top, &["write -P 0x44 1M 4k"]);
+        qemu_io_qcow2(&top, &["write -P 0x44 1M 4k"]);
         let (ours, theirs) = (d.join("ours.raw"), d.join("theirs.raw"));
         read_ours(&top, &ours, &[]);
         qemu_raw(&top, &theirs);
@@ -532,7 +516,7 @@ fn qcow2_allocation_depth_as_qemu_nbd() {
     let d = dir.path();
     let base = d.join("base.qcow2");
     qemu_img(&["create", "-q", "-f", "qcow2", p(&base), "8M"]);
-    qemu_io(&base, &["write -P 1 0 2M", "write -z 6M 64k"]);
+    qemu_io_qcow2(&base, &["write -P 1 0 2M", "write -z 6M 64k"]);
     let top = d.join("top.qcow2");
     qemu_img(&[
         "create",
@@ -546,7 +530,7 @@ fn qcow2_allocation_depth_as_qemu_nbd() {
         p(&top),
         "10M",
     ]);
-    qemu_io(
+    qemu_io_qcow2(
         &top,
         &["write -P 2 1M 128k", "write -z 3M 64k", "write -P 3 9M 64k"],
     );
@@ -643,7 +627,7 @@ fn qcow2_unflushed_writes_kept_at_disconnect() {
     std::thread::sleep(std::time::Duration::from_millis(500));
     drop(s);
     check_clean(&img);
-    qemu_io(&img, &["read -P 0x61 1000 70000", "read -P 0 0 1000"]);
+    qemu_io_qcow2(&img, &["read -P 0x61 1000 70000", "read -P 0 0 1000"]);
 }
 
 /// The flags of each persistent bitmap in `qemu-img info --output=json`.
@@ -710,7 +694,7 @@ fn qcow2_writes_keep_dirty_bitmaps() {
     qemu_img(&["bitmap", "--add", p(&img), "b0"]);
     qemu_img(&["bitmap", "--add", "-g", "512k", p(&img), "b1"]);
     qemu_img(&["bitmap", "--add", "--disable", p(&img), "off"]);
-    qemu_io(&img, &["write -P 1 0 64k"]);
+    qemu_io_qcow2(&img, &["write -P 1 0 64k"]);
     let s = serve(&img, &[]);
     let script = "h.pwrite(b'x' * 100, 1 << 20)\nh.zero(200 * 1024, 4 << 20)\n\
                   h.trim(65536, 8 << 20)\nh.flush()\n"
@@ -791,7 +775,7 @@ fn qcow2_writes_keep_internal_snapshots() {
         qemu_img(&["convert", "-f", "qcow2", "-O", "raw", p(&img), p(&s1)]);
         qemu_img(&["snapshot", "-c", "s1", p(&img)]);
         // Some tables copied by qemu already, some still shared.
-        qemu_io(&img, &["write -P 0x33 5M 64k", "write -z 0 64k"]);
+        qemu_io_qcow2(&img, &["write -P 0x33 5M 64k", "write -z 0 64k"]);
         qemu_img(&["snapshot", "-c", "s2", p(&img)]);
         qemu_img(&["convert", "-f", "qcow2", "-O", "raw", p(&img), p(&s2)]);
         std::fs::copy(&s2, &now).unwrap();
@@ -852,7 +836,7 @@ fn qcow2_dirty_image_repaired_before_writing() {
         p(&img),
         "20M",
     ]);
-    qemu_io(&img, &["write -P 0x11 0 3M", "write -c -P 0x12 4M 1M"]);
+    qemu_io_qcow2(&img, &["write -P 0x11 0 3M", "write -c -P 0x12 4M 1M"]);
     qemu_img(&["snapshot", "-c", "s1", p(&img)]);
     qemu_img(&["convert", "-f", "qcow2", "-O", "raw", p(&img), p(&s1)]);
     let writes = [
@@ -989,7 +973,7 @@ fn qcow2_nbd_backing_extents_as_qemu_nbd() {
             p(&top),
             "8M",
         ]);
-        qemu_io(&top, &["write -P 7 2M 64k", "write -z 5M 64k"]);
+        qemu_io_qcow2(&top, &["write -P 7 2M 64k", "write -z 5M 64k"]);
         let s = Server::ours(&["-r", "--filter=qcow2", "file", p(&top)]);
         for ctx in [None, Some("qemu:allocation-depth")] {
             let ours = map(&[&s.uri()], ctx);
@@ -1003,6 +987,44 @@ fn qcow2_nbd_backing_extents_as_qemu_nbd() {
             "{name}: {ours}"
         );
     }
+}
+
+/// Write blocks of `bs` bytes (indices: the Python expression `blocks`,
+/// shuffled with `seed`) into the server at `uri` in parallel, 32 in
+/// flight on each of two connections, each block holding a pattern of
+/// its index; the same blocks go into the file `expect`, which must
+/// exist. Prints (and returns) how many blocks were written.
+fn parallel_pwrites(uri: &str, expect: &Path, bs: usize, blocks: &str, seed: u32) -> String {
+    let script = format!(
+        "
+import random
+h2 = nbd.NBD()
+h2.connect_uri(sys.argv[1])
+hs = [h, h2]
+blocks = list({blocks})
+random.Random({seed}).shuffle(blocks)
+def data(b):
+    return bytes([(b * 7 + j) % 251 for j in range({bs})])
+cookies = []
+for i, b in enumerate(blocks):
+    c = hs[i % 2]
+    while c.aio_in_flight() >= 32:
+        c.poll(-1)
+    cookies.append((c, c.aio_pwrite(data(b), b * {bs})))
+for c in hs:
+    while c.aio_in_flight() > 0:
+        c.poll(-1)
+for c, k in cookies:
+    assert c.aio_command_completed(k)
+with open({expect:?}, 'r+b') as f:
+    for b in blocks:
+        f.seek(b * {bs})
+        f.write(data(b))
+h.flush()
+print(len(blocks))
+"
+    );
+    nbdpy(uri, &script)
 }
 
 /// Many 4K writes in flight at once, over two connections, into the
@@ -1033,35 +1055,7 @@ fn qcow2_parallel_writes_into_fresh_clusters() {
         let s = serve(&img, &args);
         // Every other 4K block of the first 2M (32 clusters of 64K, 8
         // writes into each), shuffled, 32 in flight per connection.
-        let script = format!(
-            "
-import random
-h2 = nbd.NBD()
-h2.connect_uri(sys.argv[1])
-hs = [h, h2]
-blocks = list(range(0, 512, 2))
-random.Random(5).shuffle(blocks)
-cookies = []
-for i, b in enumerate(blocks):
-    c = hs[i % 2]
-    while c.aio_in_flight() >= 32:
-        c.poll(-1)
-    data = bytes([(b * 7 + j) % 251 for j in range(4096)])
-    cookies.append((c, c.aio_pwrite(data, b * 4096)))
-for c in hs:
-    while c.aio_in_flight() > 0:
-        c.poll(-1)
-for c, k in cookies:
-    assert c.aio_command_completed(k)
-with open({expect:?}, 'r+b') as f:
-    for b in blocks:
-        f.seek(b * 4096)
-        f.write(bytes([(b * 7 + j) % 251 for j in range(4096)]))
-h.flush()
-print(len(blocks))
-"
-        );
-        let out = nbdpy(&s.uri(), &script);
+        let out = parallel_pwrites(&s.uri(), &expect, 4096, "range(0, 512, 2)", 5);
         assert_eq!(out.trim(), "256");
         drop(s);
         check_clean(&img);
@@ -1096,39 +1090,12 @@ fn qcow2_parallel_writes_into_partly_allocated_subclusters() {
         .map(|k| format!("write -P 0x{:02x} {} 2k", k % 200 + 1, k * 8192))
         .collect();
     let cmds: Vec<&str> = cmds.iter().map(String::as_str).collect();
-    qemu_io(&img, &cmds);
+    qemu_io_qcow2(&img, &cmds);
     let s = serve(&img, &[]);
     // Then every 2K of the first 2M rewritten, shuffled, 32 in flight on
     // each of two connections.
-    let script = format!(
-        "
-import random
-h2 = nbd.NBD()
-h2.connect_uri(sys.argv[1])
-hs = [h, h2]
-blocks = list(range(1024))
-random.Random(9).shuffle(blocks)
-cookies = []
-for i, b in enumerate(blocks):
-    c = hs[i % 2]
-    while c.aio_in_flight() >= 32:
-        c.poll(-1)
-    cookies.append((c, c.aio_pwrite(bytes([(b * 3 + j) % 253 for j in range(2048)]), b * 2048)))
-for c in hs:
-    while c.aio_in_flight() > 0:
-        c.poll(-1)
-for c, k in cookies:
-    assert c.aio_command_completed(k)
-with open({expect:?}, 'wb') as f:
-    f.truncate(4 << 20)
-    for b in range(1024):
-        f.seek(b * 2048)
-        f.write(bytes([(b * 3 + j) % 253 for j in range(2048)]))
-h.flush()
-print(len(blocks))
-"
-    );
-    let out = nbdpy(&s.uri(), &script);
+    std::fs::write(&expect, vec![0u8; 4 << 20]).unwrap();
+    let out = parallel_pwrites(&s.uri(), &expect, 2048, "range(1024)", 9);
     assert_eq!(out.trim(), "1024");
     drop(s);
     check_clean(&img);

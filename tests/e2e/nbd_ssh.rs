@@ -170,14 +170,7 @@ fn run_timeout(cmd: &mut Command, secs: u64) -> Output {
 
 fn ok_output(cmd: &mut Command) -> String {
     let out = run_timeout(cmd, 60);
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed ({}):\nstdout: {}\nstderr: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    stdout_of_success(cmd, out)
 }
 
 #[test]

@@ -6,24 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::common::{nbdkit, our_bin, require, run, run_ok, Server};
-
-fn qemu_img(args: &[&str]) -> String {
-    run_ok(Command::new("qemu-img").args(args))
-}
-
-fn qemu_io(img: &Path, cmds: &[&str]) {
-    let mut c = Command::new("qemu-io");
-    c.arg("-f").arg("qcow2");
-    for x in cmds {
-        c.arg("-c").arg(x);
-    }
-    run_ok(c.arg(img));
-}
-
-fn p(x: &Path) -> &str {
-    x.to_str().unwrap()
-}
+use crate::common::{nbdkit, our_bin, p, qemu_img, qemu_io_qcow2, require, run, run_ok, Server};
 
 const SIZE: &str = "16M";
 
@@ -33,10 +16,10 @@ const SIZE: &str = "16M";
 fn chain(d: &Path) -> (PathBuf, PathBuf) {
     let base = d.join("base.qcow2");
     qemu_img(&["create", "-q", "-f", "qcow2", p(&base), SIZE]);
-    qemu_io(&base, &["write -P 1 0 8M", "write -P 5 12M 1M"]);
+    qemu_io_qcow2(&base, &["write -P 1 0 8M", "write -P 5 12M 1M"]);
     let top = d.join("top.qcow2");
     overlay(&top);
-    qemu_io(
+    qemu_io_qcow2(
         &top,
         &[
             "write -P 2 1M 128k",
@@ -309,7 +292,7 @@ fn nbdcopy_shallow_three_layers() {
     };
     let top = d.join("top3.qcow2");
     over_mid(&top);
-    qemu_io(
+    qemu_io_qcow2(
         &top,
         &["write -P 8 1M 64k", "write -z 12M 64k", "write -P 9 6M 4k"],
     );
