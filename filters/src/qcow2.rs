@@ -421,19 +421,9 @@ impl Qcow2Handle {
                 let e = ((pos + n).div_ceil(cs) * cs).min(self.img.size());
                 let mut b = vec![0u8; (e - s) as usize];
                 self.img.read(&*self.next, &mut b, s).await?;
-                // Another connection may have written meanwhile: copy only
-                // what is still unallocated.
-                let mut at = s;
-                while at < e {
-                    let (m2, n2) = self.img.map(&*self.next, at, (e - at).min(cs)).await?;
-                    if m2 == Map::Unalloc {
-                        let i = (at - s) as usize;
-                        self.img
-                            .write(&*self.next, &b[i..i + n2 as usize], at)
-                            .await?;
-                    }
-                    at += n2;
-                }
+                // Another request may have written meanwhile, or be
+                // writing: only clusters still unallocated take it.
+                self.img.copy_up_write(&*self.next, &b, s).await?;
             }
             pos += n;
         }

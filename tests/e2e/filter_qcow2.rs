@@ -465,6 +465,75 @@ fn qcow2_copy_on_read() {
     same_bytes(&alone, &out);
 }
 
+/// Copy-on-read racing guest writes: reads of whole clusters on one
+/// connection, 4K writes into the same clusters on another, all in
+/// flight together. The backing data a read copies up never overwrites
+/// a write, even one in flight when the backing data was read.
+#[test]
+fn qcow2_copy_on_read_keeps_concurrent_writes() {
+    if !require(&["qemu-img"]) || !require_nbdsh() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let base = d.join("base.raw");
+    random_file(&base, 4 << 20, 13);
+    let expect = d.join("expect.raw");
+    std::fs::copy(&base, &expect).unwrap();
+    for round in 0..3 {
+        let top = d.join(format!("top{round}.qcow2"));
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.raw",
+            "-F",
+            "raw",
+            p(&top),
+            "4M",
+        ]);
+        let s = serve(&top, &["copy-on-read=true"]);
+        let script = format!(
+            "
+import random
+w = nbd.NBD()
+w.connect_uri(sys.argv[1])
+blocks = list(range(0, 1024, 3))
+random.Random({round}).shuffle(blocks)
+def data(b):
+    return bytes([(b * 5 + j + {round}) % 249 for j in range(4096)])
+cookies = []
+for b in blocks:
+    for c in (h, w):
+        while c.aio_in_flight() >= 16:
+            c.poll(-1)
+    cookies.append((h, h.aio_pread(nbd.Buffer(65536), (b * 4096) & ~65535)))
+    cookies.append((w, w.aio_pwrite(data(b), b * 4096)))
+for c in (h, w):
+    while c.aio_in_flight() > 0:
+        c.poll(-1)
+for c, k in cookies:
+    assert c.aio_command_completed(k)
+w.flush()
+with open({expect:?}, 'r+b') as f:
+    for b in blocks:
+        f.seek(b * 4096)
+        f.write(data(b))
+print(len(blocks))
+"
+        );
+        assert_eq!(nbdpy(&s.uri(), &script).trim(), "342");
+        drop(s);
+        check_clean(&top);
+        let got = d.join(format!("got{round}.raw"));
+        qemu_raw(&top, &got);
+        same_bytes(&got, &expect);
+        std::fs::copy(&base, &expect).unwrap();
+    }
+}
+
 /// A backing file on an NBD server, named as qemu names it
 /// (`nbd:unix:PATH`) or by URI.
 #[test]

@@ -883,6 +883,40 @@ impl Image {
     /// what they held before, and a second write into one of them waits
     /// for the first to be done (it then writes in place).
     pub async fn write(&self, io: &dyn Handle, buf: &[u8], off: u64) -> Result<()> {
+        self.write_where(io, buf, off, false).await
+    }
+
+    /// Copy-on-read: write `buf` (what the backing chain holds there)
+    /// into the clusters of `[off, off + len)` that are still unallocated
+    /// all through, leaving every other cluster as it is. Which ones is
+    /// decided under the allocation lock, after the writes allocating
+    /// them are done, so that a guest write, even one still in flight
+    /// when the backing data was read, is never overwritten by it.
+    pub async fn copy_up_write(&self, io: &dyn Handle, buf: &[u8], off: u64) -> Result<()> {
+        self.write_where(io, buf, off, true).await
+    }
+
+    /// Is guest cluster `ci` unallocated all through (it reads from the
+    /// backing chain, or as zeroes without one)?
+    fn unallocated(&self, ci: u64, e: u64, bm: u64) -> bool {
+        if e & COMPRESSED != 0 {
+            return false;
+        }
+        if self.ext {
+            let m = self.sub_mask(ci);
+            bm & (m | m << 32) == 0
+        } else {
+            e & OFFSET_MASK == 0 && !(self.h.version >= 3 && e & ZERO_FLAG != 0)
+        }
+    }
+
+    async fn write_where(
+        &self,
+        io: &dyn Handle,
+        buf: &[u8],
+        off: u64,
+        only_unallocated: bool,
+    ) -> Result<()> {
         if buf.is_empty() {
             return Ok(());
         }
@@ -892,6 +926,10 @@ impl Image {
         // some subclusters unallocated, must not be written here, or a
         // concurrent reallocation could copy what it held before).
         if let Some(pieces) = self.in_place_pieces(io, off, buf.len() as u64).await? {
+            if only_unallocated {
+                // All allocated already.
+                return Ok(());
+            }
             for (h, f, t) in pieces {
                 io.pwrite(&buf[f..t], h, Flags::NONE).await?;
                 self.wrote(h + (t - f) as u64);
@@ -909,6 +947,8 @@ impl Image {
             keep: bool,
             /// Reads as zeroes all through.
             zero: bool,
+            /// Left as it is (copy-on-read into an allocated cluster).
+            skip: bool,
         }
         let (cl, base, _inflight) = loop {
             let g = self.alloc.lock().await;
@@ -916,9 +956,16 @@ impl Image {
             let mut cl = Vec::new();
             for ci in first..=last {
                 let (e, bm) = self.entry(io, ci).await?;
-                let keep = self.in_place(ci, e, bm);
+                let skip = only_unallocated && !self.unallocated(ci, e, bm);
+                let keep = !skip && self.in_place(ci, e, bm);
                 let zero = self.all_zero(ci, e, bm);
-                cl.push(C { ci, e, keep, zero });
+                cl.push(C {
+                    ci,
+                    e,
+                    keep,
+                    zero,
+                    skip,
+                });
             }
             // A cluster another write is allocating: wait for it to be
             // set, then look again.
@@ -938,11 +985,10 @@ impl Image {
                 continue;
             }
             // Allocate fresh clusters for the others, contiguously.
-            let need = cl.iter().filter(|c| !c.keep).count() as u64;
-            for c in &cl {
-                if !c.keep {
-                    self.ensure_l2(io, c.ci).await?;
-                }
+            let alloc = |c: &&C| !c.keep && !c.skip;
+            let need = cl.iter().filter(alloc).count() as u64;
+            for c in cl.iter().filter(alloc) {
+                self.ensure_l2(io, c.ci).await?;
             }
             let mut st = self.lock();
             let base = if need > 0 {
@@ -950,7 +996,7 @@ impl Image {
             } else {
                 0
             };
-            let fresh: Vec<u64> = cl.iter().filter(|c| !c.keep).map(|c| c.ci).collect();
+            let fresh: Vec<u64> = cl.iter().filter(alloc).map(|c| c.ci).collect();
             st.inflight.extend(fresh.iter().copied());
             drop(st);
             let guard = Inflight {
@@ -965,7 +1011,7 @@ impl Image {
         // contiguous: one pwrite for a run of fresh clusters.
         let mut pieces: Vec<(u64, usize, usize)> = Vec::new();
         let mut add = |host: u64, from: usize, to: usize| push_piece(&mut pieces, host, from, to);
-        for c in &cl {
+        for c in cl.iter().filter(|c| !c.skip) {
             let cstart = c.ci * cs;
             let s = off.max(cstart);
             let e = end.min(cstart + cs);
