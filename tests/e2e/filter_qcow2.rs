@@ -1171,6 +1171,67 @@ fn qcow2_parallel_writes_into_partly_allocated_subclusters() {
     compare(&expect, &img);
 }
 
+/// Zeroes of whole clusters racing 4K writes into the same clusters,
+/// which read the backing file's data (so each write allocates its
+/// cluster, copying the rest in): each cluster ends either all zeroes
+/// (the write first) or zeroes around the 4K written (the zero first),
+/// never with the backing data around the write.
+#[test]
+fn qcow2_zeroes_racing_writes_end_in_some_order() {
+    if !require(&["qemu-img"]) || !require_nbdsh() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("base.raw"), vec![0xee; 4 << 20]).unwrap();
+    let img = dir.path().join("z.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.raw",
+        "-F",
+        "raw",
+        p(&img),
+        "4M",
+    ]);
+    let s = serve(&img, &[]);
+    let script = "
+import random
+w = nbd.NBD()
+w.connect_uri(sys.argv[1])
+cl = list(range(64))
+random.Random(3).shuffle(cl)
+cookies = []
+for c in cl:
+    for x in (h, w):
+        while x.aio_in_flight() >= 16:
+            x.poll(-1)
+    at = c * 65536 + (c % 16) * 4096
+    cookies.append((w, w.aio_pwrite(bytes([c + 1]) * 4096, at)))
+    cookies.append((h, h.aio_zero(65536, c * 65536)))
+for x in (h, w):
+    while x.aio_in_flight() > 0:
+        x.poll(-1)
+for x, k in cookies:
+    assert x.aio_command_completed(k)
+h.flush()
+bad = []
+for c in range(64):
+    d = h.pread(65536, c * 65536)
+    at = (c % 16) * 4096
+    rest = d[:at] + d[at + 4096:]
+    mid = d[at:at + 4096]
+    if rest != bytes(61440) or mid not in (bytes(4096), bytes([c + 1]) * 4096):
+        bad.append(c)
+print(bad)
+";
+    assert_eq!(nbdpy(&s.uri(), script).trim(), "[]");
+    drop(s);
+    check_clean(&img);
+}
+
 /// The writer's lock is taken when the server starts, before any
 /// client: `qemu-img info` (which does not share write) and a qemu-io
 /// writer are refused; a read-only server (`-r`, `qcow2dec`) or

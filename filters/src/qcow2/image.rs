@@ -950,8 +950,10 @@ impl Image {
             /// Left as it is (copy-on-read into an allocated cluster).
             skip: bool,
         }
-        let (cl, base, _inflight) = loop {
-            let g = self.alloc.lock().await;
+        let (cl, base, _inflight) = {
+            // Clusters another write is allocating: that write done first
+            // (its L2 entries set), then they are classified here.
+            let _g = self.alloc_lock_idle(first, last).await;
             self.load_refcounts(io).await?;
             let mut cl = Vec::new();
             for ci in first..=last {
@@ -966,23 +968,6 @@ impl Image {
                     zero,
                     skip,
                 });
-            }
-            // A cluster another write is allocating: wait for it to be
-            // set, then look again.
-            let done = self.alloc_done.notified();
-            tokio::pin!(done);
-            let busy = {
-                let st = self.lock();
-                let busy = (first..=last).any(|ci| st.inflight.contains(&ci));
-                if busy {
-                    done.as_mut().enable();
-                }
-                busy
-            };
-            if busy {
-                drop(g);
-                done.await;
-                continue;
             }
             // Allocate fresh clusters for the others, contiguously.
             let alloc = |c: &&C| !c.keep && !c.skip;
@@ -1003,7 +988,7 @@ impl Image {
                 img: self,
                 cis: fresh,
             };
-            break (cl, base, guard);
+            (cl, base, guard)
         };
         let mut k = 0;
         let mut newe = Vec::new();
@@ -1029,7 +1014,8 @@ impl Image {
                 add(host + (s - cstart), from, to);
             } else {
                 // What the rest of the cluster holds now (the entry is
-                // still the old one: nobody else changes it meanwhile).
+                // still the old one: writes and zeroes into the cluster
+                // wait for this write to be done).
                 let mut content = self.cluster_content(io, c.ci).await?;
                 content[(s - cstart) as usize..(e - cstart) as usize]
                     .copy_from_slice(&buf[from..to]);
@@ -1052,6 +1038,27 @@ impl Image {
             }
         }
         Ok(())
+    }
+
+    /// Take the allocation lock once no cluster of `first..=last` is in
+    /// flight (an allocating write's data still being written): the
+    /// writes into them are done and their L2 entries set, and none can
+    /// start while the lock is held.
+    async fn alloc_lock_idle(&self, first: u64, last: u64) -> tokio::sync::MutexGuard<'_, ()> {
+        loop {
+            let g = self.alloc.lock().await;
+            let done = self.alloc_done.notified();
+            tokio::pin!(done);
+            {
+                let st = self.lock();
+                if !st.inflight.iter().any(|ci| (first..=last).contains(ci)) {
+                    return g;
+                }
+                done.as_mut().enable();
+            }
+            drop(g);
+            done.await;
+        }
     }
 
     /// Data was written up to host offset `end`.
@@ -1155,7 +1162,9 @@ impl Image {
         let end = (off + count).min(self.h.size);
         let mut partial = Vec::new();
         {
-            let _g = self.alloc.lock().await;
+            let _g = self
+                .alloc_lock_idle(off >> self.cb, end.saturating_sub(1) >> self.cb)
+                .await;
             self.load_refcounts(io).await?;
             let mut ci = off >> self.cb;
             while ci * cs < end {
