@@ -219,16 +219,23 @@ pub fn build(p: &mut Params, cfg: Config) -> ConfigResult<Arc<dyn Filter>> {
         }
         _ => None,
     };
+    // The image file, for the early writeback of fresh clusters: opened
+    // for writing where it can be, which says it is writable too.
+    let (file, file_writable) = match &path {
+        Some(p) => match std::fs::OpenOptions::new().read(true).write(true).open(p) {
+            Ok(f) => (Some(f), true),
+            Err(_) => (std::fs::File::open(p).ok(), false),
+        },
+        None => (None, false),
+    };
     // A writable image is locked for writing from the start (as
     // qemu-nbd does), unless the server is read-only (`after_fork`).
     let lock_at_start = lock.is_some()
         && !cfg.readonly
+        && file_writable
         && header
             .as_ref()
-            .is_some_and(|h| h.incompatible & header::INCOMPAT_CORRUPT == 0)
-        && path
-            .as_ref()
-            .is_some_and(|p| std::fs::OpenOptions::new().write(true).open(p).is_ok());
+            .is_some_and(|h| h.incompatible & header::INCOMPAT_CORRUPT == 0);
     let dir = path
         .as_ref()
         .and_then(|p| std::fs::canonicalize(p).ok())
@@ -241,10 +248,7 @@ pub fn build(p: &mut Params, cfg: Config) -> ConfigResult<Arc<dyn Filter>> {
         cor,
         lock,
         lock_at_start,
-        writeback: path
-            .as_ref()
-            .and_then(|p| std::fs::File::open(p).ok())
-            .map(Arc::new),
+        writeback: file.map(Arc::new),
         write_locked: Mutex::new(false),
         images: tokio::sync::Mutex::new(HashMap::new()),
     }))

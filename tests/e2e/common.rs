@@ -231,6 +231,23 @@ pub fn qemu_io_qcow2(img: &Path, cmds: &[&str]) {
     run_ok(c.arg(img));
 }
 
+/// `qemu-img create -f qcow2 -b BACKING -F FORMAT IMG SIZE` (a relative
+/// backing name is relative to the image's directory, as qemu takes it).
+pub fn qcow2_overlay(img: &Path, backing: &str, backing_format: &str, size: &str) {
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        backing,
+        "-F",
+        backing_format,
+        p(img),
+        size,
+    ]);
+}
+
 /// A path as the `&str` a command line takes.
 pub fn p(x: &Path) -> &str {
     x.to_str().unwrap()

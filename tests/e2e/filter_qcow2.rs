@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::common::{
-    nbdkit, nbdpy, our_bin, p, qemu_img, qemu_io_qcow2, random_file, require, require_nbdsh, run,
-    run_ok, Server, PYTHON,
+    nbdkit, nbdpy, our_bin, p, qcow2_overlay, qemu_img, qemu_io_qcow2, random_file, require,
+    require_nbdsh, run, run_ok, Server, PYTHON,
 };
 
 /// Copy the virtual disk our qcow2 filter serves from `img` to `out`.
@@ -349,18 +349,7 @@ fn qcow2_backing_chains() {
     random_file(&base, 6 << 20, 5);
     // A backing file shorter than the overlay reads as zeroes past its end.
     let mid = d.join("mid.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "base.raw",
-        "-F",
-        "raw",
-        p(&mid),
-        "8M",
-    ]);
+    qcow2_overlay(&mid, "base.raw", "raw", "8M");
     qemu_io_qcow2(
         &mid,
         &[
@@ -439,18 +428,7 @@ fn qcow2_copy_on_read() {
     let base = d.join("base.raw");
     random_file(&base, 2 << 20, 9);
     let top = d.join("top.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "base.raw",
-        "-F",
-        "raw",
-        p(&top),
-        "2M",
-    ]);
+    qcow2_overlay(&top, "base.raw", "raw", "2M");
     let out = d.join("out.raw");
     let s = serve(&top, &["copy-on-read=true"]);
     run_ok(Command::new(our_bin("nbdcopy")).arg(s.uri()).arg(&out));
@@ -482,18 +460,7 @@ fn qcow2_copy_on_read_keeps_concurrent_writes() {
     std::fs::copy(&base, &expect).unwrap();
     for round in 0..3 {
         let top = d.join(format!("top{round}.qcow2"));
-        qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "base.raw",
-            "-F",
-            "raw",
-            p(&top),
-            "4M",
-        ]);
+        qcow2_overlay(&top, "base.raw", "raw", "4M");
         let s = serve(&top, &["copy-on-read=true"]);
         let script = format!(
             "
@@ -587,18 +554,7 @@ fn qcow2_allocation_depth_as_qemu_nbd() {
     qemu_img(&["create", "-q", "-f", "qcow2", p(&base), "8M"]);
     qemu_io_qcow2(&base, &["write -P 1 0 2M", "write -z 6M 64k"]);
     let top = d.join("top.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "base.qcow2",
-        "-F",
-        "qcow2",
-        p(&top),
-        "10M",
-    ]);
+    qcow2_overlay(&top, "base.qcow2", "qcow2", "10M");
     qemu_io_qcow2(
         &top,
         &["write -P 2 1M 128k", "write -z 3M 64k", "write -P 3 9M 64k"],
@@ -1058,12 +1014,21 @@ fn qcow2_nbd_backing_extents_as_qemu_nbd() {
     }
 }
 
-/// Write blocks of `bs` bytes (indices: the Python expression `blocks`,
-/// shuffled with `seed`) into the server at `uri` in parallel, 32 in
-/// flight on each of two connections, each block holding a pattern of
-/// its index; the same blocks go into the file `expect`, which must
-/// exist. Prints (and returns) how many blocks were written.
-fn parallel_pwrites(uri: &str, expect: &Path, bs: usize, blocks: &str, seed: u32) -> String {
+/// Serve `img` (with `args`) and write blocks of `bs` bytes into it
+/// (indices: the Python expression `blocks`, shuffled with `seed`) in
+/// parallel, 32 in flight on each of two connections, each block holding
+/// a pattern of its index; the same blocks go into the file `expect`,
+/// which must exist. Then the image must be clean and equal `expect`.
+/// Returns how many blocks were written.
+fn parallel_pwrites(
+    img: &Path,
+    args: &[&str],
+    expect: &Path,
+    bs: usize,
+    blocks: &str,
+    seed: u32,
+) -> String {
+    let s = serve(img, args);
     let script = format!(
         "
 import random
@@ -1093,7 +1058,11 @@ h.flush()
 print(len(blocks))
 "
     );
-    nbdpy(uri, &script)
+    let n = nbdpy(&s.uri(), &script).trim().to_string();
+    drop(s);
+    check_clean(img);
+    compare(expect, img);
+    n
 }
 
 /// Many 4K writes in flight at once, over two connections, into the
@@ -1121,14 +1090,10 @@ fn qcow2_parallel_writes_into_fresh_clusters() {
         if with_backing {
             args.extend_from_slice(&[&b, "backing-format=raw"]);
         }
-        let s = serve(&img, &args);
         // Every other 4K block of the first 2M (32 clusters of 64K, 8
         // writes into each), shuffled, 32 in flight per connection.
-        let out = parallel_pwrites(&s.uri(), &expect, 4096, "range(0, 512, 2)", 5);
-        assert_eq!(out.trim(), "256");
-        drop(s);
-        check_clean(&img);
-        compare(&expect, &img);
+        let n = parallel_pwrites(&img, &args, &expect, 4096, "range(0, 512, 2)", 5);
+        assert_eq!(n, "256");
     }
 }
 
@@ -1160,15 +1125,11 @@ fn qcow2_parallel_writes_into_partly_allocated_subclusters() {
         .collect();
     let cmds: Vec<&str> = cmds.iter().map(String::as_str).collect();
     qemu_io_qcow2(&img, &cmds);
-    let s = serve(&img, &[]);
     // Then every 2K of the first 2M rewritten, shuffled, 32 in flight on
     // each of two connections.
     std::fs::write(&expect, vec![0u8; 4 << 20]).unwrap();
-    let out = parallel_pwrites(&s.uri(), &expect, 2048, "range(1024)", 9);
-    assert_eq!(out.trim(), "1024");
-    drop(s);
-    check_clean(&img);
-    compare(&expect, &img);
+    let n = parallel_pwrites(&img, &[], &expect, 2048, "range(1024)", 9);
+    assert_eq!(n, "1024");
 }
 
 /// Zeroes of whole clusters racing 4K writes into the same clusters,
@@ -1184,18 +1145,7 @@ fn qcow2_zeroes_racing_writes_end_in_some_order() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("base.raw"), vec![0xee; 4 << 20]).unwrap();
     let img = dir.path().join("z.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "base.raw",
-        "-F",
-        "raw",
-        p(&img),
-        "4M",
-    ]);
+    qcow2_overlay(&img, "base.raw", "raw", "4M");
     let s = serve(&img, &[]);
     let script = "
 import random

@@ -6,7 +6,9 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::common::{nbdkit, our_bin, p, qemu_img, qemu_io_qcow2, require, run, run_ok, Server};
+use crate::common::{
+    nbdkit, our_bin, p, qcow2_overlay, qemu_img, qemu_io_qcow2, require, run, run_ok, Server,
+};
 
 const SIZE: &str = "16M";
 
@@ -34,18 +36,7 @@ fn chain(d: &Path) -> (PathBuf, PathBuf) {
 
 /// A new, empty overlay over base.qcow2 (a relative name), by qemu-img.
 fn overlay(img: &Path) {
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "base.qcow2",
-        "-F",
-        "qcow2",
-        p(img),
-        SIZE,
-    ]);
+    qcow2_overlay(img, "base.qcow2", "qcow2", SIZE);
 }
 
 /// The ranges qemu-img map says the image itself holds (depth 0 in its
@@ -276,20 +267,7 @@ fn nbdcopy_shallow_three_layers() {
     let d = dir.path();
     // base.qcow2 <- top.qcow2 (the middle layer here) <- top3.qcow2.
     chain(d);
-    let over_mid = |img: &Path| {
-        qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "top.qcow2",
-            "-F",
-            "qcow2",
-            p(img),
-            SIZE,
-        ])
-    };
+    let over_mid = |img: &Path| qcow2_overlay(img, "top.qcow2", "qcow2", SIZE);
     let top = d.join("top3.qcow2");
     over_mid(&top);
     qemu_io_qcow2(

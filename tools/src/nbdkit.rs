@@ -483,7 +483,6 @@ fn run(args: Vec<OsString>) -> Result<i32> {
     cfg.server = ServerContext::new(cli.verbose);
     cfg.tls = tls;
     cfg.tls_required = tls_mode == TlsMode::Require;
-    cfg.readonly = cli.readonly;
     cfg.server.set_readonly(cli.readonly);
     cfg.structured_replies = !cli.no_sr;
     cfg.extended_headers = !cli.no_eh;

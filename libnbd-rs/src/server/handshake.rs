@@ -220,7 +220,7 @@ where
                     send_error(cfg, w, option, rep::ERR_INVALID, "LIST takes no payload").await?;
                     continue;
                 }
-                match cfg.stack.top().list_exports(cfg.readonly).await {
+                match cfg.stack.top().list_exports(cfg.server.readonly()).await {
                     Ok(list) => {
                         for e in list {
                             let mut pl = Vec::new();
@@ -550,7 +550,7 @@ async fn open_export(
         name.to_string()
     };
     let ctx = OpenContext {
-        readonly: cfg.readonly,
+        readonly: cfg.server.readonly(),
         export_name,
         default_export: name.is_empty(),
         peer: peer.addr,
@@ -563,7 +563,7 @@ async fn open_export(
     let h: Arc<dyn Handle> = Arc::from(cfg.stack.open(&ctx).await?);
     let size = h.size()?;
     let caps = h.caps()?;
-    let write = !cfg.readonly && caps.write;
+    let write = !cfg.server.readonly() && caps.write;
     let mut flags = tflags::HAS_FLAGS;
     for (on, flag) in [
         // The spec: MUST NOT set SEND_DF unless structured replies were

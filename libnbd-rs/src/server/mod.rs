@@ -61,8 +61,6 @@ pub fn inflight_budget(bytes: usize) -> Arc<tokio::sync::Semaphore> {
 pub struct ServerConfig {
     /// The plugin and its filters.
     pub stack: Stack,
-    /// `-r`: serve every export read-only.
-    pub readonly: bool,
     /// Offer structured replies (`--no-sr` turns them off).
     pub structured_replies: bool,
     /// Offer meta contexts (`--no-mc` turns them off).
@@ -98,7 +96,6 @@ impl ServerConfig {
     pub fn new(stack: Stack) -> Self {
         ServerConfig {
             stack,
-            readonly: false,
             structured_replies: true,
             meta_contexts: true,
             extended_headers: true,
@@ -141,8 +138,9 @@ impl ServerContext {
         })
     }
 
-    /// Say whether the server serves read-only (`-r`), for layers that
-    /// prepare for writes at start (set before `after_fork`).
+    /// Say whether the server serves every export read-only (`-r`):
+    /// connections and the layers that prepare for writes at start
+    /// (`after_fork`) read it here.
     pub fn set_readonly(&self, readonly: bool) {
         self.readonly.store(readonly, Ordering::SeqCst);
     }
@@ -329,7 +327,7 @@ where
         Box::new(writer),
     )));
     let r = async {
-        if let Err(e) = cfg.stack.preconnect(cfg.readonly).await {
+        if let Err(e) = cfg.stack.preconnect(cfg.server.readonly()).await {
             return Err(Close::Protocol(format!("preconnect: {}", e.msg)));
         }
         let handshake = negotiate(&cfg, reader, writer, peer, id);
