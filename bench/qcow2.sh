@@ -6,6 +6,9 @@
 #     16 MiB xz blocks served by nginx on loopback:
 #       ours native:   nbdkit curl --filter=xz URL --run
 #                        'nbdcopy -- $uri [ nbdkit --filter=qcow2 file out.qcow2 create=true size=1G ]'
+#                      (nbdcopy serves its captive nbdkit in-process)
+#       ours native, spawned: the same with NBDCOPY_SPAWN_CAPTIVE=1 (the
+#                      captive nbdkit a process of its own, over a socket)
 #       ours+qemu-nbd: the same with [ qemu-nbd -f qcow2 out.qcow2 ] (after qemu-img create)
 #       upstream:      upstream nbdkit and libnbd's nbdcopy into [ qemu-nbd ... ]
 #       floor:         ours into null: (the curl+xz decode alone)
@@ -18,7 +21,7 @@
 #       qemu-img:      qemu-img convert -f raw -O qcow2 disk.raw out.qcow2, whose
 #                      default cache mode for the output is unsafe: no sync at all
 #       ours+qemu-nbd: nbdcopy disk.raw [ qemu-nbd -f qcow2 out.qcow2 ]
-#       floor:         nbdcopy disk.raw [ nbdkit file out.raw ] (the NBD copy
+#       floor:         nbdcopy disk.raw [ nbdkit file out.raw ] (the same copy
 #                      with no qcow2 in it)
 # Every output is checked once with qemu-img compare and qemu-img check;
 # prints medians, ratios and the servers' peak RSS.
@@ -50,10 +53,13 @@ eval "$prepare"
 rss[native]=$(peak_rss "$OURS" -U - curl --filter=xz "$URL" --run "$(native '$uri' "$OURCOPY")")
 check_out native
 eval "$prepare"
+rss[nativecopy]=$(PEAK_OF=nbdcopy peak_rss "$OURS" -U - curl --filter=xz "$URL" --run "$(native '$uri' "$OURCOPY")")
+check_out native
+eval "$prepare"
 rss[viaqemu]=$(peak_rss "$OURS" -U - curl --filter=xz "$URL" --run "$(viaqemu '$uri' "$OURCOPY")")
 check_out viaqemu
 eval "$prepare"
-rss[raw]=$(peak_rss bash -c "$(native "$img" "$OURCOPY")")
+rss[raw]=$(PEAK_OF=nbdcopy peak_rss bash -c "$(native "$img" "$OURCOPY")")
 check_out raw
 eval "$prepare"
 qemu-img convert -f raw -O qcow2 "$img" "$out"
@@ -99,6 +105,7 @@ PY
 echo "== headline pipeline into qcow2 ($RUNS alternating rounds)" >&2
 alternate "$work/h.json" \
   "ours native" "$(headline "$OURS" "$(native '$uri' "$OURCOPY")")" \
+  "ours native, spawned" "$(headline "$OURS" "$(native '$uri' "NBDCOPY_SPAWN_CAPTIVE=1 $OURCOPY")")" \
   "ours+qemu-nbd" "$(headline "$OURS" "$(viaqemu '$uri' "$OURCOPY")")" \
   upstream "$(headline nbdkit "$(viaqemu '$uri' nbdcopy)")" \
   "floor (null:)" "$(headline "$OURS" "$OURCOPY -- \$uri null:")"
@@ -110,13 +117,16 @@ alternate "$work/r.json" \
   "qemu-img convert" "qemu-img convert -f raw -O qcow2 $img $out" \
   "ours+qemu-nbd" "$(viaqemu "$img" "$OURCOPY")" \
   "floor (raw file)" "truncate -s $size $outraw && $OURCOPY -- $img [ $OURS file $outraw ]"
-/usr/bin/python3 - "$work/h.json" "$work/r.json" "${rss[native]}" "${rss[viaqemu]}" "${rss[raw]}" <<'PY'
+/usr/bin/python3 - "$work/h.json" "$work/r.json" "${rss[native]}" "${rss[viaqemu]}" "${rss[raw]}" "${rss[nativecopy]}" <<'PY'
 import json, sys
 h = {x["command"]: x["median"] for x in json.load(open(sys.argv[1]))["results"]}
 r = {x["command"]: x["median"] for x in json.load(open(sys.argv[2]))["results"]}
 n, q, u = h["ours native"], h["ours+qemu-nbd"], h["upstream"]
 print(f"curl+xz -> qcow2: ours native {n:.2f}s  ours+qemu-nbd {q:.2f}s  upstream {u:.2f}s")
 print(f"  native vs ours+qemu-nbd {q/n:.2f}x   native vs upstream {u/n:.2f}x")
+sp = h["ours native, spawned"]
+print(f"  native with the captive nbdkit spawned {sp:.2f}s: in-process {sp/n:.2f}x faster, "
+      f"spawned vs ours+qemu-nbd {q/sp:.2f}x")
 f = h["floor (null:)"]
 print(f"  floor (curl+xz -> null:) {f:.2f}s: native at {n/f:.2f}x the floor, "
       f"the best native vs ours+qemu-nbd would be {q/f:.2f}x")
@@ -130,6 +140,6 @@ print(f"  ours unsynced vs qemu-img convert {c/nu:.2f}x")
 f = r["floor (raw file)"]
 print(f"  floor (nbdcopy into [ nbdkit file ]) {f:.2f}s: native at {n/f:.2f}x the floor, "
       f"qemu-img convert at {c/f:.2f}x it")
-print(f"peak RSS of our nbdkit (MiB): pipeline native {sys.argv[3]} (curl+xz+qcow2 servers), "
-      f"pipeline via qemu-nbd {sys.argv[4]}, raw->qcow2 native {sys.argv[5]}")
+print(f"peak RSS (MiB): the curl+xz nbdkit {sys.argv[3]} (native pipeline), {sys.argv[4]} (via qemu-nbd); "
+      f"nbdcopy with the qcow2 server in it {sys.argv[6]} (native pipeline), {sys.argv[5]} (raw->qcow2)")
 PY

@@ -86,8 +86,10 @@ prepare="rm -f $out; qemu-img create -q -f qcow2 $out $size"
 
 peak_rss() { # runs the command; prints the peak RSS in MiB of the nbdkit
   # server process (upstream's --run makes the server a child of the
-  # command's shell, so look at the whole process tree)
-  /usr/bin/python3 - "$@" <<'PY'
+  # command's shell, so look at the whole process tree); with PEAK_OF=NAME,
+  # of the processes of that name instead (nbdcopy, whose captive nbdkit of
+  # ours runs inside it)
+  PEAK_OF=${PEAK_OF:-nbdkit} /usr/bin/python3 - "$@" <<'PY'
 import os, subprocess, sys, time
 p = subprocess.Popen(sys.argv[1:])
 peak = {}
@@ -110,7 +112,7 @@ while p.poll() is None:
     for pid in tree(p.pid):
         try:
             st = dict(l.split(":", 1) for l in open(f"/proc/{pid}/status"))
-            if st["Name"].strip() == "nbdkit":
+            if st["Name"].strip() == os.environ["PEAK_OF"]:
                 peak[pid] = max(peak.get(pid, 0), int(st["VmHWM"].split()[0]))
         except (OSError, KeyError, ValueError):
             pass

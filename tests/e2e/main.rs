@@ -10,6 +10,7 @@ mod copy_captive_qcow2;
 mod copy_common;
 mod copy_errors;
 mod copy_file_to_nbd;
+mod copy_in_process;
 mod copy_lanes;
 mod copy_min_block_size;
 mod copy_nbd_to_file;

@@ -464,21 +464,12 @@ fn run(args: Vec<OsString>) -> Result<i32> {
         }
         return Ok(0);
     }
-    let mut built_filters = Vec::new();
-    for f in &filters {
-        built_filters.push((f.create)(&mut params)?);
-    }
-    let built_plugin = plugin.configure(&mut params)?;
-    built_plugin.get_ready()?;
+    let stack = build_stack(&plugin, &filters, params)?;
     if cli.verbose {
         let mut names: Vec<&'static str> = filters.iter().map(|f| f.name).collect();
         names.push(plugin.name);
         libnbd::trace::set_layer_names(names);
     }
-    let stack = Stack {
-        filters: built_filters,
-        plugin: built_plugin,
-    };
     let mut cfg = ServerConfig::new(stack);
     cfg.server = ServerContext::new(cli.verbose);
     cfg.tls = tls;
@@ -531,6 +522,128 @@ fn run(args: Vec<OsString>) -> Result<i32> {
     // Don't wait for blocking tasks (e.g. a stdin reader) to finish.
     rt.shutdown_timeout(std::time::Duration::from_millis(100));
     code
+}
+
+/// Configure the filters (outermost first, each taking its keys) and
+/// then the plugin, which takes the rest and refuses what it does not
+/// know; the plugin is then told the configuration is complete.
+fn build_stack(plugin: &PluginEntry, filters: &[FilterEntry], mut params: Params) -> Result<Stack> {
+    let mut built_filters = Vec::new();
+    for f in filters {
+        built_filters.push((f.create)(&mut params)?);
+    }
+    let built_plugin = plugin.configure(&mut params)?;
+    built_plugin.get_ready()?;
+    Ok(Stack {
+        filters: built_filters,
+        plugin: built_plugin,
+    })
+}
+
+/// A captive `[ nbdkit ... ]` that a tool runs inside its own process,
+/// calling the stack directly instead of through a socket (see
+/// [`in_process`]).
+pub struct InProcess {
+    /// The configured plugin and filters.
+    pub stack: Stack,
+    /// The server's state: `-r`, and what layers ask of the server.
+    pub server: Arc<ServerContext>,
+}
+
+/// Set to any value, a captive `nbdkit` is always run as a process.
+pub const SPAWN_ENV: &str = "NBDCOPY_SPAWN_CAPTIVE";
+
+/// `argv` of a captive server (`[ nbdkit ... ]`, without the brackets)
+/// configured in this process, if it can be: the command must be this
+/// build's nbdkit (the `nbdkit` next to the running binary, named by
+/// path or found first on `$PATH`), and its options only those that
+/// mean nothing but the stack itself: `--filter`, `-r`, `-f`, `-n`,
+/// `-e`, `-t`, `--no-sr`/`--no-eh`/`--no-mc`. Anything else (`-v`,
+/// TLS, listening options, `--run`, an unknown plugin, a parse error)
+/// gives `None`, and the caller spawns the command as usual, which then
+/// says what it says; so does `$NBDCOPY_SPAWN_CAPTIVE`. A configuration
+/// error (a bad parameter) is `Some(Err)`, in nbdkit's words.
+pub fn in_process(argv: &[OsString]) -> Option<Result<InProcess>> {
+    let (cmd, args) = argv.split_first()?;
+    if std::env::var_os(SPAWN_ENV).is_some() || !is_this_nbdkit(cmd) {
+        return None;
+    }
+    let m = cli::matches::<()>(Cli::command(), args).ok()?;
+    let c = Cli::from_arg_matches(&m).ok()?;
+    let listening_or_more = c.ipv4_only
+        || c.ipv6_only
+        || !c.debug.is_empty()
+        || c.dump_config
+        || c.dump_plugin
+        || c.exit_with_parent
+        || c.help
+        || c.ipaddr.is_some()
+        || c.log.is_some()
+        || c.pidfile.is_some()
+        || c.port.is_some()
+        || c.run.is_some()
+        || c.single
+        || c.timeout.is_some()
+        || c.keepalive
+        || c.tls.is_some()
+        || c.tls_certificates.is_some()
+        || c.tls_psk.is_some()
+        || c.tls_verify_peer
+        || c.unix.is_some()
+        || c.verbose
+        || c.version;
+    if listening_or_more {
+        return None;
+    }
+    let words: Vec<String> = c
+        .words
+        .iter()
+        .map(|w| w.to_str().map(str::to_string))
+        .collect::<Option<_>>()?;
+    let (plugin_name, params) = words.split_first()?;
+    let plugin = plugin_by_name(plugin_name).ok()?;
+    let filters = c
+        .filters
+        .iter()
+        .map(|f| filter_by_name(f))
+        .collect::<Result<Vec<_>, _>>()
+        .ok()?;
+    Some((|| {
+        let params = Params::parse(params, plugin.magic)?;
+        let stack = build_stack(&plugin, &filters, params)?;
+        let server = ServerContext::new(false);
+        server.set_readonly(c.readonly);
+        Ok(InProcess { stack, server })
+    })())
+}
+
+/// Is `cmd` (a path, or a name looked up on `$PATH` as `execvp` does)
+/// the `nbdkit` installed next to the running program?
+fn is_this_nbdkit(cmd: &std::ffi::OsStr) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    let Some(ours) = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(|d| d.join("nbdkit")))
+        .and_then(|p| std::fs::canonicalize(p).ok())
+    else {
+        return false;
+    };
+    let path = std::path::Path::new(cmd);
+    let found = if cmd.as_encoded_bytes().contains(&b'/') {
+        Some(path.to_path_buf())
+    } else {
+        std::env::var_os("PATH").and_then(|dirs| {
+            std::env::split_paths(&dirs)
+                .map(|d| d.join(path))
+                .find(|p| {
+                    std::fs::metadata(p)
+                        .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+                })
+        })
+    };
+    found
+        .and_then(|p| std::fs::canonicalize(p).ok())
+        .is_some_and(|p| p == ours)
 }
 
 /// `-D NAME.FLAG=N`: the server's own flags (`nbdkit.backend.controlpath`

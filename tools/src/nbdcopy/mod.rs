@@ -83,6 +83,7 @@ mod alloc;
 pub mod blkhash;
 mod endpoint;
 mod file;
+mod inprocess;
 mod lanes;
 mod multi;
 mod nbd;
@@ -103,6 +104,7 @@ use libnbd::uri::Uri;
 pub use alloc::PageAligned;
 use endpoint::{describe, Endpoint, OpError};
 use file::{FileEndpoint, Opened};
+use inprocess::InProcessEndpoint;
 use lanes::Lanes;
 use nbd::NbdEndpoint;
 use null::NullEndpoint;
@@ -496,6 +498,26 @@ async fn open(spec: Spec, write: bool, extents: bool, shallow: bool) -> Result<B
         }
     };
     Ok(match spec {
+        Spec::Nbd(Target::Command(argv)) if !shallow => match crate::nbdkit::in_process(&argv) {
+            Some(server) => {
+                let name = nbd::command_name(&argv);
+                let server = server.map_err(|e| {
+                    // As the spawned server would say it, then why we stop.
+                    libnbd::elog!("nbdkit: error: {}", cli::error_message(&e));
+                    anyhow!("{name}: the captive nbdkit could not start")
+                })?;
+                Box::new(
+                    InProcessEndpoint::open(name, server, extents)
+                        .await
+                        .map_err(|e| anyhow!(describe(&e)))?,
+                )
+            }
+            None => Box::new(
+                NbdEndpoint::open(Target::Command(argv), extents, shallow)
+                    .await
+                    .map_err(|e| anyhow!(describe(&e)))?,
+            ),
+        },
         Spec::Nbd(t) => Box::new(
             NbdEndpoint::open(t, extents, shallow)
                 .await

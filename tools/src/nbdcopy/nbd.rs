@@ -286,7 +286,7 @@ fn shallow_merge(
 }
 
 /// A name for `[ cmd args ]` in messages.
-fn command_name(argv: &[OsString]) -> String {
+pub(super) fn command_name(argv: &[OsString]) -> String {
     let words: Vec<String> = argv
         .iter()
         .map(|a| a.to_string_lossy().into_owned())
