@@ -562,9 +562,24 @@ fn kill_pids(pids: Vec<i32>) {
     }
 }
 
+/// Work to do on a signal before exiting, besides stopping captive
+/// processes (a tool's servers run in its own process: their clean
+/// close, as a spawned server's on `SIGTERM`).
+static ON_SIGNAL: Mutex<Vec<fn()>> = Mutex::new(Vec::new());
+
+/// Run `f` when [`kill_on_signals`]'s handler fires, before the exit
+/// (on a thread that may block).
+pub fn on_signal(f: fn()) {
+    ON_SIGNAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .push(f);
+}
+
 /// Install handlers for `SIGINT`, `SIGTERM` and `SIGHUP` that stop every
-/// captive server and exit with status 128 + the signal number. Call
-/// once, from within a tokio runtime, before starting servers.
+/// captive server (and run what [`on_signal`] registered) and exit with
+/// status 128 + the signal number. Call once, from within a tokio
+/// runtime, before starting servers.
 pub fn kill_on_signals() -> io::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut int = signal(SignalKind::interrupt())?;
@@ -577,6 +592,13 @@ pub fn kill_on_signals() -> io::Result<()> {
             _ = hup.recv() => libc::SIGHUP,
         };
         kill_all();
+        let hooks = ON_SIGNAL
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        for f in hooks {
+            crate::backend::run_blocking(f);
+        }
         std::process::exit(128 + sig);
     });
     Ok(())

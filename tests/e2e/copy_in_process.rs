@@ -262,3 +262,72 @@ fn copy_in_process_into_a_new_qcow2() {
         .sum();
     assert!(data_bytes <= 2 << 20, "{data_bytes} bytes of data clusters");
 }
+
+/// `SIGINT` in the middle of a copy into an in-process qcow2: nbdcopy
+/// exits with 130 once the image is closed as a spawned server closes
+/// on the `SIGTERM` nbdcopy sends it: the image's persistent bitmap,
+/// marked in use while the copy writes, is written back (no longer in
+/// use), `qemu-img check` finds no leaks, and the stats filter (which
+/// writes its totals at unload) has run.
+#[test]
+fn copy_in_process_closes_cleanly_on_sigint() {
+    if !require(&["qemu-img"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let q = dir.path().join("out.qcow2");
+    let stats = dir.path().join("stats");
+    crate::common::qemu_img(&["create", "-q", "-f", "qcow2", p(&q), "256M"]);
+    crate::common::qemu_img(&["bitmap", "--add", p(&q), "b0"]);
+    let mut child = nbdcopy()
+        .args(["--", "["])
+        .arg(nbdkit())
+        .args(["--filter=delay", "pattern", "256M", "rdelay=40ms", "]", "["])
+        .arg(nbdkit())
+        .args(["--filter=stats", "--filter=qcow2", "file"])
+        .arg(&q)
+        .arg(format!("statsfile={}", p(&stats)))
+        .arg("]")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Let the copy get going: clusters allocated past the fresh image.
+    let t = std::time::Instant::now();
+    let fresh = std::fs::metadata(&q).map_or(0, |m| m.len());
+    while std::fs::metadata(&q).map_or(0, |m| m.len()) <= fresh.max(1 << 20) {
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(20),
+            "the copy did not start"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(130),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let totals = std::fs::read_to_string(&stats).unwrap_or_default();
+    assert!(
+        totals.contains("write:"),
+        "the layers were not unloaded: {totals:?}"
+    );
+    let info = crate::common::qemu_img(&["info", "--output=json", p(&q)]);
+    assert!(
+        info.contains("\"b0\"") && !info.contains("in-use"),
+        "the bitmap was not written back: {info}"
+    );
+    let c = run(Command::new("qemu-img").args(["check", p(&q)]));
+    assert!(
+        c.status.success(),
+        "qemu-img check: {}{}",
+        String::from_utf8_lossy(&c.stdout),
+        String::from_utf8_lossy(&c.stderr)
+    );
+}

@@ -19,7 +19,11 @@
 //! must be aligned done by read-modify-write as nbdcopy does over NBD.
 //! Closing drops the handle (a layer's close work, e.g. the qcow2
 //! filter's sync, runs then) and unloads the layers, as the server does
-//! when the last client goes and it is told to exit.
+//! when the last client goes and it is told to exit. On `SIGINT`,
+//! `SIGTERM` or `SIGHUP` the same happens before nbdcopy exits, once the
+//! requests in flight are done (waiting at most as long as for a spawned
+//! server to go), as a spawned server closes on the `SIGTERM` nbdcopy
+//! sends it.
 //!
 //! Commands with options beyond the stack's own (`-v`, TLS, listening
 //! options, ...) and `--shallow` sources (which need
@@ -28,7 +32,8 @@
 
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, Once, RwLock, Weak};
+use std::time::Instant;
 
 use async_trait::async_trait;
 use libnbd::client::errno_text;
@@ -47,13 +52,79 @@ const DEPTH: usize = 8;
 /// connection's worth of parallelism), as over NBD.
 const SINGLE_CONN_WRITE_SIZE: u64 = 2 << 20;
 
+/// The stack and its open handle: what closing (by the copy, or on a
+/// signal) tears down.
+struct Shared {
+    stack: Stack,
+    /// Taken when closing: dropping the last reference closes the
+    /// layers' handles.
+    handle: RwLock<Option<Arc<dyn Handle>>>,
+    /// Held through closing, so that a second closer (the signal
+    /// handler, while a failed copy's drop closes) waits for the first
+    /// to finish; true once closed.
+    closed: Mutex<bool>,
+    /// Closed by a signal: requests still coming wait for the exit
+    /// rather than fail (a failing copy would race the signal's exit
+    /// status with its own).
+    by_signal: AtomicBool,
+}
+
+/// Every in-process server open, for the signal handler.
+static OPEN: Mutex<Vec<Weak<Shared>>> = Mutex::new(Vec::new());
+
+impl Shared {
+    /// Close the handle once no request holds it any more (waiting at
+    /// most until `deadline`), then unload the layers; once, and a
+    /// caller returns only when that is done.
+    fn close(&self, deadline: Option<Instant>) {
+        let mut closed = self
+            .closed
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if *closed {
+            return;
+        }
+        let h = self
+            .handle
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let (Some(h), Some(deadline)) = (&h, deadline) {
+            while Arc::strong_count(h) > 1 && Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+        }
+        // The last reference (unless a request outlived the deadline):
+        // the layers' handles close here, on this runtime, which their
+        // close work may need.
+        drop(h);
+        self.stack.unload();
+        *closed = true;
+    }
+}
+
+/// On a signal: close every in-process server as a spawned one closes
+/// on `SIGTERM`.
+fn close_all() {
+    let open: Vec<Arc<Shared>> = OPEN
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .iter()
+        .filter_map(Weak::upgrade)
+        .collect();
+    let deadline = Instant::now() + libnbd::captive::KILL_TIMEOUT;
+    for s in &open {
+        s.by_signal.store(true, Ordering::Release);
+    }
+    for s in open {
+        s.close(Some(deadline));
+    }
+}
+
 /// The stack of a captive nbdkit, opened as one client.
 pub struct InProcessEndpoint {
     name: String,
-    stack: Stack,
-    /// Taken by [`close`](Endpoint::close): dropping it closes the
-    /// layers' handles.
-    handle: RwLock<Option<Arc<dyn Handle>>>,
+    shared: Arc<Shared>,
     size: u64,
     caps: Caps,
     write: bool,
@@ -64,7 +135,6 @@ pub struct InProcessEndpoint {
     fast_zero: AtomicBool,
     /// Read-modify-writes of unaligned pieces, one at a time.
     partial: tokio::sync::Mutex<()>,
-    unloaded: AtomicBool,
 }
 
 /// A layer's error as the NBD client would report the server's reply.
@@ -94,12 +164,26 @@ impl InProcessEndpoint {
                     Some(b) if b.preferred >= 512 => u64::from(b.preferred),
                     _ => 4096,
                 };
-                Ok(InProcessEndpoint {
-                    name,
-                    multi_conn: caps.multi_conn
-                        && stack.thread_model() > ThreadModel::SerializeConnections,
+                let multi_conn =
+                    caps.multi_conn && stack.thread_model() > ThreadModel::SerializeConnections;
+                let shared = Arc::new(Shared {
                     stack,
                     handle: RwLock::new(Some(handle)),
+                    closed: Mutex::new(false),
+                    by_signal: AtomicBool::new(false),
+                });
+                static HOOK: Once = Once::new();
+                HOOK.call_once(|| libnbd::captive::on_signal(close_all));
+                let mut open = OPEN
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                open.retain(|w| w.strong_count() > 0);
+                open.push(Arc::downgrade(&shared));
+                drop(open);
+                Ok(InProcessEndpoint {
+                    name,
+                    multi_conn,
+                    shared,
                     size,
                     caps,
                     write,
@@ -108,7 +192,6 @@ impl InProcessEndpoint {
                     extents,
                     fast_zero: AtomicBool::new(true),
                     partial: tokio::sync::Mutex::new(()),
-                    unloaded: AtomicBool::new(false),
                 })
             }
             Err(e) => {
@@ -153,12 +236,18 @@ impl InProcessEndpoint {
         Ok((h, size, caps, block))
     }
 
-    fn handle(&self) -> io::Result<Arc<dyn Handle>> {
-        self.handle
+    async fn handle(&self) -> io::Result<Arc<dyn Handle>> {
+        let h = self
+            .shared
+            .handle
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
-            .ok_or_else(|| io::Error::other(format!("{}: already closed", self.name)))
+            .clone();
+        match h {
+            Some(h) => Ok(h),
+            None if self.shared.by_signal.load(Ordering::Acquire) => std::future::pending().await,
+            None => Err(io::Error::other(format!("{}: already closed", self.name))),
+        }
     }
 
     fn unaligned(&self, offset: u64, len: u64) -> bool {
@@ -177,7 +266,8 @@ impl InProcessEndpoint {
     async fn read_unaligned(&self, mut buf: Vec<u8>, offset: u64) -> io::Result<Vec<u8>> {
         let (start, end) = self.widen(offset, buf.len() as u64);
         let mut whole = vec![0u8; (end - start) as usize];
-        self.handle()?
+        self.handle()
+            .await?
             .pread(&mut whole, start, Flags::NONE)
             .await
             .map_err(io_err)?;
@@ -191,7 +281,7 @@ impl InProcessEndpoint {
     /// the whole blocks around them first.
     async fn write_unaligned(&self, data: Option<&[u8]>, offset: u64, len: u64) -> io::Result<()> {
         let (start, end) = self.widen(offset, len);
-        let h = self.handle()?;
+        let h = self.handle().await?;
         let _one = self.partial.lock().await;
         let mut buf = vec![0u8; (end - start) as usize];
         h.pread(&mut buf, start, Flags::NONE)
@@ -203,12 +293,6 @@ impl InProcessEndpoint {
             None => buf[at..at + len as usize].fill(0),
         }
         h.pwrite(&buf, start, Flags::NONE).await.map_err(io_err)
-    }
-
-    fn unload(&self) {
-        if !self.unloaded.swap(true, Ordering::AcqRel) {
-            self.stack.unload();
-        }
     }
 }
 
@@ -268,7 +352,8 @@ impl Endpoint for InProcessEndpoint {
             return Ok(vec![Extent::new(offset, length, false)]);
         }
         let mut ext = Extents::new(offset, offset + length);
-        self.handle()?
+        self.handle()
+            .await?
             .extents(length, offset, Flags::NONE, &mut ext)
             .await
             .map_err(io_err)?;
@@ -290,7 +375,8 @@ impl Endpoint for InProcessEndpoint {
         if self.unaligned(offset, buf.len() as u64) {
             return self.read_unaligned(buf, offset).await;
         }
-        self.handle()?
+        self.handle()
+            .await?
             .pread(&mut buf, offset, Flags::NONE)
             .await
             .map_err(io_err)?;
@@ -303,7 +389,8 @@ impl Endpoint for InProcessEndpoint {
                 .write_unaligned(Some(&data), offset, data.len() as u64)
                 .await;
         }
-        self.handle()?
+        self.handle()
+            .await?
             .pwrite(&data, offset, Flags::NONE)
             .await
             .map_err(io_err)
@@ -330,7 +417,7 @@ impl Endpoint for InProcessEndpoint {
             }
             return Box::pin(self.zero(first, last - first, allocate)).await;
         }
-        let h = self.handle()?;
+        let h = self.handle().await?;
         let flags = if allocate {
             Flags::NONE
         } else {
@@ -353,30 +440,24 @@ impl Endpoint for InProcessEndpoint {
         if !self.caps.flush {
             return Ok(());
         }
-        self.handle()?.flush(Flags::NONE).await.map_err(io_err)
+        self.handle()
+            .await?
+            .flush(Flags::NONE)
+            .await
+            .map_err(io_err)
     }
 
     async fn close(&self) -> io::Result<()> {
-        let h = self
-            .handle
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .take();
-        // The last reference: the layers' handles close here (on this
-        // runtime, which their close work may need).
-        drop(h);
-        self.unload();
+        // The copy is done: nothing is in flight.
+        libnbd::run_blocking(|| self.shared.close(None));
         Ok(())
     }
 }
 
 impl Drop for InProcessEndpoint {
     fn drop(&mut self) {
-        // A copy that failed: the layers close as a killed server's
-        // would on its way out.
-        if let Ok(mut h) = self.handle.write() {
-            drop(h.take());
-        }
-        self.unload();
+        // A copy that failed: the layers close as a server's do when
+        // its client goes and it is told to exit.
+        libnbd::run_blocking(|| self.shared.close(None));
     }
 }

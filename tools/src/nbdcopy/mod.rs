@@ -10,10 +10,11 @@
 //! ```
 //!
 //! SOURCE and DESTINATION are each an NBD URI, `[ CMD ARGS ... ]` (a
-//! server run as a subprocess with socket activation), a local file or
-//! block device, or `-` (stdin or stdout); DESTINATION may also be
+//! server run as a subprocess with socket activation; this build's own
+//! `nbdkit` is served in-process instead, `inprocess.rs`), a local file
+//! or block device, or `-` (stdin or stdout); DESTINATION may also be
 //! `null:`. Each kind is an `Endpoint` (`endpoint.rs`) in its own file
-//! (`nbd.rs`, `file.rs`, `pipe.rs`, `null.rs`); the copy strategies
+//! (`nbd.rs`, `inprocess.rs`, `file.rs`, `pipe.rs`, `null.rs`); the copy strategies
 //! (`multi.rs` by default, `synch.rs` for `--synchronous`) know only
 //! that trait.
 //!
