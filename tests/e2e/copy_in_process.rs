@@ -279,7 +279,7 @@ fn copy_in_process_closes_cleanly_on_sigint() {
     let stats = dir.path().join("stats");
     crate::common::qemu_img(&["create", "-q", "-f", "qcow2", p(&q), "256M"]);
     crate::common::qemu_img(&["bitmap", "--add", p(&q), "b0"]);
-    let mut child = nbdcopy()
+    let child = nbdcopy()
         .args(["--", "["])
         .arg(nbdkit())
         .args(["--filter=delay", "pattern", "256M", "rdelay=40ms", "]", "["])
