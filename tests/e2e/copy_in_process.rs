@@ -111,65 +111,39 @@ fn copy_in_process_errors_as_the_spawned_server() {
     let dir = tempfile::tempdir().unwrap();
     let src = dir.path().join("src.raw");
     random_file(&src, 1 << 20, 3);
+    // The captive server's arguments, and what stderr must say.
+    let cases: [(&[&str], &[&str]); 4] = [
+        // A bad parameter: nbdkit's message, and nbdcopy fails.
+        (&["memory", "size=bogus"], &["nbdkit: error:", "bogus"]),
+        // A read-only destination (-r).
+        (&["-r", "memory", "1M"], &["read-only"]),
+        // A destination too small.
+        (&["memory", "512K"], &["smaller"]),
+        // A write the plugin fails: the copy fails, naming the offset.
+        (
+            &[
+                "--filter=error",
+                "memory",
+                "1M",
+                "error-pwrite-rate=1",
+                "error-pwrite=ENOSPC",
+            ],
+            &["write at offset", "No space left on device"],
+        ),
+    ];
     for spawn in [false, true] {
-        let with = |c: &mut Command| {
+        for (args, says) in cases {
+            let mut c = nbdcopy();
             if spawn {
                 c.env("NBDCOPY_SPAWN_CAPTIVE", "1");
             }
-        };
-        // A bad parameter: nbdkit's message, and nbdcopy fails.
-        let mut c = nbdcopy();
-        with(&mut c);
-        let o = run(c
-            .arg(&src)
-            .arg("[")
-            .arg(nbdkit())
-            .args(["memory", "size=bogus", "]"]));
-        let err = String::from_utf8_lossy(&o.stderr);
-        assert_eq!(o.status.code(), Some(1), "spawn={spawn}: {err}");
-        assert!(
-            err.contains("nbdkit: error:") && err.contains("bogus"),
-            "spawn={spawn}: {err}"
-        );
-        // A read-only destination (-r).
-        let mut c = nbdcopy();
-        with(&mut c);
-        let o = run(c
-            .arg(&src)
-            .arg("[")
-            .arg(nbdkit())
-            .args(["-r", "memory", "1M", "]"]));
-        let err = String::from_utf8_lossy(&o.stderr);
-        assert_eq!(o.status.code(), Some(1), "spawn={spawn}: {err}");
-        assert!(err.contains("read-only"), "spawn={spawn}: {err}");
-        // A destination too small.
-        let mut c = nbdcopy();
-        with(&mut c);
-        let o = run(c
-            .arg(&src)
-            .arg("[")
-            .arg(nbdkit())
-            .args(["memory", "512K", "]"]));
-        let err = String::from_utf8_lossy(&o.stderr);
-        assert_eq!(o.status.code(), Some(1), "spawn={spawn}: {err}");
-        assert!(err.contains("smaller"), "spawn={spawn}: {err}");
-        // A write the plugin fails: the copy fails, naming the offset.
-        let mut c = nbdcopy();
-        with(&mut c);
-        let o = run(c.arg(&src).arg("[").arg(nbdkit()).args([
-            "--filter=error",
-            "memory",
-            "1M",
-            "error-pwrite-rate=1",
-            "error-pwrite=ENOSPC",
-            "]",
-        ]));
-        let err = String::from_utf8_lossy(&o.stderr);
-        assert_eq!(o.status.code(), Some(1), "spawn={spawn}: {err}");
-        assert!(
-            err.contains("write at offset") && err.contains("No space left on device"),
-            "spawn={spawn}: {err}"
-        );
+            let o = run(c.arg(&src).arg("[").arg(nbdkit()).args(args).arg("]"));
+            let err = String::from_utf8_lossy(&o.stderr);
+            assert_eq!(o.status.code(), Some(1), "spawn={spawn} {args:?}: {err}");
+            for s in says {
+                assert!(err.contains(s), "spawn={spawn} {args:?}: {err}");
+            }
+        }
     }
 }
 

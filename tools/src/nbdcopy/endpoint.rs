@@ -285,5 +285,64 @@ pub fn describe(e: &io::Error) -> String {
     }
 }
 
+/// Is `[offset, offset + len)` not whole blocks of `m` bytes?
+pub fn unaligned(offset: u64, len: u64, m: u64) -> bool {
+    m > 1 && !(offset.is_multiple_of(m) && len.is_multiple_of(m))
+}
+
+/// `[offset, offset + len)` widened to whole blocks of `m` bytes, within
+/// an export of `size` bytes (whose last block may be short).
+pub fn widen(offset: u64, len: u64, m: u64, size: u64) -> (u64, u64) {
+    let start = offset / m * m;
+    let end = (offset + len).div_ceil(m).saturating_mul(m);
+    (start, end.min(size))
+}
+
+/// A zero of `[offset, offset + len)` for an export with `m`-byte
+/// blocks, in pieces `(offset, length, whole)`: the unaligned head and
+/// tail (`whole` false: to be written by read-modify-write) and the
+/// whole blocks between them (`whole` true: one zero request).
+pub fn zero_pieces(offset: u64, len: u64, m: u64) -> Vec<(u64, u64, bool)> {
+    let (first, last) = (offset.div_ceil(m) * m, (offset + len) / m * m);
+    if first >= last {
+        return vec![(offset, len, false)];
+    }
+    let mut out = Vec::with_capacity(3);
+    if first > offset {
+        out.push((offset, first - offset, false));
+    }
+    if offset + len > last {
+        out.push((last, offset + len - last, false));
+    }
+    out.push((first, last - first, true));
+    out
+}
+
 /// Zeroes to write where a destination cannot zero any other way.
 pub static ZEROES: [u8; 64 * 1024] = [0; 64 * 1024];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_pieces_split_at_whole_blocks() {
+        // Head, tail, then the whole blocks between.
+        assert_eq!(
+            zero_pieces(100, 10_000, 4096),
+            vec![(100, 3996, false), (8192, 1908, false), (4096, 4096, true)]
+        );
+        // Within one block: one piece to write.
+        assert_eq!(zero_pieces(5000, 100, 4096), vec![(5000, 100, false)]);
+        // Aligned at the start, short at the end.
+        assert_eq!(
+            zero_pieces(0, 5000, 4096),
+            vec![(4096, 904, false), (0, 4096, true)]
+        );
+        assert!(unaligned(1, 4096, 4096) && !unaligned(4096, 8192, 4096));
+        assert!(!unaligned(3, 5, 1));
+        // Widened, and clipped at a short last block.
+        assert_eq!(widen(100, 10, 4096, 1 << 20), (0, 4096));
+        assert_eq!(widen(10_000, 100, 4096, 10_050), (8192, 10_050));
+    }
+}

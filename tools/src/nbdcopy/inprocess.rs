@@ -42,7 +42,7 @@ use libnbd::server::ServerContext;
 use libnbd::ThreadModel;
 use libnbd::{Caps, Disconnect, Error, Extents, Flags, Handle, OpenContext, PeerCred, Stack};
 
-use super::endpoint::{Data, Endpoint, Extent};
+use super::endpoint::{unaligned, widen, zero_pieces, Data, Endpoint, Extent};
 use crate::nbdkit::InProcess;
 
 /// Requests in flight: as for a server on a Unix socket.
@@ -251,16 +251,11 @@ impl InProcessEndpoint {
     }
 
     fn unaligned(&self, offset: u64, len: u64) -> bool {
-        let m = self.min_block;
-        m > 1 && !(offset.is_multiple_of(m) && len.is_multiple_of(m))
+        unaligned(offset, len, self.min_block)
     }
 
-    /// `[offset, offset + len)` widened to whole blocks (within the export).
     fn widen(&self, offset: u64, len: u64) -> (u64, u64) {
-        let m = self.min_block;
-        let start = offset / m * m;
-        let end = (offset + len).div_ceil(m).saturating_mul(m);
-        (start, end.min(self.size))
+        widen(offset, len, self.min_block, self.size)
     }
 
     async fn read_unaligned(&self, mut buf: Vec<u8>, offset: u64) -> io::Result<Vec<u8>> {
@@ -401,21 +396,13 @@ impl Endpoint for InProcessEndpoint {
             return Ok(false);
         }
         if self.unaligned(offset, length) {
-            let m = self.min_block;
-            let first = offset.div_ceil(m) * m;
-            let last = (offset + length) / m * m;
-            if first >= last {
-                self.write_unaligned(None, offset, length).await?;
-                return Ok(true);
+            for (at, len, whole) in zero_pieces(offset, length, self.min_block) {
+                match whole {
+                    true => _ = Box::pin(self.zero(at, len, allocate)).await?,
+                    false => self.write_unaligned(None, at, len).await?,
+                }
             }
-            if first > offset {
-                self.write_unaligned(None, offset, first - offset).await?;
-            }
-            if offset + length > last {
-                self.write_unaligned(None, last, offset + length - last)
-                    .await?;
-            }
-            return Box::pin(self.zero(first, last - first, allocate)).await;
+            return Ok(true);
         }
         let h = self.handle().await?;
         let flags = if allocate {

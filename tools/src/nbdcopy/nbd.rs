@@ -34,7 +34,7 @@ use libnbd::client::{
 use libnbd::protocol::{alloc, cmdflag, errno, CONTEXT_ALLOCATION_DEPTH, CONTEXT_BASE_ALLOCATION};
 use libnbd::uri::Uri;
 
-use super::endpoint::{Data, Endpoint, Extent, Hole};
+use super::endpoint::{unaligned, widen, zero_pieces, Data, Endpoint, Extent, Hole};
 use super::lanes::{self, Lanes};
 
 /// The request size for writing to a server that takes one connection,
@@ -354,11 +354,6 @@ impl NbdEndpoint {
         &self.conns[i]
     }
 
-    /// Is `[offset, offset + len)` not whole blocks of `m`?
-    fn unaligned(offset: u64, len: u64, m: u64) -> bool {
-        m > 1 && !(offset.is_multiple_of(m) && len.is_multiple_of(m))
-    }
-
     /// The server's minimum block size: every request's offset and
     /// length must be multiples of it (1 when it states none).
     fn min_block(&self) -> u64 {
@@ -367,18 +362,10 @@ impl NbdEndpoint {
             .map_or(1, |b| u64::from(b.minimum.max(1)))
     }
 
-    /// `[offset, offset + len)` widened to whole blocks of `m` (clipped
-    /// to the export's end).
-    fn widen(&self, offset: u64, len: u64, m: u64) -> (u64, u64) {
-        let start = offset / m * m;
-        let end = (offset + len).div_ceil(m).saturating_mul(m);
-        (start, end.min(self.conns[0].size()))
-    }
-
     /// Read a range that is not whole blocks of a server with a minimum
     /// block size: the whole blocks, then the part wanted.
     async fn read_unaligned(&self, mut buf: Vec<u8>, offset: u64, m: u64) -> io::Result<Vec<u8>> {
-        let (start, end) = self.widen(offset, buf.len() as u64, m);
+        let (start, end) = widen(offset, buf.len() as u64, m, self.conns[0].size());
         let whole = self
             .conn()
             .pread_vec((end - start) as usize, start, 0)
@@ -403,7 +390,7 @@ impl NbdEndpoint {
         len: u64,
         m: u64,
     ) -> io::Result<()> {
-        let (start, end) = self.widen(offset, len, m);
+        let (start, end) = widen(offset, len, m, self.conns[0].size());
         let c = self.conn();
         let _partial = self.partial.lock().await;
         let mut buf = vec![0u8; (end - start) as usize];
@@ -631,7 +618,7 @@ impl Endpoint for NbdEndpoint {
 
     async fn read(&self, buf: Vec<u8>, offset: u64) -> io::Result<Vec<u8>> {
         let m = self.min_block();
-        if Self::unaligned(offset, buf.len() as u64, m) {
+        if unaligned(offset, buf.len() as u64, m) {
             return self.read_unaligned(buf, offset, m).await;
         }
         self.conn()
@@ -642,7 +629,7 @@ impl Endpoint for NbdEndpoint {
 
     async fn read_sparse(&self, buf: Vec<u8>, offset: u64) -> io::Result<(Vec<u8>, Vec<Hole>)> {
         let m = self.min_block();
-        if Self::unaligned(offset, buf.len() as u64, m) {
+        if unaligned(offset, buf.len() as u64, m) {
             return Ok((self.read_unaligned(buf, offset, m).await?, Vec::new()));
         }
         self.conn()
@@ -656,7 +643,7 @@ impl Endpoint for NbdEndpoint {
         let wb = &self.writeback;
         let req = InFlight::new(&wb.writing);
         let m = self.min_block();
-        if Self::unaligned(offset, data.len() as u64, m) {
+        if unaligned(offset, data.len() as u64, m) {
             self.write_unaligned(Some(&data), offset, data.len() as u64, m)
                 .await?;
         } else {
@@ -673,24 +660,16 @@ impl Endpoint for NbdEndpoint {
         }
         let _req = InFlight::new(&self.writeback.writing);
         let m = self.min_block();
-        if Self::unaligned(offset, length, m) {
+        if unaligned(offset, length, m) {
             // Zeroes written into the partial blocks at the ends, the
             // whole blocks between zeroed.
-            let first = offset.div_ceil(m) * m;
-            let last = (offset + length) / m * m;
-            if first >= last {
-                self.write_unaligned(None, offset, length, m).await?;
-                return Ok(true);
+            for (at, len, whole) in zero_pieces(offset, length, m) {
+                match whole {
+                    true => _ = Box::pin(self.zero(at, len, allocate)).await?,
+                    false => self.write_unaligned(None, at, len, m).await?,
+                }
             }
-            if first > offset {
-                self.write_unaligned(None, offset, first - offset, m)
-                    .await?;
-            }
-            if offset + length > last {
-                self.write_unaligned(None, last, offset + length - last, m)
-                    .await?;
-            }
-            return Box::pin(self.zero(first, last - first, allocate)).await;
+            return Ok(true);
         }
         let flags = if allocate { cmdflag::NO_HOLE } else { 0 };
         if c.can_fast_zero() && self.fast_zero.load(Ordering::Relaxed) {
