@@ -305,3 +305,30 @@ fn copy_in_process_closes_cleanly_on_sigint() {
         String::from_utf8_lossy(&c.stderr)
     );
 }
+
+/// Extents are used in-process when the spawned server would offer
+/// `base:allocation`, and not under `--no-mc` or `--no-sr` (nbdcopy -v
+/// says which).
+#[test]
+fn copy_in_process_extents_as_the_server_offers_them() {
+    for spawn in [false, true] {
+        for (opt, want) in [
+            (None, "extents=true"),
+            (Some("--no-mc"), "extents=false"),
+            (Some("--no-sr"), "extents=false"),
+        ] {
+            let mut c = nbdcopy();
+            if spawn {
+                c.env("NBDCOPY_SPAWN_CAPTIVE", "1");
+            }
+            c.args(["-v", "--", "["]).arg(nbdkit());
+            if let Some(o) = opt {
+                c.arg(o);
+            }
+            let o = run(c.args(["memory", "1M", "]", "null:"]));
+            ok(&o);
+            let err = String::from_utf8_lossy(&o.stderr);
+            assert!(err.contains(want), "spawn={spawn} {opt:?}: {err}");
+        }
+    }
+}

@@ -548,6 +548,9 @@ pub struct InProcess {
     pub stack: Stack,
     /// The server's state: `-r`, and what layers ask of the server.
     pub server: Arc<ServerContext>,
+    /// Block status is offered (not `--no-sr` or `--no-mc`: a client of
+    /// the spawned server would get no `base:allocation` then).
+    pub block_status: bool,
 }
 
 /// Set to any value, a captive `nbdkit` is always run as a process.
@@ -613,7 +616,11 @@ pub fn in_process(argv: &[OsString]) -> Option<Result<InProcess>> {
         let stack = build_stack(&plugin, &filters, params)?;
         let server = ServerContext::new(false);
         server.set_readonly(c.readonly);
-        Ok(InProcess { stack, server })
+        Ok(InProcess {
+            stack,
+            server,
+            block_status: !c.no_sr && !c.no_mc,
+        })
     })())
 }
 

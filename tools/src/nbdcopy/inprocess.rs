@@ -153,7 +153,12 @@ impl InProcessEndpoint {
     /// [`crate::nbdkit::in_process`]) as a client would; `name` is the
     /// command as the user wrote it, for messages.
     pub async fn open(name: String, server: InProcess, extents: bool) -> io::Result<Self> {
-        let InProcess { stack, server } = server;
+        let InProcess {
+            stack,
+            server,
+            block_status,
+        } = server;
+        let extents = extents && block_status;
         let fail = |e: Error| io::Error::other(format!("{name}: {}", e.msg));
         stack.after_fork(&server).map_err(fail)?;
         match Self::open_handle(&stack, &server).await {
