@@ -112,9 +112,19 @@ fn copy_in_process_errors_as_the_spawned_server() {
     let src = dir.path().join("src.raw");
     random_file(&src, 1 << 20, 3);
     // The captive server's arguments, and what stderr must say.
-    let cases: [(&[&str], &[&str]); 4] = [
+    let cases: [(&[&str], &[&str]); 5] = [
         // A bad parameter: nbdkit's message, and nbdcopy fails.
         (&["memory", "size=bogus"], &["nbdkit: error:", "bogus"]),
+        // The plugin refuses the connection.
+        (
+            &[
+                "eval",
+                "open=echo no entry today >&2; exit 1",
+                "get_size=echo 1048576",
+                "pwrite=exit 0",
+            ],
+            &["eval[1]: error:", "no entry today"],
+        ),
         // A read-only destination (-r).
         (&["-r", "memory", "1M"], &["read-only"]),
         // A destination too small.

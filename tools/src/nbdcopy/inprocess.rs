@@ -159,9 +159,11 @@ impl InProcessEndpoint {
             block_status,
         } = server;
         let extents = extents && block_status;
-        let fail = |e: Error| io::Error::other(format!("{name}: {}", e.msg));
-        stack.after_fork(&server).map_err(fail)?;
-        match Self::open_handle(&stack, &server).await {
+        let opened = match stack.after_fork(&server) {
+            Ok(()) => Self::open_handle(&stack, &server).await,
+            Err(e) => Err(e),
+        };
+        match opened {
             Ok((handle, size, caps, block)) => {
                 let write = !server.readonly() && caps.write;
                 let min_block = block.map_or(1, |b| u64::from(b.minimum.max(1)));
@@ -200,13 +202,9 @@ impl InProcessEndpoint {
                 })
             }
             Err(e) => {
+                // (The layer that failed has logged it, as in a server.)
                 stack.unload();
-                // As the spawned server says it before the client fails.
-                libnbd::elog!("nbdkit: error: {}", e.msg);
-                Err(io::Error::other(format!(
-                    "{name}: the server refused the connection: {}",
-                    e.msg
-                )))
+                Err(io::Error::other(format!("{name}: {}", e.msg)))
             }
         }
     }
