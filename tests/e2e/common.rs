@@ -231,6 +231,17 @@ pub fn qemu_io_qcow2(img: &Path, cmds: &[&str]) {
     run_ok(c.arg(img));
 }
 
+/// `qemu-img create -f qcow2 [-o OPTS] IMG SIZE` (no `-o` when `opts`
+/// is empty).
+pub fn qcow2_create(img: &Path, opts: &str, size: &str) {
+    let mut args = vec!["create", "-q", "-f", "qcow2"];
+    if !opts.is_empty() {
+        args.extend(["-o", opts]);
+    }
+    args.extend([p(img), size]);
+    qemu_img(&args);
+}
+
 /// `qemu-img create -f qcow2 -b BACKING -F FORMAT IMG SIZE` (a relative
 /// backing name is relative to the image's directory, as qemu takes it).
 pub fn qcow2_overlay(img: &Path, backing: &str, backing_format: &str, size: &str) {

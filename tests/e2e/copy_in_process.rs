@@ -261,7 +261,7 @@ fn copy_in_process_closes_cleanly_on_sigint() {
     let dir = tempfile::tempdir().unwrap();
     let q = dir.path().join("out.qcow2");
     let stats = dir.path().join("stats");
-    crate::common::qemu_img(&["create", "-q", "-f", "qcow2", p(&q), "256M"]);
+    crate::common::qcow2_create(&q, "", "256M");
     crate::common::qemu_img(&["bitmap", "--add", p(&q), "b0"]);
     let child = nbdcopy()
         .args(["--", "["])

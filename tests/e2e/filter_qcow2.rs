@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::common::{
-    nbdkit, nbdpy, our_bin, p, qcow2_overlay, qemu_img, qemu_io_qcow2, random_file, require,
-    require_nbdsh, run, run_ok, Server, PYTHON,
+    nbdkit, nbdpy, our_bin, p, qcow2_create, qcow2_overlay, qemu_img, qemu_io_qcow2, random_file,
+    require, require_nbdsh, run, run_ok, Server, PYTHON,
 };
 
 /// Copy the virtual disk our qcow2 filter serves from `img` to `out`.
@@ -33,7 +33,7 @@ fn check_clean(img: &Path) {
 /// Images with every kind of cluster, in every supported layout.
 fn kinds_image(dir: &Path, name: &str, opts: &str) -> PathBuf {
     let img = dir.join(name);
-    qemu_img(&["create", "-q", "-f", "qcow2", "-o", opts, p(&img), "20M"]);
+    qcow2_create(&img, opts, "20M");
     qemu_io_qcow2(
         &img,
         &[
@@ -82,16 +82,7 @@ fn qcow2_refuses_external_data_file() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("x.qcow2");
     let data = dir.path().join("x.data");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        &format!("data_file={}", p(&data)),
-        p(&img),
-        "1M",
-    ]);
+    qcow2_create(&img, &format!("data_file={}", p(&data)), "1M");
     let out = run(Command::new(nbdkit()).args([
         "-U",
         "-",
@@ -551,7 +542,7 @@ fn qcow2_allocation_depth_as_qemu_nbd() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let base = d.join("base.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", p(&base), "8M"]);
+    qcow2_create(&base, "", "8M");
     qemu_io_qcow2(&base, &["write -P 1 0 2M", "write -z 6M 64k"]);
     let top = d.join("top.qcow2");
     qcow2_overlay(&top, "base.qcow2", "qcow2", "10M");
@@ -576,7 +567,7 @@ fn qcow2_locks_keep_second_writer_out() {
     }
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("l.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", p(&img), "1M"]);
+    qcow2_create(&img, "", "1M");
     // Ours writes: qemu-io cannot.
     let s = serve(&img, &[]);
     nbdsh(&s.uri(), "h.pwrite(b'x' * 512, 0)\nh.flush()\n");
@@ -715,7 +706,7 @@ fn qcow2_writes_keep_dirty_bitmaps() {
     }
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("b.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", p(&img), "16M"]);
+    qcow2_create(&img, "", "16M");
     qemu_img(&["bitmap", "--add", p(&img), "b0"]);
     qemu_img(&["bitmap", "--add", "-g", "512k", p(&img), "b1"]);
     qemu_img(&["bitmap", "--add", "--disable", p(&img), "off"]);
@@ -851,16 +842,7 @@ fn qcow2_dirty_image_repaired_before_writing() {
         dir.path().join("want.raw"),
         dir.path().join("got.raw"),
     );
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "lazy_refcounts=on",
-        p(&img),
-        "20M",
-    ]);
+    qcow2_create(&img, "lazy_refcounts=on", "20M");
     qemu_io_qcow2(&img, &["write -P 0x11 0 3M", "write -c -P 0x12 4M 1M"]);
     qemu_img(&["snapshot", "-c", "s1", p(&img)]);
     qemu_img(&["convert", "-f", "qcow2", "-O", "raw", p(&img), p(&s1)]);
@@ -1109,16 +1091,7 @@ fn qcow2_parallel_writes_into_partly_allocated_subclusters() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("x.qcow2");
     let expect = dir.path().join("x.raw");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "compat=1.1,extended_l2=on",
-        p(&img),
-        "4M",
-    ]);
+    qcow2_create(&img, "compat=1.1,extended_l2=on", "4M");
     // Every fourth 2K subcluster of the first 2M allocated by qemu.
     let cmds: Vec<String> = (0..256)
         .map(|k| format!("write -P 0x{:02x} {} 2k", k % 200 + 1, k * 8192))
@@ -1193,7 +1166,7 @@ fn qcow2_write_lock_taken_at_start() {
     }
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("s.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", p(&img), "1M"]);
+    qcow2_create(&img, "", "1M");
     let info = || run(Command::new("qemu-img").args(["info", p(&img)]));
     // The lock comes just after the socket is listening: wait for it.
     let refused_soon = || {

@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::common::{
-    nbdkit, our_bin, p, qcow2_overlay, qemu_img, qemu_io_qcow2, require, run, run_ok, Server,
+    nbdkit, our_bin, p, qcow2_create, qcow2_overlay, qemu_img, qemu_io_qcow2, require, run, run_ok,
+    Server,
 };
 
 const SIZE: &str = "16M";
@@ -17,7 +18,7 @@ const SIZE: &str = "16M";
 /// hides the base) and zeroes over a hole.
 fn chain(d: &Path) -> (PathBuf, PathBuf) {
     let base = d.join("base.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", p(&base), SIZE]);
+    qcow2_create(&base, "", SIZE);
     qemu_io_qcow2(&base, &["write -P 1 0 8M", "write -P 5 12M 1M"]);
     let top = d.join("top.qcow2");
     overlay(&top);

@@ -433,12 +433,7 @@ fn plugin_nbd_asks_the_server_for_one_context() {
     }
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("one.qcow2");
-    run_ok(
-        Command::new("qemu-img")
-            .args(["create", "-q", "-f", "qcow2"])
-            .arg(&img)
-            .arg("1M"),
-    );
+    crate::common::qcow2_create(&img, "", "1M");
     let img = img.to_str().unwrap();
     let prog = format!("command={}", nbdkit().display());
     let map = |eh: &[&str]| {

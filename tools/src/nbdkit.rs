@@ -553,6 +553,21 @@ pub struct InProcess {
     pub block_status: bool,
 }
 
+/// The options (by [`Cli`] field) that mean nothing but the stack
+/// itself, so that a captive server with no others may run in-process.
+const STACK_OPTIONS: &[&str] = &[
+    "filters",
+    "readonly",
+    "foreground",
+    "newstyle",
+    "exportname",
+    "threads",
+    "no_eh",
+    "no_mc",
+    "no_sr",
+    "words",
+];
+
 /// Set to any value, a captive `nbdkit` is always run as a process.
 pub const SPAWN_ENV: &str = "NBDCOPY_SPAWN_CAPTIVE";
 
@@ -571,33 +586,7 @@ pub fn in_process(argv: &[OsString]) -> Option<Result<InProcess>> {
     if std::env::var_os(SPAWN_ENV).is_some() || !is_this_nbdkit(cmd) {
         return None;
     }
-    let m = cli::matches::<()>(Cli::command(), args).ok()?;
-    let c = Cli::from_arg_matches(&m).ok()?;
-    let listening_or_more = c.ipv4_only
-        || c.ipv6_only
-        || !c.debug.is_empty()
-        || c.dump_config
-        || c.dump_plugin
-        || c.exit_with_parent
-        || c.help
-        || c.ipaddr.is_some()
-        || c.log.is_some()
-        || c.pidfile.is_some()
-        || c.port.is_some()
-        || c.run.is_some()
-        || c.single
-        || c.timeout.is_some()
-        || c.keepalive
-        || c.tls.is_some()
-        || c.tls_certificates.is_some()
-        || c.tls_psk.is_some()
-        || c.tls_verify_peer
-        || c.unix.is_some()
-        || c.verbose
-        || c.version;
-    if listening_or_more {
-        return None;
-    }
+    let c = stack_only_cli(args)?;
     let words: Vec<String> = c
         .words
         .iter()
@@ -622,6 +611,21 @@ pub fn in_process(argv: &[OsString]) -> Option<Result<InProcess>> {
             block_status: !c.no_sr && !c.no_mc,
         })
     })())
+}
+
+/// The command line, if it parses and gives no option but
+/// [`STACK_OPTIONS`] (any other, a new one too, means a real server).
+fn stack_only_cli(args: &[OsString]) -> Option<Cli> {
+    let m = cli::matches::<()>(Cli::command(), args).ok()?;
+    let beyond = Cli::command().get_arguments().any(|a| {
+        let id = a.get_id().as_str();
+        m.value_source(id) == Some(clap::parser::ValueSource::CommandLine)
+            && !STACK_OPTIONS.contains(&id)
+    });
+    if beyond {
+        return None;
+    }
+    Cli::from_arg_matches(&m).ok()
 }
 
 /// Is `cmd` (a path, or a name looked up on `$PATH` as `execvp` does)
@@ -1145,6 +1149,29 @@ mod tests {
         assert_eq!(make_uri(&tcp, "foo", false), "nbd://localhost:10809/foo");
         assert_eq!(make_uri(&tcp, "", false), "nbd://localhost:10809");
         assert_eq!(make_uri(&tcp, "", true), "nbds://localhost:10809");
+    }
+
+    #[test]
+    fn in_process_only_with_stack_options() {
+        let ok = |a: &str| {
+            let args: Vec<OsString> = a.split_whitespace().map(OsString::from).collect();
+            stack_only_cli(&args).is_some()
+        };
+        assert!(ok("memory 1G"));
+        assert!(ok("--filter=qcow2 -r -f file x.qcow2 create=true"));
+        assert!(ok("--no-mc -t 4 -e foo memory 1G"));
+        for a in [
+            "-v memory 1G",
+            "-U - memory 1G",
+            "--tls=on memory 1G",
+            "-D nbdkit.backend.datapath=0 memory 1G",
+            "--run true memory 1G",
+            "-P pid memory 1G",
+            "--exit-with-parent memory 1G",
+            "--bogus memory 1G",
+        ] {
+            assert!(!ok(a), "{a}");
+        }
     }
 
     #[test]

@@ -159,12 +159,13 @@ impl InProcessEndpoint {
             block_status,
         } = server;
         let extents = extents && block_status;
-        let opened = match stack.after_fork(&server) {
-            Ok(()) => Self::open_handle(&stack, &server).await,
-            Err(e) => Err(e),
+        let opened = async {
+            stack.after_fork(&server)?;
+            let h = Self::open_handle(&stack, &server).await?;
+            Ok::<_, Error>((h.size()?, h.caps()?, h.block_size()?, h))
         };
-        match opened {
-            Ok((handle, size, caps, block)) => {
+        match opened.await {
+            Ok((size, caps, block, handle)) => {
                 let write = !server.readonly() && caps.write;
                 let min_block = block.map_or(1, |b| u64::from(b.minimum.max(1)));
                 let preferred = match block {
@@ -209,11 +210,11 @@ impl InProcessEndpoint {
         }
     }
 
-    #[allow(clippy::type_complexity)]
+    /// Open the stack as one client over a Unix socket.
     async fn open_handle(
         stack: &Stack,
         server: &Arc<ServerContext>,
-    ) -> libnbd::Result<(Arc<dyn Handle>, u64, Caps, Option<libnbd::BlockSize>)> {
+    ) -> libnbd::Result<Arc<dyn Handle>> {
         let readonly = server.readonly();
         stack.preconnect(readonly).await?;
         let ctx = OpenContext {
@@ -232,11 +233,7 @@ impl InProcessEndpoint {
             disconnect: Disconnect::default(),
             meta_contexts: Vec::new(),
         };
-        let h: Arc<dyn Handle> = Arc::from(stack.open(&ctx).await?);
-        let size = h.size()?;
-        let caps = h.caps()?;
-        let block = h.block_size()?;
-        Ok((h, size, caps, block))
+        Ok(Arc::from(stack.open(&ctx).await?))
     }
 
     async fn handle(&self) -> io::Result<Arc<dyn Handle>> {

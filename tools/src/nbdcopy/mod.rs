@@ -498,27 +498,23 @@ async fn open(spec: Spec, write: bool, extents: bool, shallow: bool) -> Result<B
             Opened::Stream(f) => Box::new(PipeEndpoint::new(name, f)),
         }
     };
+    // A captive nbdkit of ours, served in-process (inprocess.rs).
+    let ours = match &spec {
+        Spec::Nbd(Target::Command(argv)) if !shallow => {
+            crate::nbdkit::in_process(argv).map(|server| (nbd::command_name(argv), server))
+        }
+        _ => None,
+    };
+    if let Some((name, server)) = ours {
+        let server = server.map_err(|e| {
+            // As the spawned server would say it, then why we stop.
+            libnbd::elog!("nbdkit: error: {}", cli::error_message(&e));
+            anyhow!("{name}: the captive nbdkit could not start")
+        })?;
+        let e = InProcessEndpoint::open(name, server, extents).await;
+        return Ok(Box::new(e.map_err(|e| anyhow!(describe(&e)))?));
+    }
     Ok(match spec {
-        Spec::Nbd(Target::Command(argv)) if !shallow => match crate::nbdkit::in_process(&argv) {
-            Some(server) => {
-                let name = nbd::command_name(&argv);
-                let server = server.map_err(|e| {
-                    // As the spawned server would say it, then why we stop.
-                    libnbd::elog!("nbdkit: error: {}", cli::error_message(&e));
-                    anyhow!("{name}: the captive nbdkit could not start")
-                })?;
-                Box::new(
-                    InProcessEndpoint::open(name, server, extents)
-                        .await
-                        .map_err(|e| anyhow!(describe(&e)))?,
-                )
-            }
-            None => Box::new(
-                NbdEndpoint::open(Target::Command(argv), extents, shallow)
-                    .await
-                    .map_err(|e| anyhow!(describe(&e)))?,
-            ),
-        },
         Spec::Nbd(t) => Box::new(
             NbdEndpoint::open(t, extents, shallow)
                 .await
